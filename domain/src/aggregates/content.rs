@@ -1,0 +1,678 @@
+//! The `content` aggregate: one question or one answer, with its comments and votes.
+//!
+//! Boundary choice (documented in `docs/architecture.md`): each question and each answer is its
+//! own aggregate, so votes and comments on different posts never contend. Cross-post rules
+//! (an answer needs an existing question; an accepted answer must belong to the question) are
+//! checked through [`KnowledgeServices`]; they rely only on facts that never change once
+//! committed (existence, parent question, author), so no cross-aggregate transaction is needed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::check_text;
+use crate::actor::Actor;
+use crate::error::DomainError;
+use crate::events::{
+    AnswerAccepted, AnswerSubmitted, CommentAdded, ContentVoted, Event, QuestionPosted,
+    VoteDirection,
+};
+use crate::services::KnowledgeServices;
+
+/// Most tags a question may carry.
+pub const MAX_TAGS: usize = 10;
+
+/// What a content aggregate is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ContentKind {
+    /// A question and its accepted answer, if any.
+    Question {
+        /// At most one (issue #2 §1).
+        accepted_answer: Option<Uuid>,
+    },
+    /// An answer to `question_id`.
+    Answer {
+        /// The parent question.
+        question_id: Uuid,
+    },
+}
+
+/// State of one question or answer. Aggregate type `content`, id = post id.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Content {
+    /// `None` until posted.
+    pub kind: Option<ContentKind>,
+    /// Author, if known.
+    pub author_id: Option<Uuid>,
+    /// Own tags (question) or the question's tags (answer).
+    pub tags: Vec<String>,
+    /// Comment ids already added.
+    pub comments: BTreeSet<Uuid>,
+    /// Current vote of each voter.
+    pub votes: BTreeMap<Uuid, VoteDirection>,
+}
+
+/// Commands on [`Content`]. The `actor` is the principal issuing the command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ContentCommand {
+    /// Post a question. `author_id` must be a registered user; a user actor may only post as
+    /// themselves. Title 1..=300 characters, at most 10 tags of 1..=35 characters.
+    PostQuestion {
+        /// New question id (= aggregate id).
+        question_id: Uuid,
+        /// Author, `None` only for system actors importing ownerless posts.
+        author_id: Option<Uuid>,
+        /// Title.
+        title: String,
+        /// Body.
+        body: String,
+        /// Tags.
+        tags: Vec<String>,
+        /// Issuer.
+        actor: Actor,
+    },
+    /// Answer an existing question.
+    SubmitAnswer {
+        /// New answer id (= aggregate id).
+        answer_id: Uuid,
+        /// Must exist and be a question.
+        question_id: Uuid,
+        /// Author (see `PostQuestion`).
+        author_id: Option<Uuid>,
+        /// Body.
+        body: String,
+        /// Issuer.
+        actor: Actor,
+    },
+    /// Comment on an existing question or answer. A repeated `comment_id` is a no-op.
+    AddComment {
+        /// The commented content (= aggregate id).
+        content_id: Uuid,
+        /// Comment id.
+        comment_id: Uuid,
+        /// Author (see `PostQuestion`).
+        author_id: Option<Uuid>,
+        /// Text, 1..=600 characters.
+        text: String,
+        /// Issuer.
+        actor: Actor,
+    },
+    /// Vote on existing content. One vote per voter: the same vote again is a no-op, the other
+    /// direction replaces the first.
+    Vote {
+        /// The voted content (= aggregate id).
+        content_id: Uuid,
+        /// The voter (a user id, or an anonymous source vote id for system actors).
+        voter_id: Uuid,
+        /// Up or down.
+        direction: VoteDirection,
+        /// Issuer.
+        actor: Actor,
+    },
+    /// Accept `answer_id` on this question. Only the question's author (or a system actor) may
+    /// accept; a question has at most one accepted answer; re-accepting the same is a no-op.
+    AcceptAnswer {
+        /// The question (= aggregate id).
+        question_id: Uuid,
+        /// Must be an answer to `question_id`.
+        answer_id: Uuid,
+        /// Issuer.
+        actor: Actor,
+    },
+}
+
+fn lookup<T>(r: Result<T, String>) -> Result<T, DomainError> {
+    r.map_err(DomainError::Lookup)
+}
+
+impl Content {
+    fn require_exists(&self, id: Uuid) -> Result<(), DomainError> {
+        if self.kind.is_none() {
+            return Err(DomainError::NotFound { what: "content", id });
+        }
+        Ok(())
+    }
+
+    fn require_new(&self, id: Uuid) -> Result<(), DomainError> {
+        if self.kind.is_some() {
+            return Err(DomainError::Conflict(format!("content {id} already exists")));
+        }
+        Ok(())
+    }
+}
+
+async fn check_author(
+    services: &dyn KnowledgeServices,
+    actor: &Actor,
+    author_id: Option<Uuid>,
+) -> Result<(), DomainError> {
+    match (actor, author_id) {
+        (Actor::User(u), Some(a)) if *u != a => {
+            return Err(DomainError::Forbidden(format!(
+                "user {u} may not act as user {a}"
+            )))
+        }
+        (Actor::User(_), None) => {
+            return Err(DomainError::Invalid("author_id is required".into()))
+        }
+        _ => {}
+    }
+    if let Some(a) = author_id {
+        if !lookup(services.user_exists(a).await)? {
+            return Err(DomainError::NotFound { what: "user", id: a });
+        }
+    }
+    Ok(())
+}
+
+fn normalise_tags(tags: Vec<String>) -> Result<Vec<String>, DomainError> {
+    if tags.len() > MAX_TAGS {
+        return Err(DomainError::Invalid(format!("at most {MAX_TAGS} tags")));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(tags.len());
+    for t in tags {
+        let t = t.trim().to_lowercase();
+        let ok = (1..=35).contains(&t.chars().count())
+            && t.chars().all(|c| c.is_alphanumeric() || "-+#.".contains(c));
+        if !ok {
+            return Err(DomainError::Invalid(format!(
+                "tag {t:?} must be 1..=35 characters of letters, digits, - + # ."
+            )));
+        }
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+impl Aggregate for Content {
+    const TYPE: &'static str = "content";
+    type Command = ContentCommand;
+    type Event = Event;
+    type Error = DomainError;
+    type Services = Arc<dyn KnowledgeServices>;
+
+    async fn handle(
+        &mut self,
+        command: ContentCommand,
+        services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), DomainError> {
+        let services = services.as_ref();
+        match command {
+            ContentCommand::PostQuestion {
+                question_id,
+                author_id,
+                title,
+                body,
+                tags,
+                actor,
+            } => {
+                check_text("title", &title, 1, 300)?;
+                check_text("body", &body, 0, 65_536)?;
+                let tags = normalise_tags(tags)?;
+                if let Some(ContentKind::Question { .. }) = self.kind {
+                    if self.author_id == author_id && self.tags == tags {
+                        return Ok(()); // identical repeat
+                    }
+                }
+                self.require_new(question_id)?;
+                check_author(services, &actor, author_id).await?;
+                let e = QuestionPosted {
+                    question_id,
+                    author_id,
+                    title,
+                    body,
+                    tags,
+                };
+                sink.write(Event::QuestionPosted(e), self).await;
+            }
+            ContentCommand::SubmitAnswer {
+                answer_id,
+                question_id,
+                author_id,
+                body,
+                actor,
+            } => {
+                check_text("body", &body, 1, 65_536)?;
+                if let Some(ContentKind::Answer { question_id: q }) = self.kind {
+                    if q == question_id && self.author_id == author_id {
+                        return Ok(());
+                    }
+                }
+                self.require_new(answer_id)?;
+                let question = lookup(services.question(question_id).await)?.ok_or(
+                    DomainError::NotFound {
+                        what: "question",
+                        id: question_id,
+                    },
+                )?;
+                check_author(services, &actor, author_id).await?;
+                let e = AnswerSubmitted {
+                    answer_id,
+                    question_id,
+                    author_id,
+                    body,
+                    tags: question.tags,
+                };
+                sink.write(Event::AnswerSubmitted(e), self).await;
+            }
+            ContentCommand::AddComment {
+                content_id,
+                comment_id,
+                author_id,
+                text,
+                actor,
+            } => {
+                check_text("text", &text, 1, 600)?;
+                self.require_exists(content_id)?;
+                if self.comments.contains(&comment_id) {
+                    return Ok(());
+                }
+                check_author(services, &actor, author_id).await?;
+                let e = CommentAdded {
+                    comment_id,
+                    content_id,
+                    author_id,
+                    text,
+                    tags: self.tags.clone(),
+                };
+                sink.write(Event::CommentAdded(e), self).await;
+            }
+            ContentCommand::Vote {
+                content_id,
+                voter_id,
+                direction,
+                actor,
+            } => {
+                self.require_exists(content_id)?;
+                if let Actor::User(u) = actor {
+                    if u != voter_id {
+                        return Err(DomainError::Forbidden(format!(
+                            "user {u} may not vote as {voter_id}"
+                        )));
+                    }
+                    if !lookup(services.user_exists(u).await)? {
+                        return Err(DomainError::NotFound { what: "user", id: u });
+                    }
+                }
+                let previous = self.votes.get(&voter_id).copied();
+                if previous == Some(direction) {
+                    return Ok(());
+                }
+                let e = ContentVoted {
+                    content_id,
+                    voter_id,
+                    previous,
+                    content_author_id: self.author_id,
+                    tags: self.tags.clone(),
+                };
+                let e = match direction {
+                    VoteDirection::Up => Event::ContentUpvoted(e),
+                    VoteDirection::Down => Event::ContentDownvoted(e),
+                };
+                sink.write(e, self).await;
+            }
+            ContentCommand::AcceptAnswer {
+                question_id,
+                answer_id,
+                actor,
+            } => {
+                let accepted = match &self.kind {
+                    None => {
+                        return Err(DomainError::NotFound {
+                            what: "question",
+                            id: question_id,
+                        })
+                    }
+                    Some(ContentKind::Answer { .. }) => {
+                        return Err(DomainError::NotFound {
+                            what: "question",
+                            id: question_id,
+                        })
+                    }
+                    Some(ContentKind::Question { accepted_answer }) => *accepted_answer,
+                };
+                if let Actor::User(u) = actor {
+                    if self.author_id != Some(u) {
+                        return Err(DomainError::Forbidden(
+                            "only the question's author may accept an answer".into(),
+                        ));
+                    }
+                }
+                match accepted {
+                    Some(a) if a == answer_id => return Ok(()),
+                    Some(a) => {
+                        return Err(DomainError::Conflict(format!(
+                            "question {question_id} already has accepted answer {a}"
+                        )))
+                    }
+                    None => {}
+                }
+                let answer = lookup(services.answer(answer_id).await)?.ok_or(
+                    DomainError::NotFound {
+                        what: "answer",
+                        id: answer_id,
+                    },
+                )?;
+                if answer.question_id != question_id {
+                    return Err(DomainError::Conflict(format!(
+                        "answer {answer_id} belongs to question {}, not {question_id}",
+                        answer.question_id
+                    )));
+                }
+                let e = AnswerAccepted {
+                    question_id,
+                    answer_id,
+                    question_author_id: self.author_id,
+                    answer_author_id: answer.author_id,
+                    tags: self.tags.clone(),
+                };
+                sink.write(Event::AnswerAccepted(e), self).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Event) {
+        match event {
+            Event::QuestionPosted(e) => {
+                self.kind = Some(ContentKind::Question {
+                    accepted_answer: None,
+                });
+                self.author_id = e.author_id;
+                self.tags = e.tags;
+            }
+            Event::AnswerSubmitted(e) => {
+                self.kind = Some(ContentKind::Answer {
+                    question_id: e.question_id,
+                });
+                self.author_id = e.author_id;
+                self.tags = e.tags;
+            }
+            Event::CommentAdded(e) => {
+                self.comments.insert(e.comment_id);
+            }
+            Event::ContentUpvoted(e) => {
+                self.votes.insert(e.voter_id, VoteDirection::Up);
+            }
+            Event::ContentDownvoted(e) => {
+                self.votes.insert(e.voter_id, VoteDirection::Down);
+            }
+            Event::AnswerAccepted(e) => {
+                self.kind = Some(ContentKind::Question {
+                    accepted_answer: Some(e.answer_id),
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::{AnswerFacts, QuestionFacts};
+    use async_trait::async_trait;
+    use cqrs_es::test::TestFramework;
+    use std::collections::HashMap;
+
+    /// In-memory lookup table for aggregate unit tests (the real one reads the event store).
+    #[derive(Default)]
+    struct Facts {
+        users: Vec<Uuid>,
+        questions: HashMap<Uuid, QuestionFacts>,
+        answers: HashMap<Uuid, AnswerFacts>,
+    }
+
+    #[async_trait]
+    impl KnowledgeServices for Facts {
+        async fn question(&self, id: Uuid) -> Result<Option<QuestionFacts>, String> {
+            Ok(self.questions.get(&id).cloned())
+        }
+        async fn answer(&self, id: Uuid) -> Result<Option<AnswerFacts>, String> {
+            Ok(self.answers.get(&id).cloned())
+        }
+        async fn user_exists(&self, id: Uuid) -> Result<bool, String> {
+            Ok(self.users.contains(&id))
+        }
+    }
+
+    struct World {
+        asker: Uuid,
+        answerer: Uuid,
+        q: Uuid,
+        a: Uuid,
+    }
+
+    fn world() -> (World, Arc<dyn KnowledgeServices>) {
+        let w = World {
+            asker: Uuid::new_v4(),
+            answerer: Uuid::new_v4(),
+            q: Uuid::new_v4(),
+            a: Uuid::new_v4(),
+        };
+        let mut f = Facts {
+            users: vec![w.asker, w.answerer],
+            ..Default::default()
+        };
+        f.questions.insert(
+            w.q,
+            QuestionFacts {
+                author_id: Some(w.asker),
+                tags: vec!["rome".into()],
+            },
+        );
+        f.answers.insert(
+            w.a,
+            AnswerFacts {
+                question_id: w.q,
+                author_id: Some(w.answerer),
+            },
+        );
+        (w, Arc::new(f))
+    }
+
+    fn posted(w: &World) -> Event {
+        Event::QuestionPosted(QuestionPosted {
+            question_id: w.q,
+            author_id: Some(w.asker),
+            title: "Why?".into(),
+            body: String::new(),
+            tags: vec!["rome".into()],
+        })
+    }
+
+    #[test]
+    fn posting_normalises_tags_and_checks_author() {
+        let (w, s) = world();
+        TestFramework::<Content>::with(s.clone())
+            .given_no_previous_events()
+            .when(ContentCommand::PostQuestion {
+                question_id: w.q,
+                author_id: Some(w.asker),
+                title: "Why?".into(),
+                body: String::new(),
+                tags: vec![" Rome ".into(), "rome".into()],
+                actor: Actor::User(w.asker),
+            })
+            .then_expect_events(vec![posted(&w)]);
+        let err = TestFramework::<Content>::with(s.clone())
+            .given_no_previous_events()
+            .when(ContentCommand::PostQuestion {
+                question_id: w.q,
+                author_id: Some(w.asker),
+                title: "Why?".into(),
+                body: String::new(),
+                tags: vec![],
+                actor: Actor::User(w.answerer),
+            })
+            .inspect_result()
+            .unwrap_err();
+        assert_eq!(err.code(), "forbidden");
+        let stranger = Uuid::new_v4();
+        let err = TestFramework::<Content>::with(s)
+            .given_no_previous_events()
+            .when(ContentCommand::PostQuestion {
+                question_id: w.q,
+                author_id: Some(stranger),
+                title: "Why?".into(),
+                body: String::new(),
+                tags: vec![],
+                actor: Actor::importer(),
+            })
+            .inspect_result()
+            .unwrap_err();
+        assert_eq!(err, DomainError::NotFound { what: "user", id: stranger });
+    }
+
+    #[test]
+    fn answer_needs_existing_question_and_takes_its_tags() {
+        let (w, s) = world();
+        let missing = Uuid::new_v4();
+        let err = TestFramework::<Content>::with(s.clone())
+            .given_no_previous_events()
+            .when(ContentCommand::SubmitAnswer {
+                answer_id: w.a,
+                question_id: missing,
+                author_id: Some(w.answerer),
+                body: "b".into(),
+                actor: Actor::importer(),
+            })
+            .inspect_result()
+            .unwrap_err();
+        assert_eq!(err.code(), "not_found.question");
+        TestFramework::<Content>::with(s)
+            .given_no_previous_events()
+            .when(ContentCommand::SubmitAnswer {
+                answer_id: w.a,
+                question_id: w.q,
+                author_id: Some(w.answerer),
+                body: "b".into(),
+                actor: Actor::importer(),
+            })
+            .then_expect_events(vec![Event::AnswerSubmitted(AnswerSubmitted {
+                answer_id: w.a,
+                question_id: w.q,
+                author_id: Some(w.answerer),
+                body: "b".into(),
+                tags: vec!["rome".into()],
+            })]);
+    }
+
+    #[test]
+    fn votes_on_missing_content_are_rejected() {
+        let (w, s) = world();
+        let err = TestFramework::<Content>::with(s)
+            .given_no_previous_events()
+            .when(ContentCommand::Vote {
+                content_id: w.q,
+                voter_id: Uuid::new_v4(),
+                direction: VoteDirection::Up,
+                actor: Actor::importer(),
+            })
+            .inspect_result()
+            .unwrap_err();
+        assert_eq!(err.code(), "not_found.content");
+    }
+
+    #[test]
+    fn second_vote_replaces_first_and_same_vote_is_a_no_op() {
+        let (w, s) = world();
+        let up = Event::ContentUpvoted(ContentVoted {
+            content_id: w.q,
+            voter_id: w.answerer,
+            previous: None,
+            content_author_id: Some(w.asker),
+            tags: vec!["rome".into()],
+        });
+        let vote = |d| ContentCommand::Vote {
+            content_id: w.q,
+            voter_id: w.answerer,
+            direction: d,
+            actor: Actor::User(w.answerer),
+        };
+        TestFramework::<Content>::with(s.clone())
+            .given(vec![posted(&w), up.clone()])
+            .when(vote(VoteDirection::Up))
+            .then_expect_events(vec![]);
+        TestFramework::<Content>::with(s)
+            .given(vec![posted(&w), up])
+            .when(vote(VoteDirection::Down))
+            .then_expect_events(vec![Event::ContentDownvoted(ContentVoted {
+                content_id: w.q,
+                voter_id: w.answerer,
+                previous: Some(VoteDirection::Up),
+                content_author_id: Some(w.asker),
+                tags: vec!["rome".into()],
+            })]);
+    }
+
+    #[test]
+    fn only_the_author_accepts_and_only_once() {
+        let (w, s) = world();
+        let accept = |actor| ContentCommand::AcceptAnswer {
+            question_id: w.q,
+            answer_id: w.a,
+            actor,
+        };
+        let accepted = Event::AnswerAccepted(AnswerAccepted {
+            question_id: w.q,
+            answer_id: w.a,
+            question_author_id: Some(w.asker),
+            answer_author_id: Some(w.answerer),
+            tags: vec!["rome".into()],
+        });
+        let err = TestFramework::<Content>::with(s.clone())
+            .given(vec![posted(&w)])
+            .when(accept(Actor::User(w.answerer)))
+            .inspect_result()
+            .unwrap_err();
+        assert_eq!(err.code(), "forbidden");
+        TestFramework::<Content>::with(s.clone())
+            .given(vec![posted(&w)])
+            .when(accept(Actor::User(w.asker)))
+            .then_expect_events(vec![accepted.clone()]);
+        TestFramework::<Content>::with(s.clone())
+            .given(vec![posted(&w), accepted.clone()])
+            .when(accept(Actor::User(w.asker)))
+            .then_expect_events(vec![]);
+        let err = TestFramework::<Content>::with(s)
+            .given(vec![posted(&w), accepted])
+            .when(ContentCommand::AcceptAnswer {
+                question_id: w.q,
+                answer_id: Uuid::new_v4(),
+                actor: Actor::User(w.asker),
+            })
+            .inspect_result()
+            .unwrap_err();
+        assert_eq!(err.code(), "conflict");
+    }
+
+    #[test]
+    fn accepting_an_answer_of_another_question_conflicts() {
+        let (w, s) = world();
+        let other_q = Uuid::new_v4();
+        let err = TestFramework::<Content>::with(s)
+            .given(vec![Event::QuestionPosted(QuestionPosted {
+                question_id: other_q,
+                author_id: Some(w.asker),
+                title: "t".into(),
+                body: String::new(),
+                tags: vec![],
+            })])
+            .when(ContentCommand::AcceptAnswer {
+                question_id: other_q,
+                answer_id: w.a,
+                actor: Actor::User(w.asker),
+            })
+            .inspect_result()
+            .unwrap_err();
+        assert_eq!(err.code(), "conflict");
+    }
+}

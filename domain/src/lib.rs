@@ -1,0 +1,37 @@
+//! # tektree-domain
+//!
+//! The TekTree domain model: aggregates (on [`cqrs_es::Aggregate`]), their commands, the domain
+//! events they emit, the stored [`EventEnvelope`], and the configurable XP / quota rules.
+//!
+//! This crate knows nothing about storage or transport. Cross-aggregate facts that a command
+//! needs (does this question exist? who wrote this answer?) reach an aggregate through the
+//! [`KnowledgeServices`] trait, which an adapter implements (see `tektree-commands`).
+//!
+//! Aggregate boundaries (see `docs/architecture.md`):
+//! - [`User`]: one per user id; registration.
+//! - [`Content`]: one per question or answer id; posting, comments, votes, accepting.
+//! - [`Profile`]: one per user id; the gamification profile (XP, level).
+//! - [`Subscription`]: one per user id; tier and usage metering.
+
+pub mod actor;
+pub mod aggregates;
+pub mod envelope;
+pub mod error;
+pub mod events;
+pub mod policy_rules;
+pub mod rules;
+pub mod services;
+
+pub use actor::Actor;
+pub use aggregates::subscription::period_of;
+pub use aggregates::{
+    content::{Content, ContentCommand},
+    profile::{Profile, ProfileCommand},
+    subscription::{Subscription, SubscriptionCommand},
+    user::{User, UserCommand},
+};
+pub use error::DomainError;
+pub use envelope::{EventEnvelope, EventMetadata, NewEvent};
+pub use events::{Event, VoteDirection};
+pub use rules::{level_for_xp, QuotaRules, Rules, Tier, XpRules};
+pub use services::{AnswerFacts, KnowledgeServices, NoServices, QuestionFacts};
