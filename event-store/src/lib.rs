@@ -1,1 +1,77 @@
-//! placeholder
+//! # tektree-event-store
+//!
+//! The event store port ([`EventStore`]) and its embedded adapter ([`SqliteStore`]).
+//!
+//! Guarantees every adapter gives (checked by the conformance suite in [`conformance`]):
+//! - [`EventStore::append`] writes one aggregate's new events **and their outbox records in one
+//!   transaction**: after a crash either all are visible or none.
+//! - Per-aggregate `sequence` is contiguous from 1; an append whose `expected_version` is not the
+//!   aggregate's current version fails with [`StoreError::Conflict`] and writes nothing.
+//! - Global `position` is assigned by the store, strictly increasing in commit order: a reader
+//!   that has seen position `p` never later sees a newly committed event with a position `≤ p`.
+//! - [`EventStore::outbox_pending`] returns unpublished outbox records in position order.
+
+pub mod conformance;
+mod error;
+mod sqlite;
+
+use async_trait::async_trait;
+use tektree_domain::{EventEnvelope, NewEvent};
+use uuid::Uuid;
+
+pub use error::StoreError;
+pub use sqlite::SqliteStore;
+
+/// The store's head: the highest committed position and the number of stored events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Head {
+    /// Highest committed global position; 0 when empty.
+    pub position: u64,
+    /// Number of stored events.
+    pub events: u64,
+}
+
+/// Append-only storage of domain events with a transactional outbox.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` (all of aggregate `aggregate_type`/`aggregate_id`, sequences
+    /// `expected_version + 1 ..`) and one outbox record per event, atomically.
+    ///
+    /// Returns the committed envelopes (with `position` and `recorded_at`). An empty `events` is
+    /// a no-op returning an empty vector.
+    ///
+    /// # Errors
+    /// - [`StoreError::Conflict`] when the aggregate's current version is not
+    ///   `expected_version` (another writer won); nothing is written.
+    /// - [`StoreError::Backend`] for storage failures; nothing is written.
+    async fn append(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// All events of one aggregate in sequence order (empty when it has none).
+    async fn load(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// Up to `limit` events with `position > after`, in position order.
+    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// The current [`Head`].
+    async fn head(&self) -> Result<Head, StoreError>;
+
+    /// Up to `limit` outbox records not yet marked published, in position order.
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// Marks the outbox records at `positions` published. Unknown or already published positions
+    /// are ignored (idempotent).
+    async fn outbox_mark_published(&self, positions: &[u64]) -> Result<(), StoreError>;
+
+    /// Number of outbox records not yet published.
+    async fn outbox_backlog(&self) -> Result<u64, StoreError>;
+}

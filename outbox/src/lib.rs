@@ -1,1 +1,24 @@
-//! placeholder
+//! # tektree-outbox
+//!
+//! The bus port ([`Bus`], [`Subscription`]), its adapters ([`MemoryBus`] for the embedded
+//! single-process mode, [`RedisBus`] on Redis Streams), and the outbox [`relay`].
+//!
+//! Delivery contract every adapter gives:
+//! - **At least once.** A delivery stays pending until acknowledged; pending deliveries of a
+//!   consumer that stopped acknowledging are handed again (to any consumer of the group) once
+//!   they have been idle for `min_idle`.
+//! - **Published in position order, deduplicated by position.** [`Bus::publish`] drops events
+//!   whose position is not above the highest position already published, so a relay that
+//!   crashed after publishing but before marking its outbox rows resumes without duplicates.
+//! - **Order.** Each consumer sees new deliveries in position order, hence per-aggregate order.
+//!   Several consumers of one group may see an aggregate's events interleaved with each other;
+//!   consumers restore per-aggregate order with the sequence guard of the read-model store.
+
+mod bus;
+mod memory;
+mod redis_bus;
+pub mod relay;
+
+pub use bus::{open_bus, Bus, BusError, Delivery, Subscription, SubscriptionOptions};
+pub use memory::MemoryBus;
+pub use redis_bus::RedisBus;

@@ -1,0 +1,113 @@
+//! The bus port.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tektree_domain::EventEnvelope;
+
+/// Errors of a [`Bus`].
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The bus URL is not understood.
+    #[error("invalid bus url {0:?}: expected `memory` or `redis://host:port[/db]`")]
+    InvalidUrl(String),
+    /// The transport failed (connection refused, server error). Retryable.
+    #[error("bus transport: {0}")]
+    Transport(String),
+    /// A message on the bus is not a valid envelope.
+    #[error("undecodable bus message {id}: {reason}")]
+    Decode {
+        /// Bus message id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Options of one consumer's subscription.
+#[derive(Debug, Clone)]
+pub struct SubscriptionOptions {
+    /// Consumer group (one per projection or policy, e.g. `projection.xp`).
+    pub group: String,
+    /// This consumer's name, unique within the group (e.g. `worker-<pid>`).
+    pub consumer: String,
+    /// How long a delivery must stay unacknowledged before it is handed out again, to this
+    /// consumer or another one of the group. Default 30 s.
+    pub min_idle: Duration,
+}
+
+impl SubscriptionOptions {
+    /// Options with the default `min_idle` of 30 s.
+    pub fn new(group: impl Into<String>, consumer: impl Into<String>) -> Self {
+        SubscriptionOptions {
+            group: group.into(),
+            consumer: consumer.into(),
+            min_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One message handed to a consumer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// Bus message id, used to acknowledge.
+    pub id: String,
+    /// The committed event.
+    pub envelope: EventEnvelope,
+    /// How many times this message has been handed out, including this time (1 = first).
+    pub delivery_count: u64,
+}
+
+/// A publish/subscribe log with consumer groups.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes `events` (in ascending position order). Events whose position is not above the
+    /// highest already published are dropped. Returns once the bus has accepted them.
+    ///
+    /// # Errors
+    /// [`BusError::Transport`]; some prefix of `events` may have been published, which a retry
+    /// deduplicates.
+    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), BusError>;
+
+    /// Joins consumer group `options.group` as `options.consumer`, creating the group if needed.
+    /// A new group starts at the beginning of the log.
+    async fn subscribe(
+        &self,
+        options: SubscriptionOptions,
+    ) -> Result<Box<dyn Subscription>, BusError>;
+
+    /// Highest position published so far (0 if none).
+    async fn last_published(&self) -> Result<u64, BusError>;
+}
+
+/// One consumer's view of its group.
+#[async_trait]
+pub trait Subscription: Send {
+    /// Up to `max` deliveries: first pending ones idle for `min_idle` (reclaimed from any
+    /// consumer of the group, including this one's own before a restart), then new ones in
+    /// position order. Waits up to `block` when there is nothing; returns an empty vector then.
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery>, BusError>;
+
+    /// Acknowledges deliveries by [`Delivery::id`]; they are never handed out again.
+    async fn ack(&mut self, ids: &[String]) -> Result<(), BusError>;
+}
+
+/// Opens the bus named by `url`: `memory` (a new in-process bus) or `redis://…`.
+///
+/// # Errors
+/// [`BusError::InvalidUrl`] for any other scheme; [`BusError::Transport`] when Redis is
+/// unreachable.
+pub async fn open_bus(url: &str) -> Result<Arc<dyn Bus>, BusError> {
+    if url == "memory" {
+        Ok(Arc::new(crate::MemoryBus::new()))
+    } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+        Ok(Arc::new(crate::RedisBus::connect(url).await?))
+    } else {
+        Err(BusError::InvalidUrl(url.into()))
+    }
+}
