@@ -4,7 +4,9 @@ use uuid::Uuid;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Optimistic concurrency failure: the aggregate is at `actual`, not `expected`.
-    #[error("expected version {expected} of {aggregate_type}/{aggregate_id}, but it is at {actual}")]
+    #[error(
+        "expected version {expected} of {aggregate_type}/{aggregate_id}, but it is at {actual}"
+    )]
     Conflict {
         /// Aggregate type.
         aggregate_type: String,

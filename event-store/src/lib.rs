@@ -11,6 +11,8 @@
 //!   that has seen position `p` never later sees a newly committed event with a position `≤ p`.
 //! - [`EventStore::outbox_pending`] returns unpublished outbox records in position order.
 
+#![deny(missing_docs)]
+
 pub mod conformance;
 mod error;
 mod sqlite;

@@ -1,0 +1,614 @@
+//! The embedded SQLite adapter of [`EventStore`].
+//!
+//! # Schema
+//!
+//! Only two tables (and their indexes) belong to this adapter; the same database file also holds
+//! read-model tables of other crates (prefixed `rm_` and `consumer_`), which it never touches.
+//!
+//! ```sql
+//! events(position INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE,
+//!        event_type TEXT, event_version INTEGER, aggregate_type TEXT, aggregate_id TEXT,
+//!        sequence INTEGER, occurred_at TEXT, recorded_at TEXT, correlation_id TEXT,
+//!        causation_id TEXT, actor TEXT, payload TEXT,
+//!        UNIQUE(aggregate_type, aggregate_id, sequence))
+//! outbox(position INTEGER PRIMARY KEY REFERENCES events(position), published_at TEXT NULL)
+//! ```
+//!
+//! Uuids are stored as lower-case hyphenated text, timestamps as RFC 3339 in UTC with exactly
+//! nine fractional digits (`2024-05-06T07:08:09.123456789Z`, fixed width, so text order is time
+//! order), the actor as `user:<uuid>` / `system:<name>` and the payload as compact JSON text.
+//!
+//! # Concurrency and positions
+//!
+//! Every write runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's single database
+//! write lock up front (waiting up to the busy timeout, 10 s, for other connections and other
+//! OS processes). Writers are therefore serialised: a position is assigned while the writer holds
+//! the lock, and the lock is released only by commit or rollback. Hence `AUTOINCREMENT`
+//! positions are strictly increasing **in commit order**, and — because a rolled back
+//! transaction also rolls back the `sqlite_sequence` counter and rows are never deleted — they
+//! are gap-free (1, 2, 3, …). Readers use WAL snapshots and never block the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use tektree_domain::{Actor, EventEnvelope, NewEvent};
+use uuid::Uuid;
+
+use crate::{EventStore, Head, StoreError};
+
+/// How long a connection waits for a lock held by another connection or process.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Idle read connections kept open for reuse (more are opened on demand and closed after use).
+const MAX_IDLE_READERS: usize = 4;
+
+/// Columns selected by every event read, in [`decode_row`] order.
+const EVENT_COLUMNS: &str = "e.position, e.event_id, e.event_type, e.event_version, \
+     e.aggregate_type, e.aggregate_id, e.sequence, e.occurred_at, e.recorded_at, \
+     e.correlation_id, e.causation_id, e.actor, e.payload";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    position       INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id       TEXT    NOT NULL UNIQUE,
+    event_type     TEXT    NOT NULL,
+    event_version  INTEGER NOT NULL,
+    aggregate_type TEXT    NOT NULL,
+    aggregate_id   TEXT    NOT NULL,
+    sequence       INTEGER NOT NULL CHECK (sequence >= 1),
+    occurred_at    TEXT    NOT NULL,
+    recorded_at    TEXT    NOT NULL,
+    correlation_id TEXT    NOT NULL,
+    causation_id   TEXT    NOT NULL,
+    actor          TEXT    NOT NULL,
+    payload        TEXT    NOT NULL,
+    UNIQUE (aggregate_type, aggregate_id, sequence)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    position     INTEGER PRIMARY KEY REFERENCES events(position),
+    published_at TEXT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox(position) WHERE published_at IS NULL;
+";
+
+/// [`EventStore`] on one SQLite database file (WAL mode, `synchronous=FULL`).
+///
+/// Cloning is cheap (an [`Arc`]); clones share one write connection and a small pool of read
+/// connections. Several `SqliteStore`s — in one process or in several OS processes — may open
+/// the same file at once; their writes are serialised by SQLite's database lock (see the module
+/// docs on positions). A write waits at most 10 s for the lock, then fails with
+/// [`StoreError::Backend`].
+///
+/// All blocking SQLite work runs on [`tokio::task::spawn_blocking`], so the async methods must be
+/// called inside a Tokio runtime.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave a half-done transaction behind (dropping a
+    // `Transaction` rolls it back), so a poisoned lock is safe to reuse.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Backend(format!("{what} {v} exceeds i64::MAX")))
+}
+
+fn limit_i64(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn timestamp(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+/// Runs `op` until it does not fail with `SQLITE_BUSY` / `SQLITE_LOCKED` or `deadline` passes.
+///
+/// Needed while opening: changing the journal mode (and reading a schema another process is
+/// changing) can fail with `SQLITE_BUSY` *without* consulting the busy handler, because SQLite
+/// refuses to wait where waiting could deadlock (a shared lock waiting for an exclusive one).
+fn retry_busy<T>(
+    deadline: Instant,
+    mut op: impl FnMut() -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(backend(e)),
+        }
+    }
+}
+
+/// Opens a connection with the per-connection settings every connection needs.
+fn connect(path: &Path, flags: OpenFlags, reader: bool) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Backend(format!("open {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(backend)?;
+    if reader {
+        conn.pragma_update(None, "query_only", "ON")
+            .map_err(backend)?;
+    }
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and creates the `events` and
+    /// `outbox` tables if they do not exist yet. Idempotent; safe to call from several processes
+    /// at once. Switches the file to WAL mode (a persistent property of the file).
+    ///
+    /// This is a blocking call (file I/O; it may wait up to 10 s for another process's lock).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the file cannot be opened or created (for example a missing
+    /// parent directory), is not a SQLite database, or the schema cannot be created.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut writer = connect(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            false,
+        )?;
+        let deadline = Instant::now() + BUSY_TIMEOUT;
+        let mode: String = retry_busy(deadline, || {
+            writer.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        })?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Backend(format!(
+                "{}: could not switch to WAL mode (journal_mode is {mode})",
+                path.display()
+            )));
+        }
+        retry_busy(deadline, || {
+            let tx = writer.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA)?;
+            tx.commit()
+        })?;
+        tracing::debug!(path = %path.display(), "opened sqlite event store");
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path,
+                writer: Mutex::new(writer),
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The database file's path, as given to [`SqliteStore::open`].
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` with the write connection on the blocking pool.
+    async fn with_writer<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&inner.writer);
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("blocking task failed: {e}")))?
+    }
+
+    /// Runs `f` with a pooled read connection on the blocking pool.
+    async fn with_reader<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let idle = lock(&inner.readers).pop();
+            let conn = match idle {
+                Some(c) => c,
+                None => connect(
+                    &inner.path,
+                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    true,
+                )?,
+            };
+            let out = f(&conn);
+            let mut pool = lock(&inner.readers);
+            if pool.len() < MAX_IDLE_READERS {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("blocking task failed: {e}")))?
+    }
+}
+
+/// Checks that `events` are all of the aggregate and numbered `expected_version + 1 ..`.
+fn validate_batch(
+    aggregate_type: &str,
+    aggregate_id: Uuid,
+    expected_version: u64,
+    events: &[NewEvent],
+) -> Result<(), StoreError> {
+    for (i, e) in events.iter().enumerate() {
+        if e.aggregate_type != aggregate_type || e.aggregate_id != aggregate_id {
+            return Err(StoreError::Backend(format!(
+                "append to {aggregate_type}/{aggregate_id}: event {} belongs to {}/{}",
+                e.event_id, e.aggregate_type, e.aggregate_id
+            )));
+        }
+        let want = (i as u64)
+            .checked_add(1)
+            .and_then(|n| expected_version.checked_add(n));
+        if Some(e.sequence) != want {
+            return Err(StoreError::Backend(format!(
+                "append to {aggregate_type}/{aggregate_id} at expected version \
+                 {expected_version}: event #{i} has sequence {}, expected {} (sequences must be \
+                 contiguous from expected_version + 1)",
+                e.sequence,
+                want.map_or_else(|| "overflow".to_string(), |w| w.to_string()),
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn is_unique_violation(e: &rusqlite::Error, column: &str) -> bool {
+    match e {
+        rusqlite::Error::SqliteFailure(f, msg) => {
+            f.code == ErrorCode::ConstraintViolation
+                && msg.as_deref().is_some_and(|m| m.contains(column))
+        }
+        _ => false,
+    }
+}
+
+fn append_blocking(
+    conn: &mut Connection,
+    aggregate_type: &str,
+    aggregate_id: Uuid,
+    expected_version: u64,
+    events: Vec<NewEvent>,
+) -> Result<Vec<EventEnvelope>, StoreError> {
+    let agg_id = aggregate_id.to_string();
+    let conflict = |actual: u64| StoreError::Conflict {
+        aggregate_type: aggregate_type.to_string(),
+        aggregate_id,
+        expected: expected_version,
+        actual,
+    };
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    let actual: i64 = tx
+        .prepare_cached(
+            "SELECT COALESCE(MAX(sequence), 0) FROM events \
+             WHERE aggregate_type = ?1 AND aggregate_id = ?2",
+        )
+        .and_then(|mut s| s.query_row(params![aggregate_type, agg_id], |r| r.get(0)))
+        .map_err(backend)?;
+    let actual = u64::try_from(actual)
+        .map_err(|_| StoreError::Backend(format!("negative stored sequence {actual}")))?;
+    if actual != expected_version {
+        // Dropping `tx` rolls back; nothing was written.
+        return Err(conflict(actual));
+    }
+    let recorded_at = Utc::now();
+    let recorded = timestamp(&recorded_at);
+    let mut committed = Vec::with_capacity(events.len());
+    {
+        let mut insert_event = tx
+            .prepare_cached(
+                "INSERT INTO events (event_id, event_type, event_version, aggregate_type, \
+                 aggregate_id, sequence, occurred_at, recorded_at, correlation_id, causation_id, \
+                 actor, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .map_err(backend)?;
+        let mut insert_outbox = tx
+            .prepare_cached("INSERT INTO outbox (position, published_at) VALUES (?1, NULL)")
+            .map_err(backend)?;
+        for e in events {
+            let sequence = to_i64(e.sequence, "sequence")?;
+            let payload = serde_json::to_string(&e.event.to_payload()).map_err(backend)?;
+            let inserted = insert_event.execute(params![
+                e.event_id.to_string(),
+                e.event.event_type(),
+                tektree_domain::events::EVENT_VERSION,
+                e.aggregate_type,
+                agg_id,
+                sequence,
+                timestamp(&e.metadata.occurred_at),
+                recorded,
+                e.metadata.correlation_id.to_string(),
+                e.metadata.causation_id.to_string(),
+                e.metadata.actor.to_string(),
+                payload,
+            ]);
+            match inserted {
+                Ok(_) => {}
+                // Unreachable while every writer uses BEGIN IMMEDIATE, but a concurrent writer
+                // that does not would surface here.
+                Err(err) if is_unique_violation(&err, "events.sequence") => {
+                    return Err(conflict(expected_version + 1));
+                }
+                Err(err) if is_unique_violation(&err, "events.event_id") => {
+                    return Err(StoreError::Backend(format!(
+                        "duplicate event_id {}: {err}",
+                        e.event_id
+                    )));
+                }
+                Err(err) => return Err(backend(err)),
+            }
+            let position = tx.last_insert_rowid();
+            insert_outbox.execute([position]).map_err(backend)?;
+            let position = u64::try_from(position)
+                .map_err(|_| StoreError::Backend(format!("negative position {position}")))?;
+            committed.push(e.into_envelope(position, recorded_at));
+        }
+    }
+    tx.commit().map_err(|err| {
+        if is_unique_violation(&err, "events.sequence") {
+            conflict(expected_version + 1)
+        } else {
+            backend(err)
+        }
+    })?;
+    Ok(committed)
+}
+
+/// Decodes one row selected with [`EVENT_COLUMNS`].
+fn decode_row(row: &rusqlite::Row<'_>) -> Result<EventEnvelope, StoreError> {
+    let position: i64 = row.get(0).map_err(backend)?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        position: u64::try_from(position).unwrap_or(0),
+        reason,
+    };
+    let text = |i: usize, name: &str| -> Result<String, StoreError> {
+        row.get::<_, String>(i)
+            .map_err(|e| corrupt(format!("column {name}: {e}")))
+    };
+    let int = |i: usize, name: &str| -> Result<i64, StoreError> {
+        row.get::<_, i64>(i)
+            .map_err(|e| corrupt(format!("column {name}: {e}")))
+    };
+    let uuid = |i: usize, name: &str| -> Result<Uuid, StoreError> {
+        let s = text(i, name)?;
+        Uuid::parse_str(&s).map_err(|e| corrupt(format!("column {name} {s:?}: {e}")))
+    };
+    let time = |i: usize, name: &str| -> Result<DateTime<Utc>, StoreError> {
+        let s = text(i, name)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| corrupt(format!("column {name} {s:?}: {e}")))
+    };
+    let position_u =
+        u64::try_from(position).map_err(|_| corrupt(format!("negative position {position}")))?;
+    let event_version = int(3, "event_version")?;
+    let sequence = int(6, "sequence")?;
+    let actor_text = text(11, "actor")?;
+    let payload_text = text(12, "payload")?;
+    Ok(EventEnvelope {
+        event_id: uuid(1, "event_id")?,
+        event_type: text(2, "event_type")?,
+        event_version: u32::try_from(event_version)
+            .map_err(|_| corrupt(format!("column event_version {event_version} out of range")))?,
+        aggregate_type: text(4, "aggregate_type")?,
+        aggregate_id: uuid(5, "aggregate_id")?,
+        sequence: u64::try_from(sequence)
+            .map_err(|_| corrupt(format!("column sequence {sequence} out of range")))?,
+        position: position_u,
+        occurred_at: time(7, "occurred_at")?,
+        recorded_at: time(8, "recorded_at")?,
+        correlation_id: uuid(9, "correlation_id")?,
+        causation_id: uuid(10, "causation_id")?,
+        actor: actor_text
+            .parse::<Actor>()
+            .map_err(|e| corrupt(format!("column actor: {e}")))?,
+        payload: serde_json::from_str(&payload_text)
+            .map_err(|e| corrupt(format!("column payload: {e}")))?,
+    })
+}
+
+/// Runs a query selecting [`EVENT_COLUMNS`] and decodes every row.
+fn query_events(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<EventEnvelope>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(backend)?;
+    let mut rows = stmt.query(params).map_err(backend)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(backend)? {
+        out.push(decode_row(row)?);
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    /// See [`EventStore::append`]. Runs in one `BEGIN IMMEDIATE` transaction: version check,
+    /// event rows, outbox rows, commit. `recorded_at` is the store clock when the write lock was
+    /// taken, the same for every event of the batch.
+    ///
+    /// # Errors
+    /// Additionally to the trait's errors: [`StoreError::Backend`] (nothing written) when an
+    /// event is not of the given aggregate or the sequences are not `expected_version + 1 ..`
+    /// contiguous (a programming error of the caller), or an `event_id` is already stored.
+    async fn append(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        validate_batch(aggregate_type, aggregate_id, expected_version, &events)?;
+        let aggregate_type = aggregate_type.to_string();
+        self.with_writer(move |conn| {
+            append_blocking(
+                conn,
+                &aggregate_type,
+                aggregate_id,
+                expected_version,
+                events,
+            )
+        })
+        .await
+    }
+
+    async fn load(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let aggregate_type = aggregate_type.to_string();
+        self.with_reader(move |conn| {
+            query_events(
+                conn,
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e \
+                     WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 ORDER BY e.sequence"
+                ),
+                params![aggregate_type, aggregate_id.to_string()],
+            )
+        })
+        .await
+    }
+
+    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        self.with_reader(move |conn| {
+            query_events(
+                conn,
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e \
+                     WHERE e.position > ?1 ORDER BY e.position LIMIT ?2"
+                ),
+                params![after, limit_i64(limit)],
+            )
+        })
+        .await
+    }
+
+    async fn head(&self) -> Result<Head, StoreError> {
+        self.with_reader(|conn| {
+            let (position, events): (i64, i64) = conn
+                .query_row(
+                    "SELECT COALESCE(MAX(position), 0), COUNT(*) FROM events",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(backend)?;
+            Ok(Head {
+                position: u64::try_from(position).map_err(backend)?,
+                events: u64::try_from(events).map_err(backend)?,
+            })
+        })
+        .await
+    }
+
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.with_reader(move |conn| {
+            query_events(
+                conn,
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM outbox o JOIN events e ON e.position = o.position \
+                     WHERE o.published_at IS NULL ORDER BY o.position LIMIT ?1"
+                ),
+                params![limit_i64(limit)],
+            )
+        })
+        .await
+    }
+
+    async fn outbox_mark_published(&self, positions: &[u64]) -> Result<(), StoreError> {
+        // Positions beyond i64::MAX cannot exist; ignore them like any unknown position.
+        let positions: Vec<i64> = positions
+            .iter()
+            .filter_map(|&p| i64::try_from(p).ok())
+            .collect();
+        if positions.is_empty() {
+            return Ok(());
+        }
+        self.with_writer(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let now = timestamp(&Utc::now());
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE outbox SET published_at = ?1 \
+                         WHERE position = ?2 AND published_at IS NULL",
+                    )
+                    .map_err(backend)?;
+                for p in positions {
+                    stmt.execute(params![now, p]).map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn outbox_backlog(&self) -> Result<u64, StoreError> {
+        self.with_reader(|conn| {
+            let n: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            u64::try_from(n).map_err(backend)
+        })
+        .await
+    }
+}
