@@ -30,8 +30,8 @@ pub use aggregates::{
     subscription::{Subscription, SubscriptionCommand},
     user::{User, UserCommand},
 };
-pub use error::DomainError;
 pub use envelope::{EventEnvelope, EventMetadata, NewEvent};
+pub use error::DomainError;
 pub use events::{Event, VoteDirection};
 pub use rules::{level_for_xp, QuotaRules, Rules, Tier, XpRules};
 pub use services::{AnswerFacts, KnowledgeServices, NoServices, QuestionFacts};

@@ -52,7 +52,11 @@ pub fn xp_awards(rules: &XpRules, event: &Event) -> Vec<Award> {
                 VoteDirection::Down
             };
             let before = e.previous.map(|d| vote_value(rules, d)).unwrap_or(0);
-            one(e.content_author_id, vote_value(rules, now) - before, &e.tags)
+            one(
+                e.content_author_id,
+                vote_value(rules, now) - before,
+                &e.tags,
+            )
         }
         Event::AnswerAccepted(e) => {
             if e.question_author_id == e.answer_author_id {

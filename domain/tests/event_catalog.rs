@@ -4,8 +4,11 @@
 use tektree_domain::events::{Event, EVENT_TYPES};
 
 fn sections() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/event-catalog.md"))
-        .expect("docs/event-catalog.md exists");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/event-catalog.md"
+    ))
+    .expect("docs/event-catalog.md exists");
     let mut out = Vec::new();
     for part in text.split("\n### `").skip(1) {
         let (name, rest) = part.split_once('`').expect("heading closes its backtick");
@@ -23,7 +26,11 @@ fn sections() -> Vec<(String, String)> {
 fn every_event_type_is_documented_with_a_decodable_example() {
     let docs = sections();
     let names: Vec<&str> = docs.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, EVENT_TYPES.to_vec(), "catalog sections in catalog order");
+    assert_eq!(
+        names,
+        EVENT_TYPES.to_vec(),
+        "catalog sections in catalog order"
+    );
     for (name, json) in &docs {
         let payload: serde_json::Value = serde_json::from_str(json)
             .unwrap_or_else(|e| panic!("example of {name} is not JSON: {e}"));

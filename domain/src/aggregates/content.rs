@@ -132,14 +132,19 @@ fn lookup<T>(r: Result<T, String>) -> Result<T, DomainError> {
 impl Content {
     fn require_exists(&self, id: Uuid) -> Result<(), DomainError> {
         if self.kind.is_none() {
-            return Err(DomainError::NotFound { what: "content", id });
+            return Err(DomainError::NotFound {
+                what: "content",
+                id,
+            });
         }
         Ok(())
     }
 
     fn require_new(&self, id: Uuid) -> Result<(), DomainError> {
         if self.kind.is_some() {
-            return Err(DomainError::Conflict(format!("content {id} already exists")));
+            return Err(DomainError::Conflict(format!(
+                "content {id} already exists"
+            )));
         }
         Ok(())
     }
@@ -156,14 +161,15 @@ async fn check_author(
                 "user {u} may not act as user {a}"
             )))
         }
-        (Actor::User(_), None) => {
-            return Err(DomainError::Invalid("author_id is required".into()))
-        }
+        (Actor::User(_), None) => return Err(DomainError::Invalid("author_id is required".into())),
         _ => {}
     }
     if let Some(a) = author_id {
         if !lookup(services.user_exists(a).await)? {
-            return Err(DomainError::NotFound { what: "user", id: a });
+            return Err(DomainError::NotFound {
+                what: "user",
+                id: a,
+            });
         }
     }
     Ok(())
@@ -246,12 +252,11 @@ impl Aggregate for Content {
                     }
                 }
                 self.require_new(answer_id)?;
-                let question = lookup(services.question(question_id).await)?.ok_or(
-                    DomainError::NotFound {
+                let question =
+                    lookup(services.question(question_id).await)?.ok_or(DomainError::NotFound {
                         what: "question",
                         id: question_id,
-                    },
-                )?;
+                    })?;
                 check_author(services, &actor, author_id).await?;
                 let e = AnswerSubmitted {
                     answer_id,
@@ -298,7 +303,10 @@ impl Aggregate for Content {
                         )));
                     }
                     if !lookup(services.user_exists(u).await)? {
-                        return Err(DomainError::NotFound { what: "user", id: u });
+                        return Err(DomainError::NotFound {
+                            what: "user",
+                            id: u,
+                        });
                     }
                 }
                 let previous = self.votes.get(&voter_id).copied();
@@ -354,12 +362,11 @@ impl Aggregate for Content {
                     }
                     None => {}
                 }
-                let answer = lookup(services.answer(answer_id).await)?.ok_or(
-                    DomainError::NotFound {
+                let answer =
+                    lookup(services.answer(answer_id).await)?.ok_or(DomainError::NotFound {
                         what: "answer",
                         id: answer_id,
-                    },
-                )?;
+                    })?;
                 if answer.question_id != question_id {
                     return Err(DomainError::Conflict(format!(
                         "answer {answer_id} belongs to question {}, not {question_id}",
@@ -528,7 +535,13 @@ mod tests {
             })
             .inspect_result()
             .unwrap_err();
-        assert_eq!(err, DomainError::NotFound { what: "user", id: stranger });
+        assert_eq!(
+            err,
+            DomainError::NotFound {
+                what: "user",
+                id: stranger
+            }
+        );
     }
 
     #[test]

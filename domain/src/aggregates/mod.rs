@@ -13,7 +13,12 @@ pub mod user;
 use crate::error::DomainError;
 
 /// Validates a text field's length in characters (`min..=max`) and size in bytes (≤ 65,536).
-pub(crate) fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), DomainError> {
+pub(crate) fn check_text(
+    field: &str,
+    value: &str,
+    min: usize,
+    max: usize,
+) -> Result<(), DomainError> {
     let chars = value.chars().count();
     if chars < min || chars > max || value.len() > 65_536 {
         return Err(DomainError::Invalid(format!(

@@ -193,7 +193,11 @@ mod tests {
             limit: 1,
         });
         TestFramework::<Subscription>::with(rules.clone())
-            .given(vec![usage(u, s1, 1, Some(1)), usage(u, s2, 2, Some(1)), exceeded])
+            .given(vec![
+                usage(u, s1, 1, Some(1)),
+                usage(u, s2, 2, Some(1)),
+                exceeded,
+            ])
             .when(record(u, s3))
             .then_expect_events(vec![usage(u, s3, 3, Some(1))]);
         // The same source metered twice counts once.
@@ -217,6 +221,9 @@ mod tests {
                 tier: Tier::Free,
             })
             .then_expect_events(vec![]);
-        assert_eq!(period_of("2024-01-01T00:30:00+01:00".parse().unwrap()), "2023-12");
+        assert_eq!(
+            period_of("2024-01-01T00:30:00+01:00".parse().unwrap()),
+            "2023-12"
+        );
     }
 }

@@ -1,0 +1,220 @@
+//! Load → decide → append, with bounded retry on expected-version conflicts.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use tektree_domain::{Actor, DomainError, Event, EventEnvelope, EventMetadata, NewEvent};
+use tektree_event_store::{EventStore, StoreError};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::error::CommandError;
+
+/// Correlation data of one command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandMeta {
+    /// Unique id of this command; the causation id of the events it emits.
+    pub command_id: Uuid,
+    /// Correlation id (from the request, or the source event's for policy commands).
+    pub correlation_id: Uuid,
+    /// Issuer.
+    pub actor: Actor,
+    /// Domain time of the fact (now for API commands, the dump's date for imports).
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl CommandMeta {
+    /// Metadata for a fresh command by `actor` at `occurred_at` with new ids.
+    pub fn new(actor: Actor, occurred_at: DateTime<Utc>) -> Self {
+        let id = Uuid::new_v4();
+        CommandMeta {
+            command_id: id,
+            correlation_id: id,
+            actor,
+            occurred_at,
+        }
+    }
+
+    /// Metadata for a policy command caused by `source`: same correlation id and domain time,
+    /// causation = the source event.
+    pub fn caused_by(source: &EventEnvelope, actor: Actor) -> Self {
+        CommandMeta {
+            command_id: source.event_id,
+            correlation_id: source.correlation_id,
+            actor,
+            occurred_at: source.occurred_at,
+        }
+    }
+
+    fn metadata(&self) -> EventMetadata {
+        EventMetadata {
+            occurred_at: self.occurred_at,
+            correlation_id: self.correlation_id,
+            causation_id: self.command_id,
+            actor: self.actor.clone(),
+        }
+    }
+}
+
+/// What a committed command produced. `events` is empty when the command changed nothing
+/// (an idempotent repeat).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Aggregate type.
+    pub aggregate_type: &'static str,
+    /// Aggregate id.
+    pub aggregate_id: Uuid,
+    /// Committed events, in sequence order.
+    pub events: Vec<EventEnvelope>,
+    /// Aggregate version after the command.
+    pub version: u64,
+}
+
+/// Runs commands against aggregates stored in an [`EventStore`].
+#[derive(Clone)]
+pub struct CommandHandler {
+    store: Arc<dyn EventStore>,
+    max_attempts: u32,
+}
+
+impl CommandHandler {
+    /// A handler over `store` with the default of 5 attempts per command.
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        CommandHandler {
+            store,
+            max_attempts: 5,
+        }
+    }
+
+    /// Sets the number of attempts on expected-version conflicts (at least 1).
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Attempts per command before [`CommandError::Conflict`].
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// Loads aggregate `A` with id `id`: its state and version (0 = no events).
+    ///
+    /// # Errors
+    /// [`CommandError::Store`] or [`CommandError::Decode`].
+    pub async fn load<A>(&self, id: Uuid) -> Result<(A, u64), CommandError>
+    where
+        A: Aggregate<Event = Event>,
+    {
+        let stored = self
+            .store
+            .load(A::TYPE, id)
+            .await
+            .map_err(CommandError::Store)?;
+        let mut state = A::default();
+        let version = stored.last().map(|e| e.sequence).unwrap_or(0);
+        for env in stored {
+            let event = env.decode().map_err(|source| CommandError::Decode {
+                event_id: env.event_id,
+                source,
+            })?;
+            state.apply(event);
+        }
+        Ok((state, version))
+    }
+
+    /// Executes `command` on aggregate `A`/`id` with `services`.
+    ///
+    /// # Errors
+    /// [`CommandError::Rejected`] when the aggregate refuses; [`CommandError::Conflict`] after
+    /// `max_attempts` expected-version conflicts; store / decode errors otherwise. Nothing is
+    /// written on error.
+    pub async fn execute<A>(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        services: &A::Services,
+        meta: &CommandMeta,
+    ) -> Result<Outcome, CommandError>
+    where
+        A: Aggregate<Event = Event, Error = DomainError>,
+        A::Command: Clone,
+    {
+        let span = tracing::info_span!(
+            "command",
+            aggregate_type = A::TYPE,
+            aggregate_id = %id,
+            command_id = %meta.command_id,
+            correlation_id = %meta.correlation_id,
+            actor = %meta.actor,
+        );
+        async move {
+            for attempt in 1..=self.max_attempts {
+                let (mut state, version) = self.load::<A>(id).await?;
+                let sink = EventSink::default();
+                state.handle(command.clone(), services, &sink).await?;
+                let events = sink.collect().await;
+                if events.is_empty() {
+                    return Ok(Outcome {
+                        aggregate_type: A::TYPE,
+                        aggregate_id: id,
+                        events: vec![],
+                        version,
+                    });
+                }
+                let new: Vec<NewEvent> = events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, event)| NewEvent {
+                        event_id: Uuid::new_v4(),
+                        aggregate_type: A::TYPE.to_string(),
+                        aggregate_id: id,
+                        sequence: version + 1 + i as u64,
+                        event,
+                        metadata: meta.metadata(),
+                    })
+                    .collect();
+                match self.store.append(A::TYPE, id, version, new).await {
+                    Ok(committed) => {
+                        metrics::counter!("tektree_commands_total", "aggregate" => A::TYPE, "result" => "committed").increment(1);
+                        let version = committed.last().map(|e| e.sequence).unwrap_or(version);
+                        return Ok(Outcome {
+                            aggregate_type: A::TYPE,
+                            aggregate_id: id,
+                            events: committed,
+                            version,
+                        });
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        tracing::debug!(attempt, "expected-version conflict; retrying");
+                        metrics::counter!("tektree_command_conflicts_total", "aggregate" => A::TYPE).increment(1);
+                        // Back off a little, growing with the attempt, to let the winner finish.
+                        tokio::time::sleep(std::time::Duration::from_millis(
+                            (attempt as u64) * (1 + rand_jitter(id, attempt)),
+                        ))
+                        .await;
+                    }
+                    Err(e) => return Err(CommandError::Store(e)),
+                }
+            }
+            Err(CommandError::Conflict {
+                aggregate: format!("{}/{id}", A::TYPE),
+                attempts: self.max_attempts,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// A cheap deterministic jitter of 0..=4 ms from the aggregate id and attempt (no RNG dependency).
+fn rand_jitter(id: Uuid, attempt: u32) -> u64 {
+    let b = id.as_bytes();
+    (b[(attempt as usize) % 16] as u64 + std::process::id() as u64) % 5
+}
