@@ -161,7 +161,13 @@ fn leaderboard(event: &Event) -> Vec<Change> {
         return vec![];
     };
     let mut boards = vec!["all-time".to_string(), weekly_board(e.source_occurred_at)];
-    boards.extend(e.tags.iter().map(|t| format!("tag:{t}")));
+    for tag in &e.tags {
+        let board = format!("tag:{tag}");
+        // A repeated tag must not credit its board twice.
+        if !boards.contains(&board) {
+            boards.push(board);
+        }
+    }
     boards
         .into_iter()
         .map(|board| Change::Leaderboard {
@@ -246,6 +252,301 @@ fn content(event: &Event) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tektree_domain::events::{
+        AnswerAccepted, AnswerSubmitted, ContentVoted, LevelUp, QuestionPosted, QuotaExceeded,
+        SubscriptionCreated, UsageRecorded, XpEarned,
+    };
+    use tektree_domain::{Actor, EventMetadata, NewEvent, VoteDirection};
+
+    fn envelope(event: &Event, aggregate_id: Uuid) -> EventEnvelope {
+        NewEvent {
+            event_id: Uuid::new_v4(),
+            aggregate_type: event.aggregate_type().into(),
+            aggregate_id,
+            sequence: 1,
+            event: event.clone(),
+            metadata: EventMetadata {
+                occurred_at: "2024-05-01T12:00:00Z".parse().unwrap(),
+                correlation_id: Uuid::new_v4(),
+                causation_id: Uuid::new_v4(),
+                actor: Actor::System("test".into()),
+            },
+        }
+        .into_envelope(1, "2024-05-01T12:00:01Z".parse().unwrap())
+    }
+
+    fn all(event: &Event, aggregate_id: Uuid) -> Vec<(&'static str, Vec<Change>)> {
+        let env = envelope(event, aggregate_id);
+        PROJECTIONS
+            .iter()
+            .map(|p| (*p, project(p, &env, event)))
+            .filter(|(_, c)| !c.is_empty())
+            .collect()
+    }
+
+    fn vote(up: bool, previous: Option<VoteDirection>, content_id: Uuid) -> Event {
+        let v = ContentVoted {
+            content_id,
+            voter_id: Uuid::new_v4(),
+            previous,
+            content_author_id: Some(Uuid::new_v4()),
+            tags: vec!["rust".into()],
+        };
+        if up {
+            Event::ContentUpvoted(v)
+        } else {
+            Event::ContentDownvoted(v)
+        }
+    }
+
+    fn votes(c: &[(&str, Vec<Change>)]) -> (i64, i64) {
+        match c {
+            [("content", changes)] => match changes.as_slice() {
+                [Change::Content(d)] => (d.upvotes, d.downvotes),
+                other => panic!("unexpected {other:?}"),
+            },
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn votes_only_touch_content_and_replacement_moves_the_vote() {
+        let id = Uuid::new_v4();
+        assert_eq!(votes(&all(&vote(true, None, id), id)), (1, 0));
+        assert_eq!(votes(&all(&vote(false, None, id), id)), (0, 1));
+        assert_eq!(
+            votes(&all(&vote(true, Some(VoteDirection::Down), id), id)),
+            (1, -1)
+        );
+        assert_eq!(
+            votes(&all(&vote(false, Some(VoteDirection::Up), id), id)),
+            (-1, 1)
+        );
+        assert_eq!(
+            votes(&all(&vote(true, Some(VoteDirection::Up), id), id)),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn answers_increment_their_question_and_the_author() {
+        let (q, a, author) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let e = Event::AnswerSubmitted(AnswerSubmitted {
+            answer_id: a,
+            question_id: q,
+            author_id: Some(author),
+            body: "b".into(),
+            tags: vec!["rust".into()],
+        });
+        let env = envelope(&e, a);
+        assert_eq!(
+            project("content", &env, &e),
+            vec![
+                Change::Content(ContentDelta {
+                    content_id: a,
+                    kind: Some("answer"),
+                    question_id: Some(q),
+                    author_id: Some(author),
+                    ..Default::default()
+                }),
+                Change::Content(ContentDelta {
+                    content_id: q,
+                    answers: 1,
+                    ..Default::default()
+                }),
+            ]
+        );
+        assert_eq!(
+            project("xp", &env, &e),
+            vec![Change::Xp {
+                user_id: author,
+                xp: 0,
+                questions: 0,
+                answers: 1,
+                accepted_answers: 0
+            }]
+        );
+        assert!(project("leaderboard", &env, &e).is_empty());
+        assert!(project("quota", &env, &e).is_empty());
+    }
+
+    #[test]
+    fn authorless_content_gives_no_xp_row() {
+        let q = Uuid::new_v4();
+        let e = Event::QuestionPosted(QuestionPosted {
+            question_id: q,
+            author_id: None,
+            title: "t".into(),
+            body: String::new(),
+            tags: vec![],
+        });
+        let changes = all(&e, q);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].0, "content");
+    }
+
+    #[test]
+    fn accept_sets_the_question_and_credits_the_answer_author() {
+        let (q, a, qa, aa) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        let e = Event::AnswerAccepted(AnswerAccepted {
+            question_id: q,
+            answer_id: a,
+            question_author_id: Some(qa),
+            answer_author_id: Some(aa),
+            tags: vec![],
+        });
+        assert_eq!(
+            all(&e, q),
+            vec![
+                (
+                    "xp",
+                    vec![Change::Xp {
+                        user_id: aa,
+                        xp: 0,
+                        questions: 0,
+                        answers: 0,
+                        accepted_answers: 1
+                    }]
+                ),
+                (
+                    "content",
+                    vec![Change::Content(ContentDelta {
+                        content_id: q,
+                        accepted_answer_id: Some(a),
+                        ..Default::default()
+                    })]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn xp_earned_credits_all_time_weekly_and_each_distinct_tag_board() {
+        let user = Uuid::new_v4();
+        let e = Event::XpEarned(XpEarned {
+            user_id: user,
+            amount: -2,
+            source_event_id: Uuid::new_v4(),
+            source_event_type: "knowledge.content.downvoted".into(),
+            source_occurred_at: "2024-01-01T00:00:00Z".parse().unwrap(),
+            tags: vec!["rust".into(), "sql".into(), "rust".into()],
+            total_xp: 8,
+        });
+        let env = envelope(&e, user);
+        let boards: Vec<(String, i64)> = project("leaderboard", &env, &e)
+            .into_iter()
+            .map(|c| match c {
+                Change::Leaderboard { board, user_id, xp } => {
+                    assert_eq!(user_id, user);
+                    (board, xp)
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            boards,
+            vec![
+                ("all-time".to_string(), -2),
+                ("weekly:2024-W01".to_string(), -2),
+                ("tag:rust".to_string(), -2),
+                ("tag:sql".to_string(), -2),
+            ]
+        );
+        assert_eq!(
+            project("xp", &env, &e),
+            vec![Change::Xp {
+                user_id: user,
+                xp: -2,
+                questions: 0,
+                answers: 0,
+                accepted_answers: 0
+            }]
+        );
+        assert!(project("content", &env, &e).is_empty());
+    }
+
+    #[test]
+    fn subscription_events_feed_only_the_quota_model() {
+        let user = Uuid::new_v4();
+        let created = Event::SubscriptionCreated(SubscriptionCreated {
+            user_id: user,
+            tier: Tier::Pro,
+        });
+        let usage = Event::UsageRecorded(UsageRecorded {
+            user_id: user,
+            period: "2024-05".into(),
+            source_event_id: Uuid::new_v4(),
+            source_event_type: "knowledge.question.posted".into(),
+            tier: Tier::Pro,
+            used: 3,
+            limit: Some(1000),
+        });
+        let exceeded = Event::QuotaExceeded(QuotaExceeded {
+            user_id: user,
+            period: "2024-05".into(),
+            tier: Tier::Pro,
+            used: 1001,
+            limit: 1000,
+        });
+        assert_eq!(
+            all(&created, user),
+            vec![(
+                "quota",
+                vec![Change::Tier {
+                    user_id: user,
+                    tier: Tier::Pro
+                }]
+            )]
+        );
+        assert_eq!(
+            all(&usage, user),
+            vec![(
+                "quota",
+                vec![Change::Usage {
+                    user_id: user,
+                    period: "2024-05".into(),
+                    tier: Tier::Pro,
+                    used: 3,
+                    limit: Some(1000)
+                }]
+            )]
+        );
+        assert_eq!(
+            all(&exceeded, user),
+            vec![(
+                "quota",
+                vec![Change::QuotaExceeded {
+                    user_id: user,
+                    period: "2024-05".into()
+                }]
+            )]
+        );
+    }
+
+    #[test]
+    fn ignored_events_and_unknown_projections_give_nothing() {
+        let user = Uuid::new_v4();
+        let e = Event::LevelUp(LevelUp {
+            user_id: user,
+            from_level: 1,
+            to_level: 2,
+            total_xp: 100,
+        });
+        assert!(all(&e, user).is_empty());
+        let q = Event::QuestionPosted(QuestionPosted {
+            question_id: user,
+            author_id: Some(user),
+            title: "t".into(),
+            body: String::new(),
+            tags: vec![],
+        });
+        assert!(project("policy.gamification", &envelope(&q, user), &q).is_empty());
+    }
 
     #[test]
     fn iso_week_boards_use_the_iso_year() {

@@ -120,12 +120,14 @@ pub trait ReadModelStore: Send + Sync + 'static {
     ) -> Result<Vec<LeaderboardRow>, ReadModelError>;
 
     /// The rank of one user on `board` (`None` if the user has no entry on it).
-    async fn rank(&self, board: &str, user_id: Uuid)
-        -> Result<Option<LeaderboardRow>, ReadModelError>;
+    async fn rank(
+        &self,
+        board: &str,
+        user_id: Uuid,
+    ) -> Result<Option<LeaderboardRow>, ReadModelError>;
 
     /// Quota row of one user for `period` (`YYYY-MM`).
-    async fn quota(&self, user_id: Uuid, period: &str)
-        -> Result<Option<QuotaRow>, ReadModelError>;
+    async fn quota(&self, user_id: Uuid, period: &str) -> Result<Option<QuotaRow>, ReadModelError>;
 
     /// Content row of one question or answer.
     async fn content(&self, content_id: Uuid) -> Result<Option<ContentRow>, ReadModelError>;

@@ -1,1 +1,1169 @@
-//! placeholder
+//! [`SqliteReadModels`]: the embedded SQLite adapter of [`ReadModelStore`].
+//!
+//! The design is documented on the type.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use tektree_domain::{level_for_xp, Tier};
+use uuid::Uuid;
+
+use crate::{
+    ApplyOutcome, Change, Checkpoint, ContentDelta, ContentRow, EventKey, LeaderboardRow, QuotaRow,
+    ReadModel, ReadModelError, ReadModelStore, XpRow, PROJECTIONS,
+};
+
+/// How long a statement waits for another connection's lock before failing with
+/// [`ReadModelError::Backend`].
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Schema of the read models and consumer bookkeeping; idempotent.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS rm_xp (
+    user_id          TEXT    NOT NULL PRIMARY KEY,
+    xp               INTEGER NOT NULL DEFAULT 0,
+    questions        INTEGER NOT NULL DEFAULT 0,
+    answers          INTEGER NOT NULL DEFAULT 0,
+    accepted_answers INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS rm_leaderboard (
+    board   TEXT    NOT NULL,
+    user_id TEXT    NOT NULL,
+    xp      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (board, user_id)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS rm_leaderboard_rank
+    ON rm_leaderboard (board, xp DESC, user_id ASC);
+
+CREATE TABLE IF NOT EXISTS rm_content (
+    content_id         TEXT    NOT NULL PRIMARY KEY,
+    kind               TEXT,
+    question_id        TEXT,
+    author_id          TEXT,
+    upvotes            INTEGER NOT NULL DEFAULT 0,
+    downvotes          INTEGER NOT NULL DEFAULT 0,
+    answer_count       INTEGER NOT NULL DEFAULT 0,
+    comment_count      INTEGER NOT NULL DEFAULT 0,
+    accepted_answer_id TEXT
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS rm_quota (
+    user_id     TEXT    NOT NULL,
+    period      TEXT    NOT NULL,
+    tier        TEXT    NOT NULL,
+    used        INTEGER NOT NULL DEFAULT 0,
+    limit_units INTEGER NULL,
+    exceeded    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, period)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS rm_tier (
+    user_id TEXT NOT NULL PRIMARY KEY,
+    tier    TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS consumer_guard (
+    consumer       TEXT    NOT NULL,
+    aggregate_type TEXT    NOT NULL,
+    aggregate_id   TEXT    NOT NULL,
+    last_sequence  INTEGER NOT NULL,
+    PRIMARY KEY (consumer, aggregate_type, aggregate_id)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS consumer_checkpoint (
+    consumer   TEXT    NOT NULL PRIMARY KEY,
+    checkpoint INTEGER NOT NULL DEFAULT 0,
+    applied    INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS consumer_applied (
+    consumer TEXT    NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (consumer, position)
+) WITHOUT ROWID;
+";
+
+/// One page of a board, best first, from the ranking index.
+const SQL_PAGE: &str = "SELECT user_id, xp FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+    WHERE board = ?1 ORDER BY xp DESC, user_id ASC LIMIT ?2 OFFSET ?3";
+
+/// Every board's entries, ordered by board then rank, from the ranking index.
+const SQL_EXPORT_LEADERBOARD: &str = "SELECT board, user_id, xp
+    FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+    ORDER BY board, xp DESC, user_id ASC LIMIT ?1 OFFSET ?2";
+
+/// Entries of a board ahead of `(xp, user_id)`, counted on the ranking index (two range scans).
+const SQL_AHEAD: &str = "SELECT
+    (SELECT COUNT(*) FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+        WHERE board = ?1 AND xp > ?2)
+  + (SELECT COUNT(*) FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+        WHERE board = ?1 AND xp = ?2 AND user_id < ?3)";
+
+/// Usage record upsert: `used` is a maximum; tier and limit come from the record that is
+/// greatest in `(used, tier, limit)` order (NULL limit lowest), which makes the upsert
+/// commutative and idempotent.
+const SQL_USAGE: &str = "INSERT INTO rm_quota (user_id, period, tier, used, limit_units, exceeded)
+    VALUES (?1, ?2, ?3, ?4, ?5, 0)
+    ON CONFLICT (user_id, period) DO UPDATE SET
+        tier = CASE
+            WHEN (excluded.used, excluded.tier, COALESCE(excluded.limit_units, -1))
+               > (used, tier, COALESCE(limit_units, -1))
+            THEN excluded.tier ELSE tier END,
+        limit_units = CASE
+            WHEN (excluded.used, excluded.tier, COALESCE(excluded.limit_units, -1))
+               > (used, tier, COALESCE(limit_units, -1))
+            THEN excluded.limit_units ELSE limit_units END,
+        used = MAX(used, excluded.used)";
+
+/// Quota exceeded: sets the flag, creating a placeholder row (used 0, current tier, unknown
+/// limit) when no usage of the period arrived yet.
+const SQL_EXCEEDED: &str =
+    "INSERT INTO rm_quota (user_id, period, tier, used, limit_units, exceeded)
+    VALUES (?1, ?2, COALESCE((SELECT tier FROM rm_tier WHERE user_id = ?1), 'free'), 0, NULL, 1)
+    ON CONFLICT (user_id, period) DO UPDATE SET exceeded = 1";
+
+const SQL_CONTENT: &str = "INSERT INTO rm_content (content_id, kind, question_id, author_id,
+        upvotes, downvotes, answer_count, comment_count, accepted_answer_id)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+    ON CONFLICT (content_id) DO UPDATE SET
+        kind = COALESCE(kind, excluded.kind),
+        question_id = COALESCE(question_id, excluded.question_id),
+        author_id = COALESCE(author_id, excluded.author_id),
+        upvotes = upvotes + excluded.upvotes,
+        downvotes = downvotes + excluded.downvotes,
+        answer_count = answer_count + excluded.answer_count,
+        comment_count = comment_count + excluded.comment_count,
+        accepted_answer_id = COALESCE(accepted_answer_id, excluded.accepted_answer_id)";
+
+const SQL_XP: &str = "INSERT INTO rm_xp (user_id, xp, questions, answers, accepted_answers)
+    VALUES (?1, ?2, ?3, ?4, ?5)
+    ON CONFLICT (user_id) DO UPDATE SET
+        xp = xp + excluded.xp,
+        questions = questions + excluded.questions,
+        answers = answers + excluded.answers,
+        accepted_answers = accepted_answers + excluded.accepted_answers";
+
+const SQL_LEADERBOARD: &str = "INSERT INTO rm_leaderboard (board, user_id, xp) VALUES (?1, ?2, ?3)
+    ON CONFLICT (board, user_id) DO UPDATE SET xp = xp + excluded.xp";
+
+const SQL_TIER: &str = "INSERT INTO rm_tier (user_id, tier) VALUES (?1, ?2)
+    ON CONFLICT (user_id) DO UPDATE SET tier = excluded.tier";
+
+const SQL_CONTENT_COLUMNS: &str = "content_id, kind, question_id, author_id, upvotes, downvotes,
+    answer_count, comment_count, accepted_answer_id";
+
+/// Read models and consumer checkpoints in a SQLite file.
+///
+/// Cheap to clone: clones share the two connections.
+///
+/// ## File and tables
+/// The read models live in the **same SQLite file** as the event store's `events` and `outbox`
+/// tables (owned by `tektree-event-store`). This adapter only creates and touches tables
+/// prefixed `rm_` (read models) and `consumer_` (sequence guards and checkpoints):
+///
+/// | table | key | content |
+/// |---|---|---|
+/// | `rm_xp` | `user_id` | `xp`, `questions`, `answers`, `accepted_answers` |
+/// | `rm_leaderboard` | `(board, user_id)` | `xp`; index `(board, xp DESC, user_id ASC)` |
+/// | `rm_content` | `content_id` | `kind`, `question_id`, `author_id`, vote/answer/comment counters, `accepted_answer_id` |
+/// | `rm_quota` | `(user_id, period)` | `tier`, `used`, `limit_units` (`NULL` = unlimited or not known yet), `exceeded` |
+/// | `rm_tier` | `user_id` | current `tier` |
+/// | `consumer_guard` | `(consumer, aggregate_type, aggregate_id)` | `last_sequence` |
+/// | `consumer_checkpoint` | `consumer` | `checkpoint` (low-water mark), `applied` (count) |
+/// | `consumer_applied` | `(consumer, position)` | positions applied above the checkpoint |
+///
+/// Ids are stored as lowercase hyphenated UUID text, which sorts like the UUID bytes (and
+/// like [`Uuid`]'s `Ord`).
+///
+/// ## Concurrency
+/// Every connection runs in WAL mode with `synchronous = FULL` and a 10 s busy timeout. Every
+/// write is one `BEGIN IMMEDIATE` transaction, so several OS processes (server, replay CLI,
+/// workers) may share the file: writers queue on SQLite's write lock, readers never block.
+/// One handle holds a writer and a reader connection (each behind a mutex); all SQLite work
+/// runs on [`tokio::task::spawn_blocking`].
+///
+/// ## Checkpoint
+/// After applying position `p` the adapter records `p` in `consumer_applied`, then, while
+/// `checkpoint + 1` is recorded there, deletes it and advances the checkpoint. This relies on
+/// **global positions being gap-free**, which holds for the SQLite event store: positions are
+/// assigned inside the appending transaction, so a rolled-back append releases its positions
+/// and every committed position `1..=head` exists. With a single worker applying in position
+/// order `consumer_applied` stays empty (the new position is `checkpoint + 1` and is folded in
+/// directly); with several workers it holds only the positions applied ahead of a slower one.
+///
+/// ## Commutativity
+/// Every change is an upsert that commutes with changes from other aggregates: counters add
+/// deltas; content facts (`kind`, `question_id`, `author_id`, `accepted_answer_id`) are set with
+/// `COALESCE` (each is written by a single aggregate's events only); quota rows keep the
+/// maximum `used` and take `tier`/`limit` from the usage record with the highest `used` (ties
+/// broken by tier name, then limit, so that the result is a maximum over a total order), and
+/// `exceeded` is an `OR`. A `payment.quota.exceeded` for a period without a row yet creates it
+/// with `used = 0`, the user's tier from `rm_tier` (or `free`) and an unknown (`NULL`) limit;
+/// any later usage record of the period replaces those, so the final row does not depend on
+/// whether the usage or the exceeded event came first.
+///
+/// ## Queries
+/// - A leaderboard page reads the ranking index from `(board, offset)`; a user's rank is
+///   `1 +` the entries of the board ahead of them (more XP, or equal XP and a smaller user
+///   id), counted with two range scans of the same index, never a scan of other boards.
+/// - [`ReadModelStore::quota`] returns `None` when the user has no row for the period, even if
+///   `rm_tier` knows their tier (the caller can derive an empty period from its rules).
+/// - [`ReadModelStore::export`] pages each model in key order: `user_id` (xp),
+///   `(board, rank)` (leaderboard), `(user_id, period)` (quota), `content_id` (content).
+/// - Reads that take several statements (rank, export) run in one read transaction, so they
+///   see one snapshot.
+///
+/// A consumer's checkpoint only advances over positions it applied, so every consumer must
+/// apply every event (with no changes for the ones it ignores), as [`ReadModelStore::apply`]
+/// prescribes.
+#[derive(Clone)]
+pub struct SqliteReadModels {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteReadModels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteReadModels")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> ReadModelError {
+    ReadModelError::Backend(e.to_string())
+}
+
+/// Converts a `u64` argument to SQLite's `INTEGER`.
+fn int(v: u64, what: &str) -> Result<i64, ReadModelError> {
+    i64::try_from(v).map_err(|_| ReadModelError::Invalid(format!("{what} {v} is out of range")))
+}
+
+fn tier_from_str(s: &str) -> Option<Tier> {
+    [Tier::Free, Tier::Pro, Tier::Team, Tier::Enterprise]
+        .into_iter()
+        .find(|t| t.as_str() == s)
+}
+
+fn conversion(
+    idx: usize,
+    ty: Type,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, ty, Box::new(e))
+}
+
+/// A UUID stored as text.
+fn uuid_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<Uuid> {
+    let s: String = row.get(idx)?;
+    Uuid::parse_str(&s).map_err(|e| conversion(idx, Type::Text, e))
+}
+
+/// An optional UUID stored as text.
+fn opt_uuid_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Uuid>> {
+    let s: Option<String> = row.get(idx)?;
+    s.map(|s| Uuid::parse_str(&s).map_err(|e| conversion(idx, Type::Text, e)))
+        .transpose()
+}
+
+/// A tier stored as its lower-case name.
+fn tier_at(row: &Row<'_>, idx: usize) -> rusqlite::Result<Tier> {
+    let s: String = row.get(idx)?;
+    tier_from_str(&s).ok_or_else(|| {
+        conversion(
+            idx,
+            Type::Text,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unknown tier {s:?}"),
+            ),
+        )
+    })
+}
+
+fn xp_row(row: &Row<'_>) -> rusqlite::Result<XpRow> {
+    let xp: i64 = row.get(1)?;
+    Ok(XpRow {
+        user_id: uuid_at(row, 0)?,
+        xp,
+        level: level_for_xp(xp),
+        questions: row.get(2)?,
+        answers: row.get(3)?,
+        accepted_answers: row.get(4)?,
+    })
+}
+
+fn quota_row(row: &Row<'_>) -> rusqlite::Result<QuotaRow> {
+    Ok(QuotaRow {
+        user_id: uuid_at(row, 0)?,
+        period: row.get(1)?,
+        tier: tier_at(row, 2)?,
+        used: row.get(3)?,
+        limit: row.get(4)?,
+        exceeded: row.get(5)?,
+    })
+}
+
+fn content_row(row: &Row<'_>) -> rusqlite::Result<ContentRow> {
+    let upvotes: i64 = row.get(4)?;
+    let downvotes: i64 = row.get(5)?;
+    Ok(ContentRow {
+        content_id: uuid_at(row, 0)?,
+        kind: row.get(1)?,
+        question_id: opt_uuid_at(row, 2)?,
+        author_id: opt_uuid_at(row, 3)?,
+        score: upvotes - downvotes,
+        upvotes,
+        downvotes,
+        answer_count: row.get(6)?,
+        comment_count: row.get(7)?,
+        accepted_answer_id: opt_uuid_at(row, 8)?,
+    })
+}
+
+/// Opens one connection with the adapter's pragmas.
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("cannot switch to WAL journal mode (got {mode:?})")),
+        ));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// Opens the writer and reader connections and creates the missing tables.
+fn open_connections(path: &Path) -> rusqlite::Result<(Connection, Connection)> {
+    let mut writer = connect(path)?;
+    let tx = writer.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(SCHEMA)?;
+    tx.commit()?;
+    let reader = connect(path)?;
+    Ok((writer, reader))
+}
+
+/// `SQLITE_BUSY` / `SQLITE_LOCKED`.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+impl SqliteReadModels {
+    /// Opens (creating if needed) the SQLite file at `path` and creates the `rm_*` and
+    /// `consumer_*` tables that are missing. Other tables in the file are left alone.
+    ///
+    /// Blocks on file I/O (and on another process's write lock, up to the busy timeout); call
+    /// it at start-up or inside [`tokio::task::spawn_blocking`].
+    ///
+    /// # Errors
+    /// [`ReadModelError::Invalid`] for an in-memory path (`:memory:`: the handle's two
+    /// connections must see the same database); [`ReadModelError::Backend`] when the file
+    /// cannot be opened, switched to WAL or migrated.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ReadModelError> {
+        let path = path.as_ref().to_path_buf();
+        if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" {
+            return Err(ReadModelError::Invalid(
+                "the read-model store needs a file path, not an in-memory database".into(),
+            ));
+        }
+        // While another process creates the file or switches it to WAL, SQLite can report
+        // SQLITE_BUSY without waiting on the busy handler; retry for up to the busy timeout.
+        let started = std::time::Instant::now();
+        let (writer, reader) = loop {
+            match open_connections(&path) {
+                Ok(c) => break c,
+                Err(e) if is_busy(&e) && started.elapsed() < BUSY_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(ReadModelError::Backend(format!("{}: {e}", path.display()))),
+            }
+        };
+        Ok(SqliteReadModels {
+            inner: Arc::new(Inner {
+                path,
+                writer: Mutex::new(writer),
+                reader: Mutex::new(reader),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on the writer (`write`) or reader connection on the blocking pool.
+    async fn run<T, F>(&self, write: bool, f: F) -> Result<T, ReadModelError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, ReadModelError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mutex = if write { &inner.writer } else { &inner.reader };
+            let mut conn = mutex.lock().unwrap_or_else(PoisonError::into_inner);
+            if !conn.is_autocommit() {
+                // A panic unwound through an open transaction; drop its work.
+                conn.execute_batch("ROLLBACK").map_err(backend)?;
+            }
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| ReadModelError::Backend(format!("read-model task failed: {e}")))?
+    }
+}
+
+/// The consumer's checkpoint row, kept in memory during one batch.
+struct Progress {
+    checkpoint: i64,
+    applied: i64,
+    dirty: bool,
+}
+
+impl Progress {
+    fn load(tx: &Transaction<'_>, consumer: &str) -> rusqlite::Result<Self> {
+        let row = tx
+            .prepare_cached(
+                "SELECT checkpoint, applied FROM consumer_checkpoint WHERE consumer = ?1",
+            )?
+            .query_row([consumer], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (checkpoint, applied) = row.unwrap_or((0, 0));
+        Ok(Progress {
+            checkpoint,
+            applied,
+            dirty: false,
+        })
+    }
+
+    /// Records that `position` was applied and advances the low-water mark.
+    fn record(
+        &mut self,
+        tx: &Transaction<'_>,
+        consumer: &str,
+        position: i64,
+    ) -> rusqlite::Result<()> {
+        self.applied += 1;
+        self.dirty = true;
+        if position <= self.checkpoint {
+            // Only possible if positions were reused; nothing to track.
+            return Ok(());
+        }
+        if position == self.checkpoint + 1 {
+            // The common in-order case: fold in directly instead of insert + delete.
+            self.checkpoint = position;
+        } else {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO consumer_applied (consumer, position) VALUES (?1, ?2)",
+            )?
+            .execute(params![consumer, position])?;
+        }
+        let mut next = tx
+            .prepare_cached("DELETE FROM consumer_applied WHERE consumer = ?1 AND position = ?2")?;
+        while next.execute(params![consumer, self.checkpoint + 1])? == 1 {
+            self.checkpoint += 1;
+        }
+        Ok(())
+    }
+
+    fn save(&self, tx: &Transaction<'_>, consumer: &str) -> rusqlite::Result<()> {
+        if self.dirty {
+            tx.prepare_cached(
+                "INSERT INTO consumer_checkpoint (consumer, checkpoint, applied) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (consumer) DO UPDATE SET
+                     checkpoint = excluded.checkpoint, applied = excluded.applied",
+            )?
+            .execute(params![consumer, self.checkpoint, self.applied])?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies one read-model change inside the batch transaction.
+fn apply_change(tx: &Transaction<'_>, change: &Change) -> Result<(), ReadModelError> {
+    let n = match change {
+        Change::Xp {
+            user_id,
+            xp,
+            questions,
+            answers,
+            accepted_answers,
+        } => tx.prepare_cached(SQL_XP).and_then(|mut s| {
+            s.execute(params![
+                user_id.to_string(),
+                xp,
+                questions,
+                answers,
+                accepted_answers
+            ])
+        }),
+        Change::Leaderboard { board, user_id, xp } => tx
+            .prepare_cached(SQL_LEADERBOARD)
+            .and_then(|mut s| s.execute(params![board, user_id.to_string(), xp])),
+        Change::Content(ContentDelta {
+            content_id,
+            kind,
+            question_id,
+            author_id,
+            upvotes,
+            downvotes,
+            answers,
+            comments,
+            accepted_answer_id,
+        }) => tx.prepare_cached(SQL_CONTENT).and_then(|mut s| {
+            s.execute(params![
+                content_id.to_string(),
+                kind,
+                question_id.map(|u| u.to_string()),
+                author_id.map(|u| u.to_string()),
+                upvotes,
+                downvotes,
+                answers,
+                comments,
+                accepted_answer_id.map(|u| u.to_string()),
+            ])
+        }),
+        Change::Usage {
+            user_id,
+            period,
+            tier,
+            used,
+            limit,
+        } => {
+            let used = int(*used, "used")?;
+            let limit = limit.map(|l| int(l, "limit")).transpose()?;
+            tx.prepare_cached(SQL_USAGE).and_then(|mut s| {
+                s.execute(params![
+                    user_id.to_string(),
+                    period,
+                    tier.as_str(),
+                    used,
+                    limit
+                ])
+            })
+        }
+        Change::QuotaExceeded { user_id, period } => tx
+            .prepare_cached(SQL_EXCEEDED)
+            .and_then(|mut s| s.execute(params![user_id.to_string(), period])),
+        Change::Tier { user_id, tier } => tx
+            .prepare_cached(SQL_TIER)
+            .and_then(|mut s| s.execute(params![user_id.to_string(), tier.as_str()])),
+    };
+    n.map(drop).map_err(backend)
+}
+
+/// One key converted for SQLite.
+struct Key {
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    position: i64,
+}
+
+fn check_items(
+    consumer: &str,
+    items: &[(EventKey, Vec<Change>)],
+) -> Result<Vec<Key>, ReadModelError> {
+    if consumer.is_empty() {
+        return Err(ReadModelError::Invalid("empty consumer name".into()));
+    }
+    items
+        .iter()
+        .map(|(k, _)| {
+            if k.sequence == 0 || k.position == 0 {
+                return Err(ReadModelError::Invalid(format!(
+                    "event {}/{} has sequence {} and position {}; both start at 1",
+                    k.aggregate_type, k.aggregate_id, k.sequence, k.position
+                )));
+            }
+            Ok(Key {
+                aggregate_type: k.aggregate_type.clone(),
+                aggregate_id: k.aggregate_id.to_string(),
+                sequence: int(k.sequence, "sequence")?,
+                position: int(k.position, "position")?,
+            })
+        })
+        .collect()
+}
+
+/// The whole batch in one `BEGIN IMMEDIATE` transaction.
+fn apply_batch(
+    conn: &mut Connection,
+    consumer: &str,
+    keys: &[Key],
+    changes: &[Vec<Change>],
+) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    let mut progress = Progress::load(&tx, consumer).map_err(backend)?;
+    let mut outcomes = Vec::with_capacity(keys.len());
+    for (key, changes) in keys.iter().zip(changes) {
+        let last: i64 = tx
+            .prepare_cached(
+                "SELECT last_sequence FROM consumer_guard
+                 WHERE consumer = ?1 AND aggregate_type = ?2 AND aggregate_id = ?3",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![consumer, key.aggregate_type, key.aggregate_id],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .map_err(backend)?
+            .unwrap_or(0);
+        if key.sequence <= last {
+            outcomes.push(ApplyOutcome::Duplicate);
+            continue;
+        }
+        if key.sequence > last + 1 {
+            outcomes.push(ApplyOutcome::Gap {
+                expected: (last + 1) as u64,
+            });
+            continue;
+        }
+        for change in changes {
+            apply_change(&tx, change)?;
+        }
+        tx.prepare_cached(
+            "INSERT INTO consumer_guard (consumer, aggregate_type, aggregate_id, last_sequence)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (consumer, aggregate_type, aggregate_id)
+             DO UPDATE SET last_sequence = excluded.last_sequence",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                consumer,
+                key.aggregate_type,
+                key.aggregate_id,
+                key.sequence
+            ])
+        })
+        .map_err(backend)?;
+        progress
+            .record(&tx, consumer, key.position)
+            .map_err(backend)?;
+        outcomes.push(ApplyOutcome::Applied);
+    }
+    progress.save(&tx, consumer).map_err(backend)?;
+    tx.commit().map_err(backend)?;
+    Ok(outcomes)
+}
+
+/// Number of entries of `board` ranked ahead of `(xp, user_id)`.
+fn ahead(conn: &Connection, board: &str, xp: i64, user_id: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached(SQL_AHEAD)?
+        .query_row(params![board, xp, user_id], |r| r.get(0))
+}
+
+fn export_rows(
+    conn: &mut Connection,
+    model: ReadModel,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<serde_json::Value>, ReadModelError> {
+    fn json<T: serde::Serialize>(rows: Vec<T>) -> Result<Vec<serde_json::Value>, ReadModelError> {
+        rows.into_iter()
+            .map(|r| serde_json::to_value(r).map_err(backend))
+            .collect()
+    }
+    let tx = conn.transaction().map_err(backend)?;
+    let rows = match model {
+        ReadModel::Xp => json(
+            tx.prepare_cached(
+                "SELECT user_id, xp, questions, answers, accepted_answers FROM rm_xp
+                 ORDER BY user_id LIMIT ?1 OFFSET ?2",
+            )
+            .and_then(|mut s| s.query_map([limit, offset], xp_row)?.collect())
+            .map_err(backend)?,
+        )?,
+        ReadModel::Quota => json(
+            tx.prepare_cached(
+                "SELECT user_id, period, tier, used, limit_units, exceeded FROM rm_quota
+                 ORDER BY user_id, period LIMIT ?1 OFFSET ?2",
+            )
+            .and_then(|mut s| s.query_map([limit, offset], quota_row)?.collect())
+            .map_err(backend)?,
+        )?,
+        ReadModel::Content => json(
+            tx.prepare_cached(&format!(
+                "SELECT {SQL_CONTENT_COLUMNS} FROM rm_content
+                 ORDER BY content_id LIMIT ?1 OFFSET ?2"
+            ))
+            .and_then(|mut s| s.query_map([limit, offset], content_row)?.collect())
+            .map_err(backend)?,
+        )?,
+        ReadModel::Leaderboard => {
+            // Ordered by board, then rank; each board's first rank on the page is counted on
+            // the ranking index, the following ones are consecutive.
+            let page: Vec<(String, String, i64)> = tx
+                .prepare_cached(SQL_EXPORT_LEADERBOARD)
+                .and_then(|mut s| {
+                    s.query_map([limit, offset], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect()
+                })
+                .map_err(backend)?;
+            let mut rows = Vec::with_capacity(page.len());
+            let mut prev: Option<(String, u64)> = None;
+            for (board, user, xp) in page {
+                let rank = match &prev {
+                    Some((b, r)) if *b == board => r + 1,
+                    _ => ahead(&tx, &board, xp, &user).map_err(backend)? + 1,
+                };
+                rows.push(LeaderboardRow {
+                    board: board.clone(),
+                    rank,
+                    user_id: Uuid::parse_str(&user).map_err(backend)?,
+                    xp,
+                });
+                prev = Some((board, rank));
+            }
+            json(rows)?
+        }
+    };
+    tx.finish().map_err(backend)?;
+    Ok(rows)
+}
+
+#[async_trait]
+impl ReadModelStore for SqliteReadModels {
+    async fn apply(
+        &self,
+        consumer: &str,
+        items: &[(EventKey, Vec<Change>)],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+        let keys = check_items(consumer, items)?;
+        if keys.is_empty() {
+            return Ok(vec![]);
+        }
+        let consumer = consumer.to_string();
+        let changes: Vec<Vec<Change>> = items.iter().map(|(_, c)| c.clone()).collect();
+        self.run(true, move |conn| {
+            apply_batch(conn, &consumer, &keys, &changes)
+        })
+        .await
+    }
+
+    async fn reset(&self, projection: &str) -> Result<(), ReadModelError> {
+        let tables: &[&str] = match projection {
+            "xp" => &["rm_xp"],
+            "leaderboard" => &["rm_leaderboard"],
+            "quota" => &["rm_quota", "rm_tier"],
+            "content" => &["rm_content"],
+            other => {
+                return Err(ReadModelError::Invalid(format!(
+                    "unknown projection {other:?}: expected one of {PROJECTIONS:?}"
+                )))
+            }
+        };
+        debug_assert!(PROJECTIONS.contains(&projection));
+        let consumer = projection.to_string();
+        self.run(true, move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            for table in tables {
+                tx.execute(&format!("DELETE FROM {table}"), [])
+                    .map_err(backend)?;
+            }
+            for table in ["consumer_guard", "consumer_checkpoint", "consumer_applied"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE consumer = ?1"),
+                    [&consumer],
+                )
+                .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ReadModelError> {
+        self.run(false, |conn| {
+            conn.prepare_cached(
+                "SELECT consumer, checkpoint, applied FROM consumer_checkpoint ORDER BY consumer",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok(Checkpoint {
+                        name: r.get(0)?,
+                        checkpoint: r.get(1)?,
+                        applied: r.get(2)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn user_xp(&self, user_id: Uuid) -> Result<Option<XpRow>, ReadModelError> {
+        self.run(false, move |conn| {
+            conn.prepare_cached(
+                "SELECT user_id, xp, questions, answers, accepted_answers FROM rm_xp
+                 WHERE user_id = ?1",
+            )
+            .and_then(|mut s| s.query_row([user_id.to_string()], xp_row).optional())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn leaderboard(
+        &self,
+        board: &str,
+        limit: u32,
+        offset: u64,
+    ) -> Result<Vec<LeaderboardRow>, ReadModelError> {
+        let sql_offset = int(offset, "offset")?;
+        let board = board.to_string();
+        self.run(false, move |conn| {
+            let page: Vec<(Uuid, i64)> = conn
+                .prepare_cached(SQL_PAGE)
+                .and_then(|mut s| {
+                    s.query_map(params![board, limit, sql_offset], |r| {
+                        Ok((uuid_at(r, 0)?, r.get(1)?))
+                    })?
+                    .collect()
+                })
+                .map_err(backend)?;
+            Ok(page
+                .into_iter()
+                .enumerate()
+                .map(|(i, (user_id, xp))| LeaderboardRow {
+                    board: board.clone(),
+                    rank: offset + i as u64 + 1,
+                    user_id,
+                    xp,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn rank(
+        &self,
+        board: &str,
+        user_id: Uuid,
+    ) -> Result<Option<LeaderboardRow>, ReadModelError> {
+        let board = board.to_string();
+        self.run(false, move |conn| {
+            // One read transaction: the entry and the count see the same snapshot.
+            let tx = conn.transaction().map_err(backend)?;
+            let user = user_id.to_string();
+            let xp: Option<i64> = tx
+                .prepare_cached("SELECT xp FROM rm_leaderboard WHERE board = ?1 AND user_id = ?2")
+                .and_then(|mut s| s.query_row(params![board, user], |r| r.get(0)).optional())
+                .map_err(backend)?;
+            let row = match xp {
+                None => None,
+                Some(xp) => Some(LeaderboardRow {
+                    rank: ahead(&tx, &board, xp, &user).map_err(backend)? + 1,
+                    board,
+                    user_id,
+                    xp,
+                }),
+            };
+            tx.finish().map_err(backend)?;
+            Ok(row)
+        })
+        .await
+    }
+
+    async fn quota(&self, user_id: Uuid, period: &str) -> Result<Option<QuotaRow>, ReadModelError> {
+        // A user with a tier but no usage in `period` has no row: `None` (the caller knows the
+        // tier's limit from its rules if it needs to show an empty period).
+        let period = period.to_string();
+        self.run(false, move |conn| {
+            conn.prepare_cached(
+                "SELECT user_id, period, tier, used, limit_units, exceeded FROM rm_quota
+                 WHERE user_id = ?1 AND period = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![user_id.to_string(), period], quota_row)
+                    .optional()
+            })
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn content(&self, content_id: Uuid) -> Result<Option<ContentRow>, ReadModelError> {
+        self.run(false, move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {SQL_CONTENT_COLUMNS} FROM rm_content WHERE content_id = ?1"
+            ))
+            .and_then(|mut s| {
+                s.query_row([content_id.to_string()], content_row)
+                    .optional()
+            })
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn export(
+        &self,
+        model: ReadModel,
+        offset: u64,
+        limit: u32,
+    ) -> Result<Vec<serde_json::Value>, ReadModelError> {
+        let offset = int(offset, "offset")?;
+        self.run(false, move |conn| {
+            export_rows(conn, model, offset, i64::from(limit))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteReadModels) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteReadModels::open(dir.path().join("tektree.db")).unwrap();
+        (dir, store)
+    }
+
+    fn key(aggregate_id: Uuid, sequence: u64, position: u64) -> EventKey {
+        EventKey {
+            aggregate_type: "subscription".into(),
+            aggregate_id,
+            sequence,
+            position,
+        }
+    }
+
+    fn plan(conn: &Connection, sql: &str, n: usize) -> String {
+        let mut s = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let params: Vec<i64> = vec![0; n];
+        let rows: Vec<String> = s
+            .query_map(rusqlite::params_from_iter(params), |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        rows.join("\n")
+    }
+
+    #[test]
+    fn pages_and_ranks_are_answered_from_the_ranking_index() {
+        let (_dir, store) = store();
+        let conn = store.inner.reader.lock().unwrap();
+        for (sql, n) in [(SQL_PAGE, 3), (SQL_AHEAD, 3)] {
+            let p = plan(&conn, sql, n);
+            assert!(!p.contains("TEMP B-TREE"), "{p}");
+            assert!(!p.contains("SCAN rm_leaderboard"), "{p}");
+            assert!(
+                p.contains("USING COVERING INDEX rm_leaderboard_rank (board=?"),
+                "{p}"
+            );
+        }
+        let p = plan(&conn, SQL_EXPORT_LEADERBOARD, 2);
+        assert!(!p.contains("TEMP B-TREE"), "{p}");
+        assert!(p.contains("COVERING INDEX rm_leaderboard_rank"), "{p}");
+    }
+
+    #[test]
+    fn open_creates_only_prefixed_tables_next_to_foreign_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch("CREATE TABLE events (position INTEGER PRIMARY KEY, x TEXT);")
+                .unwrap();
+        }
+        let a = SqliteReadModels::open(&path).unwrap();
+        let b = SqliteReadModels::open(&path).unwrap();
+        assert_eq!(a.path(), b.path());
+        let conn = a.inner.reader.lock().unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous = FULL");
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(tables.contains(&"events".to_string()));
+        for t in &tables {
+            assert!(
+                t == "events" || t.starts_with("rm_") || t.starts_with("consumer_"),
+                "{t}"
+            );
+        }
+        assert_eq!(tables.len(), 9);
+    }
+
+    #[test]
+    fn concurrent_opens_of_a_new_file_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh.db");
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || SqliteReadModels::open(path).map(drop))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+    }
+
+    #[test]
+    fn in_memory_paths_are_rejected() {
+        assert!(matches!(
+            SqliteReadModels::open(":memory:"),
+            Err(ReadModelError::Invalid(_))
+        ));
+    }
+
+    fn quota_row_after(changes: &[Change]) -> QuotaRow {
+        let (_dir, store) = store();
+        let mut conn = store.inner.writer.lock().unwrap();
+        let tx = conn.transaction().unwrap();
+        for c in changes {
+            apply_change(&tx, c).unwrap();
+        }
+        tx.commit().unwrap();
+        conn.query_row(
+            "SELECT user_id, period, tier, used, limit_units, exceeded FROM rm_quota",
+            [],
+            quota_row,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn quota_rows_do_not_depend_on_the_order_of_usage_and_exceeded() {
+        let user_id = Uuid::new_v4();
+        let period = "2024-05".to_string();
+        let tier = Change::Tier {
+            user_id,
+            tier: Tier::Pro,
+        };
+        let usage = |used, tier, limit| Change::Usage {
+            user_id,
+            period: period.clone(),
+            tier,
+            used,
+            limit,
+        };
+        let exceeded = Change::QuotaExceeded {
+            user_id,
+            period: period.clone(),
+        };
+        let changes = [
+            tier.clone(),
+            usage(2, Tier::Free, Some(1)),
+            usage(3, Tier::Pro, Some(1000)),
+            usage(1, Tier::Free, Some(1)),
+            exceeded.clone(),
+        ];
+        let expected = QuotaRow {
+            user_id,
+            period: period.clone(),
+            tier: Tier::Pro,
+            used: 3,
+            limit: Some(1000),
+            exceeded: true,
+        };
+        // Every rotation and the reverse of the list.
+        for r in 0..changes.len() {
+            let mut c = changes.to_vec();
+            c.rotate_left(r);
+            assert_eq!(quota_row_after(&c), expected, "rotation {r}");
+            c.reverse();
+            assert_eq!(quota_row_after(&c), expected, "reversed rotation {r}");
+        }
+        // Exceeded alone: a placeholder with the current tier, unknown limit.
+        assert_eq!(
+            quota_row_after(&[tier.clone(), exceeded.clone()]),
+            QuotaRow {
+                tier: Tier::Pro,
+                used: 0,
+                limit: None,
+                ..expected.clone()
+            }
+        );
+        assert_eq!(
+            quota_row_after(std::slice::from_ref(&exceeded)).tier,
+            Tier::Free,
+            "no tier known yet"
+        );
+        // Applying the same records twice changes nothing (max and or are idempotent).
+        let twice: Vec<Change> = changes.iter().chain(changes.iter()).cloned().collect();
+        assert_eq!(quota_row_after(&twice), expected);
+    }
+
+    fn pending(store: &SqliteReadModels, consumer: &str) -> Vec<i64> {
+        let conn = store.inner.reader.lock().unwrap();
+        let positions = conn
+            .prepare("SELECT position FROM consumer_applied WHERE consumer = ?1 ORDER BY position")
+            .unwrap()
+            .query_map([consumer], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<Vec<i64>, _>>()
+            .unwrap();
+        positions
+    }
+
+    #[tokio::test]
+    async fn applied_positions_above_the_checkpoint_are_kept_until_the_gap_closes() {
+        let (_dir, store) = store();
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        // In order: nothing is parked.
+        let items: Vec<(EventKey, Vec<Change>)> = (0..3)
+            .map(|i| (key(ids[i], 1, i as u64 + 1), vec![]))
+            .collect();
+        store.apply("c", &items).await.unwrap();
+        assert!(pending(&store, "c").is_empty());
+        // Positions 5 then 6 ahead of 4.
+        store
+            .apply("c", &[(key(ids[4], 1, 5), vec![])])
+            .await
+            .unwrap();
+        store
+            .apply("c", &[(key(ids[4], 2, 6), vec![])])
+            .await
+            .unwrap();
+        assert_eq!(pending(&store, "c"), vec![5, 6]);
+        assert_eq!(store.checkpoints().await.unwrap()[0].checkpoint, 3);
+        store
+            .apply("c", &[(key(ids[3], 1, 4), vec![])])
+            .await
+            .unwrap();
+        assert!(pending(&store, "c").is_empty());
+        let cp = &store.checkpoints().await.unwrap()[0];
+        assert_eq!((cp.checkpoint, cp.applied), (6, 6));
+    }
+}

@@ -1,0 +1,1293 @@
+//! `SqliteReadModels` on a real temporary SQLite file: the sequence guard, batch atomicity,
+//! the low-water checkpoint, leaderboard ordering, reset, and a property test that shuffled,
+//! duplicated and redelivered application equals a reference fold in position order.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use tektree_domain::events::{
+    AnswerAccepted, AnswerSubmitted, CommentAdded, ContentVoted, QuestionPosted, QuotaExceeded,
+    SubscriptionCreated, UsageRecorded, XpEarned,
+};
+use tektree_domain::{
+    level_for_xp, Actor, Event, EventEnvelope, EventMetadata, NewEvent, Tier, VoteDirection,
+};
+use tektree_projections::{
+    project, ApplyOutcome, Change, Checkpoint, ContentDelta, ContentRow, EventKey, LeaderboardRow,
+    QuotaRow, ReadModel, ReadModelError, ReadModelStore, SqliteReadModels, XpRow, PROJECTIONS,
+};
+use uuid::Uuid;
+
+const MODELS: [ReadModel; 4] = [
+    ReadModel::Xp,
+    ReadModel::Leaderboard,
+    ReadModel::Quota,
+    ReadModel::Content,
+];
+
+fn open() -> (tempfile::TempDir, SqliteReadModels) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteReadModels::open(dir.path().join("tektree.db")).unwrap();
+    (dir, store)
+}
+
+fn key(aggregate_type: &str, aggregate_id: Uuid, sequence: u64, position: u64) -> EventKey {
+    EventKey {
+        aggregate_type: aggregate_type.into(),
+        aggregate_id,
+        sequence,
+        position,
+    }
+}
+
+fn user(n: u128) -> Uuid {
+    Uuid::from_u128(n)
+}
+
+fn xp(user_id: Uuid, amount: i64) -> Change {
+    Change::Xp {
+        user_id,
+        xp: amount,
+        questions: 0,
+        answers: 0,
+        accepted_answers: 0,
+    }
+}
+
+fn board(board: &str, user_id: Uuid, xp: i64) -> Change {
+    Change::Leaderboard {
+        board: board.into(),
+        user_id,
+        xp,
+    }
+}
+
+/// Every row of `model`, read in pages of `page`.
+async fn export_all(store: &SqliteReadModels, model: ReadModel, page: u32) -> Vec<Value> {
+    let mut rows = vec![];
+    loop {
+        let got = store.export(model, rows.len() as u64, page).await.unwrap();
+        let n = got.len();
+        rows.extend(got);
+        if n < page as usize {
+            return rows;
+        }
+    }
+}
+
+/// Every read model and every checkpoint.
+async fn snapshot(store: &SqliteReadModels) -> (Vec<Vec<Value>>, Vec<Checkpoint>) {
+    let mut models = vec![];
+    for m in MODELS {
+        models.push(export_all(store, m, 3).await);
+    }
+    (models, store.checkpoints().await.unwrap())
+}
+
+#[tokio::test]
+async fn guard_applies_in_sequence_order_and_flags_duplicates_and_gaps() {
+    let (_dir, store) = open();
+    let a = user(1);
+    let items = |seqs: &[(u64, u64)]| -> Vec<(EventKey, Vec<Change>)> {
+        seqs.iter()
+            .map(|&(s, p)| (key("profile", a, s, p), vec![xp(a, 1)]))
+            .collect()
+    };
+    assert_eq!(
+        store.apply("xp", &items(&[(1, 1)])).await.unwrap(),
+        vec![ApplyOutcome::Applied]
+    );
+    assert_eq!(
+        store.apply("xp", &items(&[(1, 1)])).await.unwrap(),
+        vec![ApplyOutcome::Duplicate]
+    );
+    assert_eq!(
+        store.apply("xp", &items(&[(3, 3)])).await.unwrap(),
+        vec![ApplyOutcome::Gap { expected: 2 }]
+    );
+    // Within one batch items see the guard as advanced by the items before them.
+    assert_eq!(
+        store
+            .apply(
+                "xp",
+                &items(&[(2, 2), (2, 2), (4, 4), (3, 3), (4, 4), (1, 1)])
+            )
+            .await
+            .unwrap(),
+        vec![
+            ApplyOutcome::Applied,
+            ApplyOutcome::Duplicate,
+            ApplyOutcome::Gap { expected: 3 },
+            ApplyOutcome::Applied,
+            ApplyOutcome::Applied,
+            ApplyOutcome::Duplicate,
+        ]
+    );
+    assert_eq!(store.user_xp(a).await.unwrap().unwrap().xp, 4);
+    assert_eq!(
+        store.checkpoints().await.unwrap(),
+        vec![Checkpoint {
+            name: "xp".into(),
+            checkpoint: 4,
+            applied: 4
+        }]
+    );
+}
+
+#[tokio::test]
+async fn guards_are_per_consumer_and_per_aggregate() {
+    let (_dir, store) = open();
+    let id = user(7);
+    let item = |t: &str, p| (key(t, id, 1, p), vec![]);
+    for consumer in ["xp", "policy.gamification", "policy.metering"] {
+        assert_eq!(
+            store
+                .apply(consumer, &[item("profile", 1), item("subscription", 2)])
+                .await
+                .unwrap(),
+            vec![ApplyOutcome::Applied, ApplyOutcome::Applied]
+        );
+    }
+    let names: Vec<String> = store
+        .checkpoints()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| {
+            assert_eq!((c.checkpoint, c.applied), (2, 2));
+            c.name
+        })
+        .collect();
+    assert_eq!(names, ["policy.gamification", "policy.metering", "xp"]);
+}
+
+#[tokio::test]
+async fn gaps_and_duplicates_change_nothing() {
+    let (_dir, store) = open();
+    let (a, q) = (user(1), user(100));
+    let changes = vec![
+        xp(a, 5),
+        board("all-time", a, 5),
+        Change::Content(ContentDelta {
+            content_id: q,
+            upvotes: 1,
+            ..Default::default()
+        }),
+        Change::Usage {
+            user_id: a,
+            period: "2024-05".into(),
+            tier: Tier::Free,
+            used: 1,
+            limit: Some(100),
+        },
+        Change::QuotaExceeded {
+            user_id: a,
+            period: "2024-06".into(),
+        },
+        Change::Tier {
+            user_id: a,
+            tier: Tier::Team,
+        },
+    ];
+    store
+        .apply("mixed", &[(key("content", q, 1, 1), changes.clone())])
+        .await
+        .unwrap();
+    let before = snapshot(&store).await;
+    let outcomes = store
+        .apply(
+            "mixed",
+            &[
+                (key("content", q, 1, 1), changes.clone()),
+                (key("content", q, 3, 3), changes.clone()),
+                (key("content", user(101), 2, 2), changes.clone()),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            ApplyOutcome::Duplicate,
+            ApplyOutcome::Gap { expected: 2 },
+            ApplyOutcome::Gap { expected: 1 },
+        ]
+    );
+    assert_eq!(snapshot(&store).await, before);
+}
+
+#[tokio::test]
+async fn a_failing_batch_commits_nothing() {
+    let (_dir, store) = open();
+    let a = user(1);
+    let good = (
+        key("profile", a, 1, 1),
+        vec![xp(a, 10), board("all-time", a, 10)],
+    );
+    let bad = (
+        key("subscription", a, 1, 2),
+        vec![Change::Usage {
+            user_id: a,
+            period: "2024-05".into(),
+            tier: Tier::Free,
+            used: u64::MAX,
+            limit: None,
+        }],
+    );
+    let before = snapshot(&store).await;
+    let err = store.apply("c", &[good.clone(), bad]).await.unwrap_err();
+    assert!(matches!(err, ReadModelError::Invalid(_)), "{err}");
+    assert_eq!(snapshot(&store).await, before);
+    // The guard did not advance either: the good item applies now.
+    assert_eq!(
+        store.apply("c", &[good]).await.unwrap(),
+        vec![ApplyOutcome::Applied]
+    );
+    assert_eq!(store.user_xp(a).await.unwrap().unwrap().xp, 10);
+}
+
+#[tokio::test]
+async fn invalid_arguments_are_rejected_before_anything_runs() {
+    let (_dir, store) = open();
+    let a = user(1);
+    for (consumer, k) in [
+        ("", key("profile", a, 1, 1)),
+        ("c", key("profile", a, 0, 1)),
+        ("c", key("profile", a, 1, 0)),
+        ("c", key("profile", a, 1, u64::MAX)),
+    ] {
+        assert!(matches!(
+            store.apply(consumer, &[(k, vec![])]).await,
+            Err(ReadModelError::Invalid(_))
+        ));
+    }
+    assert!(store.apply("c", &[]).await.unwrap().is_empty());
+    assert!(store.checkpoints().await.unwrap().is_empty());
+    assert!(matches!(
+        store.leaderboard("all-time", 10, u64::MAX).await,
+        Err(ReadModelError::Invalid(_))
+    ));
+}
+
+#[tokio::test]
+async fn checkpoint_is_a_low_water_mark_under_out_of_order_application() {
+    let (_dir, store) = open();
+    // Six events of six aggregates, applied by "workers" in this order.
+    let order = [3u64, 1, 6, 2, 5, 4];
+    let expected = [0u64, 1, 1, 3, 3, 6];
+    for (i, (&p, &cp)) in order.iter().zip(&expected).enumerate() {
+        let out = store
+            .apply(
+                "content",
+                &[(key("content", user(p as u128), 1, p), vec![])],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out, vec![ApplyOutcome::Applied]);
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            vec![Checkpoint {
+                name: "content".into(),
+                checkpoint: cp,
+                applied: i as u64 + 1
+            }],
+            "after applying position {p}"
+        );
+    }
+    // Positions 7..=9 in one batch, out of order, close the gap inside the batch.
+    let batch: Vec<_> = [9u64, 7, 8]
+        .iter()
+        .map(|&p| (key("content", user(p as u128), 1, p), vec![]))
+        .collect();
+    store.apply("content", &batch).await.unwrap();
+    let cp = &store.checkpoints().await.unwrap()[0];
+    assert_eq!((cp.checkpoint, cp.applied), (9, 9));
+}
+
+#[tokio::test]
+async fn leaderboard_pages_and_ranks_order_by_xp_then_user_id() {
+    let (_dir, store) = open();
+    // Ties at 50 and 10 are broken by user id ascending.
+    let entries = [(5u128, 50i64), (2, 50), (9, 70), (1, 10), (7, 10), (3, -4)];
+    let mut items = vec![];
+    for (i, &(u, x)) in entries.iter().enumerate() {
+        // Split each user's XP over two changes to exercise the additive upsert.
+        let changes = vec![
+            board("tag:rust", user(u), x - 1),
+            board("tag:rust", user(u), 1),
+            board("tag:go", user(u), 1000 - x),
+        ];
+        items.push((key("profile", user(u), 1, i as u64 + 1), changes));
+    }
+    store.apply("leaderboard", &items).await.unwrap();
+    let expected = [(9u128, 70i64), (2, 50), (5, 50), (1, 10), (7, 10), (3, -4)];
+    let row = |rank: usize, (u, x): (u128, i64)| LeaderboardRow {
+        board: "tag:rust".into(),
+        rank: rank as u64,
+        user_id: user(u),
+        xp: x,
+    };
+    let all: Vec<LeaderboardRow> = expected
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| row(i + 1, e))
+        .collect();
+    assert_eq!(store.leaderboard("tag:rust", 100, 0).await.unwrap(), all);
+    assert_eq!(
+        store.leaderboard("tag:rust", 2, 2).await.unwrap(),
+        all[2..4].to_vec()
+    );
+    assert_eq!(
+        store.leaderboard("tag:rust", 10, 5).await.unwrap(),
+        all[5..].to_vec()
+    );
+    assert!(store
+        .leaderboard("tag:rust", 10, 6)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .leaderboard("tag:rust", 0, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .leaderboard("tag:sql", 10, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    for r in &all {
+        assert_eq!(
+            store.rank("tag:rust", r.user_id).await.unwrap().as_ref(),
+            Some(r)
+        );
+    }
+    assert_eq!(store.rank("tag:rust", user(4)).await.unwrap(), None);
+    assert_eq!(store.rank("tag:sql", user(9)).await.unwrap(), None);
+    // The other board is ranked independently (reverse order).
+    let go = store.leaderboard("tag:go", 1, 0).await.unwrap();
+    assert_eq!((go[0].user_id, go[0].xp), (user(3), 1004));
+    assert_eq!(
+        store.rank("tag:go", user(9)).await.unwrap().unwrap().rank,
+        6
+    );
+    // Export: boards in name order, then rank, with the HTTP field names.
+    let exported = export_all(&store, ReadModel::Leaderboard, 4).await;
+    assert_eq!(exported.len(), 12);
+    assert_eq!(
+        exported[0],
+        json!({"board": "tag:go", "rank": 1, "user_id": user(3), "xp": 1004})
+    );
+    let rust: Vec<Value> = all
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap())
+        .collect();
+    assert_eq!(exported[6..].to_vec(), rust);
+}
+
+#[tokio::test]
+async fn queries_return_the_http_rows() {
+    let (_dir, store) = open();
+    let (a, q, ans) = (user(1), user(100), user(101));
+    let changes = vec![
+        Change::Xp {
+            user_id: a,
+            xp: 450,
+            questions: 1,
+            answers: 2,
+            accepted_answers: 1,
+        },
+        Change::Content(ContentDelta {
+            content_id: q,
+            kind: Some("question"),
+            author_id: Some(a),
+            upvotes: 3,
+            downvotes: 5,
+            answers: 2,
+            comments: 1,
+            accepted_answer_id: Some(ans),
+            ..Default::default()
+        }),
+        Change::Content(ContentDelta {
+            content_id: ans,
+            kind: Some("answer"),
+            question_id: Some(q),
+            ..Default::default()
+        }),
+        Change::Tier {
+            user_id: a,
+            tier: Tier::Enterprise,
+        },
+        Change::Usage {
+            user_id: a,
+            period: "2024-05".into(),
+            tier: Tier::Enterprise,
+            used: 7,
+            limit: None,
+        },
+    ];
+    store
+        .apply("all", &[(key("content", q, 1, 1), changes)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.user_xp(a).await.unwrap(),
+        Some(XpRow {
+            user_id: a,
+            xp: 450,
+            level: 3,
+            questions: 1,
+            answers: 2,
+            accepted_answers: 1
+        })
+    );
+    assert_eq!(store.user_xp(user(2)).await.unwrap(), None);
+    let question = ContentRow {
+        content_id: q,
+        kind: Some("question".into()),
+        question_id: None,
+        author_id: Some(a),
+        score: -2,
+        upvotes: 3,
+        downvotes: 5,
+        answer_count: 2,
+        comment_count: 1,
+        accepted_answer_id: Some(ans),
+    };
+    assert_eq!(store.content(q).await.unwrap(), Some(question.clone()));
+    assert_eq!(
+        store.content(ans).await.unwrap().unwrap().question_id,
+        Some(q)
+    );
+    assert_eq!(store.content(user(3)).await.unwrap(), None);
+    let quota = QuotaRow {
+        user_id: a,
+        period: "2024-05".into(),
+        tier: Tier::Enterprise,
+        used: 7,
+        limit: None,
+        exceeded: false,
+    };
+    assert_eq!(
+        store.quota(a, "2024-05").await.unwrap(),
+        Some(quota.clone())
+    );
+    // A known tier without usage in the period has no row.
+    assert_eq!(store.quota(a, "2024-06").await.unwrap(), None);
+
+    assert_eq!(
+        store.export(ReadModel::Xp, 0, 10).await.unwrap(),
+        vec![
+            json!({"user_id": a, "xp": 450, "level": 3, "questions": 1, "answers": 2,
+                    "accepted_answers": 1})
+        ]
+    );
+    assert_eq!(
+        store.export(ReadModel::Quota, 0, 10).await.unwrap(),
+        vec![
+            json!({"user_id": a, "period": "2024-05", "tier": "enterprise", "used": 7,
+                    "limit": null, "exceeded": false})
+        ]
+    );
+    let content = store.export(ReadModel::Content, 0, 10).await.unwrap();
+    assert_eq!(content[0], serde_json::to_value(&question).unwrap());
+    assert_eq!(content[1]["kind"], json!("answer"));
+    assert_eq!(
+        store.export(ReadModel::Content, 1, 10).await.unwrap().len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn reset_clears_one_model_and_its_consumer_only() {
+    let (_dir, store) = open();
+    let a = user(1);
+    let k = key("subscription", a, 1, 1);
+    store
+        .apply("xp", &[(k.clone(), vec![xp(a, 3)])])
+        .await
+        .unwrap();
+    store
+        .apply(
+            "quota",
+            &[(
+                k.clone(),
+                vec![
+                    Change::Tier {
+                        user_id: a,
+                        tier: Tier::Pro,
+                    },
+                    Change::Usage {
+                        user_id: a,
+                        period: "2024-05".into(),
+                        tier: Tier::Pro,
+                        used: 1,
+                        limit: Some(1000),
+                    },
+                ],
+            )],
+        )
+        .await
+        .unwrap();
+    store
+        .apply("policy.metering", &[(k.clone(), vec![])])
+        .await
+        .unwrap();
+
+    assert!(matches!(
+        store.reset("policy.metering").await,
+        Err(ReadModelError::Invalid(_))
+    ));
+    store.reset("quota").await.unwrap();
+    assert_eq!(store.quota(a, "2024-05").await.unwrap(), None);
+    let names: Vec<String> = store
+        .checkpoints()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["policy.metering", "xp"]);
+    assert_eq!(store.user_xp(a).await.unwrap().unwrap().xp, 3);
+    // The guard is gone: the rebuild starts from sequence 1. The tier went with the rows, so
+    // an exceeded event alone finds no tier.
+    assert_eq!(
+        store
+            .apply(
+                "quota",
+                &[(
+                    k.clone(),
+                    vec![Change::QuotaExceeded {
+                        user_id: a,
+                        period: "2024-05".into()
+                    }]
+                )]
+            )
+            .await
+            .unwrap(),
+        vec![ApplyOutcome::Applied]
+    );
+    assert_eq!(
+        store.quota(a, "2024-05").await.unwrap().unwrap().tier,
+        Tier::Free
+    );
+    // Resetting an empty model is fine; the other projections' rows stay.
+    for p in PROJECTIONS {
+        if p != "xp" {
+            store.reset(p).await.unwrap();
+        }
+    }
+    assert_eq!(store.user_xp(a).await.unwrap().unwrap().xp, 3);
+    store.reset("xp").await.unwrap();
+    assert_eq!(store.user_xp(a).await.unwrap(), None);
+}
+
+/// Applies `items` for `consumer` in the given order through `store`, retrying `Gap` items at
+/// the back of the queue; returns the number of `Applied` outcomes.
+async fn deliver(
+    store: &SqliteReadModels,
+    consumer: &str,
+    items: &[(EventKey, Vec<Change>)],
+    order: Vec<usize>,
+    batch: usize,
+) -> usize {
+    let mut queue: VecDeque<usize> = order.into();
+    let mut applied = 0;
+    let mut rounds = 0;
+    while !queue.is_empty() {
+        rounds += 1;
+        assert!(rounds < 100_000, "delivery does not progress");
+        let take: Vec<usize> = queue.drain(..batch.min(queue.len())).collect();
+        let batch_items: Vec<_> = take.iter().map(|&i| items[i].clone()).collect();
+        let outcomes = store.apply(consumer, &batch_items).await.unwrap();
+        for (i, o) in take.into_iter().zip(outcomes) {
+            match o {
+                ApplyOutcome::Applied => applied += 1,
+                ApplyOutcome::Duplicate => {}
+                ApplyOutcome::Gap { .. } => queue.push_back(i),
+            }
+        }
+    }
+    applied
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_handles_on_one_file_apply_each_event_exactly_once() {
+    let (dir, first) = open();
+    let second = SqliteReadModels::open(first.path()).unwrap();
+    let a = user(1);
+    // 3 aggregates × 20 events, positions interleaved round-robin.
+    let items: Vec<(EventKey, Vec<Change>)> = (0..60u64)
+        .map(|i| {
+            let agg = user(100 + (i % 3) as u128);
+            (
+                key("content", agg, i / 3 + 1, i + 1),
+                vec![xp(a, 1), board("all-time", a, 1)],
+            )
+        })
+        .collect();
+    let forward: Vec<usize> = (0..items.len()).collect();
+    let backward: Vec<usize> = forward.iter().rev().copied().collect();
+    let (x, y) = tokio::join!(
+        {
+            let items = items.clone();
+            let s = first.clone();
+            tokio::spawn(async move { deliver(&s, "xp", &items, forward, 7).await })
+        },
+        {
+            let items = items.clone();
+            tokio::spawn(async move { deliver(&second, "xp", &items, backward, 5).await })
+        }
+    );
+    assert_eq!(x.unwrap() + y.unwrap(), 60);
+    assert_eq!(first.user_xp(a).await.unwrap().unwrap().xp, 60);
+    assert_eq!(
+        first.checkpoints().await.unwrap(),
+        vec![Checkpoint {
+            name: "xp".into(),
+            checkpoint: 60,
+            applied: 60
+        }]
+    );
+    drop(dir);
+}
+
+// ---------------------------------------------------------------------------------------
+// Property test: random histories of real domain events, projected with `project`.
+// ---------------------------------------------------------------------------------------
+
+const USERS: u128 = 4;
+const QUESTIONS: usize = 3;
+const TAGS: [&str; 3] = ["go", "rust", "sql"];
+const PERIODS: [&str; 2] = ["2024-05", "2024-06"];
+const WEEKS: [&str; 3] = [
+    "2024-05-01T10:00:00Z",
+    "2024-05-09T10:00:00Z",
+    "2024-05-31T23:59:59Z",
+];
+
+/// One step of a generated history; steps that do not fit the state so far are skipped.
+#[derive(Debug, Clone)]
+enum Op {
+    Question {
+        q: usize,
+        author: Option<u8>,
+        tags: u8,
+    },
+    Answer {
+        q: usize,
+        author: Option<u8>,
+    },
+    Comment {
+        target: usize,
+    },
+    Vote {
+        target: usize,
+        voter: u8,
+        up: bool,
+    },
+    Accept {
+        q: usize,
+        pick: usize,
+    },
+    Xp {
+        user: u8,
+        amount: i64,
+        week: usize,
+        tags: u8,
+    },
+    Subscribe {
+        user: u8,
+        pro: bool,
+    },
+    Usage {
+        user: u8,
+        period: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let author = proptest::option::weighted(0.8, 0..USERS as u8);
+    prop_oneof![
+        1 => (0..QUESTIONS, author.clone(), 0u8..8).prop_map(|(q, author, tags)| Op::Question {
+            q,
+            author,
+            tags
+        }),
+        1 => (0..QUESTIONS, author).prop_map(|(q, author)| Op::Answer { q, author }),
+        1 => (0..16usize).prop_map(|target| Op::Comment { target }),
+        3 => (0..16usize, 0u8..3, any::<bool>()).prop_map(|(target, voter, up)| Op::Vote {
+            target,
+            voter,
+            up
+        }),
+        1 => (0..QUESTIONS, 0..8usize).prop_map(|(q, pick)| Op::Accept { q, pick }),
+        3 => (0..USERS as u8, -5i64..20, 0..WEEKS.len(), 0u8..8).prop_map(
+            |(user, amount, week, tags)| Op::Xp {
+                user,
+                amount,
+                week,
+                tags
+            }
+        ),
+        1 => (0..USERS as u8, any::<bool>()).prop_map(|(user, pro)| Op::Subscribe { user, pro }),
+        3 => (0..USERS as u8, 0..PERIODS.len()).prop_map(|(user, period)| Op::Usage {
+            user,
+            period
+        }),
+    ]
+}
+
+fn tags_of(mask: u8) -> Vec<String> {
+    TAGS.iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, t)| t.to_string())
+        .collect()
+}
+
+/// Builds a committed history (envelopes with sequences and positions) from `ops`.
+#[derive(Default)]
+struct History {
+    events: Vec<(EventEnvelope, Event)>,
+    sequences: HashMap<(&'static str, Uuid), u64>,
+    questions: BTreeMap<usize, (Uuid, Option<Uuid>, Vec<String>)>,
+    content: Vec<(Uuid, Option<Uuid>, Vec<String>)>,
+    answers: HashMap<Uuid, Vec<(Uuid, Option<Uuid>)>>,
+    accepted: HashMap<Uuid, Uuid>,
+    votes: HashMap<(Uuid, Uuid), VoteDirection>,
+    tiers: HashMap<Uuid, Tier>,
+    used: HashMap<(Uuid, usize), u64>,
+}
+
+impl History {
+    fn push(&mut self, aggregate_id: Uuid, event: Event) {
+        let aggregate_type = event.aggregate_type();
+        let seq = self
+            .sequences
+            .entry((aggregate_type, aggregate_id))
+            .or_default();
+        *seq += 1;
+        let new = NewEvent {
+            event_id: Uuid::from_u128(0xe000 + self.events.len() as u128),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id,
+            sequence: *seq,
+            event: event.clone(),
+            metadata: EventMetadata {
+                occurred_at: WEEKS[0].parse().unwrap(),
+                correlation_id: Uuid::nil(),
+                causation_id: Uuid::nil(),
+                actor: Actor::System("test".into()),
+            },
+        };
+        let position = self.events.len() as u64 + 1;
+        let env = new.into_envelope(position, WEEKS[0].parse().unwrap());
+        self.events.push((env, event));
+    }
+
+    fn build(ops: &[Op]) -> Self {
+        let mut h = History::default();
+        let mut next_answer = 0u128;
+        for op in ops {
+            match *op {
+                Op::Question { q, author, tags } => {
+                    if h.questions.contains_key(&q) {
+                        continue;
+                    }
+                    let id = Uuid::from_u128(0x100 + q as u128);
+                    let author = author.map(|u| user(u as u128));
+                    let tags = tags_of(tags);
+                    h.questions.insert(q, (id, author, tags.clone()));
+                    h.content.push((id, author, tags.clone()));
+                    h.push(
+                        id,
+                        Event::QuestionPosted(QuestionPosted {
+                            question_id: id,
+                            author_id: author,
+                            title: "t".into(),
+                            body: String::new(),
+                            tags,
+                        }),
+                    );
+                }
+                Op::Answer { q, author } => {
+                    let Some((qid, _, tags)) = h.questions.get(&q).cloned() else {
+                        continue;
+                    };
+                    next_answer += 1;
+                    let id = Uuid::from_u128(0x200 + next_answer);
+                    let author = author.map(|u| user(u as u128));
+                    h.answers.entry(qid).or_default().push((id, author));
+                    h.content.push((id, author, tags.clone()));
+                    h.push(
+                        id,
+                        Event::AnswerSubmitted(AnswerSubmitted {
+                            answer_id: id,
+                            question_id: qid,
+                            author_id: author,
+                            body: String::new(),
+                            tags,
+                        }),
+                    );
+                }
+                Op::Comment { target } => {
+                    if h.content.is_empty() {
+                        continue;
+                    }
+                    let (id, author, tags) = h.content[target % h.content.len()].clone();
+                    h.push(
+                        id,
+                        Event::CommentAdded(CommentAdded {
+                            comment_id: Uuid::from_u128(0x300 + h.events.len() as u128),
+                            content_id: id,
+                            author_id: author,
+                            text: "c".into(),
+                            tags,
+                        }),
+                    );
+                }
+                Op::Vote { target, voter, up } => {
+                    if h.content.is_empty() {
+                        continue;
+                    }
+                    let (id, author, tags) = h.content[target % h.content.len()].clone();
+                    let voter = Uuid::from_u128(0x400 + voter as u128);
+                    let dir = if up {
+                        VoteDirection::Up
+                    } else {
+                        VoteDirection::Down
+                    };
+                    let previous = h.votes.insert((id, voter), dir);
+                    if previous == Some(dir) {
+                        continue; // the same vote again is a no-op
+                    }
+                    let v = ContentVoted {
+                        content_id: id,
+                        voter_id: voter,
+                        previous,
+                        content_author_id: author,
+                        tags,
+                    };
+                    h.push(
+                        id,
+                        if up {
+                            Event::ContentUpvoted(v)
+                        } else {
+                            Event::ContentDownvoted(v)
+                        },
+                    );
+                }
+                Op::Accept { q, pick } => {
+                    let Some((qid, qauthor, tags)) = h.questions.get(&q).cloned() else {
+                        continue;
+                    };
+                    let Some(answers) = h.answers.get(&qid).filter(|a| !a.is_empty()) else {
+                        continue;
+                    };
+                    if h.accepted.contains_key(&qid) {
+                        continue;
+                    }
+                    let (aid, aauthor) = answers[pick % answers.len()];
+                    h.accepted.insert(qid, aid);
+                    h.push(
+                        qid,
+                        Event::AnswerAccepted(AnswerAccepted {
+                            question_id: qid,
+                            answer_id: aid,
+                            question_author_id: qauthor,
+                            answer_author_id: aauthor,
+                            tags,
+                        }),
+                    );
+                }
+                Op::Xp {
+                    user: u,
+                    amount,
+                    week,
+                    tags,
+                } => {
+                    let id = user(u as u128);
+                    h.push(
+                        id,
+                        Event::XpEarned(XpEarned {
+                            user_id: id,
+                            amount,
+                            source_event_id: Uuid::nil(),
+                            source_event_type: "knowledge.content.upvoted".into(),
+                            source_occurred_at: WEEKS[week].parse().unwrap(),
+                            tags: tags_of(tags),
+                            total_xp: 0,
+                        }),
+                    );
+                }
+                Op::Subscribe { user: u, pro } => {
+                    let id = user(u as u128);
+                    if h.tiers.contains_key(&id) {
+                        continue;
+                    }
+                    let tier = if pro { Tier::Pro } else { Tier::Free };
+                    h.tiers.insert(id, tier);
+                    h.push(
+                        id,
+                        Event::SubscriptionCreated(SubscriptionCreated { user_id: id, tier }),
+                    );
+                }
+                Op::Usage { user: u, period } => {
+                    let id = user(u as u128);
+                    let tier = h.tiers.get(&id).copied().unwrap_or_default();
+                    let limit = if tier == Tier::Pro { 4 } else { 2 };
+                    let used = h.used.entry((id, period)).or_default();
+                    *used += 1;
+                    let used = *used;
+                    h.push(
+                        id,
+                        Event::UsageRecorded(UsageRecorded {
+                            user_id: id,
+                            period: PERIODS[period].into(),
+                            source_event_id: Uuid::nil(),
+                            source_event_type: "knowledge.comment.added".into(),
+                            tier,
+                            used,
+                            limit: Some(limit),
+                        }),
+                    );
+                    if used == limit + 1 {
+                        h.push(
+                            id,
+                            Event::QuotaExceeded(QuotaExceeded {
+                                user_id: id,
+                                period: PERIODS[period].into(),
+                                tier,
+                                used,
+                                limit,
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+        h
+    }
+
+    /// What `consumer` receives: every event, with the projection's changes.
+    fn items(&self, consumer: &str) -> Vec<(EventKey, Vec<Change>)> {
+        self.events
+            .iter()
+            .map(|(env, e)| (EventKey::of(env), project(consumer, env, e)))
+            .collect()
+    }
+}
+
+/// An independent in-memory fold of changes in position order: the expected exports.
+#[derive(Default)]
+struct Reference {
+    xp: BTreeMap<Uuid, (i64, u64, u64, u64)>,
+    boards: BTreeMap<String, BTreeMap<Uuid, i64>>,
+    content: BTreeMap<Uuid, ContentRow>,
+    tiers: HashMap<Uuid, Tier>,
+    quota: BTreeMap<(Uuid, String), QuotaRow>,
+}
+
+impl Reference {
+    fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Xp {
+                user_id,
+                xp,
+                questions,
+                answers,
+                accepted_answers,
+            } => {
+                let r = self.xp.entry(*user_id).or_default();
+                r.0 += xp;
+                r.1 = r.1.checked_add_signed(*questions).unwrap();
+                r.2 = r.2.checked_add_signed(*answers).unwrap();
+                r.3 = r.3.checked_add_signed(*accepted_answers).unwrap();
+            }
+            Change::Leaderboard { board, user_id, xp } => {
+                *self
+                    .boards
+                    .entry(board.clone())
+                    .or_default()
+                    .entry(*user_id)
+                    .or_default() += xp;
+            }
+            Change::Content(d) => {
+                let r = self.content.entry(d.content_id).or_insert(ContentRow {
+                    content_id: d.content_id,
+                    kind: None,
+                    question_id: None,
+                    author_id: None,
+                    score: 0,
+                    upvotes: 0,
+                    downvotes: 0,
+                    answer_count: 0,
+                    comment_count: 0,
+                    accepted_answer_id: None,
+                });
+                r.kind = r.kind.take().or(d.kind.map(str::to_string));
+                r.question_id = r.question_id.or(d.question_id);
+                r.author_id = r.author_id.or(d.author_id);
+                r.accepted_answer_id = r.accepted_answer_id.or(d.accepted_answer_id);
+                r.upvotes += d.upvotes;
+                r.downvotes += d.downvotes;
+                r.score = r.upvotes - r.downvotes;
+                r.answer_count += d.answers;
+                r.comment_count += d.comments;
+            }
+            Change::Usage {
+                user_id,
+                period,
+                tier,
+                used,
+                limit,
+            } => {
+                let k = (*user_id, period.clone());
+                match self.quota.get_mut(&k) {
+                    None => {
+                        self.quota.insert(
+                            k,
+                            QuotaRow {
+                                user_id: *user_id,
+                                period: period.clone(),
+                                tier: *tier,
+                                used: *used,
+                                limit: *limit,
+                                exceeded: false,
+                            },
+                        );
+                    }
+                    Some(r) => {
+                        let order = |used: u64, tier: Tier, limit: Option<u64>| {
+                            (used, tier.as_str(), limit.map_or(-1, |l| l as i64))
+                        };
+                        if order(*used, *tier, *limit) > order(r.used, r.tier, r.limit) {
+                            r.tier = *tier;
+                            r.limit = *limit;
+                        }
+                        r.used = r.used.max(*used);
+                    }
+                }
+            }
+            Change::QuotaExceeded { user_id, period } => {
+                let tier = self.tiers.get(user_id).copied().unwrap_or(Tier::Free);
+                self.quota
+                    .entry((*user_id, period.clone()))
+                    .or_insert(QuotaRow {
+                        user_id: *user_id,
+                        period: period.clone(),
+                        tier,
+                        used: 0,
+                        limit: None,
+                        exceeded: false,
+                    })
+                    .exceeded = true;
+            }
+            Change::Tier { user_id, tier } => {
+                self.tiers.insert(*user_id, *tier);
+            }
+        }
+    }
+
+    fn leaderboard_rows(&self) -> Vec<LeaderboardRow> {
+        let mut rows = vec![];
+        for (board, users) in &self.boards {
+            let mut entries: Vec<(Uuid, i64)> = users.iter().map(|(u, x)| (*u, *x)).collect();
+            entries.sort_by_key(|&(u, x)| (std::cmp::Reverse(x), u));
+            rows.extend(
+                entries
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (user_id, xp))| LeaderboardRow {
+                        board: board.clone(),
+                        rank: i as u64 + 1,
+                        user_id,
+                        xp,
+                    }),
+            );
+        }
+        rows
+    }
+
+    fn exports(&self) -> Vec<Vec<Value>> {
+        fn json<T: serde::Serialize>(rows: impl IntoIterator<Item = T>) -> Vec<Value> {
+            rows.into_iter()
+                .map(|r| serde_json::to_value(r).unwrap())
+                .collect()
+        }
+        vec![
+            json(self.xp.iter().map(|(u, r)| XpRow {
+                user_id: *u,
+                xp: r.0,
+                level: level_for_xp(r.0),
+                questions: r.1,
+                answers: r.2,
+                accepted_answers: r.3,
+            })),
+            json(self.leaderboard_rows()),
+            json(self.quota.values()),
+            json(self.content.values()),
+        ]
+    }
+}
+
+/// SplitMix64: a tiny deterministic generator for delivery orders.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// The consumers of the property test: the four projections and a policy (no changes).
+fn consumers() -> Vec<&'static str> {
+    let mut c = PROJECTIONS.to_vec();
+    c.push("policy.gamification");
+    c
+}
+
+async fn shuffled_delivery_equals_reference(ops: Vec<Op>, seed: u64) {
+    let history = History::build(&ops);
+    let n = history.events.len();
+    let mut reference = Reference::default();
+    for consumer in PROJECTIONS {
+        for (_, changes) in history.items(consumer) {
+            for c in &changes {
+                reference.apply(c);
+            }
+        }
+    }
+    let expected = reference.exports();
+
+    // Once, in position order, in one batch per consumer.
+    let (_d1, in_order) = open();
+    for consumer in consumers() {
+        let items = history.items(consumer);
+        let out = in_order.apply(consumer, &items).await.unwrap();
+        assert!(out.iter().all(|o| *o == ApplyOutcome::Applied));
+    }
+    let (models, _) = snapshot(&in_order).await;
+    assert_eq!(models, expected);
+
+    // Shuffled, duplicated, in random batches through two handles; then redelivered.
+    let (_d2, shuffled) = open();
+    let other = SqliteReadModels::open(shuffled.path()).unwrap();
+    let mut rng = Rng(seed);
+    for consumer in consumers() {
+        let items = history.items(consumer);
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in 0..n {
+            if rng.below(3) == 0 {
+                order.push(i);
+            }
+        }
+        rng.shuffle(&mut order);
+        // Random batches handed to one of two "workers" (handles); Gap items go back into
+        // the queue at a random place and are retried until everything is applied.
+        let mut queue: VecDeque<usize> = order.into();
+        let mut applied = 0;
+        let mut rounds = 0;
+        while !queue.is_empty() {
+            rounds += 1;
+            assert!(rounds < 100_000, "delivery does not progress");
+            let k = 1 + rng.below(queue.len().min(8));
+            let take: Vec<usize> = queue.drain(..k).collect();
+            let store = if rng.below(2) == 0 { &shuffled } else { &other };
+            let batch: Vec<_> = take.iter().map(|&i| items[i].clone()).collect();
+            let outcomes = store.apply(consumer, &batch).await.unwrap();
+            for (i, o) in take.into_iter().zip(outcomes) {
+                match o {
+                    ApplyOutcome::Applied => applied += 1,
+                    ApplyOutcome::Duplicate => {}
+                    ApplyOutcome::Gap { expected } => {
+                        assert!(expected < items[i].0.sequence);
+                        let at = rng.below(queue.len() + 1);
+                        queue.insert(at, i);
+                    }
+                }
+            }
+        }
+        assert_eq!(applied, n, "{consumer}: every event applied exactly once");
+        let mut again: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut again);
+        let batch: Vec<_> = again.iter().map(|&i| items[i].clone()).collect();
+        let out = other.apply(consumer, &batch).await.unwrap();
+        assert!(out.iter().all(|o| *o == ApplyOutcome::Duplicate));
+    }
+    let (models, checkpoints) = snapshot(&shuffled).await;
+    assert_eq!(models, expected);
+    let mut names = consumers();
+    names.sort();
+    if n > 0 {
+        assert_eq!(
+            checkpoints,
+            names
+                .iter()
+                .map(|c| Checkpoint {
+                    name: c.to_string(),
+                    checkpoint: n as u64,
+                    applied: n as u64,
+                })
+                .collect::<Vec<_>>()
+        );
+    }
+    // Point queries agree with the exports.
+    for row in reference.leaderboard_rows() {
+        assert_eq!(
+            shuffled.rank(&row.board, row.user_id).await.unwrap(),
+            Some(row)
+        );
+    }
+    for (user_id, r) in &reference.xp {
+        assert_eq!(shuffled.user_xp(*user_id).await.unwrap().unwrap().xp, r.0);
+    }
+    for row in reference.content.values() {
+        assert_eq!(
+            shuffled.content(row.content_id).await.unwrap().as_ref(),
+            Some(row)
+        );
+    }
+    for row in reference.quota.values() {
+        assert_eq!(
+            shuffled
+                .quota(row.user_id, &row.period)
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(row)
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn shuffled_duplicated_redelivery_equals_the_reference_fold(
+        ops in proptest::collection::vec(op(), 0..60),
+        seed in any::<u64>(),
+    ) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(shuffled_delivery_equals_reference(ops, seed));
+    }
+}
