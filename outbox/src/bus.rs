@@ -87,11 +87,7 @@ pub trait Subscription: Send {
     /// Up to `max` deliveries: first pending ones idle for `min_idle` (reclaimed from any
     /// consumer of the group, including this one's own before a restart), then new ones in
     /// position order. Waits up to `block` when there is nothing; returns an empty vector then.
-    async fn next_batch(
-        &mut self,
-        max: usize,
-        block: Duration,
-    ) -> Result<Vec<Delivery>, BusError>;
+    async fn next_batch(&mut self, max: usize, block: Duration) -> Result<Vec<Delivery>, BusError>;
 
     /// Acknowledges deliveries by [`Delivery::id`]; they are never handed out again.
     async fn ack(&mut self, ids: &[String]) -> Result<(), BusError>;

@@ -1,7 +1,9 @@
 //! # tektree-outbox
 //!
 //! The bus port ([`Bus`], [`Subscription`]), its adapters ([`MemoryBus`] for the embedded
-//! single-process mode, [`RedisBus`] on Redis Streams), and the outbox [`relay`].
+//! single-process mode, [`RedisBus`] on Redis Streams), and the outbox [`relay`]. The
+//! [`conformance`] suite checks an adapter against the contract below; [`test_support`] starts
+//! real servers for tests (also used by other crates' tests).
 //!
 //! Delivery contract every adapter gives:
 //! - **At least once.** A delivery stays pending until acknowledged; pending deliveries of a
@@ -15,10 +17,13 @@
 //!   consumers restore per-aggregate order with the sequence guard of the read-model store.
 
 mod bus;
+pub mod conformance;
 mod memory;
 mod redis_bus;
 pub mod relay;
+pub mod test_support;
 
 pub use bus::{open_bus, Bus, BusError, Delivery, Subscription, SubscriptionOptions};
 pub use memory::MemoryBus;
-pub use redis_bus::RedisBus;
+pub use redis_bus::{RedisBus, DEFAULT_STREAM};
+pub use relay::{relay_once, RelayConfig, RelayError};

@@ -1,0 +1,178 @@
+//! The outbox relay: moves committed events from the event store's outbox to the bus.
+//!
+//! One round ([`relay_once`]) reads the oldest unpublished outbox records in position order,
+//! publishes them, and only then marks them published. A relay killed at any instant
+//! therefore loses nothing: records not yet marked are read and published again on restart,
+//! and the bus drops the ones it already has (every [`Bus`] deduplicates by position). The
+//! loop ([`run`]) retries failures with backoff and never skips a record.
+//!
+//! Metrics (through the `metrics` facade; the process installs the exporter):
+//! - counter `tektree_relay_published_total`: outbox records published and marked;
+//! - gauge `tektree_relay_backlog`: outbox records not yet published, as last seen;
+//! - counter `tektree_relay_errors_total`: failed rounds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tektree_event_store::{EventStore, StoreError};
+use tokio::sync::watch;
+
+use crate::bus::{Bus, BusError};
+
+/// Name of the counter of published outbox records.
+pub const METRIC_PUBLISHED: &str = "tektree_relay_published_total";
+/// Name of the gauge of unpublished outbox records.
+pub const METRIC_BACKLOG: &str = "tektree_relay_backlog";
+/// Name of the counter of failed relay rounds.
+pub const METRIC_ERRORS: &str = "tektree_relay_errors_total";
+
+/// First wait after a failed round; doubled after each further failure.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between retries.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The backlog gauge is refreshed from the store at most this often while busy.
+const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Errors of the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The event store failed (reading the outbox or marking records).
+    #[error("relay: {0}")]
+    Store(#[from] StoreError),
+    /// The bus failed to accept the events.
+    #[error("relay: {0}")]
+    Bus(#[from] BusError),
+}
+
+impl RelayError {
+    /// `false` when retrying cannot help: a stored record is corrupt
+    /// ([`StoreError::Corrupt`]); the relay may not skip it, so it stops.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, RelayError::Store(StoreError::Corrupt { .. }))
+    }
+}
+
+/// Settings of [`run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Most outbox records published per round (per [`relay_once`]). Default 500; 0 is
+    /// treated as 1.
+    pub batch: usize,
+    /// How long to sleep when the outbox is empty before looking again. Default 50 ms.
+    pub idle_poll: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch: 500,
+            idle_poll: Duration::from_millis(50),
+        }
+    }
+}
+
+/// One relay round: publishes up to `batch` of the oldest unpublished outbox records (in
+/// position order) to `bus`, then marks them published in `store`.
+///
+/// Returns how many records were published and marked (0 when the outbox is empty). Also
+/// increments the counter [`METRIC_PUBLISHED`] by that number.
+///
+/// # Errors
+/// [`RelayError::Store`] when reading or marking fails; [`RelayError::Bus`] when publishing
+/// fails. Either way nothing is marked that the bus has not accepted, so calling again is safe:
+/// records published but not marked are published again and dropped by the bus as duplicates.
+pub async fn relay_once(
+    store: &dyn EventStore,
+    bus: &dyn Bus,
+    batch: usize,
+) -> Result<usize, RelayError> {
+    let pending = store.outbox_pending(batch).await?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    bus.publish(&pending).await?;
+    let positions: Vec<u64> = pending.iter().map(|e| e.position).collect();
+    store.outbox_mark_published(&positions).await?;
+    metrics::counter!(METRIC_PUBLISHED).increment(positions.len() as u64);
+    tracing::trace!(
+        count = positions.len(),
+        first = positions.first().copied().unwrap_or_default(),
+        last = positions.last().copied().unwrap_or_default(),
+        "relayed outbox records"
+    );
+    Ok(positions.len())
+}
+
+/// Runs the relay until `shutdown` turns `true` (or its sender is dropped).
+///
+/// Loops [`relay_once`] with `cfg.batch`: immediately again after a round that published
+/// something, after `cfg.idle_poll` when the outbox was empty, and after a backoff (100 ms
+/// doubling to 5 s, reset by a successful round) when a round failed. Failures are logged
+/// (`tracing` warn) and retried; no record is ever skipped. A round in progress is finished
+/// before shutting down. Updates the gauge [`METRIC_BACKLOG`] (from
+/// [`EventStore::outbox_backlog`], at most once a second while busy; 0 when a round finds the
+/// outbox empty) and the counter [`METRIC_ERRORS`].
+///
+/// # Errors
+/// Only for a failure retrying cannot fix ([`RelayError::is_retryable`] is `false`: a corrupt
+/// stored record, which the relay must not skip). Returns `Ok(())` on shutdown.
+pub async fn run(
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn Bus>,
+    cfg: RelayConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RelayError> {
+    let batch = cfg.batch.max(1);
+    let mut backoff = BACKOFF_MIN;
+    let mut backlog_at: Option<Instant> = None;
+    tracing::info!(batch, idle_poll = ?cfg.idle_poll, "outbox relay started");
+    loop {
+        // `has_changed` fails once the sender is gone: nobody can ask for a shutdown any more.
+        if *shutdown.borrow_and_update() || shutdown.has_changed().is_err() {
+            break;
+        }
+        let wait = match relay_once(store.as_ref(), bus.as_ref(), batch).await {
+            Ok(0) => {
+                backoff = BACKOFF_MIN;
+                metrics::gauge!(METRIC_BACKLOG).set(0.0);
+                backlog_at = None;
+                Some(cfg.idle_poll)
+            }
+            Ok(_) => {
+                backoff = BACKOFF_MIN;
+                if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
+                    backlog_at = Some(Instant::now());
+                    match store.outbox_backlog().await {
+                        Ok(n) => metrics::gauge!(METRIC_BACKLOG).set(n as f64),
+                        Err(e) => tracing::debug!(error = %e, "reading the outbox backlog failed"),
+                    }
+                }
+                None
+            }
+            Err(e) if !e.is_retryable() => {
+                metrics::counter!(METRIC_ERRORS).increment(1);
+                tracing::error!(error = %e, "outbox relay stopped: the record cannot be relayed");
+                return Err(e);
+            }
+            Err(e) => {
+                metrics::counter!(METRIC_ERRORS).increment(1);
+                tracing::warn!(error = %e, retry_in = ?backoff, "outbox relay round failed; retrying");
+                let wait = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                Some(wait)
+            }
+        };
+        if let Some(wait) = wait {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("outbox relay stopped");
+    Ok(())
+}
