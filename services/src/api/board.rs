@@ -1,0 +1,63 @@
+//! Leaderboard names: `all-time`, `weekly:YYYY-Www` (ISO-8601 week, UTC) or `tag:NAME`.
+
+use chrono::{NaiveDate, Weekday};
+
+/// Validates a board name and returns its canonical form (tag names lower-cased, as tags are
+/// stored).
+///
+/// # Errors
+/// A message naming the expected forms.
+pub fn parse_board(raw: &str) -> Result<String, String> {
+    let bad =
+        || format!("invalid board {raw:?}: expected `all-time`, `weekly:YYYY-Www` or `tag:NAME`");
+    if raw == "all-time" {
+        return Ok(raw.to_string());
+    }
+    if let Some(week) = raw.strip_prefix("weekly:") {
+        let (y, w) = week.split_once("-W").ok_or_else(bad)?;
+        let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(y, 4) || !digits(w, 2) {
+            return Err(bad());
+        }
+        let (year, wk) = (
+            y.parse::<i32>().map_err(|_| bad())?,
+            w.parse::<u32>().map_err(|_| bad())?,
+        );
+        if NaiveDate::from_isoywd_opt(year, wk, Weekday::Mon).is_none() {
+            return Err(format!("invalid board {raw:?}: {y} has no ISO week {w}"));
+        }
+        return Ok(raw.to_string());
+    }
+    if let Some(tag) = raw.strip_prefix("tag:") {
+        let tag = tag.to_lowercase();
+        let ok = (1..=35).contains(&tag.chars().count())
+            && tag
+                .chars()
+                .all(|c| c.is_alphanumeric() || "-+#.".contains(c));
+        if !ok {
+            return Err(format!(
+                "invalid board {raw:?}: a tag is 1..=35 letters, digits, - + # ."
+            ));
+        }
+        return Ok(format!("tag:{tag}"));
+    }
+    Err(bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_three_forms_and_rejects_the_rest() {
+        assert_eq!(parse_board("all-time").unwrap(), "all-time");
+        assert_eq!(parse_board("weekly:2020-W53").unwrap(), "weekly:2020-W53");
+        assert!(parse_board("weekly:2021-W53").is_err());
+        assert!(parse_board("weekly:2024-W1").is_err());
+        assert!(parse_board("weekly:2024-W00").is_err());
+        assert_eq!(parse_board("tag:C#").unwrap(), "tag:c#");
+        assert!(parse_board("tag:").is_err());
+        assert!(parse_board("tag:a b").is_err());
+        assert!(parse_board("alltime").is_err());
+    }
+}

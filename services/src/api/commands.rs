@@ -1,0 +1,357 @@
+//! Command endpoints: registration, questions, answers, comments, votes, accepting.
+//!
+//! Each request becomes one command on one aggregate, run by the
+//! [`CommandHandler`](tektree_commands::CommandHandler) with `occurred_at` = now (UTC), a new
+//! `command_id` (the causation id of the events) and the request's correlation id. A command
+//! that commits events answers **201**; one that changes nothing (an identical repeat) answers
+//! **200** with an empty `events` list. Nothing is written when a command is refused.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tektree_commands::{CommandError, CommandMeta, Outcome};
+use tektree_domain::{
+    Actor, Content, ContentCommand, NoServices, User, UserCommand, VoteDirection,
+};
+use uuid::Uuid;
+
+use super::correlation::Correlation;
+use super::extract::{ApiJson, ApiPath};
+use super::identity::{Caller, MaybeCaller};
+use super::problem::Problem;
+use super::quota::{self, Metered};
+use crate::app::App;
+
+/// `POST /v1/users` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBody {
+    /// The new user's id; defaults to `X-User-Id`, else a new v4. Must equal `X-User-Id` when
+    /// both are given.
+    #[serde(default)]
+    pub user_id: Option<Uuid>,
+    /// Display name, 1..=100 characters.
+    pub display_name: String,
+}
+
+/// `POST /v1/questions` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuestionBody {
+    /// Question id; default a new v4.
+    #[serde(default)]
+    pub question_id: Option<Uuid>,
+    /// Title, 1..=300 characters.
+    pub title: String,
+    /// Body text.
+    pub body: String,
+    /// At most 10 tags (normalised to lower case).
+    pub tags: Vec<String>,
+}
+
+/// `POST /v1/questions/{id}/answers` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerBody {
+    /// Answer id; default a new v4.
+    #[serde(default)]
+    pub answer_id: Option<Uuid>,
+    /// Body text, at least 1 character.
+    pub body: String,
+}
+
+/// `POST /v1/content/{id}/comments` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommentBody {
+    /// Comment id; default a new v4.
+    #[serde(default)]
+    pub comment_id: Option<Uuid>,
+    /// Text, 1..=600 characters.
+    pub text: String,
+}
+
+/// `POST /v1/content/{id}/votes` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoteBody {
+    /// `up` or `down`.
+    pub direction: VoteDirection,
+}
+
+/// `POST /v1/questions/{id}/accept` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptBody {
+    /// The accepted answer; it must belong to the question.
+    pub answer_id: Uuid,
+}
+
+/// One committed event in a [`CommandResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedEvent {
+    /// Event id.
+    pub event_id: Uuid,
+    /// Catalog name, e.g. `knowledge.question.posted`.
+    pub event_type: String,
+    /// Per-aggregate sequence.
+    pub sequence: u64,
+    /// Global position.
+    pub position: u64,
+}
+
+/// Response of every command endpoint (201 with events, 200 without).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    /// `user` or `content`.
+    pub aggregate_type: String,
+    /// The aggregate the command ran on.
+    pub aggregate_id: Uuid,
+    /// Aggregate version after the command.
+    pub version: u64,
+    /// Events committed by this request; empty for an idempotent repeat.
+    pub events: Vec<CommittedEvent>,
+}
+
+impl From<Outcome> for CommandResponse {
+    fn from(o: Outcome) -> Self {
+        CommandResponse {
+            aggregate_type: o.aggregate_type.to_string(),
+            aggregate_id: o.aggregate_id,
+            version: o.version,
+            events: o
+                .events
+                .into_iter()
+                .map(|e| CommittedEvent {
+                    event_id: e.event_id,
+                    event_type: e.event_type,
+                    sequence: e.sequence,
+                    position: e.position,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl IntoResponse for CommandResponse {
+    fn into_response(self) -> Response {
+        let status = if self.events.is_empty() {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        (status, Json(self)).into_response()
+    }
+}
+
+/// Metadata of a request's command: new command id, the request's correlation id, now.
+fn meta(actor: Actor, correlation: Correlation, now: DateTime<Utc>) -> CommandMeta {
+    CommandMeta {
+        command_id: Uuid::new_v4(),
+        correlation_id: correlation.0,
+        actor,
+        occurred_at: now,
+    }
+}
+
+/// Logs and converts a command's result.
+fn finish(result: Result<Outcome, CommandError>) -> Result<CommandResponse, Problem> {
+    let outcome = result.inspect_err(|e| {
+        tracing::info!(code = %e.code(), error = %e, "command refused");
+    })?;
+    tracing::info!(
+        aggregate_type = outcome.aggregate_type,
+        aggregate_id = %outcome.aggregate_id,
+        version = outcome.version,
+        events = outcome.events.len(),
+        "command handled"
+    );
+    Ok(outcome.into())
+}
+
+/// `POST /v1/users`: registers a user (actor = the registered user).
+///
+/// # Errors
+/// 401 for an invalid `X-User-Id`, 403 when it differs from `user_id`, 409 for an existing id
+/// with another display name, 422 for an invalid name.
+pub async fn register(
+    State(app): State<Arc<App>>,
+    MaybeCaller(caller): MaybeCaller,
+    correlation: Correlation,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<CommandResponse, Problem> {
+    let user_id = match (caller, body.user_id) {
+        (Some(c), Some(b)) if c != b => {
+            return Err(Problem::forbidden(format!(
+                "X-User-Id {c} may not register user {b}"
+            )))
+        }
+        (Some(c), _) => c,
+        (None, Some(b)) => b,
+        (None, None) => Uuid::new_v4(),
+    };
+    let m = meta(Actor::User(user_id), correlation, Utc::now());
+    let cmd = UserCommand::Register {
+        user_id,
+        display_name: body.display_name,
+    };
+    finish(
+        app.handler
+            .execute::<User>(user_id, cmd, &NoServices, &m)
+            .await,
+    )
+}
+
+/// `POST /v1/questions`: posts a question authored by the caller.
+///
+/// # Errors
+/// 401 without identity, 404 when the caller is not registered, 409 when the id is taken by
+/// other content, 422 for invalid fields, 429 over quota.
+pub async fn post_question(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    correlation: Correlation,
+    ApiJson(body): ApiJson<QuestionBody>,
+) -> Result<CommandResponse, Problem> {
+    let now = Utc::now();
+    let question_id = body.question_id.unwrap_or_else(Uuid::new_v4);
+    quota::check(&app, caller.0, now, Metered::Post(question_id)).await?;
+    let cmd = ContentCommand::PostQuestion {
+        question_id,
+        author_id: Some(caller.0),
+        title: body.title,
+        body: body.body,
+        tags: body.tags,
+        actor: caller.actor(),
+    };
+    let m = meta(caller.actor(), correlation, now);
+    finish(
+        app.handler
+            .execute::<Content>(question_id, cmd, &app.knowledge, &m)
+            .await,
+    )
+}
+
+/// `POST /v1/questions/{id}/answers`: answers question `id` as the caller.
+///
+/// # Errors
+/// 401, 404 (`not_found.question`, `not_found.user`), 409, 422, 429.
+pub async fn submit_answer(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    correlation: Correlation,
+    ApiPath(question_id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<AnswerBody>,
+) -> Result<CommandResponse, Problem> {
+    let now = Utc::now();
+    let answer_id = body.answer_id.unwrap_or_else(Uuid::new_v4);
+    quota::check(&app, caller.0, now, Metered::Post(answer_id)).await?;
+    let cmd = ContentCommand::SubmitAnswer {
+        answer_id,
+        question_id,
+        author_id: Some(caller.0),
+        body: body.body,
+        actor: caller.actor(),
+    };
+    let m = meta(caller.actor(), correlation, now);
+    finish(
+        app.handler
+            .execute::<Content>(answer_id, cmd, &app.knowledge, &m)
+            .await,
+    )
+}
+
+/// `POST /v1/content/{id}/comments`: comments on question or answer `id` as the caller.
+///
+/// # Errors
+/// 401, 404 (`not_found.content`, `not_found.user`), 422, 429.
+pub async fn add_comment(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    correlation: Correlation,
+    ApiPath(content_id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<CommentBody>,
+) -> Result<CommandResponse, Problem> {
+    let now = Utc::now();
+    let comment_id = body.comment_id.unwrap_or_else(Uuid::new_v4);
+    quota::check(
+        &app,
+        caller.0,
+        now,
+        Metered::Comment {
+            content_id,
+            comment_id,
+        },
+    )
+    .await?;
+    let cmd = ContentCommand::AddComment {
+        content_id,
+        comment_id,
+        author_id: Some(caller.0),
+        text: body.text,
+        actor: caller.actor(),
+    };
+    let m = meta(caller.actor(), correlation, now);
+    finish(
+        app.handler
+            .execute::<Content>(content_id, cmd, &app.knowledge, &m)
+            .await,
+    )
+}
+
+/// `POST /v1/content/{id}/votes`: the caller votes on question or answer `id`; a vote in the
+/// other direction replaces the caller's earlier vote, the same vote again is a no-op (200).
+///
+/// # Errors
+/// 401, 404 (`not_found.content`, `not_found.user`), 422.
+pub async fn vote(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    correlation: Correlation,
+    ApiPath(content_id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<VoteBody>,
+) -> Result<CommandResponse, Problem> {
+    let cmd = ContentCommand::Vote {
+        content_id,
+        voter_id: caller.0,
+        direction: body.direction,
+        actor: caller.actor(),
+    };
+    let m = meta(caller.actor(), correlation, Utc::now());
+    finish(
+        app.handler
+            .execute::<Content>(content_id, cmd, &app.knowledge, &m)
+            .await,
+    )
+}
+
+/// `POST /v1/questions/{id}/accept`: the question's author accepts an answer.
+///
+/// # Errors
+/// 401, 403 when the caller is not the question's author, 404 (`not_found.question`,
+/// `not_found.answer`), 409 when another answer is accepted or the answer belongs to another
+/// question.
+pub async fn accept_answer(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    correlation: Correlation,
+    ApiPath(question_id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<AcceptBody>,
+) -> Result<CommandResponse, Problem> {
+    let cmd = ContentCommand::AcceptAnswer {
+        question_id,
+        answer_id: body.answer_id,
+        actor: caller.actor(),
+    };
+    let m = meta(caller.actor(), correlation, Utc::now());
+    finish(
+        app.handler
+            .execute::<Content>(question_id, cmd, &app.knowledge, &m)
+            .await,
+    )
+}

@@ -1,0 +1,186 @@
+//! Read-model query endpoints: XP, leaderboards, ranks, quota, content.
+//!
+//! Queries read the projections' read models, which trail the event store by each
+//! projection's lag (`GET /v1/projections`). They need no identity.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use tektree_domain::period_of;
+use tektree_projections::{ContentRow, LeaderboardRow, QuotaRow, XpRow};
+use uuid::Uuid;
+
+use super::board::parse_board;
+use super::extract::{ApiPath, ApiQuery};
+use super::problem::Problem;
+use crate::app::App;
+
+/// Default leaderboard page size.
+pub const DEFAULT_LIMIT: u32 = 20;
+/// Largest leaderboard page size.
+pub const MAX_LIMIT: u32 = 100;
+
+/// `?limit=&offset=` of a leaderboard page.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PageQuery {
+    /// 1..=100, default 20.
+    pub limit: Option<u32>,
+    /// Default 0.
+    pub offset: Option<u64>,
+}
+
+/// `?period=YYYY-MM` of a quota query.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PeriodQuery {
+    /// UTC month; default the current one.
+    pub period: Option<String>,
+}
+
+/// `GET /v1/leaderboards/{board}` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderboardPage {
+    /// The board (canonical name).
+    pub board: String,
+    /// Page size used.
+    pub limit: u32,
+    /// Offset used.
+    pub offset: u64,
+    /// Up to `limit` entries, XP descending then user id ascending.
+    pub entries: Vec<LeaderboardRow>,
+}
+
+/// `GET /v1/users/{id}/xp`.
+///
+/// # Errors
+/// 400 for a bad id, 404 when the user has no XP row yet.
+pub async fn user_xp(
+    State(app): State<Arc<App>>,
+    ApiPath(user_id): ApiPath<Uuid>,
+) -> Result<Json<XpRow>, Problem> {
+    app.read_models
+        .user_xp(user_id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no XP recorded for user {user_id}")))
+}
+
+/// `GET /v1/leaderboards/{board}?limit=&offset=`.
+///
+/// # Errors
+/// 400 for an invalid board, limit or offset.
+pub async fn leaderboard(
+    State(app): State<Arc<App>>,
+    ApiPath(board): ApiPath<String>,
+    ApiQuery(page): ApiQuery<PageQuery>,
+) -> Result<Json<LeaderboardPage>, Problem> {
+    let board = parse_board(&board).map_err(Problem::invalid_path)?;
+    let limit = page.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(Problem::invalid_query(format!(
+            "limit must be 1..={MAX_LIMIT}, got {limit}"
+        )));
+    }
+    let offset = page.offset.unwrap_or(0);
+    let entries = app.read_models.leaderboard(&board, limit, offset).await?;
+    Ok(Json(LeaderboardPage {
+        board,
+        limit,
+        offset,
+        entries,
+    }))
+}
+
+/// `GET /v1/leaderboards/{board}/users/{id}`.
+///
+/// # Errors
+/// 400 for an invalid board or id, 404 when the user is not on the board.
+pub async fn rank(
+    State(app): State<Arc<App>>,
+    ApiPath((board, user_id)): ApiPath<(String, Uuid)>,
+) -> Result<Json<LeaderboardRow>, Problem> {
+    let board = parse_board(&board).map_err(Problem::invalid_path)?;
+    app.read_models
+        .rank(&board, user_id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("user {user_id} is not on board {board}")))
+}
+
+/// Validates `YYYY-MM` (month 01..=12).
+pub fn parse_period(p: &str) -> Result<(), String> {
+    let b = p.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let ok = b.len() == 7
+        && b[4] == b'-'
+        && digits(0..4)
+        && digits(5..7)
+        && (1..=12).contains(&p[5..7].parse::<u32>().unwrap_or(0));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("period must be YYYY-MM, got {p:?}"))
+    }
+}
+
+/// `GET /v1/users/{id}/quota?period=YYYY-MM` (default: the current UTC month).
+///
+/// # Errors
+/// 400 for a bad id or period, 404 when there is no row for the period.
+pub async fn user_quota(
+    State(app): State<Arc<App>>,
+    ApiPath(user_id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<PeriodQuery>,
+) -> Result<Json<QuotaRow>, Problem> {
+    let period = match q.period {
+        Some(p) => {
+            parse_period(&p).map_err(Problem::invalid_query)?;
+            p
+        }
+        None => period_of(Utc::now()),
+    };
+    app.read_models
+        .quota(user_id, &period)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no quota row for user {user_id} in {period}")))
+}
+
+/// `GET /v1/content/{id}`.
+///
+/// # Errors
+/// 400 for a bad id, 404 when the content is unknown to the read model.
+pub async fn content(
+    State(app): State<Arc<App>>,
+    ApiPath(content_id): ApiPath<Uuid>,
+) -> Result<Json<ContentRow>, Problem> {
+    app.read_models
+        .content(content_id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("content {content_id} not found")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_are_year_dash_month() {
+        assert!(parse_period("2024-01").is_ok());
+        assert!(parse_period("2024-12").is_ok());
+        for bad in [
+            "2024-13",
+            "2024-00",
+            "2024-1",
+            "24-01",
+            "2024/01",
+            "2024-01-01",
+            "abcd-ef",
+        ] {
+            assert!(parse_period(bad).is_err(), "{bad}");
+        }
+    }
+}
