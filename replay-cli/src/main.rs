@@ -1,0 +1,177 @@
+//! `tektree-replay`: operator tool. See `tektree-replay --help` and docs/replay.md.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tektree_projections::PROJECTIONS;
+use tektree_services::app::App;
+use tektree_services::config::{load_rules, DEFAULT_STORE};
+use tektree_services::replay::rebuild;
+use uuid::Uuid;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tektree-replay",
+    version,
+    about = "Rebuild projections and inspect event history"
+)]
+struct Cli {
+    /// Event store: `sqlite://PATH`.
+    #[arg(long, global = true, env = "TEKTREE_STORE", default_value = DEFAULT_STORE)]
+    store: String,
+    /// Rules file (only needed to list policy consumers; read models do not depend on it).
+    #[arg(long, global = true, env = "TEKTREE_RULES")]
+    rules: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Reset a projection and rebuild it from the event store (not the bus).
+    Rebuild {
+        /// `xp`, `leaderboard`, `quota` or `content`.
+        projection: Option<String>,
+        /// Rebuild all four.
+        #[arg(long, conflicts_with = "projection")]
+        all: bool,
+        /// No progress bar (for scripts and CI).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Every consumer's checkpoint and lag behind the store's head.
+    Status {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print events as JSON lines.
+    Events {
+        /// `TYPE/ID`, e.g. `content/5b0e…`: one aggregate's history.
+        #[arg(long)]
+        aggregate: Option<String>,
+        /// Start after this global position (without --aggregate).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many events (without --aggregate).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let app = App::open(&cli.store, "memory", load_rules(cli.rules.as_deref())?)
+        .await
+        .with_context(|| format!("opening {}", cli.store))?;
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Rebuild {
+            projection,
+            all,
+            quiet,
+        } => {
+            let names: Vec<String> = match (projection, all) {
+                (_, true) => PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+                (Some(p), false) => vec![p],
+                (None, false) => bail!("name a projection or pass --all"),
+            };
+            let head = app.store.head().await?;
+            for name in names {
+                let bar = if quiet {
+                    ProgressBar::hidden()
+                } else {
+                    ProgressBar::new(head.position)
+                };
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>12} [{bar:40}] {pos}/{len} events {per_sec} eta {eta}",
+                    )?
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(name.clone());
+                let n = rebuild(app.store.as_ref(), app.read_models.as_ref(), &name, |p| {
+                    bar.set_position(p)
+                })
+                .await?;
+                bar.finish();
+                writeln!(out, "{{\"projection\":\"{name}\",\"events\":{n}}}")?;
+            }
+        }
+        Command::Status { json } => {
+            let head = app.store.head().await?;
+            let cps = app.read_models.checkpoints().await?;
+            let names: Vec<String> = app.consumers().iter().map(|c| c.name().into()).collect();
+            let rows: Vec<serde_json::Value> = names
+                .iter()
+                .map(|n| {
+                    let cp = cps.iter().find(|c| &c.name == n);
+                    let checkpoint = cp.map(|c| c.checkpoint).unwrap_or(0);
+                    serde_json::json!({
+                        "name": n,
+                        "checkpoint": checkpoint,
+                        "applied": cp.map(|c| c.applied).unwrap_or(0),
+                        "lag": head.position.saturating_sub(checkpoint),
+                    })
+                })
+                .collect();
+            let backlog = app.store.outbox_backlog().await?;
+            if json {
+                let v = serde_json::json!({"head_position": head.position, "events": head.events,
+                    "outbox_backlog": backlog, "consumers": rows});
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(
+                    out,
+                    "head position {}  events {}  outbox backlog {}",
+                    head.position, head.events, backlog
+                )?;
+                writeln!(
+                    out,
+                    "{:<22} {:>12} {:>12} {:>10}",
+                    "consumer", "checkpoint", "applied", "lag"
+                )?;
+                for r in rows {
+                    writeln!(
+                        out,
+                        "{:<22} {:>12} {:>12} {:>10}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["checkpoint"],
+                        r["applied"],
+                        r["lag"]
+                    )?;
+                }
+            }
+        }
+        Command::Events {
+            aggregate,
+            after,
+            limit,
+        } => {
+            let events = match aggregate {
+                Some(a) => {
+                    let (t, id) = a
+                        .split_once('/')
+                        .context("--aggregate takes TYPE/ID, e.g. content/<uuid>")?;
+                    let id = Uuid::parse_str(id).with_context(|| format!("invalid id {id:?}"))?;
+                    app.store.load(t, id).await?
+                }
+                None => app.store.read_all(after, limit).await?,
+            };
+            for e in events {
+                writeln!(out, "{}", serde_json::to_string(&e)?)?;
+            }
+        }
+    }
+    Ok(())
+}

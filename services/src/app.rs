@@ -1,0 +1,215 @@
+//! The application: ports wired to adapters chosen by URL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tektree_commands::policies::{self, Policy};
+use tektree_commands::{CommandHandler, StoreServices};
+use tektree_domain::{KnowledgeServices, Rules};
+use tektree_event_store::{EventStore, SqliteStore};
+use tektree_outbox::relay::{self, RelayConfig};
+use tektree_outbox::{open_bus, Bus};
+use tektree_projections::{ReadModelStore, SqliteReadModels, PROJECTIONS};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{ConfigError, StoreUrl};
+use crate::worker::{self, Consumer, WorkerConfig};
+
+/// Errors opening or running the application.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The event store could not be opened.
+    #[error(transparent)]
+    Store(#[from] tektree_event_store::StoreError),
+    /// The read-model store could not be opened.
+    #[error(transparent)]
+    ReadModels(#[from] tektree_projections::ReadModelError),
+    /// The bus could not be opened.
+    #[error(transparent)]
+    Bus(#[from] tektree_outbox::BusError),
+    /// Waiting for the pipeline to settle timed out.
+    #[error("pipeline did not settle within {0:?}: {1}")]
+    NotSettled(Duration, String),
+}
+
+/// Every port, wired.
+#[derive(Clone)]
+pub struct App {
+    /// Event store (events + outbox).
+    pub store: Arc<dyn EventStore>,
+    /// Read models and consumer checkpoints.
+    pub read_models: Arc<dyn ReadModelStore>,
+    /// The bus.
+    pub bus: Arc<dyn Bus>,
+    /// `true` when `bus` is the in-process bus (lost on exit; re-seeded from the store).
+    pub in_process_bus: bool,
+    /// Command handler over `store`.
+    pub handler: CommandHandler,
+    /// Cross-aggregate lookups for content commands.
+    pub knowledge: Arc<dyn KnowledgeServices>,
+    /// XP and quota rules.
+    pub rules: Rules,
+}
+
+impl App {
+    /// Opens the store named by `store_url` and the bus named by `bus_url`.
+    ///
+    /// # Errors
+    /// [`AppError`] when either cannot be opened.
+    pub async fn open(store_url: &str, bus_url: &str, rules: Rules) -> Result<App, AppError> {
+        let StoreUrl::Sqlite(path) = StoreUrl::parse(store_url)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                tektree_event_store::StoreError::Backend(format!("create {}: {e}", dir.display()))
+            })?;
+        }
+        let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(&path)?);
+        let read_models: Arc<dyn ReadModelStore> = Arc::new(SqliteReadModels::open(&path)?);
+        let bus = open_bus(bus_url).await?;
+        let handler = CommandHandler::new(store.clone());
+        let knowledge: Arc<dyn KnowledgeServices> = Arc::new(StoreServices::new(handler.clone()));
+        Ok(App {
+            store,
+            read_models,
+            bus,
+            in_process_bus: bus_url == "memory",
+            handler,
+            knowledge,
+            rules,
+        })
+    }
+
+    /// The policies, by consumer name.
+    pub fn policies(&self) -> Vec<Arc<dyn Policy>> {
+        policies::all(&self.handler, &self.rules)
+    }
+
+    /// Every consumer: the four projections and the two policies.
+    pub fn consumers(&self) -> Vec<Consumer> {
+        let mut v: Vec<Consumer> = PROJECTIONS
+            .iter()
+            .map(|p| Consumer::Projection(p))
+            .collect();
+        v.extend(self.policies().into_iter().map(Consumer::Policy));
+        v
+    }
+
+    /// The consumer named `name` (`xp`, `policy.gamification`, …).
+    pub fn consumer(&self, name: &str) -> Option<Consumer> {
+        self.consumers().into_iter().find(|c| c.name() == name)
+    }
+
+    /// For the in-process bus only: publishes every stored event above the lowest consumer
+    /// checkpoint, so that events published by an earlier process (whose in-memory bus died
+    /// with it) but not yet applied reach every consumer again. Consumers drop the ones they
+    /// already applied (sequence guard).
+    ///
+    /// # Errors
+    /// Store, read-model or bus errors.
+    pub async fn seed_in_process_bus(&self) -> Result<(), AppError> {
+        if !self.in_process_bus {
+            return Ok(());
+        }
+        let checkpoints = self.read_models.checkpoints().await?;
+        let mut from = u64::MAX;
+        for c in self.consumers() {
+            let cp = checkpoints
+                .iter()
+                .find(|k| k.name == c.name())
+                .map(|k| k.checkpoint)
+                .unwrap_or(0);
+            from = from.min(cp);
+        }
+        let mut after = if from == u64::MAX { 0 } else { from };
+        loop {
+            let page = self.store.read_all(after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.position;
+            self.bus.publish(&page).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the relay and every consumer in this process until `shutdown` turns `true`
+    /// (`tektree serve`).
+    pub fn spawn_pipeline(&self, shutdown: watch::Receiver<bool>, tasks: &mut JoinSet<()>) {
+        self.spawn_relay(shutdown.clone(), tasks);
+        for c in self.consumers() {
+            self.spawn_consumer(c, WorkerConfig::default(), shutdown.clone(), tasks);
+        }
+    }
+
+    /// Spawns the outbox relay.
+    pub fn spawn_relay(&self, shutdown: watch::Receiver<bool>, tasks: &mut JoinSet<()>) {
+        let (store, bus) = (self.store.clone(), self.bus.clone());
+        tasks.spawn(async move {
+            if let Err(e) = relay::run(store, bus, RelayConfig::default(), shutdown).await {
+                tracing::error!(error = %e, "relay stopped");
+            }
+        });
+    }
+
+    /// Spawns one consumer.
+    pub fn spawn_consumer(
+        &self,
+        consumer: Consumer,
+        cfg: WorkerConfig,
+        shutdown: watch::Receiver<bool>,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let app = self.clone();
+        tasks.spawn(async move {
+            let name = consumer.name().to_string();
+            if let Err(e) = worker::run(&app, consumer, cfg, shutdown).await {
+                tracing::error!(consumer = %name, error = %e, "consumer stopped");
+            }
+        });
+    }
+
+    /// Waits until the outbox is empty, every consumer's checkpoint equals the store's head
+    /// position, and the head stayed the same across one more check (policies append events
+    /// of their own). Polls every 50 ms for at most `timeout`.
+    ///
+    /// # Errors
+    /// [`AppError::NotSettled`] with the last observed state.
+    pub async fn settle(&self, timeout: Duration) -> Result<(), AppError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut stable_head = None;
+        loop {
+            let head = self.store.head().await?;
+            let backlog = self.store.outbox_backlog().await?;
+            let cps = self.read_models.checkpoints().await?;
+            let names: Vec<String> = self.consumers().iter().map(|c| c.name().into()).collect();
+            let behind: Vec<String> = names
+                .iter()
+                .filter_map(|n| {
+                    let cp = cps.iter().find(|c| &c.name == n).map(|c| c.checkpoint);
+                    (cp.unwrap_or(0) < head.position).then(|| format!("{n}@{}", cp.unwrap_or(0)))
+                })
+                .collect();
+            if backlog == 0 && behind.is_empty() {
+                if stable_head == Some(head.position) {
+                    return Ok(());
+                }
+                stable_head = Some(head.position);
+            } else {
+                stable_head = None;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AppError::NotSettled(
+                    timeout,
+                    format!(
+                        "head {}, outbox backlog {backlog}, behind: {}",
+                        head.position,
+                        behind.join(", ")
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
