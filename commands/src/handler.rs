@@ -10,6 +10,7 @@ use tektree_event_store::{EventStore, StoreError};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::cache::StateCache;
 use crate::error::CommandError;
 
 /// Correlation data of one command.
@@ -77,15 +78,25 @@ pub struct Outcome {
 pub struct CommandHandler {
     store: Arc<dyn EventStore>,
     max_attempts: u32,
+    cache: Arc<StateCache>,
 }
 
 impl CommandHandler {
-    /// A handler over `store` with the default of 5 attempts per command.
+    /// A handler over `store` with the default of 5 attempts per command and a cache of up to
+    /// 50,000 folded aggregate states.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         CommandHandler {
             store,
             max_attempts: 5,
+            cache: Arc::new(StateCache::new(50_000)),
         }
+    }
+
+    /// Replaces the state cache with one of `capacity` aggregates (0 disables it: every load
+    /// folds the aggregate's whole history).
+    pub fn with_cache_capacity(mut self, capacity: usize) -> Self {
+        self.cache = Arc::new(StateCache::new(capacity));
+        self
     }
 
     /// Sets the number of attempts on expected-version conflicts (at least 1).
@@ -110,21 +121,28 @@ impl CommandHandler {
     /// [`CommandError::Store`] or [`CommandError::Decode`].
     pub async fn load<A>(&self, id: Uuid) -> Result<(A, u64), CommandError>
     where
-        A: Aggregate<Event = Event>,
+        A: Aggregate<Event = Event> + Clone + 'static,
     {
+        let (mut state, cached) = self
+            .cache
+            .get::<A>(A::TYPE, id)
+            .unwrap_or_else(|| (A::default(), 0));
         let stored = self
             .store
-            .load(A::TYPE, id)
+            .load_after(A::TYPE, id, cached)
             .await
             .map_err(CommandError::Store)?;
-        let mut state = A::default();
-        let version = stored.last().map(|e| e.sequence).unwrap_or(0);
+        let version = stored.last().map(|e| e.sequence).unwrap_or(cached);
+        let fresh = !stored.is_empty();
         for env in stored {
             let event = env.decode().map_err(|source| CommandError::Decode {
                 event_id: env.event_id,
                 source,
             })?;
             state.apply(event);
+        }
+        if fresh {
+            self.cache.put(A::TYPE, id, state.clone(), version);
         }
         Ok((state, version))
     }
@@ -143,7 +161,7 @@ impl CommandHandler {
         meta: &CommandMeta,
     ) -> Result<Outcome, CommandError>
     where
-        A: Aggregate<Event = Event, Error = DomainError>,
+        A: Aggregate<Event = Event, Error = DomainError> + Clone + 'static,
         A::Command: Clone,
     {
         let span = tracing::info_span!(
@@ -182,6 +200,9 @@ impl CommandHandler {
                     .collect();
                 match self.store.append(A::TYPE, id, version, new).await {
                     Ok(committed) => {
+                        let new_version = committed.last().map(|e| e.sequence).unwrap_or(version);
+                        // `state` has applied the new events (EventSink::write applies them).
+                        self.cache.put(A::TYPE, id, state, new_version);
                         metrics::counter!("tektree_commands_total", "aggregate" => A::TYPE, "result" => "committed").increment(1);
                         let version = committed.last().map(|e| e.sequence).unwrap_or(version);
                         return Ok(Outcome {

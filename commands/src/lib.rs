@@ -9,6 +9,7 @@
 //! a conflict and the whole cycle is retried, at most [`CommandHandler::max_attempts`] times
 //! (default 5, issue #2 §1), then [`CommandError::Conflict`] is returned (HTTP 409).
 
+mod cache;
 mod error;
 mod handler;
 pub mod policies;

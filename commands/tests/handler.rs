@@ -200,3 +200,42 @@ async fn metering_opens_free_subscription_and_meters_authors_once() {
         ]
     );
 }
+
+#[tokio::test]
+async fn cached_state_catches_up_with_another_process_writes() {
+    let (_d, h1, s1) = setup();
+    // A second handler with its own cache on the same store stands for another process.
+    let h2 = CommandHandler::new(h1.store().clone());
+    let s2: Arc<dyn KnowledgeServices> = Arc::new(StoreServices::new(h2.clone()));
+    let author = register(&h1, "author").await;
+    let q = question(&h1, &s1, author).await;
+    let voter = Uuid::new_v4();
+    let vote = |d| ContentCommand::Vote {
+        content_id: q,
+        voter_id: voter,
+        direction: d,
+        actor: Actor::importer(),
+    };
+    // h1 caches the question at version 1; h2 then votes.
+    h1.load::<Content>(q).await.unwrap();
+    let o = h2
+        .execute::<Content>(q, vote(VoteDirection::Up), &s2, &meta())
+        .await
+        .unwrap();
+    assert_eq!(o.events.len(), 1);
+    // h1 must see h2's vote: the same vote again is a no-op, the other direction replaces it.
+    let o = h1
+        .execute::<Content>(q, vote(VoteDirection::Up), &s1, &meta())
+        .await
+        .unwrap();
+    assert!(o.events.is_empty(), "h1 saw the vote committed through h2");
+    let o = h1
+        .execute::<Content>(q, vote(VoteDirection::Down), &s1, &meta())
+        .await
+        .unwrap();
+    let Event::ContentDownvoted(e) = o.events[0].decode().unwrap() else {
+        panic!("downvote expected")
+    };
+    assert_eq!(e.previous, Some(VoteDirection::Up));
+    assert_eq!(o.version, 3);
+}

@@ -150,6 +150,15 @@ pub async fn append_and_load_round_trip(store: &dyn EventStore) {
     assert_eq!(loaded, all, "conformance::{C}: load after two appends");
     let seqs: Vec<u64> = loaded.iter().map(|e| e.sequence).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5], "conformance::{C}: sequences");
+    for after in 0..=6 {
+        let tail = ok(
+            C,
+            "load_after",
+            store.load_after(SAMPLE_AGGREGATE_TYPE, id, after).await,
+        );
+        let want: Vec<EventEnvelope> = all.iter().filter(|e| e.sequence > after).cloned().collect();
+        assert_eq!(tail, want, "conformance::{C}: load_after({after})");
+    }
 
     let other_type = ok(C, "load", store.load("content", id).await);
     assert!(

@@ -1,6 +1,7 @@
 //! # tektree-event-store
 //!
-//! The event store port ([`EventStore`]) and its embedded adapter ([`SqliteStore`]).
+//! The event store port ([`EventStore`]), its embedded adapter ([`SqliteStore`]) and, with the
+//! default feature `mongodb`, its MongoDB adapter (`MongoStore`, module `mongo`).
 //!
 //! Guarantees every adapter gives (checked by the conformance suite in [`conformance`]):
 //! - [`EventStore::append`] writes one aggregate's new events **and their outbox records in one
@@ -15,6 +16,8 @@
 
 pub mod conformance;
 mod error;
+#[cfg(feature = "mongodb")]
+pub mod mongo;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -22,6 +25,8 @@ use tektree_domain::{EventEnvelope, NewEvent};
 use uuid::Uuid;
 
 pub use error::StoreError;
+#[cfg(feature = "mongodb")]
+pub use mongo::MongoStore;
 pub use sqlite::SqliteStore;
 
 /// The store's head: the highest committed position and the number of stored events.
@@ -60,6 +65,20 @@ pub trait EventStore: Send + Sync + 'static {
         aggregate_type: &str,
         aggregate_id: Uuid,
     ) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// Events of one aggregate with `sequence > after_sequence`, in sequence order (used to
+    /// bring a cached aggregate state up to date). The default filters [`EventStore::load`];
+    /// adapters override it with an indexed range read.
+    async fn load_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: u64,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let mut all = self.load(aggregate_type, aggregate_id).await?;
+        all.retain(|e| e.sequence > after_sequence);
+        Ok(all)
+    }
 
     /// Up to `limit` events with `position > after`, in position order.
     async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError>;

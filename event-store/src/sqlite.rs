@@ -514,6 +514,28 @@ impl EventStore for SqliteStore {
         .await
     }
 
+    async fn load_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: u64,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let aggregate_type = aggregate_type.to_string();
+        let after = i64::try_from(after_sequence).unwrap_or(i64::MAX);
+        self.with_reader(move |conn| {
+            query_events(
+                conn,
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e \
+                     WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 AND e.sequence > ?3 \
+                     ORDER BY e.sequence"
+                ),
+                params![aggregate_type, aggregate_id.to_string(), after],
+            )
+        })
+        .await
+    }
+
     async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
