@@ -18,10 +18,13 @@ struct Entry {
     touched: u64,
 }
 
+/// The map and a logical clock for recency.
+type Entries = (HashMap<(&'static str, Uuid), Entry>, u64);
+
 /// Bounded map `(aggregate type, id) → (state, version)`; evicts the least recently used quarter
 /// when full.
 pub(crate) struct StateCache {
-    entries: Mutex<(HashMap<(&'static str, Uuid), Entry>, u64)>,
+    entries: Mutex<Entries>,
     capacity: usize,
 }
 
