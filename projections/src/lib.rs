@@ -25,6 +25,8 @@
 
 mod changes;
 mod model;
+#[cfg(feature = "mongodb")]
+pub mod mongo;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -32,6 +34,8 @@ use uuid::Uuid;
 
 pub use changes::{project, Change, ContentDelta, ProjectionName, PROJECTIONS};
 pub use model::{Checkpoint, ContentRow, LeaderboardRow, QuotaRow, ReadModel, XpRow};
+#[cfg(feature = "mongodb")]
+pub use mongo::MongoReadModels;
 pub use sqlite::SqliteReadModels;
 
 /// Errors of a [`ReadModelStore`].

@@ -1,0 +1,177 @@
+//! Index specifications and the replica-set check, as plain functions.
+
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::options::IndexOptions;
+use mongodb::IndexModel;
+
+/// Name of the unique `(aggregate_type, aggregate_id, sequence)` index of `events`. A duplicate
+/// key on it is an optimistic-concurrency conflict.
+pub const SEQUENCE_INDEX: &str = "aggregate_sequence";
+/// Name of the unique, partial `position` index of `events` (sequenced events only).
+pub const POSITION_INDEX: &str = "position";
+/// Name of the partial `pending` index of `events` (unsequenced events only).
+pub const PENDING_INDEX: &str = "pending";
+/// Name of the `(published, position)` index of `outbox`.
+pub const OUTBOX_INDEX: &str = "published_position";
+
+fn index(keys: Document, name: &str, unique: bool, partial: Option<Document>) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(
+            IndexOptions::builder()
+                .name(name.to_string())
+                .unique(unique.then_some(true))
+                .partial_filter_expression(partial)
+                .build(),
+        )
+        .build()
+}
+
+/// The indexes of the `events` collection (besides `_id`, which is the `event_id` and hence
+/// unique):
+///
+/// - [`SEQUENCE_INDEX`]: unique `{aggregate_type: 1, aggregate_id: 1, sequence: 1}` — serves
+///   `load` and the version check, and makes a second writer of the same sequence fail;
+/// - [`POSITION_INDEX`]: unique `{position: 1}`, partial on `position > 0` (only sequenced
+///   events have a position) — serves `read_all`, `head` checks and the outbox join, and makes
+///   a doubly assigned position impossible;
+/// - [`PENDING_INDEX`]: `{pending: 1}`, partial on `pending` existing — the sequencer's queue
+///   of committed but unsequenced events, kept tiny because sequencing removes `pending`.
+pub fn event_indexes() -> Vec<IndexModel> {
+    vec![
+        index(
+            doc! { "aggregate_type": 1, "aggregate_id": 1, "sequence": 1 },
+            SEQUENCE_INDEX,
+            true,
+            None,
+        ),
+        index(
+            doc! { "position": 1 },
+            POSITION_INDEX,
+            true,
+            Some(doc! { "position": { "$gt": 0_i64 } }),
+        ),
+        index(
+            doc! { "pending": 1 },
+            PENDING_INDEX,
+            false,
+            Some(doc! { "pending": { "$exists": true } }),
+        ),
+    ]
+}
+
+/// The indexes of the `outbox` collection (`_id` is the `event_id`):
+/// [`OUTBOX_INDEX`] `{published: 1, position: 1}` — `outbox_pending` reads unpublished records
+/// in position order and `outbox_backlog` counts them from this index alone.
+pub fn outbox_indexes() -> Vec<IndexModel> {
+    vec![index(
+        doc! { "published": 1, "position": 1 },
+        OUTBOX_INDEX,
+        false,
+        None,
+    )]
+}
+
+/// The deployment kind a `hello` reply describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deployment {
+    /// A replica-set member (`setName` present).
+    ReplicaSet {
+        /// The replica set's name.
+        name: String,
+    },
+    /// A `mongos` router of a sharded cluster (`msg: "isdbgrid"`).
+    Sharded,
+}
+
+/// Checks a `hello` (or legacy `isMaster`) reply: transactions need a replica set (or a sharded
+/// cluster); a standalone server is refused.
+///
+/// # Errors
+/// A message naming the replica-set requirement when the reply has neither `setName` nor
+/// `msg: "isdbgrid"`.
+pub fn check_deployment(hello: &Document) -> Result<Deployment, String> {
+    if let Some(Bson::String(name)) = hello.get("setName") {
+        return Ok(Deployment::ReplicaSet { name: name.clone() });
+    }
+    if matches!(hello.get("msg"), Some(Bson::String(m)) if m == "isdbgrid") {
+        return Ok(Deployment::Sharded);
+    }
+    Err(
+        "the MongoDB server is a standalone server (its hello reply has no setName): \
+         TekTree needs a replica set, because appends and read-model updates are multi-document \
+         transactions. Start mongod with --replSet rs0 and run rs.initiate() once (a one-node \
+         replica set is enough; see docs/mongodb.md)"
+            .to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(models: &[IndexModel], name: &str) -> (Document, bool, Option<Document>) {
+        let m = models
+            .iter()
+            .find(|m| m.options.as_ref().and_then(|o| o.name.as_deref()) == Some(name))
+            .unwrap_or_else(|| panic!("no index {name}"));
+        let o = m.options.clone().unwrap();
+        (
+            m.keys.clone(),
+            o.unique == Some(true),
+            o.partial_filter_expression,
+        )
+    }
+
+    #[test]
+    fn event_indexes_are_the_documented_ones() {
+        let models = event_indexes();
+        assert_eq!(models.len(), 3);
+        let (keys, unique, partial) = spec(&models, SEQUENCE_INDEX);
+        assert_eq!(
+            keys,
+            doc! { "aggregate_type": 1, "aggregate_id": 1, "sequence": 1 }
+        );
+        assert!(unique);
+        assert_eq!(partial, None);
+        // Key order matters for a compound index.
+        let order: Vec<&String> = keys.keys().collect();
+        assert_eq!(order, ["aggregate_type", "aggregate_id", "sequence"]);
+        let (keys, unique, partial) = spec(&models, POSITION_INDEX);
+        assert_eq!(keys, doc! { "position": 1 });
+        assert!(unique);
+        assert_eq!(partial, Some(doc! { "position": { "$gt": 0_i64 } }));
+        let (keys, unique, partial) = spec(&models, PENDING_INDEX);
+        assert_eq!(keys, doc! { "pending": 1 });
+        assert!(!unique);
+        assert_eq!(partial, Some(doc! { "pending": { "$exists": true } }));
+    }
+
+    #[test]
+    fn outbox_index_serves_pending_in_position_order() {
+        let models = outbox_indexes();
+        assert_eq!(models.len(), 1);
+        let (keys, unique, partial) = spec(&models, OUTBOX_INDEX);
+        let order: Vec<&String> = keys.keys().collect();
+        assert_eq!(order, ["published", "position"]);
+        assert!(!unique);
+        assert_eq!(partial, None);
+    }
+
+    #[test]
+    fn standalone_servers_are_refused_with_the_replica_set_requirement() {
+        assert_eq!(
+            check_deployment(&doc! { "isWritablePrimary": true, "setName": "rs0" }),
+            Ok(Deployment::ReplicaSet { name: "rs0".into() })
+        );
+        assert_eq!(
+            check_deployment(&doc! { "ismaster": true, "msg": "isdbgrid" }),
+            Ok(Deployment::Sharded)
+        );
+        let err = check_deployment(&doc! { "isWritablePrimary": true, "maxWireVersion": 21 })
+            .unwrap_err();
+        assert!(err.contains("standalone"), "{err}");
+        assert!(err.contains("replica set"), "{err}");
+        assert!(err.contains("--replSet"), "{err}");
+    }
+}

@@ -1,0 +1,1007 @@
+//! The MongoDB adapter of [`EventStore`] (feature `mongodb`, on by default): [`MongoStore`].
+//!
+//! Needs a **replica set** (a one-node replica set is enough) or a sharded cluster: every
+//! append is a multi-document transaction. [`MongoStore::connect`] refuses a standalone server.
+//! How to run one and the conformance suite: `docs/mongodb.md`.
+//!
+//! # Collections
+//!
+//! | collection | one document per | fields |
+//! |---|---|---|
+//! | `events` | event | the envelope (see [`envelope_to_document`]); `position` once sequenced; until then `pending`, `pending_of` (first event id of the append) and `pending_n` (events in the append) |
+//! | `outbox` | event | `_id` = event id, `position` once sequenced, `published`, `published_at` |
+//! | `counters` | — | `{_id: "position", last}`: the last assigned position (written only by the sequencer) |
+//!
+//! Indexes: [`event_indexes`] and [`outbox_indexes`], created idempotently by `connect`.
+//!
+//! # Positions: a post-commit sequencer
+//!
+//! An append is **one transaction** that checks the aggregate's version and inserts the events
+//! and their outbox records. It does not touch any shared document, so appends to different
+//! aggregates never conflict. The events are committed **unsequenced**: without `position`,
+//! with a provisional key `pending` (the appender's clock in microseconds, raised above the
+//! aggregate's previous unsequenced event, so `pending` increases along every aggregate).
+//!
+//! A **sequencer pass** is a second, short transaction: it reads up to 512 unsequenced events
+//! in `pending` order from its snapshot (dropping, when it hits that limit, the tail events of
+//! an append that is not wholly in the batch, so an append becomes visible at once), increments the `counters` document by their number and
+//! sets `position = last + 1, last + 2, …` on the events and their outbox records (removing
+//! `pending`). Passes are serialised: in one process by a mutex, across processes by the
+//! counter document (two concurrent passes write it, so one gets a write conflict and is
+//! retried from a fresh snapshot). After its commit an append runs passes until its own events
+//! have positions (in a busy process one pass sequences every waiting appender's events: group
+//! commit), then returns the envelopes.
+//!
+//! Why this gives the [`EventStore`] guarantees:
+//! - **Gap-free and strictly increasing in visibility order.** Positions come only from passes,
+//!   each pass takes the next `n` numbers of the counter and commits them atomically, and a pass
+//!   can only commit after the previous one (the counter write conflicts otherwise). Events
+//!   become visible to `read_all`, `head` and the outbox only together with their position.
+//!   An append that commits late is simply sequenced by a later pass: it gets a *higher*
+//!   position, never a lower one, so a reader at position `p` can never miss it.
+//! - **Per-aggregate order.** Sequence `n + 1` of an aggregate can only commit after `n`
+//!   (its version check read `n`), so a pass whose snapshot holds `n + 1` also holds `n`, and
+//!   `pending(n) < pending(n + 1)` sorts `n` first (or it already had a position).
+//! - **Recovery.** If an appender dies between its commit and its pass, its events wait in the
+//!   `pending` index; the next pass anywhere sequences them: every append, `load` of that
+//!   aggregate, `outbox_pending` (the relay) and [`MongoStore::sequence_pending`] run passes.
+//!
+//! Trade-offs: an append costs two transactions (the second is shared by all appenders waiting
+//! at that moment); positions follow sequencing order rather than the first transaction's
+//! commit time (causal order is kept: an event appended after another was read gets a higher
+//! position); if every pass fails after a successful commit, `append` reports
+//! [`StoreError::Backend`] although the events are stored (they are sequenced by a later pass,
+//! and a retried command sees a version conflict). The alternatives and what to measure are in
+//! `docs/mongodb.md`.
+//!
+//! # Consistency
+//!
+//! Transactions read a majority snapshot and commit with `w: majority, j: true`. Reads outside
+//! transactions use read concern `majority` in a causally consistent session advanced to the
+//! latest operation time this handle has written, so a handle reads its own writes and never
+//! sees writes that a failover could roll back.
+
+mod errors;
+mod indexes;
+mod mapping;
+mod txn;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{SecondsFormat, Utc};
+use futures::FutureExt;
+use mongodb::bson::{doc, Bson, Document, Timestamp};
+use mongodb::options::{Acknowledgment, ClientOptions, ReadConcern, ReturnDocument, WriteConcern};
+use mongodb::{Client, ClientSession, Collection, Database};
+use tektree_domain::{EventEnvelope, NewEvent};
+use uuid::Uuid;
+
+pub use errors::{
+    backoff, classify, classify_parts, code_and_message, should_retry, ErrorClass, Phase, Retry,
+    DUPLICATE_KEY, MAX_RETRY_TIME, MAX_TIME_MS_EXPIRED,
+};
+pub use indexes::{
+    check_deployment, event_indexes, outbox_indexes, Deployment, OUTBOX_INDEX, PENDING_INDEX,
+    POSITION_INDEX, SEQUENCE_INDEX,
+};
+pub use mapping::{
+    bson_to_json, envelope_from_document, envelope_to_document, json_to_bson, timestamp_from_bson,
+    timestamp_to_bson, uuid_from_bson, uuid_to_bson, MappingError,
+};
+
+use crate::{EventStore, Head, StoreError};
+use txn::{RunError, TxError};
+
+/// The events collection.
+pub const EVENTS: &str = "events";
+/// The outbox collection.
+pub const OUTBOX: &str = "outbox";
+/// The counters collection (the sequencer's `{_id: "position", last}` document).
+pub const COUNTERS: &str = "counters";
+/// `_id` of the position counter document.
+pub const POSITION_COUNTER: &str = "position";
+/// Most events one sequencer pass assigns positions to.
+pub const SEQUENCE_BATCH: usize = 512;
+
+/// Most sequencer passes one [`MongoStore::sequence_pending`] call runs.
+pub const MAX_PASSES_PER_CALL: usize = 1024;
+
+/// How long an append waits for its committed events to be sequenced before reporting an
+/// error (the events stay committed and are sequenced by a later pass).
+const SEQUENCE_WAIT: Duration = Duration::from_secs(30);
+
+fn backend(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("{what}: {e}"))
+}
+
+fn corrupt(doc: &Document, e: MappingError) -> StoreError {
+    StoreError::Corrupt {
+        position: mapping::get_u64(doc, "position").unwrap_or(0),
+        reason: e.to_string(),
+    }
+}
+
+fn majority() -> WriteConcern {
+    WriteConcern::builder()
+        .w(Acknowledgment::Majority)
+        .journal(true)
+        .build()
+}
+
+/// Highest cluster and operation time a handle has seen from its own writes.
+#[derive(Default)]
+struct Clock {
+    cluster: Option<mongodb::ClusterTime>,
+    operation: Option<Timestamp>,
+}
+
+/// [`EventStore`] on a MongoDB replica set (see the [module docs](self) for the design).
+///
+/// Cheap to clone (an [`Arc`]); clones share the driver's connection pool, the in-process
+/// sequencer lock and the causal clock. Several handles and processes may use one database at
+/// once.
+#[derive(Clone)]
+pub struct MongoStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    db: Database,
+    events: Collection<Document>,
+    outbox: Collection<Document>,
+    counters: Collection<Document>,
+    /// Serialises this process's sequencer passes (cross-process: the counter document).
+    sequencer: tokio::sync::Mutex<()>,
+    /// Sequencer passes completed by this handle (to skip a pass when another did the work).
+    passes: AtomicU64,
+    clock: Mutex<Clock>,
+}
+
+impl std::fmt::Debug for MongoStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoStore")
+            .field("database", &self.inner.db.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The batch checks every adapter makes before writing (same rules as the SQLite adapter).
+fn validate_batch(
+    aggregate_type: &str,
+    aggregate_id: Uuid,
+    expected_version: u64,
+    events: &[NewEvent],
+) -> Result<(), StoreError> {
+    for (i, e) in events.iter().enumerate() {
+        if e.aggregate_type != aggregate_type || e.aggregate_id != aggregate_id {
+            return Err(StoreError::Backend(format!(
+                "append to {aggregate_type}/{aggregate_id}: event {} belongs to {}/{}",
+                e.event_id, e.aggregate_type, e.aggregate_id
+            )));
+        }
+        let want = (i as u64)
+            .checked_add(1)
+            .and_then(|n| expected_version.checked_add(n));
+        if Some(e.sequence) != want {
+            return Err(StoreError::Backend(format!(
+                "append to {aggregate_type}/{aggregate_id} at expected version \
+                 {expected_version}: event #{i} has sequence {}, expected {} (sequences must be \
+                 contiguous from expected_version + 1)",
+                e.sequence,
+                want.map_or_else(|| "overflow".to_string(), |w| w.to_string()),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The `_id`s of a sequencer pass's batch: the pending events `rows` (in `pending` order, at
+/// most `limit`) less, when the limit was reached, the events of appends that are not wholly in
+/// `rows` (so that an append becomes visible at once). An append larger than `limit` is
+/// sequenced in parts rather than never.
+fn whole_appends(rows: &[Document], limit: usize) -> Vec<Bson> {
+    let all = || rows.iter().filter_map(|d| d.get("_id").cloned()).collect();
+    if rows.len() < limit {
+        return all();
+    }
+    let mut seen: HashMap<String, i64> = HashMap::new();
+    let key = |d: &Document| format!("{:?}", d.get("pending_of"));
+    for d in rows {
+        *seen.entry(key(d)).or_default() += 1;
+    }
+    let whole: Vec<Bson> = rows
+        .iter()
+        .filter(|d| d.get_i64("pending_n").map_or(true, |n| seen[&key(d)] >= n))
+        .filter_map(|d| d.get("_id").cloned())
+        .collect();
+    if whole.is_empty() {
+        all()
+    } else {
+        whole
+    }
+}
+
+/// Everything one append transaction attempt needs.
+struct AppendCtx<'a> {
+    inner: &'a Inner,
+    aggregate_type: &'a str,
+    aggregate_id: Uuid,
+    expected: u64,
+    /// Provisional sequencing key of the first event (recorded_at in µs), before raising it
+    /// above the aggregate's previous unsequenced event.
+    pending_base: i64,
+    docs: &'a [Document],
+    outbox: &'a [Document],
+}
+
+impl AppendCtx<'_> {
+    async fn attempt(&self, s: &mut ClientSession) -> Result<(), TxError> {
+        let inner = self.inner;
+        let last = inner
+            .events
+            .find_one(doc! {
+                "aggregate_type": self.aggregate_type,
+                "aggregate_id": uuid_to_bson(self.aggregate_id),
+            })
+            .sort(doc! { "sequence": -1 })
+            .projection(doc! { "sequence": 1, "pending": 1, "position": 1 })
+            .session(&mut *s)
+            .await?;
+        let (actual, previous_pending) = match &last {
+            None => (0, None),
+            Some(d) => (
+                mapping::get_u64(d, "sequence").map_err(|e| TxError::Abort(corrupt(d, e)))?,
+                d.get_i64("pending").ok(),
+            ),
+        };
+        if actual != self.expected {
+            return Err(TxError::Abort(StoreError::Conflict {
+                aggregate_type: self.aggregate_type.to_string(),
+                aggregate_id: self.aggregate_id,
+                expected: self.expected,
+                actual,
+            }));
+        }
+        let base = match previous_pending {
+            Some(p) => self.pending_base.max(p.saturating_add(1)),
+            None => self.pending_base,
+        };
+        let first_id = self.docs.first().and_then(|d| d.get("_id")).cloned();
+        let n = self.docs.len() as i64;
+        let docs = self.docs.iter().enumerate().map(|(i, d)| {
+            let mut d = d.clone();
+            d.insert("pending", base.saturating_add(i as i64));
+            d.insert("pending_of", first_id.clone().unwrap_or(Bson::Null));
+            d.insert("pending_n", n);
+            d
+        });
+        inner.events.insert_many(docs).session(&mut *s).await?;
+        inner
+            .outbox
+            .insert_many(self.outbox.iter().cloned())
+            .session(&mut *s)
+            .await?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// One sequencer pass's transaction body: positions for up to [`SEQUENCE_BATCH`] pending
+    /// events, in `pending` order.
+    async fn sequence_attempt(&self, s: &mut ClientSession) -> Result<Vec<(Uuid, u64)>, TxError> {
+        let mut cursor = self
+            .events
+            .find(doc! { "pending": { "$exists": true } })
+            .sort(doc! { "pending": 1 })
+            .limit(SEQUENCE_BATCH as i64)
+            .projection(doc! { "_id": 1, "pending_of": 1, "pending_n": 1 })
+            .session(&mut *s)
+            .await?;
+        let mut rows = Vec::new();
+        while let Some(d) = cursor.next(&mut *s).await {
+            rows.push(d?);
+        }
+        let ids = whole_appends(&rows, SEQUENCE_BATCH);
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = ids.len() as i64;
+        let counter = self
+            .counters
+            .find_one_and_update(
+                doc! { "_id": POSITION_COUNTER },
+                doc! { "$inc": { "last": n } },
+            )
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .session(&mut *s)
+            .await?
+            .ok_or_else(|| {
+                TxError::Abort(StoreError::Backend("position counter missing".into()))
+            })?;
+        let last = counter
+            .get_i64("last")
+            .map_err(|e| TxError::Abort(backend("position counter", e)))?;
+        let first = last - n + 1;
+        let list = Bson::Array(ids.clone());
+        let position = doc! {
+            "$add": [first, { "$indexOfArray": [{ "$literal": list.clone() }, "$_id"] }],
+        };
+        let events = self
+            .events
+            .update_many(
+                doc! { "_id": { "$in": list.clone() }, "pending": { "$exists": true } },
+                vec![
+                    doc! { "$set": { "position": position.clone() } },
+                    doc! { "$unset": ["pending", "pending_of", "pending_n"] },
+                ],
+            )
+            .session(&mut *s)
+            .await?;
+        if events.modified_count != n as u64 {
+            return Err(TxError::Abort(StoreError::Backend(format!(
+                "sequencer: {} of {n} pending events updated",
+                events.modified_count
+            ))));
+        }
+        let outbox = self
+            .outbox
+            .update_many(
+                doc! { "_id": { "$in": list } },
+                vec![doc! { "$set": { "position": position } }],
+            )
+            .session(&mut *s)
+            .await?;
+        if outbox.matched_count != n as u64 {
+            return Err(TxError::Abort(StoreError::Backend(format!(
+                "sequencer: {} of {n} events have an outbox record",
+                outbox.matched_count
+            ))));
+        }
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let id = uuid_from_bson("_id", id).map_err(|e| {
+                    TxError::Abort(StoreError::Corrupt {
+                        position: (first + i as i64) as u64,
+                        reason: e.to_string(),
+                    })
+                })?;
+                Ok((id, (first + i as i64) as u64))
+            })
+            .collect()
+    }
+}
+
+impl MongoStore {
+    /// Connects to the deployment at `uri`, checks that it is a replica set (or sharded
+    /// cluster), and creates the collections' indexes and the position counter in database
+    /// `db_name` if missing (idempotent; safe to run from several processes at once). Then
+    /// sequences events left unsequenced by a crashed appender.
+    ///
+    /// The client uses read concern `majority` and write concern `majority` with journaling;
+    /// the URI's other options (pool size, timeouts, TLS, `directConnection`, …) apply.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the URI is invalid, no server is reachable within the
+    /// server-selection timeout (30 s unless the URI says otherwise), the server is a
+    /// **standalone** (the message names the replica-set requirement), or an index with the
+    /// same name but a different definition exists.
+    pub async fn connect(uri: &str, db_name: &str) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(uri)
+            .await
+            .map_err(|e| backend("parse MongoDB URI", e))?;
+        options
+            .app_name
+            .get_or_insert_with(|| "tektree".to_string());
+        options.read_concern = Some(ReadConcern::majority());
+        options.write_concern = Some(majority());
+        let client = Client::with_options(options).map_err(|e| backend("MongoDB client", e))?;
+        let admin = client.database("admin");
+        let hello = match admin.run_command(doc! { "hello": 1 }).await {
+            Ok(reply) => reply,
+            // Servers before 4.4.2 only know the legacy name.
+            Err(e) if code_and_message(&e).0 == Some(59) => admin
+                .run_command(doc! { "isMaster": 1 })
+                .await
+                .map_err(|e| backend("MongoDB isMaster", e))?,
+            Err(e) => return Err(backend("MongoDB hello", e)),
+        };
+        let deployment = check_deployment(&hello).map_err(StoreError::Backend)?;
+        let db = client.database(db_name);
+        let events = db.collection::<Document>(EVENTS);
+        let outbox = db.collection::<Document>(OUTBOX);
+        let counters = db.collection::<Document>(COUNTERS);
+        events
+            .create_indexes(event_indexes())
+            .await
+            .map_err(|e| backend("create indexes of events", e))?;
+        outbox
+            .create_indexes(outbox_indexes())
+            .await
+            .map_err(|e| backend("create indexes of outbox", e))?;
+        counters
+            .update_one(
+                doc! { "_id": POSITION_COUNTER },
+                doc! { "$setOnInsert": { "last": 0_i64 } },
+            )
+            .upsert(true)
+            .await
+            .map_err(|e| backend("create position counter", e))?;
+        tracing::debug!(
+            database = db_name,
+            ?deployment,
+            "opened MongoDB event store"
+        );
+        let store = MongoStore {
+            inner: Arc::new(Inner {
+                client,
+                db,
+                events,
+                outbox,
+                counters,
+                sequencer: tokio::sync::Mutex::new(()),
+                passes: AtomicU64::new(0),
+                clock: Mutex::new(Clock::default()),
+            }),
+        };
+        store.sequence_pending().await?;
+        Ok(store)
+    }
+
+    /// The database this store uses.
+    pub fn database(&self) -> &Database {
+        &self.inner.db
+    }
+
+    /// Runs sequencer passes until one finds no committed event without a position (or after
+    /// [`MAX_PASSES_PER_CALL`] passes, when writers keep adding faster than passes drain);
+    /// returns how many events got positions.
+    ///
+    /// Appends sequence their own events, so this is only needed to recover events whose
+    /// appender died between its commit and its pass (`outbox_pending`, `load` and
+    /// `load_after` call it when they see such events).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when a pass fails (after the transaction retries).
+    pub async fn sequence_pending(&self) -> Result<u64, StoreError> {
+        let _guard = self.inner.sequencer.lock().await;
+        let mut total = 0u64;
+        for _ in 0..MAX_PASSES_PER_CALL {
+            let assigned = self.sequence_pass().await?;
+            if assigned.is_empty() {
+                break;
+            }
+            total += assigned.len() as u64;
+        }
+        Ok(total)
+    }
+
+    /// A causally consistent session that starts at the latest time this handle wrote.
+    async fn session(&self) -> Result<ClientSession, StoreError> {
+        let mut s = self
+            .inner
+            .client
+            .start_session()
+            .causal_consistency(true)
+            .await
+            .map_err(|e| backend("start session", e))?;
+        let clock = self.inner.clock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ct) = &clock.cluster {
+            s.advance_cluster_time(ct);
+        }
+        if let Some(op) = clock.operation {
+            s.advance_operation_time(op);
+        }
+        Ok(s)
+    }
+
+    /// Advances the handle's clock to what `s` has seen.
+    fn observe(&self, s: &ClientSession) {
+        let mut clock = self.inner.clock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ct) = s.cluster_time() {
+            if clock.cluster.as_ref().is_none_or(|c| c < ct) {
+                clock.cluster = Some(ct.clone());
+            }
+        }
+        if let Some(op) = s.operation_time() {
+            if clock.operation.is_none_or(|c| c < op) {
+                clock.operation = Some(op);
+            }
+        }
+    }
+
+    /// One sequencer pass (the caller holds the sequencer lock).
+    async fn sequence_pass(&self) -> Result<Vec<(Uuid, u64)>, StoreError> {
+        let mut session = self.session().await?;
+        let inner: &Inner = &self.inner;
+        let out = txn::run(&mut session, inner, |s, inner| {
+            let inner: &Inner = inner;
+            async move { inner.sequence_attempt(s).await }.boxed()
+        })
+        .await;
+        self.observe(&session);
+        self.inner.passes.fetch_add(1, Ordering::SeqCst);
+        match out {
+            Ok(assigned) => {
+                if !assigned.is_empty() {
+                    tracing::trace!(events = assigned.len(), "sequenced");
+                }
+                Ok(assigned)
+            }
+            Err(RunError::Abort(e)) => Err(e),
+            Err(RunError::Failed(_, e)) => Err(backend("sequencer pass", e)),
+        }
+    }
+
+    /// Positions of those of `ids` that are sequenced.
+    async fn positions_of(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, u64>, StoreError> {
+        let list: Vec<Bson> = ids.iter().map(|id| uuid_to_bson(*id)).collect();
+        let docs = self
+            .find(
+                &self.inner.events,
+                doc! { "_id": { "$in": list }, "position": { "$gt": 0_i64 } },
+                None,
+                None,
+                Some(doc! { "_id": 1, "position": 1 }),
+            )
+            .await?;
+        docs.iter()
+            .map(|d| {
+                let id = uuid_from_bson("_id", d.get("_id").unwrap_or(&Bson::Null))
+                    .map_err(|e| corrupt(d, e))?;
+                let p = mapping::get_u64(d, "position").map_err(|e| corrupt(d, e))?;
+                Ok((id, p))
+            })
+            .collect()
+    }
+
+    /// Runs passes until every event of `ids` (committed by the caller) has a position.
+    /// `passes_seen` is the pass counter read right after the caller's commit.
+    async fn sequence_own(
+        &self,
+        ids: &[Uuid],
+        passes_seen: u64,
+    ) -> Result<HashMap<Uuid, u64>, StoreError> {
+        let _guard = self.inner.sequencer.lock().await;
+        let wanted: HashSet<Uuid> = ids.iter().copied().collect();
+        let mut found = HashMap::with_capacity(ids.len());
+        if self.inner.passes.load(Ordering::SeqCst) != passes_seen {
+            // A pass ran while we waited for the lock: it probably sequenced our events.
+            found.extend(self.positions_of(ids).await?);
+        }
+        let deadline = Instant::now() + SEQUENCE_WAIT;
+        while found.len() < wanted.len() {
+            let assigned = self.sequence_pass().await?;
+            let none = assigned.is_empty();
+            found.extend(assigned.into_iter().filter(|(id, _)| wanted.contains(id)));
+            if found.len() == wanted.len() {
+                break;
+            }
+            if none {
+                // Not pending in the pass's snapshot: another process sequenced them.
+                let missing: Vec<Uuid> = ids
+                    .iter()
+                    .filter(|id| !found.contains_key(id))
+                    .copied()
+                    .collect();
+                found.extend(self.positions_of(&missing).await?);
+                if found.len() < wanted.len() {
+                    if Instant::now() > deadline {
+                        return Err(StoreError::Backend(format!(
+                            "{} committed events got no position within {SEQUENCE_WAIT:?}; \
+                             they stay stored and are sequenced by a later pass",
+                            wanted.len() - found.len()
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Runs a find in a causally consistent session and collects the documents.
+    async fn find(
+        &self,
+        coll: &Collection<Document>,
+        filter: Document,
+        sort: Option<Document>,
+        limit: Option<i64>,
+        projection: Option<Document>,
+    ) -> Result<Vec<Document>, StoreError> {
+        let mut session = self.session().await?;
+        let mut cursor = coll
+            .find(filter)
+            .with_options(
+                mongodb::options::FindOptions::builder()
+                    .sort(sort)
+                    .limit(limit)
+                    .projection(projection)
+                    .build(),
+            )
+            .session(&mut session)
+            .await
+            .map_err(|e| backend("find", e))?;
+        let mut out = Vec::new();
+        while let Some(d) = cursor.next(&mut session).await {
+            out.push(d.map_err(|e| backend("find", e))?);
+        }
+        Ok(out)
+    }
+
+    /// Events matching `filter` in `sort` order, decoded.
+    async fn find_events(
+        &self,
+        filter: Document,
+        sort: Document,
+        limit: Option<i64>,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.find(&self.inner.events, filter, Some(sort), limit, None)
+            .await?
+            .iter()
+            .map(|d| envelope_from_document(d).map_err(|e| corrupt(d, e)))
+            .collect()
+    }
+
+    /// Events of one aggregate with `sequence > after`, all sequenced (committed events that
+    /// still lack a position are sequenced first).
+    async fn load_range(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after: u64,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        let filter = doc! {
+            "aggregate_type": aggregate_type,
+            "aggregate_id": uuid_to_bson(aggregate_id),
+            "sequence": { "$gt": after },
+        };
+        for _ in 0..4 {
+            let events = self
+                .find_events(filter.clone(), doc! { "sequence": 1 }, None)
+                .await?;
+            if events.iter().all(|e| e.position != 0) {
+                return Ok(events);
+            }
+            self.sequence_pending().await?;
+        }
+        Err(StoreError::Backend(format!(
+            "load {aggregate_type}/{aggregate_id}: events stay unsequenced"
+        )))
+    }
+
+    /// Whether any committed event waits for a position.
+    async fn has_pending(&self) -> Result<bool, StoreError> {
+        Ok(!self
+            .find(
+                &self.inner.events,
+                doc! { "pending": { "$exists": true } },
+                None,
+                Some(1),
+                Some(doc! { "_id": 1 }),
+            )
+            .await?
+            .is_empty())
+    }
+}
+
+/// `limit` as a find limit (`None` = unlimited).
+fn find_limit(limit: usize) -> Option<i64> {
+    i64::try_from(limit).ok()
+}
+
+#[async_trait]
+impl EventStore for MongoStore {
+    /// See [`EventStore::append`] and the [module docs](self): one transaction (version check,
+    /// events, outbox records), then sequencer passes until the events have positions.
+    /// `recorded_at` is this process's clock when the append started, the same for every event
+    /// of the batch.
+    ///
+    /// # Errors
+    /// Additionally to the trait's errors: [`StoreError::Backend`] (nothing written) for a
+    /// malformed batch (as the SQLite adapter), an `event_id` that is already stored, or a value
+    /// BSON cannot hold; [`StoreError::Backend`] *after* the commit when no sequencer pass
+    /// succeeds within 30 s (the events are stored and get positions later).
+    async fn append(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        validate_batch(aggregate_type, aggregate_id, expected_version, &events)?;
+        let recorded_at = Utc::now();
+        let mut docs = Vec::with_capacity(events.len());
+        let mut outbox = Vec::with_capacity(events.len());
+        for e in &events {
+            let env = e.clone().into_envelope(0, recorded_at);
+            docs.push(envelope_to_document(&env).map_err(|err| {
+                StoreError::Backend(format!("event {} cannot be stored: {err}", e.event_id))
+            })?);
+            outbox.push(doc! {
+                "_id": uuid_to_bson(e.event_id),
+                "published": false,
+                "published_at": Bson::Null,
+            });
+        }
+        let ctx = AppendCtx {
+            inner: &self.inner,
+            aggregate_type,
+            aggregate_id,
+            expected: expected_version,
+            pending_base: recorded_at.timestamp_micros(),
+            docs: &docs,
+            outbox: &outbox,
+        };
+        let mut session = self.session().await?;
+        let out = txn::run(&mut session, &ctx, |s, ctx| {
+            let ctx: &AppendCtx<'_> = ctx;
+            async move { ctx.attempt(s).await }.boxed()
+        })
+        .await;
+        self.observe(&session);
+        let passes_seen = self.inner.passes.load(Ordering::SeqCst);
+        match out {
+            Ok(()) => {}
+            Err(RunError::Abort(e)) => return Err(e),
+            Err(RunError::Failed(ErrorClass::Conflict, _)) => {
+                return Err(StoreError::Conflict {
+                    aggregate_type: aggregate_type.to_string(),
+                    aggregate_id,
+                    expected: expected_version,
+                    actual: expected_version + 1,
+                })
+            }
+            Err(RunError::Failed(ErrorClass::UnknownCommitResult, e)) => {
+                return Err(StoreError::Backend(format!(
+                    "append to {aggregate_type}/{aggregate_id}: commit result unknown after \
+                     retries (the events may have been stored): {e}"
+                )))
+            }
+            Err(RunError::Failed(_, e)) => {
+                let (code, _) = code_and_message(&e);
+                let what = if code == Some(DUPLICATE_KEY) {
+                    "duplicate event_id"
+                } else {
+                    "transaction failed"
+                };
+                return Err(StoreError::Backend(format!(
+                    "append to {aggregate_type}/{aggregate_id}: {what}: {e}"
+                )));
+            }
+        }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let positions = self.sequence_own(&ids, passes_seen).await?;
+        events
+            .into_iter()
+            .map(|e| {
+                let position = positions.get(&e.event_id).copied().ok_or_else(|| {
+                    StoreError::Backend(format!("event {} has no position", e.event_id))
+                })?;
+                Ok(e.into_envelope(position, recorded_at))
+            })
+            .collect()
+    }
+
+    /// See [`EventStore::load`]. Events of the aggregate that are committed but not sequenced
+    /// yet (a concurrent or crashed appender) are sequenced first.
+    async fn load(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.load_range(aggregate_type, aggregate_id, 0).await
+    }
+
+    /// See [`EventStore::load_after`]: a range read of the aggregate's sequence index, with the
+    /// same sequencing of not yet sequenced events as [`EventStore::load`].
+    async fn load_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: u64,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.load_range(aggregate_type, aggregate_id, after_sequence)
+            .await
+    }
+
+    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        self.find_events(
+            doc! { "position": { "$gt": after } },
+            doc! { "position": 1 },
+            find_limit(limit),
+        )
+        .await
+    }
+
+    /// See [`EventStore::head`]. Positions are gap-free and events are never deleted, so the
+    /// number of events equals the last position (one read of the counter document).
+    async fn head(&self) -> Result<Head, StoreError> {
+        let docs = self
+            .find(
+                &self.inner.counters,
+                doc! { "_id": POSITION_COUNTER },
+                None,
+                Some(1),
+                None,
+            )
+            .await?;
+        let last = match docs.first() {
+            None => 0,
+            Some(d) => mapping::get_u64(d, "last").map_err(|e| backend("position counter", e))?,
+        };
+        Ok(Head {
+            position: last,
+            events: last,
+        })
+    }
+
+    /// See [`EventStore::outbox_pending`]. First sequences committed events that have no
+    /// position yet (recovering appenders that died after their commit), so the relay never
+    /// waits for them longer than one poll.
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        if self.has_pending().await? {
+            self.sequence_pending().await?;
+        }
+        let records = self
+            .find(
+                &self.inner.outbox,
+                doc! { "published": false, "position": { "$gt": 0_i64 } },
+                Some(doc! { "published": 1, "position": 1 }),
+                find_limit(limit),
+                Some(doc! { "_id": 0, "position": 1 }),
+            )
+            .await?;
+        let positions: Vec<i64> = records
+            .iter()
+            .map(|d| {
+                d.get_i64("position")
+                    .map_err(|e| backend("outbox record", e))
+            })
+            .collect::<Result<_, _>>()?;
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let events = self
+            .find_events(
+                // `$gt: 0` lets the planner use the partial position index.
+                doc! { "position": { "$in": &positions, "$gt": 0_i64 } },
+                doc! { "position": 1 },
+                None,
+            )
+            .await?;
+        if events.len() != positions.len() {
+            let found: HashSet<u64> = events.iter().map(|e| e.position).collect();
+            let missing = positions
+                .iter()
+                .map(|&p| p as u64)
+                .find(|p| !found.contains(p))
+                .unwrap_or_default();
+            return Err(StoreError::Corrupt {
+                position: missing,
+                reason: "outbox record without its event".into(),
+            });
+        }
+        Ok(events)
+    }
+
+    async fn outbox_mark_published(&self, positions: &[u64]) -> Result<(), StoreError> {
+        // Positions beyond i64::MAX cannot exist; ignore them like any unknown position.
+        let positions: Vec<i64> = positions
+            .iter()
+            .filter_map(|&p| i64::try_from(p).ok())
+            .collect();
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let now = Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true);
+        let mut session = self.session().await?;
+        self.inner
+            .outbox
+            .update_many(
+                doc! { "published": false, "position": { "$in": positions } },
+                doc! { "$set": { "published": true, "published_at": now } },
+            )
+            .session(&mut session)
+            .await
+            .map_err(|e| backend("mark outbox records published", e))?;
+        self.observe(&session);
+        Ok(())
+    }
+
+    async fn outbox_backlog(&self) -> Result<u64, StoreError> {
+        let mut session = self.session().await?;
+        let n = self
+            .inner
+            .outbox
+            .count_documents(doc! { "published": false, "position": { "$gt": 0_i64 } })
+            .session(&mut session)
+            .await
+            .map_err(|e| backend("count outbox backlog", e))?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::sample_events;
+
+    #[test]
+    fn malformed_batches_are_rejected_before_any_io() {
+        let id = Uuid::new_v4();
+        assert!(validate_batch("user", id, 0, &sample_events(id, 1, 3)).is_ok());
+        assert!(validate_batch("user", id, 2, &sample_events(id, 3, 1)).is_ok());
+        let mut gap = sample_events(id, 1, 2);
+        gap[1].sequence = 3;
+        let mut other = sample_events(id, 1, 2);
+        other[0].aggregate_id = Uuid::new_v4();
+        for batch in [sample_events(id, 2, 2), gap, other] {
+            assert!(matches!(
+                validate_batch("user", id, 0, &batch),
+                Err(StoreError::Backend(_))
+            ));
+        }
+        assert!(validate_batch("content", id, 0, &sample_events(id, 1, 1)).is_err());
+        assert!(validate_batch("user", id, u64::MAX, &sample_events(id, 0, 1)).is_err());
+    }
+
+    #[test]
+    fn a_pass_at_its_limit_leaves_incomplete_appends_for_the_next_pass() {
+        let row = |id: i32, of: i32, n: i64| doc! { "_id": id, "pending_of": of, "pending_n": n };
+        let ids = |v: Vec<Bson>| -> Vec<i32> { v.iter().map(|b| b.as_i32().unwrap()).collect() };
+        // Below the limit every pending event is taken (incomplete appends are still in
+        // flight only if their commit is not in the snapshot, which is impossible: one
+        // transaction).
+        let rows = vec![row(1, 1, 2), row(2, 1, 2), row(3, 3, 2)];
+        assert_eq!(ids(whole_appends(&rows, 4)), [1, 2, 3]);
+        // At the limit, append 3 (2 events, one fetched) waits; interleaved keys too.
+        let rows = vec![row(1, 1, 2), row(3, 3, 2), row(2, 1, 2), row(5, 5, 1)];
+        assert_eq!(ids(whole_appends(&rows, 4)), [1, 2, 5]);
+        // A single append larger than the limit is not starved.
+        let rows = vec![row(1, 1, 9), row(2, 1, 9)];
+        assert_eq!(ids(whole_appends(&rows, 2)), [1, 2]);
+        // Documents written without the batch fields count as whole.
+        let rows = vec![doc! { "_id": 7 }, row(8, 8, 3)];
+        assert_eq!(ids(whole_appends(&rows, 2)), [7]);
+        assert!(whole_appends(&[], 2).is_empty());
+    }
+
+    #[test]
+    fn find_limit_maps_usize_max_to_unlimited() {
+        assert_eq!(find_limit(3), Some(3));
+        assert_eq!(find_limit(usize::MAX), None);
+    }
+
+    #[tokio::test]
+    async fn connect_rejects_an_invalid_uri_without_a_server() {
+        let err = MongoStore::connect("postgres://localhost", "x")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Backend(m) if m.contains("parse MongoDB URI")),
+            "{err}"
+        );
+    }
+}

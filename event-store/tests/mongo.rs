@@ -1,0 +1,458 @@
+//! The event-store conformance suite and MongoDB-specific checks against a **real** MongoDB
+//! replica set named by `MONGODB_URI` (see `docs/mongodb.md`), for example
+//! `MONGODB_URI='mongodb://localhost:27017/?replicaSet=rs0&directConnection=true'`.
+//!
+//! Without `MONGODB_URI` the test prints one line and passes. Each run uses a fresh database
+//! (`tektree_es_<pid>_<nanos>`) that is dropped at the end, also when a check fails.
+
+#![cfg(feature = "mongodb")]
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use mongodb::bson::{doc, Bson, Document};
+use tektree_event_store::conformance::{self, sample_event, sample_events, SAMPLE_AGGREGATE_TYPE};
+use tektree_event_store::mongo::{
+    envelope_to_document, uuid_to_bson, MongoStore, EVENTS, OUTBOX, OUTBOX_INDEX, PENDING_INDEX,
+    POSITION_INDEX, SEQUENCE_INDEX,
+};
+use tektree_event_store::{EventStore, StoreError};
+use uuid::Uuid;
+
+/// The URI, or `None` after printing the skip line.
+fn uri() -> Option<String> {
+    match std::env::var("MONGODB_URI") {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            println!("skipping MongoDB conformance: MONGODB_URI is not set (see docs/mongodb.md)");
+            None
+        }
+    }
+}
+
+fn database_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+/// Runs `checks(uri, database)` on a fresh database and drops it afterwards, whatever happened.
+async fn with_database<F>(uri: &str, prefix: &str, checks: impl FnOnce(String, String) -> F)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let name = database_name(prefix);
+    let outcome = AssertUnwindSafe(checks(uri.to_string(), name.clone()))
+        .catch_unwind()
+        .await;
+    match mongodb::Client::with_uri_str(uri).await {
+        Ok(client) => {
+            if let Err(e) = client.database(&name).drop().await {
+                eprintln!("could not drop test database {name}: {e}");
+            }
+        }
+        Err(e) => eprintln!("could not drop test database {name}: {e}"),
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mongodb_conformance() {
+    let Some(uri) = uri() else { return };
+    with_database(&uri, "tektree_es", |uri, db| async move {
+        let store = MongoStore::connect(&uri, &db).await.expect("connect");
+        assert_eq!(store.head().await.unwrap().position, 0, "fresh database");
+        conformance::run_all(&store).await;
+        positions_are_gap_free(&store).await;
+        indexes_exist_and_serve_the_queries(&store).await;
+        // connect is idempotent (indexes, counter) and a second handle sees the same store.
+        let other = MongoStore::connect(&uri, &db)
+            .await
+            .expect("second connect");
+        assert_eq!(other.head().await.unwrap(), store.head().await.unwrap());
+        two_handles_race(&store, &other).await;
+        conformance::concurrent_writers_on_one_aggregate(&other, 4, 3).await;
+        crashed_appenders_are_sequenced_late_but_never_skipped(&store).await;
+        positions_are_gap_free(&other).await;
+    })
+    .await;
+}
+
+/// `read_all` from 0 returns exactly positions 1..=head, and head.events == head.position.
+async fn positions_are_gap_free(store: &MongoStore) {
+    let head = store.head().await.unwrap();
+    assert_eq!(head.events, head.position);
+    let all = store.read_all(0, usize::MAX).await.unwrap();
+    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=head.position).collect::<Vec<_>>());
+}
+
+/// Stage names and index names of every winning plan in an explain reply.
+fn plan_of(reply: &Document) -> (Vec<String>, Vec<String>) {
+    fn walk(b: &Bson, in_plan: bool, stages: &mut Vec<String>, indexes: &mut Vec<String>) {
+        match b {
+            Bson::Document(d) => {
+                for (k, v) in d {
+                    let in_plan = in_plan || k == "winningPlan";
+                    if in_plan && k == "stage" {
+                        stages.extend(v.as_str().map(str::to_string));
+                    }
+                    if in_plan && k == "indexName" {
+                        indexes.extend(v.as_str().map(str::to_string));
+                    }
+                    walk(v, in_plan, stages, indexes);
+                }
+            }
+            Bson::Array(items) => items.iter().for_each(|v| walk(v, in_plan, stages, indexes)),
+            _ => {}
+        }
+    }
+    let (mut stages, mut indexes) = (vec![], vec![]);
+    walk(
+        &Bson::Document(reply.clone()),
+        false,
+        &mut stages,
+        &mut indexes,
+    );
+    (stages, indexes)
+}
+
+async fn explain(store: &MongoStore, command: Document) -> (Vec<String>, Vec<String>) {
+    let reply = store
+        .database()
+        .run_command(doc! { "explain": command, "verbosity": "queryPlanner" })
+        .await
+        .expect("explain");
+    plan_of(&reply)
+}
+
+async fn indexes_exist_and_serve_the_queries(store: &MongoStore) {
+    let db = store.database();
+    let names = db
+        .collection::<Document>(EVENTS)
+        .list_index_names()
+        .await
+        .unwrap();
+    for want in [SEQUENCE_INDEX, POSITION_INDEX, PENDING_INDEX] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "events index {want}: {names:?}"
+        );
+    }
+    let names = db
+        .collection::<Document>(OUTBOX)
+        .list_index_names()
+        .await
+        .unwrap();
+    assert!(names.iter().any(|n| n == OUTBOX_INDEX), "{names:?}");
+
+    let cases = [
+        (
+            doc! { "find": EVENTS, "filter": { "position": { "$gt": 3_i64 } },
+            "sort": { "position": 1 }, "limit": 10 },
+            POSITION_INDEX,
+        ),
+        (
+            doc! { "find": EVENTS,
+            "filter": { "position": { "$in": [1_i64, 5_i64], "$gt": 0_i64 } },
+            "sort": { "position": 1 } },
+            POSITION_INDEX,
+        ),
+        (
+            doc! { "find": EVENTS,
+            "filter": { "aggregate_type": "user", "aggregate_id": uuid_to_bson(Uuid::nil()) },
+            "sort": { "sequence": 1 } },
+            SEQUENCE_INDEX,
+        ),
+        (
+            doc! { "find": EVENTS, "filter": { "pending": { "$exists": true } },
+            "sort": { "pending": 1 }, "limit": 512 },
+            PENDING_INDEX,
+        ),
+        (
+            doc! { "find": OUTBOX, "filter": { "published": false, "position": { "$gt": 0_i64 } },
+            "sort": { "published": 1, "position": 1 }, "limit": 10 },
+            OUTBOX_INDEX,
+        ),
+    ];
+    for (command, index) in cases {
+        let (stages, indexes) = explain(store, command.clone()).await;
+        assert!(
+            indexes.iter().any(|i| i == index),
+            "{command}: {indexes:?} {stages:?}"
+        );
+        assert!(
+            !stages.iter().any(|s| s == "COLLSCAN" || s == "SORT"),
+            "{command}: {stages:?}"
+        );
+    }
+}
+
+/// Two handles (two clients, as two processes would have) append concurrently to their own
+/// aggregates and race on a shared one; positions stay gap-free, unique, and increasing along
+/// every aggregate.
+async fn two_handles_race(a: &MongoStore, b: &MongoStore) {
+    let head0 = a.head().await.unwrap();
+    let shared = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for (w, store) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        tasks.push(tokio::spawn(async move {
+            let mut written = 0u64;
+            for k in 0..6u64 {
+                let own = Uuid::new_v4();
+                let n = k % 3 + 1;
+                written += store
+                    .append(SAMPLE_AGGREGATE_TYPE, own, 0, sample_events(own, 1, n))
+                    .await
+                    .unwrap_or_else(|e| panic!("writer {w}: {e}"))
+                    .len() as u64;
+                loop {
+                    let version = store
+                        .load(SAMPLE_AGGREGATE_TYPE, shared)
+                        .await
+                        .unwrap()
+                        .last()
+                        .map_or(0, |e| e.sequence);
+                    match store
+                        .append(
+                            SAMPLE_AGGREGATE_TYPE,
+                            shared,
+                            version,
+                            sample_events(shared, version + 1, 1),
+                        )
+                        .await
+                    {
+                        Ok(e) => {
+                            written += e.len() as u64;
+                            break;
+                        }
+                        Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => panic!("writer {w}: {e}"),
+                    }
+                }
+            }
+            written
+        }));
+    }
+    let mut written = 0;
+    for t in tasks {
+        written += t.await.unwrap();
+    }
+    let head = b.head().await.unwrap();
+    assert_eq!(head.position, head0.position + written);
+    let events = a.read_all(head0.position, usize::MAX).await.unwrap();
+    let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
+    assert_eq!(
+        positions,
+        (head0.position + 1..=head.position).collect::<Vec<_>>()
+    );
+    let mut last: HashMap<Uuid, (u64, u64)> = HashMap::new();
+    for e in &events {
+        if let Some((seq, pos)) = last.insert(e.aggregate_id, (e.sequence, e.position)) {
+            assert_eq!(
+                e.sequence,
+                seq + 1,
+                "sequence order along {}",
+                e.aggregate_id
+            );
+            assert!(e.position > pos);
+        }
+    }
+    assert_eq!(last[&shared].0, 24, "every shared append landed once");
+}
+
+/// An appender that died between its commit and its sequencer pass leaves an event without a
+/// position: it is invisible to `read_all` and the outbox until a pass runs, then appears at
+/// the *next* position (never below what readers have seen), and `load` sees it.
+async fn crashed_appenders_are_sequenced_late_but_never_skipped(store: &MongoStore) {
+    let id = Uuid::new_v4();
+    let new = sample_event(id, 1);
+    let mut env = new.clone().into_envelope(0, chrono::Utc::now());
+    let mut doc = envelope_to_document(&env).unwrap();
+    // An old provisional key: it committed "long ago" but was never sequenced.
+    doc.insert("pending", 1_i64);
+    let db = store.database();
+    db.collection::<Document>(EVENTS)
+        .insert_one(doc)
+        .await
+        .unwrap();
+    db.collection::<Document>(OUTBOX)
+        .insert_one(doc! { "_id": uuid_to_bson(new.event_id), "published": false, "published_at": Bson::Null })
+        .await
+        .unwrap();
+    let head = store.head().await.unwrap();
+    assert!(store.read_all(head.position, 10).await.unwrap().is_empty());
+
+    let pending = store.outbox_pending(usize::MAX).await.unwrap();
+    env.position = head.position + 1;
+    assert!(
+        pending.contains(&env),
+        "the relay's poll sequenced the orphan"
+    );
+    assert_eq!(
+        store.read_all(head.position, 10).await.unwrap(),
+        vec![env.clone()]
+    );
+    assert_eq!(
+        store.load(SAMPLE_AGGREGATE_TYPE, id).await.unwrap(),
+        vec![env.clone()]
+    );
+    assert_eq!(store.sequence_pending().await.unwrap(), 0);
+
+    // The same through `load` alone.
+    let id = Uuid::new_v4();
+    let new = sample_event(id, 1);
+    let mut env = new.clone().into_envelope(0, chrono::Utc::now());
+    let mut doc = envelope_to_document(&env).unwrap();
+    doc.insert("pending", 2_i64);
+    db.collection::<Document>(EVENTS)
+        .insert_one(doc)
+        .await
+        .unwrap();
+    db.collection::<Document>(OUTBOX)
+        .insert_one(doc! { "_id": uuid_to_bson(new.event_id), "published": false, "published_at": Bson::Null })
+        .await
+        .unwrap();
+    let head = store.head().await.unwrap();
+    env.position = head.position + 1;
+    assert_eq!(
+        store.load(SAMPLE_AGGREGATE_TYPE, id).await.unwrap(),
+        vec![env]
+    );
+    store
+        .outbox_mark_published(&(1..=head.position + 1).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+/// Throughput and latency of appends on a real replica set (not run by default):
+///
+/// ```sh
+/// MONGODB_URI='mongodb://localhost:27017/?replicaSet=rs0&directConnection=true' \
+///   cargo test --release -p tektree-event-store --test mongo -- --ignored --nocapture
+/// ```
+///
+/// `TEKTREE_BENCH_WRITERS` (default 16) concurrent writers, each `TEKTREE_BENCH_APPENDS`
+/// (default 200) appends of 2 events to its own aggregates, split over two handles (two
+/// connection pools, as two processes); then the same number of writers on ONE aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: needs MONGODB_URI, run with --ignored --nocapture"]
+async fn append_throughput() {
+    let Some(uri) = uri() else { return };
+    let env_or = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let writers = env_or("TEKTREE_BENCH_WRITERS", 16);
+    let appends = env_or("TEKTREE_BENCH_APPENDS", 200);
+    with_database(&uri, "tektree_es_bench", |uri, db| async move {
+        let a = MongoStore::connect(&uri, &db).await.unwrap();
+        let b = MongoStore::connect(&uri, &db).await.unwrap();
+        let report = |what: &str, started: Instant, mut lat: Vec<Duration>, events: usize| {
+            lat.sort();
+            let secs = started.elapsed().as_secs_f64();
+            let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+            println!(
+                "{what}: {} appends ({events} events) in {secs:.2} s = {:.0} appends/s, \
+                 {:.0} events/s; latency p50 {:?} p99 {:?}",
+                lat.len(),
+                lat.len() as f64 / secs,
+                events as f64 / secs,
+                pct(0.5),
+                pct(0.99)
+            );
+        };
+
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let store = if w % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(appends);
+                for _ in 0..appends {
+                    let id = Uuid::new_v4();
+                    let t = Instant::now();
+                    store
+                        .append(SAMPLE_AGGREGATE_TYPE, id, 0, sample_events(id, 1, 2))
+                        .await
+                        .unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.unwrap());
+        }
+        report(
+            &format!("{writers} writers, distinct aggregates"),
+            started,
+            lat,
+            writers * appends * 2,
+        );
+
+        let shared = Uuid::new_v4();
+        let per_writer = (appends / 10).max(1);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let store = if w % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                let (mut lat, mut conflicts) = (Vec::new(), 0u64);
+                for _ in 0..per_writer {
+                    let t = Instant::now();
+                    loop {
+                        let v = store
+                            .load(SAMPLE_AGGREGATE_TYPE, shared)
+                            .await
+                            .unwrap()
+                            .last()
+                            .map_or(0, |e| e.sequence);
+                        match store
+                            .append(
+                                SAMPLE_AGGREGATE_TYPE,
+                                shared,
+                                v,
+                                sample_events(shared, v + 1, 1),
+                            )
+                            .await
+                        {
+                            Ok(_) => break,
+                            Err(StoreError::Conflict { .. }) => conflicts += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    lat.push(t.elapsed());
+                }
+                (lat, conflicts)
+            }));
+        }
+        let (mut lat, mut conflicts) = (Vec::new(), 0);
+        for t in tasks {
+            let (l, c) = t.await.unwrap();
+            lat.extend(l);
+            conflicts += c;
+        }
+        let n = lat.len();
+        report(
+            &format!("{writers} writers, one aggregate ({conflicts} conflicts retried)"),
+            started,
+            lat,
+            n,
+        );
+    })
+    .await;
+}

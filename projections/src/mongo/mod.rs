@@ -1,0 +1,891 @@
+//! [`MongoReadModels`]: the MongoDB adapter of [`ReadModelStore`] (feature `mongodb`, on by
+//! default). Needs a replica set; see `docs/mongodb.md`.
+//!
+//! # Semantics (the same as [`SqliteReadModels`](crate::SqliteReadModels))
+//!
+//! [`ReadModelStore::apply`] runs **one multi-document transaction** per batch: it reads the
+//! consumer's guards for the batch's aggregates (one `$in` query) and its checkpoint, decides
+//! each item's outcome under the sequence guard ([`plan_guards`]), applies the changes of the
+//! applied items as commutative upserts ([`change_upsert`]: `$inc`, set-while-null, maximum by
+//! tuple), writes the new guards, folds the applied positions into the low-water checkpoint
+//! ([`Progress`], parking positions above a gap in `consumer_applied`) and commits — read-model
+//! rows, guards and checkpoint together or not at all. Transient transaction errors (for
+//! example two workers of one consumer writing its checkpoint document at once) retry the whole
+//! batch, as the driver documents; see [`should_retry`].
+//!
+//! Queries read with read concern `majority` in a causally consistent session advanced to this
+//! handle's own latest write, so a handle reads its own writes. Reads that take several queries
+//! (rank, leaderboard export) run in one read-only snapshot transaction.
+//!
+//! A leaderboard page is a covered scan of the [`RANK_INDEX`] `(board, xp desc, user_id asc)`;
+//! a rank is `1 +` two counts of index keys ahead of the user ([`ahead_pipelines`]). Exports
+//! page in key order: `_id` = user id (xp), `(board, rank)` (leaderboard), `(user_id, period)`
+//! (quota), `_id` = content id (content); UUIDs are binary, which sorts like the SQLite
+//! adapter's UUID text.
+//!
+//! Costs to know: a batch is one transaction with one round trip per change (the driver's
+//! `Client::bulk_write` needs MongoDB 8.0), so keep batches to a few hundred events; [`ReadModelStore::reset`] deletes a model in one transaction, which is
+//! bounded by the server's transaction limits (60 s lifetime by default): fine for
+//! hundreds of thousands of rows, not for hundreds of millions.
+
+mod mapping;
+mod plan;
+mod txn;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use mongodb::bson::{doc, Bson, Document, Timestamp};
+use mongodb::options::{
+    Acknowledgment, ClientOptions, FindOptions, Hint, ReadConcern, WriteConcern,
+};
+use mongodb::{Client, ClientSession, Collection, Database};
+use uuid::Uuid;
+
+pub use mapping::{
+    ahead_pipelines, change_upsert, content_row, leaderboard_row, page_query, quota_row,
+    read_model_indexes, tier_from_str, tier_of, uuid_bson, xp_row, Update, Upsert, APPLIED,
+    CHECKPOINT, COLLECTIONS, CONTENT, GUARD, LEADERBOARD, QUOTA, RANK_INDEX, TIER, XP,
+};
+pub use plan::{plan_guards, GuardKey, Progress};
+pub use txn::{
+    backoff, classify, classify_parts, code, should_retry, ErrorClass, Phase, Retry,
+    MAX_RETRY_TIME, MAX_TIME_MS_EXPIRED,
+};
+
+use crate::{
+    ApplyOutcome, Change, Checkpoint, ContentRow, EventKey, LeaderboardRow, QuotaRow, ReadModel,
+    ReadModelError, ReadModelStore, XpRow, PROJECTIONS,
+};
+use txn::TxError;
+
+/// Parked positions read per query while folding the checkpoint.
+const PARKED_PAGE: usize = 256;
+
+fn backend(what: &str, e: impl std::fmt::Display) -> ReadModelError {
+    ReadModelError::Backend(format!("{what}: {e}"))
+}
+
+fn int(v: u64, what: &str) -> Result<i64, ReadModelError> {
+    i64::try_from(v).map_err(|_| ReadModelError::Invalid(format!("{what} {v} is out of range")))
+}
+
+/// Highest cluster and operation time a handle has seen from its own writes.
+#[derive(Default)]
+struct Clock {
+    cluster: Option<mongodb::ClusterTime>,
+    operation: Option<Timestamp>,
+}
+
+/// Read models and consumer checkpoints in a MongoDB database (see the [module docs](self)).
+///
+/// Cheap to clone (an [`Arc`]); clones share the driver's connection pool and causal clock.
+/// Several handles and processes may apply to one database at once.
+#[derive(Clone)]
+pub struct MongoReadModels {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    db: Database,
+    clock: Mutex<Clock>,
+}
+
+impl std::fmt::Debug for MongoReadModels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoReadModels")
+            .field("database", &self.inner.db.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn coll(&self, name: &str) -> Collection<Document> {
+        self.db.collection(name)
+    }
+}
+
+/// One item of a batch, converted before the transaction.
+struct Item {
+    key: EventKey,
+    /// Each change's upsert; for [`Change::QuotaExceeded`] also the change, whose upsert is
+    /// rebuilt inside the transaction with the user's current tier.
+    upserts: Vec<(Upsert, Option<Change>)>,
+}
+
+/// Everything one apply attempt needs.
+struct ApplyCtx<'a> {
+    inner: &'a Inner,
+    consumer: &'a str,
+    items: &'a [Item],
+}
+
+async fn collect(
+    cursor: mongodb::SessionCursor<Document>,
+    s: &mut ClientSession,
+) -> Result<Vec<Document>, mongodb::error::Error> {
+    let mut cursor = cursor;
+    let mut out = Vec::new();
+    while let Some(d) = cursor.next(s).await {
+        out.push(d?);
+    }
+    Ok(out)
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> TxError {
+    TxError::Abort(ReadModelError::Backend(format!("corrupt {what}: {e}")))
+}
+
+async fn upsert(inner: &Inner, s: &mut ClientSession, u: Upsert) -> Result<(), TxError> {
+    let coll = inner.coll(u.collection);
+    match u.update {
+        Update::Modifier(m) => coll.update_one(u.filter, m),
+        Update::Pipeline(p) => coll.update_one(u.filter, p),
+    }
+    .upsert(true)
+    .session(&mut *s)
+    .await?;
+    Ok(())
+}
+
+impl ApplyCtx<'_> {
+    async fn attempt(&self, s: &mut ClientSession) -> Result<Vec<ApplyOutcome>, TxError> {
+        let inner = self.inner;
+        let consumer = self.consumer;
+        // Guards of the batch's aggregates.
+        let ids: Vec<Bson> = self
+            .items
+            .iter()
+            .map(|i| i.key.aggregate_id)
+            .collect::<BTreeSet<Uuid>>()
+            .into_iter()
+            .map(uuid_bson)
+            .collect();
+        let cursor = inner
+            .coll(GUARD)
+            .find(doc! { "consumer": consumer, "aggregate_id": { "$in": ids } })
+            .session(&mut *s)
+            .await?;
+        let mut stored = HashMap::new();
+        for d in collect(cursor, s).await? {
+            let id = match d.get("aggregate_id") {
+                Some(Bson::Binary(b)) => {
+                    Uuid::from_slice(&b.bytes).map_err(|e| corrupt("guard", e))?
+                }
+                _ => return Err(corrupt("guard", "aggregate_id is not a UUID")),
+            };
+            let t = d
+                .get_str("aggregate_type")
+                .map_err(|e| corrupt("guard", e))?
+                .to_string();
+            let last = d
+                .get_i64("last_sequence")
+                .map_err(|e| corrupt("guard", e))?;
+            stored.insert(
+                (t, id),
+                u64::try_from(last).map_err(|e| corrupt("guard", e))?,
+            );
+        }
+        let keys: Vec<EventKey> = self.items.iter().map(|i| i.key.clone()).collect();
+        let (outcomes, changed) = plan_guards(&keys, &stored);
+
+        let checkpoint = inner
+            .coll(CHECKPOINT)
+            .find_one(doc! { "_id": consumer })
+            .session(&mut *s)
+            .await?;
+        let mut progress = match checkpoint {
+            None => Progress::new(0, 0),
+            Some(d) => {
+                let cp = d
+                    .get_i64("checkpoint")
+                    .map_err(|e| corrupt("checkpoint", e))?;
+                let applied = d.get_i64("applied").map_err(|e| corrupt("checkpoint", e))?;
+                Progress::new(cp as u64, applied as u64)
+            }
+        };
+        let start = progress.checkpoint;
+
+        for (item, outcome) in self.items.iter().zip(&outcomes) {
+            if *outcome != ApplyOutcome::Applied {
+                continue;
+            }
+            for (u, exceeded) in &item.upserts {
+                let u = match exceeded {
+                    Some(change @ Change::QuotaExceeded { user_id, .. }) => {
+                        // The placeholder row of an exceeded period takes the user's tier.
+                        let tier = inner
+                            .coll(TIER)
+                            .find_one(doc! { "_id": uuid_bson(*user_id) })
+                            .session(&mut *s)
+                            .await?
+                            .as_ref()
+                            .and_then(tier_of);
+                        change_upsert(change, tier).map_err(TxError::Abort)?
+                    }
+                    _ => u.clone(),
+                };
+                upsert(inner, s, u).await?;
+            }
+            progress.record(item.key.position);
+        }
+        for ((t, id), last) in &changed {
+            inner
+                .coll(GUARD)
+                .update_one(
+                    doc! { "consumer": consumer, "aggregate_id": uuid_bson(*id), "aggregate_type": t },
+                    doc! { "$set": { "last_sequence": *last as i64 } },
+                )
+                .upsert(true)
+                .session(&mut *s)
+                .await?;
+        }
+        if !progress.dirty {
+            return Ok(outcomes);
+        }
+        // Fold positions parked by earlier batches.
+        loop {
+            let cursor = inner
+                .coll(APPLIED)
+                .find(doc! { "consumer": consumer, "position": { "$gt": progress.checkpoint as i64 } })
+                .with_options(
+                    FindOptions::builder()
+                        .sort(doc! { "consumer": 1, "position": 1 })
+                        .limit(PARKED_PAGE as i64)
+                        .projection(doc! { "_id": 0, "position": 1 })
+                        .build(),
+                )
+                .session(&mut *s)
+                .await?;
+            let page: Vec<u64> = collect(cursor, s)
+                .await?
+                .iter()
+                .map(|d| d.get_i64("position").map(|p| p as u64))
+                .collect::<Result<_, _>>()
+                .map_err(|e| corrupt("parked position", e))?;
+            if !progress.fold_parked(&page, PARKED_PAGE) {
+                break;
+            }
+        }
+        if progress.checkpoint > start {
+            inner
+                .coll(APPLIED)
+                .delete_many(doc! {
+                    "consumer": consumer,
+                    "position": { "$lte": progress.checkpoint as i64 },
+                })
+                .session(&mut *s)
+                .await?;
+        }
+        if !progress.parked_new.is_empty() {
+            let docs = progress
+                .parked_new
+                .iter()
+                .map(|&p| doc! { "consumer": consumer, "position": p as i64 });
+            inner
+                .coll(APPLIED)
+                .insert_many(docs)
+                .session(&mut *s)
+                .await?;
+        }
+        inner
+            .coll(CHECKPOINT)
+            .update_one(
+                doc! { "_id": consumer },
+                doc! { "$set": {
+                    "checkpoint": progress.checkpoint as i64,
+                    "applied": progress.applied as i64,
+                } },
+            )
+            .upsert(true)
+            .session(&mut *s)
+            .await?;
+        Ok(outcomes)
+    }
+}
+
+/// Validates a batch and converts it before any I/O (so an invalid item changes nothing).
+fn check_items(
+    consumer: &str,
+    items: &[(EventKey, Vec<Change>)],
+) -> Result<Vec<Item>, ReadModelError> {
+    if consumer.is_empty() {
+        return Err(ReadModelError::Invalid("empty consumer name".into()));
+    }
+    items
+        .iter()
+        .map(|(k, changes)| {
+            if k.sequence == 0 || k.position == 0 {
+                return Err(ReadModelError::Invalid(format!(
+                    "event {}/{} has sequence {} and position {}; both start at 1",
+                    k.aggregate_type, k.aggregate_id, k.sequence, k.position
+                )));
+            }
+            int(k.sequence, "sequence")?;
+            int(k.position, "position")?;
+            let upserts = changes
+                .iter()
+                .map(|c| {
+                    let exceeded = matches!(c, Change::QuotaExceeded { .. }).then(|| c.clone());
+                    Ok((change_upsert(c, None)?, exceeded))
+                })
+                .collect::<Result<_, ReadModelError>>()?;
+            Ok(Item {
+                key: k.clone(),
+                upserts,
+            })
+        })
+        .collect()
+}
+
+impl MongoReadModels {
+    /// Connects to the replica set at `uri`, refuses a standalone server (transactions need a
+    /// replica set), and creates the adapter's collections and indexes in database `db_name`
+    /// if missing (idempotent; safe from several processes at once). Other collections in the
+    /// database (for example the event store's) are left alone.
+    ///
+    /// # Errors
+    /// [`ReadModelError::Backend`] when the URI is invalid, no server is reachable within the
+    /// server-selection timeout, the server is a standalone (the message names the
+    /// replica-set requirement), or an index with the same name but another definition exists.
+    pub async fn connect(uri: &str, db_name: &str) -> Result<Self, ReadModelError> {
+        let mut options = ClientOptions::parse(uri)
+            .await
+            .map_err(|e| backend("parse MongoDB URI", e))?;
+        options
+            .app_name
+            .get_or_insert_with(|| "tektree".to_string());
+        options.read_concern = Some(ReadConcern::majority());
+        options.write_concern = Some(
+            WriteConcern::builder()
+                .w(Acknowledgment::Majority)
+                .journal(true)
+                .build(),
+        );
+        let client = Client::with_options(options).map_err(|e| backend("MongoDB client", e))?;
+        let admin = client.database("admin");
+        let hello = match admin.run_command(doc! { "hello": 1 }).await {
+            Ok(reply) => reply,
+            Err(e) if code(&e) == Some(59) => admin
+                .run_command(doc! { "isMaster": 1 })
+                .await
+                .map_err(|e| backend("MongoDB isMaster", e))?,
+            Err(e) => return Err(backend("MongoDB hello", e)),
+        };
+        check_replica_set(&hello).map_err(ReadModelError::Backend)?;
+        let db = client.database(db_name);
+        let existing = db
+            .list_collection_names()
+            .await
+            .map_err(|e| backend("list collections", e))?;
+        for name in COLLECTIONS {
+            if existing.iter().any(|c| c == name) {
+                continue;
+            }
+            match db.create_collection(name).await {
+                Ok(()) => {}
+                // Created concurrently by another process.
+                Err(e) if code(&e) == Some(48) => {}
+                Err(e) => return Err(backend(&format!("create collection {name}"), e)),
+            }
+        }
+        for (name, models) in read_model_indexes() {
+            db.collection::<Document>(name)
+                .create_indexes(models)
+                .await
+                .map_err(|e| backend(&format!("create indexes of {name}"), e))?;
+        }
+        Ok(MongoReadModels {
+            inner: Arc::new(Inner {
+                client,
+                db,
+                clock: Mutex::new(Clock::default()),
+            }),
+        })
+    }
+
+    /// The database this store uses.
+    pub fn database(&self) -> &Database {
+        &self.inner.db
+    }
+
+    async fn session(&self) -> Result<ClientSession, ReadModelError> {
+        let mut s = self
+            .inner
+            .client
+            .start_session()
+            .causal_consistency(true)
+            .await
+            .map_err(|e| backend("start session", e))?;
+        let clock = self.inner.clock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ct) = &clock.cluster {
+            s.advance_cluster_time(ct);
+        }
+        if let Some(op) = clock.operation {
+            s.advance_operation_time(op);
+        }
+        Ok(s)
+    }
+
+    fn observe(&self, s: &ClientSession) {
+        let mut clock = self.inner.clock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ct) = s.cluster_time() {
+            if clock.cluster.as_ref().is_none_or(|c| c < ct) {
+                clock.cluster = Some(ct.clone());
+            }
+        }
+        if let Some(op) = s.operation_time() {
+            if clock.operation.is_none_or(|c| c < op) {
+                clock.operation = Some(op);
+            }
+        }
+    }
+
+    /// Documents of `collection` matching `filter`, in a causally consistent session.
+    async fn find(
+        &self,
+        collection: &str,
+        filter: Document,
+        options: FindOptions,
+    ) -> Result<Vec<Document>, ReadModelError> {
+        let mut s = self.session().await?;
+        let cursor = self
+            .inner
+            .coll(collection)
+            .find(filter)
+            .with_options(options)
+            .session(&mut s)
+            .await
+            .map_err(|e| backend(&format!("find in {collection}"), e))?;
+        collect(cursor, &mut s)
+            .await
+            .map_err(|e| backend(&format!("find in {collection}"), e))
+    }
+
+    async fn find_one(
+        &self,
+        collection: &str,
+        filter: Document,
+    ) -> Result<Option<Document>, ReadModelError> {
+        let mut s = self.session().await?;
+        self.inner
+            .coll(collection)
+            .find_one(filter)
+            .session(&mut s)
+            .await
+            .map_err(|e| backend(&format!("find in {collection}"), e))
+    }
+
+    /// Runs a read-only snapshot transaction (one consistent view for several queries).
+    async fn read_transaction<T, F>(&self, what: &str, body: F) -> Result<T, ReadModelError>
+    where
+        F: for<'s> FnMut(
+            &'s mut ClientSession,
+            &'s mut &Inner,
+        ) -> futures::future::BoxFuture<'s, Result<T, TxError>>,
+    {
+        let mut s = self.session().await?;
+        let inner: &Inner = &self.inner;
+        txn::run(&mut s, what, inner, body).await
+    }
+}
+
+/// Checks a `hello` reply: replica-set member or `mongos`; a standalone is refused.
+fn check_replica_set(hello: &Document) -> Result<(), String> {
+    if matches!(hello.get("setName"), Some(Bson::String(_)))
+        || matches!(hello.get("msg"), Some(Bson::String(m)) if m == "isdbgrid")
+    {
+        return Ok(());
+    }
+    Err(
+        "the MongoDB server is a standalone server (its hello reply has no setName): \
+         TekTree needs a replica set, because read-model batches are multi-document \
+         transactions. Start mongod with --replSet rs0 and run rs.initiate() once (a one-node \
+         replica set is enough; see docs/mongodb.md)"
+            .to_string(),
+    )
+}
+
+/// Entries of `board` ahead of `(xp, user_id)`, counted on the ranking index.
+async fn count_ahead(
+    inner: &Inner,
+    s: &mut ClientSession,
+    board: &str,
+    xp: i64,
+    user_id: Uuid,
+) -> Result<u64, TxError> {
+    let mut total = 0u64;
+    for pipeline in ahead_pipelines(board, xp, user_id) {
+        let cursor = inner
+            .coll(LEADERBOARD)
+            .aggregate(pipeline)
+            .hint(Hint::Name(RANK_INDEX.to_string()))
+            .session(&mut *s)
+            .await?;
+        for d in collect(cursor, s).await? {
+            let n = match d.get("n") {
+                Some(Bson::Int32(n)) => i64::from(*n),
+                Some(Bson::Int64(n)) => *n,
+                _ => return Err(corrupt("count", d)),
+            };
+            total += n as u64;
+        }
+    }
+    Ok(total)
+}
+
+#[async_trait]
+impl ReadModelStore for MongoReadModels {
+    async fn apply(
+        &self,
+        consumer: &str,
+        items: &[(EventKey, Vec<Change>)],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+        let items = check_items(consumer, items)?;
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        let ctx = ApplyCtx {
+            inner: &self.inner,
+            consumer,
+            items: &items,
+        };
+        let mut s = self.session().await?;
+        let out = txn::run(&mut s, "apply read-model batch", &ctx, |s, ctx| {
+            let ctx: &ApplyCtx<'_> = ctx;
+            async move { ctx.attempt(s).await }.boxed()
+        })
+        .await;
+        self.observe(&s);
+        out
+    }
+
+    async fn reset(&self, projection: &str) -> Result<(), ReadModelError> {
+        let collections: &'static [&'static str] = match projection {
+            "xp" => &[XP],
+            "leaderboard" => &[LEADERBOARD],
+            "quota" => &[QUOTA, TIER],
+            "content" => &[CONTENT],
+            other => {
+                return Err(ReadModelError::Invalid(format!(
+                    "unknown projection {other:?}: expected one of {PROJECTIONS:?}"
+                )))
+            }
+        };
+        let consumer = projection.to_string();
+        let mut s = self.session().await?;
+        let inner: &Inner = &self.inner;
+        let out = txn::run(
+            &mut s,
+            "reset read model",
+            (inner, collections, consumer.as_str()),
+            |s, ctx| {
+                let (inner, collections, consumer) = *ctx;
+                async move {
+                    for c in collections {
+                        inner.coll(c).delete_many(doc! {}).session(&mut *s).await?;
+                    }
+                    for c in [GUARD, APPLIED] {
+                        inner
+                            .coll(c)
+                            .delete_many(doc! { "consumer": consumer })
+                            .session(&mut *s)
+                            .await?;
+                    }
+                    inner
+                        .coll(CHECKPOINT)
+                        .delete_one(doc! { "_id": consumer })
+                        .session(&mut *s)
+                        .await?;
+                    Ok(())
+                }
+                .boxed()
+            },
+        )
+        .await;
+        self.observe(&s);
+        out
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ReadModelError> {
+        self.find(
+            CHECKPOINT,
+            doc! {},
+            FindOptions::builder().sort(doc! { "_id": 1 }).build(),
+        )
+        .await?
+        .iter()
+        .map(|d| {
+            let get = |f: &str| {
+                d.get_i64(f)
+                    .map_err(|e| backend("corrupt checkpoint", e))
+                    .and_then(|v| u64::try_from(v).map_err(|e| backend("corrupt checkpoint", e)))
+            };
+            Ok(Checkpoint {
+                name: d
+                    .get_str("_id")
+                    .map_err(|e| backend("corrupt checkpoint", e))?
+                    .to_string(),
+                checkpoint: get("checkpoint")?,
+                applied: get("applied")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn user_xp(&self, user_id: Uuid) -> Result<Option<XpRow>, ReadModelError> {
+        self.find_one(XP, doc! { "_id": uuid_bson(user_id) })
+            .await?
+            .as_ref()
+            .map(xp_row)
+            .transpose()
+    }
+
+    async fn leaderboard(
+        &self,
+        board: &str,
+        limit: u32,
+        offset: u64,
+    ) -> Result<Vec<LeaderboardRow>, ReadModelError> {
+        int(offset, "offset")?;
+        if limit == 0 {
+            // A find limit of 0 means "no limit".
+            return Ok(vec![]);
+        }
+        let (filter, sort, projection) = page_query(board);
+        let docs = self
+            .find(
+                LEADERBOARD,
+                filter,
+                FindOptions::builder()
+                    .sort(sort)
+                    .projection(projection)
+                    .skip(offset)
+                    .limit(i64::from(limit))
+                    .hint(Hint::Name(RANK_INDEX.to_string()))
+                    .build(),
+            )
+            .await?;
+        docs.iter()
+            .enumerate()
+            .map(|(i, d)| leaderboard_row(board, offset + i as u64 + 1, d))
+            .collect()
+    }
+
+    async fn rank(
+        &self,
+        board: &str,
+        user_id: Uuid,
+    ) -> Result<Option<LeaderboardRow>, ReadModelError> {
+        let board = board.to_string();
+        self.read_transaction("rank", |s, inner| {
+            let inner: &Inner = inner;
+            let board = board.clone();
+            async move {
+                let entry = inner
+                    .coll(LEADERBOARD)
+                    .find_one(doc! { "board": &board, "user_id": uuid_bson(user_id) })
+                    .projection(doc! { "_id": 0, "user_id": 1, "xp": 1 })
+                    .session(&mut *s)
+                    .await?;
+                let Some(entry) = entry else {
+                    return Ok(None);
+                };
+                let xp = entry
+                    .get_i64("xp")
+                    .map_err(|e| corrupt("leaderboard entry", e))?;
+                let rank = count_ahead(inner, s, &board, xp, user_id).await? + 1;
+                leaderboard_row(&board, rank, &entry)
+                    .map(Some)
+                    .map_err(TxError::Abort)
+            }
+            .boxed()
+        })
+        .await
+    }
+
+    async fn quota(&self, user_id: Uuid, period: &str) -> Result<Option<QuotaRow>, ReadModelError> {
+        self.find_one(
+            QUOTA,
+            doc! { "user_id": uuid_bson(user_id), "period": period },
+        )
+        .await?
+        .as_ref()
+        .map(quota_row)
+        .transpose()
+    }
+
+    async fn content(&self, content_id: Uuid) -> Result<Option<ContentRow>, ReadModelError> {
+        self.find_one(CONTENT, doc! { "_id": uuid_bson(content_id) })
+            .await?
+            .as_ref()
+            .map(content_row)
+            .transpose()
+    }
+
+    async fn export(
+        &self,
+        model: ReadModel,
+        offset: u64,
+        limit: u32,
+    ) -> Result<Vec<serde_json::Value>, ReadModelError> {
+        fn json<T: serde::Serialize>(
+            rows: Vec<T>,
+        ) -> Result<Vec<serde_json::Value>, ReadModelError> {
+            rows.into_iter()
+                .map(|r| serde_json::to_value(r).map_err(|e| backend("export", e)))
+                .collect()
+        }
+        int(offset, "offset")?;
+        if limit == 0 {
+            return Ok(vec![]);
+        }
+        let page = |sort: Document| {
+            FindOptions::builder()
+                .sort(sort)
+                .skip(offset)
+                .limit(i64::from(limit))
+                .build()
+        };
+        match model {
+            ReadModel::Xp => json(
+                self.find(XP, doc! {}, page(doc! { "_id": 1 }))
+                    .await?
+                    .iter()
+                    .map(xp_row)
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            ReadModel::Quota => json(
+                self.find(QUOTA, doc! {}, page(doc! { "user_id": 1, "period": 1 }))
+                    .await?
+                    .iter()
+                    .map(quota_row)
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            ReadModel::Content => json(
+                self.find(CONTENT, doc! {}, page(doc! { "_id": 1 }))
+                    .await?
+                    .iter()
+                    .map(content_row)
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            ReadModel::Leaderboard => {
+                let rows = self
+                    .read_transaction("export leaderboard", |s, inner| {
+                        let inner: &Inner = inner;
+                        async move {
+                            let cursor = inner
+                                .coll(LEADERBOARD)
+                                .find(doc! {})
+                                .with_options(
+                                    FindOptions::builder()
+                                        .sort(doc! { "board": 1, "xp": -1, "user_id": 1 })
+                                        .projection(
+                                            doc! { "_id": 0, "board": 1, "user_id": 1, "xp": 1 },
+                                        )
+                                        .skip(offset)
+                                        .limit(i64::from(limit))
+                                        .hint(Hint::Name(RANK_INDEX.to_string()))
+                                        .build(),
+                                )
+                                .session(&mut *s)
+                                .await?;
+                            let docs = collect(cursor, s).await?;
+                            // Each board's first rank on the page is counted on the ranking
+                            // index; the following ones are consecutive.
+                            let mut rows: Vec<LeaderboardRow> = Vec::with_capacity(docs.len());
+                            for d in &docs {
+                                let board = d
+                                    .get_str("board")
+                                    .map_err(|e| corrupt("leaderboard entry", e))?;
+                                let rank = match rows.last() {
+                                    Some(prev) if prev.board == board => prev.rank + 1,
+                                    _ => {
+                                        let xp = d
+                                            .get_i64("xp")
+                                            .map_err(|e| corrupt("leaderboard entry", e))?;
+                                        let row =
+                                            leaderboard_row(board, 0, d).map_err(TxError::Abort)?;
+                                        count_ahead(inner, s, board, xp, row.user_id).await? + 1
+                                    }
+                                };
+                                rows.push(leaderboard_row(board, rank, d).map_err(TxError::Abort)?);
+                            }
+                            Ok(rows)
+                        }
+                        .boxed()
+                    })
+                    .await?;
+                json(rows)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tektree_domain::Tier;
+
+    #[test]
+    fn invalid_batches_are_rejected_before_any_io() {
+        let k = |sequence, position| EventKey {
+            aggregate_type: "profile".into(),
+            aggregate_id: Uuid::nil(),
+            sequence,
+            position,
+        };
+        assert!(matches!(
+            check_items("", &[(k(1, 1), vec![])]),
+            Err(ReadModelError::Invalid(_))
+        ));
+        for key in [k(0, 1), k(1, 0), k(1, u64::MAX), k(u64::MAX, 1)] {
+            assert!(matches!(
+                check_items("c", &[(key, vec![])]),
+                Err(ReadModelError::Invalid(_))
+            ));
+        }
+        let usage = Change::Usage {
+            user_id: Uuid::nil(),
+            period: "2024-05".into(),
+            tier: Tier::Free,
+            used: u64::MAX,
+            limit: None,
+        };
+        assert!(matches!(
+            check_items("c", &[(k(1, 1), vec![]), (k(2, 2), vec![usage])]),
+            Err(ReadModelError::Invalid(_))
+        ));
+        let exceeded = Change::QuotaExceeded {
+            user_id: Uuid::from_u128(9),
+            period: "2024-05".into(),
+        };
+        let items = check_items("c", &[(k(1, 1), vec![exceeded])]).unwrap();
+        assert!(matches!(
+            items[0].upserts[0].1,
+            Some(Change::QuotaExceeded { user_id, .. }) if user_id == Uuid::from_u128(9)
+        ));
+    }
+
+    #[test]
+    fn standalone_servers_are_refused() {
+        assert!(check_replica_set(&doc! { "setName": "rs0" }).is_ok());
+        assert!(check_replica_set(&doc! { "msg": "isdbgrid" }).is_ok());
+        let err = check_replica_set(&doc! { "isWritablePrimary": true }).unwrap_err();
+        assert!(
+            err.contains("standalone") && err.contains("replica set"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_rejects_an_invalid_uri_without_a_server() {
+        let err = MongoReadModels::connect("http://localhost", "x")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("parse MongoDB URI"), "{err}");
+    }
+}

@@ -1,0 +1,561 @@
+//! `MongoReadModels` against a **real** MongoDB replica set named by `MONGODB_URI` (see
+//! `docs/mongodb.md`), checked for equivalence with `SqliteReadModels`: the same sequence of
+//! `apply` calls (shuffled, duplicated, gapped, in random batches) must give the same outcomes,
+//! the same exports of every read model, the same checkpoints and the same point queries; then
+//! reset and rebuild, two concurrent handles, invalid arguments, and index-backed ranking.
+//!
+//! Without `MONGODB_URI` the test prints one line and passes. Each run uses a fresh database
+//! that is dropped at the end, also when a check fails.
+
+#![cfg(feature = "mongodb")]
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+use mongodb::bson::{doc, Bson, Document};
+use serde_json::Value;
+use tektree_domain::Tier;
+use tektree_projections::mongo::{ahead_pipelines, page_query, uuid_bson, LEADERBOARD, RANK_INDEX};
+use tektree_projections::{
+    ApplyOutcome, Change, ContentDelta, EventKey, MongoReadModels, ReadModel, ReadModelError,
+    ReadModelStore, SqliteReadModels, PROJECTIONS,
+};
+use uuid::Uuid;
+
+const MODELS: [ReadModel; 4] = [
+    ReadModel::Xp,
+    ReadModel::Leaderboard,
+    ReadModel::Quota,
+    ReadModel::Content,
+];
+
+fn uri() -> Option<String> {
+    match std::env::var("MONGODB_URI") {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            println!("skipping MongoDB conformance: MONGODB_URI is not set (see docs/mongodb.md)");
+            None
+        }
+    }
+}
+
+/// Runs `checks(uri, database)` on a fresh database and drops it afterwards, whatever happened.
+async fn with_database<F>(uri: &str, checks: impl FnOnce(String, String) -> F)
+where
+    F: std::future::Future<Output = ()>,
+{
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let name = format!("tektree_rm_{}_{nanos}", std::process::id());
+    let outcome = AssertUnwindSafe(checks(uri.to_string(), name.clone()))
+        .catch_unwind()
+        .await;
+    match mongodb::Client::with_uri_str(uri).await {
+        Ok(client) => {
+            if let Err(e) = client.database(&name).drop().await {
+                eprintln!("could not drop test database {name}: {e}");
+            }
+        }
+        Err(e) => eprintln!("could not drop test database {name}: {e}"),
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The two stores under comparison.
+struct Pair {
+    mongo: MongoReadModels,
+    sqlite: SqliteReadModels,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    /// Applies one batch to both; the outcomes (or error kinds) must agree.
+    async fn apply(&self, consumer: &str, items: &[(EventKey, Vec<Change>)]) -> Vec<ApplyOutcome> {
+        let m = self.mongo.apply(consumer, items).await;
+        let s = self.sqlite.apply(consumer, items).await;
+        match (m, s) {
+            (Ok(m), Ok(s)) => {
+                assert_eq!(m, s, "{consumer}: outcomes differ");
+                m
+            }
+            (Err(ReadModelError::Invalid(_)), Err(ReadModelError::Invalid(_))) => vec![],
+            (m, s) => panic!("{consumer}: mongo {m:?} vs sqlite {s:?}"),
+        }
+    }
+
+    /// Every read model, every checkpoint and every point query agree.
+    async fn assert_same(&self, what: &str) {
+        let mut users = Vec::new();
+        for model in MODELS {
+            let (m, s) = (
+                export(&self.mongo, model).await,
+                export(&self.sqlite, model).await,
+            );
+            assert_eq!(m, s, "{what}: export of {model:?} differs");
+            for row in &m {
+                if let Some(u) = row.get("user_id").and_then(Value::as_str) {
+                    users.push(Uuid::parse_str(u).unwrap());
+                }
+            }
+        }
+        assert_eq!(
+            self.mongo.checkpoints().await.unwrap(),
+            self.sqlite.checkpoints().await.unwrap(),
+            "{what}: checkpoints differ"
+        );
+        users.push(Uuid::from_u128(999));
+        for &u in &users {
+            assert_eq!(
+                self.mongo.user_xp(u).await.unwrap(),
+                self.sqlite.user_xp(u).await.unwrap(),
+                "{what}: user_xp({u})"
+            );
+            for period in PERIODS {
+                assert_eq!(
+                    self.mongo.quota(u, period).await.unwrap(),
+                    self.sqlite.quota(u, period).await.unwrap(),
+                    "{what}: quota({u}, {period})"
+                );
+            }
+            for board in BOARDS {
+                assert_eq!(
+                    self.mongo.rank(board, u).await.unwrap(),
+                    self.sqlite.rank(board, u).await.unwrap(),
+                    "{what}: rank({board}, {u})"
+                );
+            }
+        }
+        for c in 0..=CONTENT as u128 {
+            let id = content_id(c);
+            assert_eq!(
+                self.mongo.content(id).await.unwrap(),
+                self.sqlite.content(id).await.unwrap(),
+                "{what}: content({id})"
+            );
+        }
+        for board in BOARDS {
+            for (limit, offset) in [(3, 0), (3, 2), (100, 0), (0, 0), (2, 50)] {
+                assert_eq!(
+                    self.mongo.leaderboard(board, limit, offset).await.unwrap(),
+                    self.sqlite.leaderboard(board, limit, offset).await.unwrap(),
+                    "{what}: leaderboard({board}, {limit}, {offset})"
+                );
+            }
+        }
+    }
+}
+
+/// Every row of `model`, in pages of 7.
+async fn export(store: &dyn ReadModelStore, model: ReadModel) -> Vec<Value> {
+    let mut rows = vec![];
+    loop {
+        let got = store.export(model, rows.len() as u64, 7).await.unwrap();
+        let n = got.len();
+        rows.extend(got);
+        if n < 7 {
+            return rows;
+        }
+    }
+}
+
+/// One consumer's batch items.
+type Items = Vec<(EventKey, Vec<Change>)>;
+
+const USERS: u128 = 5;
+const CONTENT: usize = 4;
+const BOARDS: [&str; 4] = ["all-time", "tag:go", "tag:rust", "weekly:2024-W01"];
+const PERIODS: [&str; 2] = ["2024-05", "2024-06"];
+const TIERS: [Tier; 4] = [Tier::Free, Tier::Pro, Tier::Team, Tier::Enterprise];
+
+fn user(n: u128) -> Uuid {
+    Uuid::from_u128(n + 1)
+}
+
+fn content_id(n: u128) -> Uuid {
+    Uuid::from_u128(0x1000 + n)
+}
+
+/// SplitMix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
+}
+
+/// A random change of the read model that `consumer` maintains.
+fn random_change(rng: &mut Rng, consumer: &str) -> Change {
+    let u = user(rng.below(USERS as u64) as u128);
+    let maybe = |rng: &mut Rng, id: Uuid| (rng.below(4) == 0).then_some(id);
+    match consumer {
+        "xp" => Change::Xp {
+            user_id: u,
+            xp: rng.below(30) as i64 - 8,
+            questions: rng.below(2) as i64,
+            answers: rng.below(2) as i64,
+            accepted_answers: rng.below(2) as i64,
+        },
+        "leaderboard" => Change::Leaderboard {
+            board: rng.pick(&BOARDS).to_string(),
+            user_id: u,
+            // Small values so that ties (broken by user id) are common.
+            xp: rng.below(5) as i64 - 1,
+        },
+        "content" => Change::Content(ContentDelta {
+            content_id: content_id(rng.below(CONTENT as u64) as u128),
+            kind: (rng.below(5) == 0).then(|| rng.pick(&["question", "answer"])),
+            question_id: maybe(rng, content_id(0)),
+            author_id: maybe(rng, u),
+            upvotes: rng.below(3) as i64 - 1,
+            downvotes: rng.below(3) as i64 - 1,
+            answers: rng.below(2) as i64,
+            comments: rng.below(2) as i64,
+            accepted_answer_id: maybe(rng, content_id(1)),
+        }),
+        _ => match rng.below(4) {
+            0 => Change::Tier {
+                user_id: u,
+                tier: rng.pick(&TIERS),
+            },
+            1 => Change::QuotaExceeded {
+                user_id: u,
+                period: rng.pick(&PERIODS).to_string(),
+            },
+            _ => Change::Usage {
+                user_id: u,
+                period: rng.pick(&PERIODS).to_string(),
+                tier: rng.pick(&TIERS),
+                used: rng.below(4),
+                limit: (rng.below(3) > 0).then(|| rng.below(3)),
+            },
+        },
+    }
+}
+
+/// `n` events of a few aggregates (positions 1..=n in a random interleaving) and, per
+/// consumer, each event's changes.
+fn history(rng: &mut Rng, n: u64) -> Vec<(String, Items)> {
+    let aggregates: Vec<(&str, Uuid)> = (0..4u128)
+        .map(|i| {
+            (
+                ["user", "content", "profile"][i as usize % 3],
+                Uuid::from_u128(0x5000 + i),
+            )
+        })
+        .collect();
+    let mut next_seq: HashMap<Uuid, u64> = HashMap::new();
+    let keys: Vec<EventKey> = (1..=n)
+        .map(|position| {
+            let (t, id) = rng.pick(&aggregates);
+            let seq = next_seq.entry(id).or_insert(0);
+            *seq += 1;
+            EventKey {
+                aggregate_type: t.to_string(),
+                aggregate_id: id,
+                sequence: *seq,
+                position,
+            }
+        })
+        .collect();
+    let mut consumers: Vec<String> = PROJECTIONS.iter().map(|p| p.to_string()).collect();
+    consumers.push("policy.gamification".into());
+    consumers
+        .into_iter()
+        .map(|c| {
+            let items = keys
+                .iter()
+                .map(|k| {
+                    let changes = if c.starts_with("policy") {
+                        vec![]
+                    } else {
+                        (0..rng.below(3)).map(|_| random_change(rng, &c)).collect()
+                    };
+                    (k.clone(), changes)
+                })
+                .collect();
+            (c, items)
+        })
+        .collect()
+}
+
+/// Delivers `items` to both stores shuffled, with duplicates, in random batches, requeueing
+/// gaps, then redelivers everything; returns the number of applied events.
+async fn deliver(pair: &Pair, rng: &mut Rng, consumer: &str, items: &[(EventKey, Vec<Change>)]) {
+    let n = items.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in 0..n {
+        if rng.below(4) == 0 {
+            order.push(i);
+        }
+    }
+    rng.shuffle(&mut order);
+    let mut queue: VecDeque<usize> = order.into();
+    let (mut applied, mut rounds) = (0, 0);
+    while !queue.is_empty() {
+        rounds += 1;
+        assert!(rounds < 10_000, "delivery does not progress");
+        let k = 1 + rng.below(queue.len().min(6) as u64) as usize;
+        let take: Vec<usize> = queue.drain(..k).collect();
+        let batch: Vec<_> = take.iter().map(|&i| items[i].clone()).collect();
+        let outcomes = pair.apply(consumer, &batch).await;
+        for (i, o) in take.into_iter().zip(outcomes) {
+            match o {
+                ApplyOutcome::Applied => applied += 1,
+                ApplyOutcome::Duplicate => {}
+                ApplyOutcome::Gap { .. } => {
+                    let at = rng.below(queue.len() as u64 + 1) as usize;
+                    queue.insert(at, i);
+                }
+            }
+        }
+    }
+    assert_eq!(applied, n, "{consumer}: every event applied exactly once");
+    let again: Vec<_> = items.to_vec();
+    let out = pair.apply(consumer, &again).await;
+    assert!(out.iter().all(|o| *o == ApplyOutcome::Duplicate));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mongodb_read_models_match_sqlite() {
+    let Some(uri) = uri() else { return };
+    with_database(&uri, |uri, db| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = Pair {
+            mongo: MongoReadModels::connect(&uri, &db).await.expect("connect"),
+            sqlite: SqliteReadModels::open(dir.path().join("reference.db")).unwrap(),
+            _dir: dir,
+        };
+        // connect is idempotent.
+        MongoReadModels::connect(&uri, &db)
+            .await
+            .expect("second connect");
+        invalid_arguments_agree(&pair).await;
+        pair.assert_same("empty").await;
+
+        let mut rng = Rng(0x7e47_7e47);
+        for round in 0..3 {
+            for (consumer, items) in history(&mut rng, 40) {
+                // Fresh aggregates per round would need fresh keys; instead each round uses
+                // its own consumer names so that guards start empty.
+                let consumer = if round == 0 {
+                    consumer
+                } else {
+                    format!("{consumer}.{round}")
+                };
+                deliver(&pair, &mut rng, &consumer, &items).await;
+            }
+            pair.assert_same(&format!("after round {round}")).await;
+        }
+
+        // Reset and rebuild one projection.
+        for p in ["quota", "leaderboard"] {
+            pair.mongo.reset(p).await.unwrap();
+            pair.sqlite.reset(p).await.unwrap();
+            pair.assert_same(&format!("after reset {p}")).await;
+        }
+        assert!(matches!(
+            pair.mongo.reset("policy.gamification").await,
+            Err(ReadModelError::Invalid(_))
+        ));
+        for (consumer, items) in history(&mut rng, 30) {
+            if consumer == "quota" || consumer == "leaderboard" {
+                deliver(&pair, &mut rng, &consumer, &items).await;
+            }
+        }
+        pair.assert_same("after rebuild").await;
+
+        ranking_is_answered_from_the_index(&pair.mongo).await;
+        two_handles_apply_each_event_exactly_once(&pair.mongo, &uri, &db).await;
+    })
+    .await;
+}
+
+async fn invalid_arguments_agree(pair: &Pair) {
+    let k = |sequence, position| EventKey {
+        aggregate_type: "profile".into(),
+        aggregate_id: user(0),
+        sequence,
+        position,
+    };
+    let usage = Change::Usage {
+        user_id: user(0),
+        period: "2024-05".into(),
+        tier: Tier::Free,
+        used: u64::MAX,
+        limit: None,
+    };
+    for (consumer, items) in [
+        ("", vec![(k(1, 1), vec![])]),
+        ("c", vec![(k(0, 1), vec![])]),
+        ("c", vec![(k(1, 0), vec![])]),
+        ("c", vec![(k(1, u64::MAX), vec![])]),
+        ("c", vec![(k(1, 1), vec![]), (k(2, 2), vec![usage])]),
+    ] {
+        for r in [
+            pair.mongo.apply(consumer, &items).await,
+            pair.sqlite.apply(consumer, &items).await,
+        ] {
+            assert!(matches!(r, Err(ReadModelError::Invalid(_))), "{r:?}");
+        }
+    }
+    assert!(pair.mongo.apply("c", &[]).await.unwrap().is_empty());
+    for r in [
+        pair.mongo.leaderboard("all-time", 10, u64::MAX).await,
+        pair.sqlite.leaderboard("all-time", 10, u64::MAX).await,
+    ] {
+        assert!(matches!(r, Err(ReadModelError::Invalid(_))));
+    }
+}
+
+/// Stage and index names of every winning plan in an explain reply.
+fn plan_of(reply: &Document) -> (Vec<String>, Vec<String>) {
+    fn walk(b: &Bson, in_plan: bool, stages: &mut Vec<String>, indexes: &mut Vec<String>) {
+        match b {
+            Bson::Document(d) => {
+                for (k, v) in d {
+                    let in_plan = in_plan || k == "winningPlan";
+                    if in_plan && k == "stage" {
+                        stages.extend(v.as_str().map(str::to_string));
+                    }
+                    if in_plan && k == "indexName" {
+                        indexes.extend(v.as_str().map(str::to_string));
+                    }
+                    walk(v, in_plan, stages, indexes);
+                }
+            }
+            Bson::Array(items) => items.iter().for_each(|v| walk(v, in_plan, stages, indexes)),
+            _ => {}
+        }
+    }
+    let (mut stages, mut indexes) = (vec![], vec![]);
+    walk(
+        &Bson::Document(reply.clone()),
+        false,
+        &mut stages,
+        &mut indexes,
+    );
+    (stages, indexes)
+}
+
+/// The page query and both rank counts are answered by the ranking index alone: no
+/// collection scan, no in-memory sort, no document fetch.
+async fn ranking_is_answered_from_the_index(mongo: &MongoReadModels) {
+    let (filter, sort, projection) = page_query("tag:rust");
+    let mut commands = vec![doc! {
+        "find": LEADERBOARD, "filter": filter, "sort": sort, "projection": projection,
+        "skip": 2_i64, "limit": 3_i64, "hint": RANK_INDEX,
+    }];
+    for pipeline in ahead_pipelines("tag:rust", 2, user(1)) {
+        commands.push(doc! {
+            "aggregate": LEADERBOARD, "pipeline": pipeline, "cursor": {}, "hint": RANK_INDEX,
+        });
+    }
+    for command in commands {
+        let reply = mongo
+            .database()
+            .run_command(doc! { "explain": command.clone(), "verbosity": "queryPlanner" })
+            .await
+            .expect("explain");
+        let (stages, indexes) = plan_of(&reply);
+        assert!(
+            indexes.iter().any(|i| i == RANK_INDEX),
+            "{command}: {indexes:?}"
+        );
+        for bad in ["COLLSCAN", "SORT", "FETCH"] {
+            assert!(!stages.iter().any(|s| s == bad), "{command}: {stages:?}");
+        }
+    }
+    // The entry lookup by (board, user_id) uses the unique key index.
+    let reply = mongo
+        .database()
+        .run_command(doc! {
+            "explain": { "find": LEADERBOARD,
+                         "filter": { "board": "tag:rust", "user_id": uuid_bson(user(1)) } },
+            "verbosity": "queryPlanner",
+        })
+        .await
+        .unwrap();
+    let (stages, _) = plan_of(&reply);
+    assert!(!stages.iter().any(|s| s == "COLLSCAN"), "{stages:?}");
+}
+
+/// Two handles (separate connection pools) deliver the same 60 events of one consumer, one
+/// forwards and one backwards, concurrently: their transactions conflict on the checkpoint
+/// and are retried; every event is applied exactly once.
+async fn two_handles_apply_each_event_exactly_once(first: &MongoReadModels, uri: &str, db: &str) {
+    let second = MongoReadModels::connect(uri, db).await.unwrap();
+    let a = user(42);
+    let items: Items = (0..60u64)
+        .map(|i| {
+            (
+                EventKey {
+                    aggregate_type: "content".into(),
+                    aggregate_id: Uuid::from_u128(0x9000 + (i % 3) as u128),
+                    sequence: i / 3 + 1,
+                    position: i + 1,
+                },
+                vec![Change::Xp {
+                    user_id: a,
+                    xp: 1,
+                    questions: 0,
+                    answers: 0,
+                    accepted_answers: 0,
+                }],
+            )
+        })
+        .collect();
+    async fn run(store: MongoReadModels, items: Items, order: Vec<usize>, batch: usize) -> usize {
+        let mut queue: VecDeque<usize> = order.into();
+        let (mut applied, mut rounds) = (0, 0);
+        while !queue.is_empty() {
+            rounds += 1;
+            assert!(rounds < 100_000, "delivery does not progress");
+            let take: Vec<usize> = queue.drain(..batch.min(queue.len())).collect();
+            let b: Vec<_> = take.iter().map(|&i| items[i].clone()).collect();
+            let outcomes = store.apply("xp.concurrent", &b).await.unwrap();
+            for (i, o) in take.into_iter().zip(outcomes) {
+                match o {
+                    ApplyOutcome::Applied => applied += 1,
+                    ApplyOutcome::Duplicate => {}
+                    ApplyOutcome::Gap { .. } => queue.push_back(i),
+                }
+            }
+        }
+        applied
+    }
+    let forward: Vec<usize> = (0..items.len()).collect();
+    let backward: Vec<usize> = forward.iter().rev().copied().collect();
+    let x = tokio::spawn(run(first.clone(), items.clone(), forward, 7));
+    let y = tokio::spawn(run(second, items.clone(), backward, 5));
+    assert_eq!(x.await.unwrap() + y.await.unwrap(), 60);
+    assert_eq!(first.user_xp(a).await.unwrap().unwrap().xp, 60);
+    let cp = first
+        .checkpoints()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "xp.concurrent")
+        .unwrap();
+    assert_eq!((cp.checkpoint, cp.applied), (60, 60));
+}
