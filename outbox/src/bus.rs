@@ -10,11 +10,18 @@ use tektree_domain::EventEnvelope;
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     /// The bus URL is not understood.
-    #[error("invalid bus url {0:?}: expected `memory` or `redis://host:port[/db]`")]
+    #[error(
+        "invalid bus url {0:?}: expected `memory`, `redis://host:port[/db]` or `nats://host:port`"
+    )]
     InvalidUrl(String),
     /// The transport failed (connection refused, server error). Retryable.
     #[error("bus transport: {0}")]
     Transport(String),
+    /// The bus's server-side setup cannot work with this adapter (e.g. a JetStream stream that
+    /// exists with other subjects or retention), or a name given to the adapter is invalid.
+    /// Not retryable: an operator must fix it.
+    #[error("bus configuration: {0}")]
+    Config(String),
     /// A message on the bus is not a valid envelope.
     #[error("undecodable bus message {id}: {reason}")]
     Decode {
@@ -93,16 +100,20 @@ pub trait Subscription: Send {
     async fn ack(&mut self, ids: &[String]) -> Result<(), BusError>;
 }
 
-/// Opens the bus named by `url`: `memory` (a new in-process bus) or `redis://…`.
+/// Opens the bus named by `url`: `memory` (a new in-process bus), `redis://…` (Redis Streams,
+/// [`crate::RedisBus::connect`]) or `nats://…` (NATS JetStream, [`crate::NatsBus::connect`]).
 ///
 /// # Errors
-/// [`BusError::InvalidUrl`] for any other scheme; [`BusError::Transport`] when Redis is
-/// unreachable.
+/// [`BusError::InvalidUrl`] for any other scheme; [`BusError::Transport`] when the server is
+/// unreachable; [`BusError::Config`] when a JetStream stream exists with an unusable
+/// configuration.
 pub async fn open_bus(url: &str) -> Result<Arc<dyn Bus>, BusError> {
     if url == "memory" {
         Ok(Arc::new(crate::MemoryBus::new()))
     } else if url.starts_with("redis://") || url.starts_with("rediss://") {
         Ok(Arc::new(crate::RedisBus::connect(url).await?))
+    } else if url.starts_with("nats://") {
+        Ok(Arc::new(crate::NatsBus::connect(url).await?))
     } else {
         Err(BusError::InvalidUrl(url.into()))
     }

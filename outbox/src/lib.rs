@@ -1,9 +1,9 @@
 //! # tektree-outbox
 //!
 //! The bus port ([`Bus`], [`Subscription`]), its adapters ([`MemoryBus`] for the embedded
-//! single-process mode, [`RedisBus`] on Redis Streams), and the outbox [`relay`]. The
-//! [`conformance`] suite checks an adapter against the contract below; [`test_support`] starts
-//! real servers for tests (also used by other crates' tests).
+//! single-process mode, [`RedisBus`] on Redis Streams, [`NatsBus`] on NATS JetStream), and the
+//! outbox [`relay`]. The [`conformance`] suite checks an adapter against the contract below;
+//! [`test_support`] starts real servers for tests (also used by other crates' tests).
 //!
 //! Delivery contract every adapter gives:
 //! - **At least once.** A delivery stays pending until acknowledged; pending deliveries of a
@@ -19,11 +19,17 @@
 mod bus;
 pub mod conformance;
 mod memory;
+mod nats_bus;
 mod redis_bus;
 pub mod relay;
 pub mod test_support;
 
 pub use bus::{open_bus, Bus, BusError, Delivery, Subscription, SubscriptionOptions};
 pub use memory::MemoryBus;
+pub use nats_bus::{
+    DeadLetter, NatsBus, DEFAULT_DEAD_LETTER_PREFIX, DEFAULT_DEAD_LETTER_STREAM,
+    DEFAULT_MAX_DELIVER, DEFAULT_NATS_STREAM, DEFAULT_SUBJECT_PREFIX, DUPLICATE_WINDOW,
+    HEADER_DELIVERY_COUNT, HEADER_GROUP, HEADER_POSITION, HEADER_REASON, MAX_ACK_PENDING,
+};
 pub use redis_bus::{RedisBus, DEFAULT_STREAM};
 pub use relay::{relay_once, RelayConfig, RelayError};
