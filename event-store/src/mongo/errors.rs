@@ -1,5 +1,9 @@
 //! Classification of driver errors and the transaction retry policy, as plain functions.
 //!
+//! Shared by every MongoDB adapter of the workspace: the event store ([`super::MongoStore`])
+//! and the read-model store of `tektree-projections` use these functions and the runner
+//! [`run_transaction`](super::run_transaction) built on them.
+//!
 //! The decision is a pure function of what the server reported — the error **code**, the error
 //! **labels** and, for duplicate keys, the **message** naming the index — so it is unit-tested
 //! without a server ([`classify_parts`], [`should_retry`], [`backoff`]); [`classify`] only
@@ -27,7 +31,11 @@ pub const MAX_TIME_MS_EXPIRED: i32 = 50;
 /// convenient transaction API uses the same limit.
 pub const MAX_RETRY_TIME: Duration = Duration::from_secs(120);
 
-/// What a driver error means for the event store.
+/// What a driver error means for a transaction.
+///
+/// [`ErrorClass::Conflict`] is specific to the event store's [`super::SEQUENCE_INDEX`]; other
+/// stores (the read models) have no index of that name, so for them a duplicate key is
+/// [`ErrorClass::Backend`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// Duplicate key on the unique `(aggregate_type, aggregate_id, sequence)` index: another
@@ -116,6 +124,12 @@ pub fn code_and_message(e: &Error) -> (Option<i32>, String) {
         Some(inner) => code_and_message(inner),
         None => (None, e.to_string()),
     }
+}
+
+/// The server code of `e`, if it has one (looking through wrapped source errors): the code part
+/// of [`code_and_message`].
+pub fn code(e: &Error) -> Option<i32> {
+    code_and_message(e).0
 }
 
 /// Classifies a driver error (see [`classify_parts`]).
@@ -216,6 +230,12 @@ mod tests {
                 "wc timeout".into(),
                 ErrorClass::UnknownCommitResult,
             ),
+            (
+                Some(64),
+                &[T, U],
+                "wc timeout".into(),
+                ErrorClass::UnknownCommitResult,
+            ),
             // MaxTimeMSExpired with the unknown-commit label is not retried (driver rule).
             (
                 Some(MAX_TIME_MS_EXPIRED),
@@ -230,6 +250,17 @@ mod tests {
                 ErrorClass::Conflict,
             ),
             (Some(DUPLICATE_KEY), &[], dup("_id_"), ErrorClass::Backend),
+            // Without a message naming the sequence index (as in the read-model store, whose
+            // collections have no such index) a duplicate key is not a conflict.
+            (Some(DUPLICATE_KEY), &[], String::new(), ErrorClass::Backend),
+            (
+                Some(DUPLICATE_KEY),
+                &[],
+                "E11000 duplicate key error collection: tektree.rm_quota index: user_period \
+                 dup key: { user_id: UUID(\"…\"), period: \"2024-05\" }"
+                    .into(),
+                ErrorClass::Backend,
+            ),
             (
                 Some(DUPLICATE_KEY),
                 &[],
@@ -278,6 +309,7 @@ mod tests {
         assert_eq!(should_retry(UnknownCommitResult, Phase::Body, t), Retry::No);
         assert_eq!(should_retry(Conflict, Phase::Body, t), Retry::No);
         assert_eq!(should_retry(Backend, Phase::Commit, t), Retry::No);
+        assert_eq!(should_retry(Backend, Phase::Body, t), Retry::No);
         let late = MAX_RETRY_TIME;
         assert_eq!(
             should_retry(TransientTransaction, Phase::Body, late),
@@ -294,7 +326,9 @@ mod tests {
         assert_eq!(backoff(1, 0.0), Duration::ZERO);
         assert_eq!(backoff(1, 1.0), Duration::from_secs_f64(0.0075));
         assert!(backoff(2, 1.0) > backoff(1, 1.0));
+        assert_eq!(backoff(30, 1.0), Duration::from_millis(500));
         assert_eq!(backoff(40, 1.0), Duration::from_millis(500));
+        assert_eq!(backoff(5, 0.0), Duration::ZERO);
         assert_eq!(backoff(u32::MAX, 0.5), Duration::from_millis(250));
         assert_eq!(backoff(3, f64::NAN), Duration::ZERO);
         for _ in 0..1000 {
@@ -339,10 +373,18 @@ mod tests {
             code_and_message(&e),
             (Some(112), "write conflict".to_string())
         );
+        assert_eq!(code(&e), Some(112));
+        assert_eq!(classify(&e), ErrorClass::Backend);
+        // The same without `codeName` (as the read-model store's test built it).
+        let cmd: CommandError =
+            mongodb::bson::from_document(doc! { "code": 112, "errmsg": "write conflict" }).unwrap();
+        let e = Error::from(ErrorKind::Command(cmd));
+        assert_eq!(code(&e), Some(112));
         assert_eq!(classify(&e), ErrorClass::Backend);
 
         let e = Error::from(ErrorKind::Shutdown);
         assert_eq!(code_and_message(&e).0, None);
+        assert_eq!(code(&e), None);
         assert_eq!(classify(&e), ErrorClass::Backend);
     }
 }

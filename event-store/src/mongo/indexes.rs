@@ -14,7 +14,14 @@ pub const PENDING_INDEX: &str = "pending";
 /// Name of the `(published, position)` index of `outbox`.
 pub const OUTBOX_INDEX: &str = "published_position";
 
-fn index(keys: Document, name: &str, unique: bool, partial: Option<Document>) -> IndexModel {
+/// An index on `keys` named `name`, unique if `unique`, partial on `partial` if given (the
+/// builder every adapter of the workspace uses for its index specifications).
+pub fn index_model(
+    keys: Document,
+    name: &str,
+    unique: bool,
+    partial: Option<Document>,
+) -> IndexModel {
     IndexModel::builder()
         .keys(keys)
         .options(
@@ -39,19 +46,19 @@ fn index(keys: Document, name: &str, unique: bool, partial: Option<Document>) ->
 ///   of committed but unsequenced events, kept tiny because sequencing removes `pending`.
 pub fn event_indexes() -> Vec<IndexModel> {
     vec![
-        index(
+        index_model(
             doc! { "aggregate_type": 1, "aggregate_id": 1, "sequence": 1 },
             SEQUENCE_INDEX,
             true,
             None,
         ),
-        index(
+        index_model(
             doc! { "position": 1 },
             POSITION_INDEX,
             true,
             Some(doc! { "position": { "$gt": 0_i64 } }),
         ),
-        index(
+        index_model(
             doc! { "pending": 1 },
             PENDING_INDEX,
             false,
@@ -64,7 +71,7 @@ pub fn event_indexes() -> Vec<IndexModel> {
 /// [`OUTBOX_INDEX`] `{published: 1, position: 1}` — `outbox_pending` reads unpublished records
 /// in position order and `outbox_backlog` counts them from this index alone.
 pub fn outbox_indexes() -> Vec<IndexModel> {
-    vec![index(
+    vec![index_model(
         doc! { "published": 1, "position": 1 },
         OUTBOX_INDEX,
         false,
@@ -173,5 +180,13 @@ mod tests {
         assert!(err.contains("standalone"), "{err}");
         assert!(err.contains("replica set"), "{err}");
         assert!(err.contains("--replSet"), "{err}");
+        // The minimal replies (as the read-model store's checks used).
+        assert!(check_deployment(&doc! { "setName": "rs0" }).is_ok());
+        assert!(check_deployment(&doc! { "msg": "isdbgrid" }).is_ok());
+        let err = check_deployment(&doc! { "isWritablePrimary": true }).unwrap_err();
+        assert!(
+            err.contains("standalone") && err.contains("replica set"),
+            "{err}"
+        );
     }
 }

@@ -60,7 +60,16 @@
 //! transactions use read concern `majority` in a causally consistent session advanced to the
 //! latest operation time this handle has written, so a handle reads its own writes and never
 //! sees writes that a failover could roll back.
+//!
+//! # Shared with the read-model adapter
+//!
+//! The MongoDB adapter of `tektree-projections` uses this module's driver plumbing rather than
+//! a copy: [`connect_client`] (options and the replica-set check), [`CausalClock`] (reading a
+//! handle's own writes), the error classification ([`classify`], [`should_retry`], …), the
+//! transaction runner [`run_transaction`] (generic over the body's abort error) and
+//! [`index_model`], [`uuid_to_bson`].
 
+mod client;
 mod errors;
 mod indexes;
 mod mapping;
@@ -68,33 +77,35 @@ mod txn;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{SecondsFormat, Utc};
 use futures::FutureExt;
-use mongodb::bson::{doc, Bson, Document, Timestamp};
-use mongodb::options::{Acknowledgment, ClientOptions, ReadConcern, ReturnDocument, WriteConcern};
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::options::ReturnDocument;
 use mongodb::{Client, ClientSession, Collection, Database};
 use tektree_domain::{EventEnvelope, NewEvent};
 use uuid::Uuid;
 
+pub use client::{connect_client, CausalClock};
 pub use errors::{
-    backoff, classify, classify_parts, code_and_message, should_retry, ErrorClass, Phase, Retry,
-    DUPLICATE_KEY, MAX_RETRY_TIME, MAX_TIME_MS_EXPIRED,
+    backoff, classify, classify_parts, code, code_and_message, should_retry, ErrorClass, Phase,
+    Retry, DUPLICATE_KEY, MAX_RETRY_TIME, MAX_TIME_MS_EXPIRED,
 };
 pub use indexes::{
-    check_deployment, event_indexes, outbox_indexes, Deployment, OUTBOX_INDEX, PENDING_INDEX,
-    POSITION_INDEX, SEQUENCE_INDEX,
+    check_deployment, event_indexes, index_model, outbox_indexes, Deployment, OUTBOX_INDEX,
+    PENDING_INDEX, POSITION_INDEX, SEQUENCE_INDEX,
 };
 pub use mapping::{
     bson_to_json, envelope_from_document, envelope_to_document, json_to_bson, timestamp_from_bson,
     timestamp_to_bson, uuid_from_bson, uuid_to_bson, MappingError,
 };
 
+pub use txn::{run_transaction, transaction_options, RunError, TxError};
+
 use crate::{EventStore, Head, StoreError};
-use txn::{RunError, TxError};
 
 /// The events collection.
 pub const EVENTS: &str = "events";
@@ -125,20 +136,6 @@ fn corrupt(doc: &Document, e: MappingError) -> StoreError {
     }
 }
 
-fn majority() -> WriteConcern {
-    WriteConcern::builder()
-        .w(Acknowledgment::Majority)
-        .journal(true)
-        .build()
-}
-
-/// Highest cluster and operation time a handle has seen from its own writes.
-#[derive(Default)]
-struct Clock {
-    cluster: Option<mongodb::ClusterTime>,
-    operation: Option<Timestamp>,
-}
-
 /// [`EventStore`] on a MongoDB replica set (see the [module docs](self) for the design).
 ///
 /// Cheap to clone (an [`Arc`]); clones share the driver's connection pool, the in-process
@@ -159,7 +156,7 @@ struct Inner {
     sequencer: tokio::sync::Mutex<()>,
     /// Sequencer passes completed by this handle (to skip a pass when another did the work).
     passes: AtomicU64,
-    clock: Mutex<Clock>,
+    clock: CausalClock,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -240,7 +237,7 @@ struct AppendCtx<'a> {
 }
 
 impl AppendCtx<'_> {
-    async fn attempt(&self, s: &mut ClientSession) -> Result<(), TxError> {
+    async fn attempt(&self, s: &mut ClientSession) -> Result<(), TxError<StoreError>> {
         let inner = self.inner;
         let last = inner
             .events
@@ -293,7 +290,10 @@ impl AppendCtx<'_> {
 impl Inner {
     /// One sequencer pass's transaction body: positions for up to [`SEQUENCE_BATCH`] pending
     /// events, in `pending` order.
-    async fn sequence_attempt(&self, s: &mut ClientSession) -> Result<Vec<(Uuid, u64)>, TxError> {
+    async fn sequence_attempt(
+        &self,
+        s: &mut ClientSession,
+    ) -> Result<Vec<(Uuid, u64)>, TxError<StoreError>> {
         let mut cursor = self
             .events
             .find(doc! { "pending": { "$exists": true } })
@@ -393,26 +393,7 @@ impl MongoStore {
     /// **standalone** (the message names the replica-set requirement), or an index with the
     /// same name but a different definition exists.
     pub async fn connect(uri: &str, db_name: &str) -> Result<Self, StoreError> {
-        let mut options = ClientOptions::parse(uri)
-            .await
-            .map_err(|e| backend("parse MongoDB URI", e))?;
-        options
-            .app_name
-            .get_or_insert_with(|| "tektree".to_string());
-        options.read_concern = Some(ReadConcern::majority());
-        options.write_concern = Some(majority());
-        let client = Client::with_options(options).map_err(|e| backend("MongoDB client", e))?;
-        let admin = client.database("admin");
-        let hello = match admin.run_command(doc! { "hello": 1 }).await {
-            Ok(reply) => reply,
-            // Servers before 4.4.2 only know the legacy name.
-            Err(e) if code_and_message(&e).0 == Some(59) => admin
-                .run_command(doc! { "isMaster": 1 })
-                .await
-                .map_err(|e| backend("MongoDB isMaster", e))?,
-            Err(e) => return Err(backend("MongoDB hello", e)),
-        };
-        let deployment = check_deployment(&hello).map_err(StoreError::Backend)?;
+        let (client, deployment) = connect_client(uri).await.map_err(StoreError::Backend)?;
         let db = client.database(db_name);
         let events = db.collection::<Document>(EVENTS);
         let outbox = db.collection::<Document>(OUTBOX);
@@ -447,7 +428,7 @@ impl MongoStore {
                 counters,
                 sequencer: tokio::sync::Mutex::new(()),
                 passes: AtomicU64::new(0),
-                clock: Mutex::new(Clock::default()),
+                clock: CausalClock::default(),
             }),
         };
         store.sequence_pending().await?;
@@ -484,48 +465,23 @@ impl MongoStore {
 
     /// A causally consistent session that starts at the latest time this handle wrote.
     async fn session(&self) -> Result<ClientSession, StoreError> {
-        let mut s = self
-            .inner
-            .client
-            .start_session()
-            .causal_consistency(true)
+        self.inner
+            .clock
+            .session(&self.inner.client)
             .await
-            .map_err(|e| backend("start session", e))?;
-        let clock = self.inner.clock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ct) = &clock.cluster {
-            s.advance_cluster_time(ct);
-        }
-        if let Some(op) = clock.operation {
-            s.advance_operation_time(op);
-        }
-        Ok(s)
-    }
-
-    /// Advances the handle's clock to what `s` has seen.
-    fn observe(&self, s: &ClientSession) {
-        let mut clock = self.inner.clock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ct) = s.cluster_time() {
-            if clock.cluster.as_ref().is_none_or(|c| c < ct) {
-                clock.cluster = Some(ct.clone());
-            }
-        }
-        if let Some(op) = s.operation_time() {
-            if clock.operation.is_none_or(|c| c < op) {
-                clock.operation = Some(op);
-            }
-        }
+            .map_err(|e| backend("start session", e))
     }
 
     /// One sequencer pass (the caller holds the sequencer lock).
     async fn sequence_pass(&self) -> Result<Vec<(Uuid, u64)>, StoreError> {
         let mut session = self.session().await?;
         let inner: &Inner = &self.inner;
-        let out = txn::run(&mut session, inner, |s, inner| {
+        let out = run_transaction(&mut session, inner, |s, inner| {
             let inner: &Inner = inner;
             async move { inner.sequence_attempt(s).await }.boxed()
         })
         .await;
-        self.observe(&session);
+        self.inner.clock.observe(&session);
         self.inner.passes.fetch_add(1, Ordering::SeqCst);
         match out {
             Ok(assigned) => {
@@ -746,12 +702,12 @@ impl EventStore for MongoStore {
             outbox: &outbox,
         };
         let mut session = self.session().await?;
-        let out = txn::run(&mut session, &ctx, |s, ctx| {
+        let out = run_transaction(&mut session, &ctx, |s, ctx| {
             let ctx: &AppendCtx<'_> = ctx;
             async move { ctx.attempt(s).await }.boxed()
         })
         .await;
-        self.observe(&session);
+        self.inner.clock.observe(&session);
         let passes_seen = self.inner.passes.load(Ordering::SeqCst);
         match out {
             Ok(()) => {}
@@ -926,7 +882,7 @@ impl EventStore for MongoStore {
             .session(&mut session)
             .await
             .map_err(|e| backend("mark outbox records published", e))?;
-        self.observe(&session);
+        self.inner.clock.observe(&session);
         Ok(())
     }
 

@@ -1,47 +1,48 @@
 //! The transaction runner: the driver's documented retry loop, with the decisions taken by the
-//! pure functions of [`super::errors`].
+//! pure functions of [`super::errors`]. Generic over the error a transaction body aborts with, so
+//! the event store ([`StoreError`](crate::StoreError)) and the read-model store of
+//! `tektree-projections` share it.
 
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use mongodb::options::{Acknowledgment, ReadConcern, TransactionOptions, WriteConcern};
+use mongodb::options::{ReadConcern, TransactionOptions};
 use mongodb::ClientSession;
 
+use super::client::majority;
 use super::errors::{backoff, classify, jitter, should_retry, ErrorClass, Phase, Retry};
-use crate::StoreError;
 
-/// Why a transaction body stopped.
-pub(crate) enum TxError {
+/// Why a transaction body stopped; `E` is the store's own error type.
+///
+/// `?` on a driver result inside a body converts the driver error into [`TxError::Driver`].
+#[derive(Debug)]
+pub enum TxError<E> {
     /// A driver error: classified, maybe retried.
     Driver(mongodb::error::Error),
     /// A decision of the body (for example a version conflict): abort and return it.
-    Abort(StoreError),
+    Abort(E),
 }
 
-impl From<mongodb::error::Error> for TxError {
+impl<E> From<mongodb::error::Error> for TxError<E> {
     fn from(e: mongodb::error::Error) -> Self {
         TxError::Driver(e)
     }
 }
 
-/// Why [`run`] failed.
-pub(crate) enum RunError {
+/// Why [`run_transaction`] failed; `E` is the error the body aborted with.
+#[derive(Debug)]
+pub enum RunError<E> {
     /// The body aborted with this error.
-    Abort(StoreError),
+    Abort(E),
     /// A driver error that is not (or no longer) retried, with its class.
     Failed(ErrorClass, mongodb::error::Error),
 }
 
-/// Snapshot reads, majority-acknowledged journaled commits.
-pub(crate) fn transaction_options() -> TransactionOptions {
+/// The options of every transaction: snapshot reads, majority-acknowledged journaled commits.
+pub fn transaction_options() -> TransactionOptions {
     TransactionOptions::builder()
         .read_concern(ReadConcern::snapshot())
-        .write_concern(
-            WriteConcern::builder()
-                .w(Acknowledgment::Majority)
-                .journal(true)
-                .build(),
-        )
+        .write_concern(majority())
         .build()
 }
 
@@ -52,13 +53,22 @@ pub(crate) fn transaction_options() -> TransactionOptions {
 ///
 /// `ctx` is handed to every attempt (the driver's `and_run` pattern: borrowing captured values
 /// through the context keeps the future's lifetime tied to the session's).
-pub(crate) async fn run<C, T, F>(
+///
+/// The body returns [`TxError::Abort`] to stop without retrying; that error comes back as
+/// [`RunError::Abort`]. A driver error that is not retried (or still fails after
+/// [`MAX_RETRY_TIME`](super::errors::MAX_RETRY_TIME)) comes back as [`RunError::Failed`] with
+/// its class, so the caller can tell, for example, a conflict or an unknown commit result.
+///
+/// # Errors
+/// [`RunError::Abort`] when the body aborts, [`RunError::Failed`] when starting the
+/// transaction, the body or the commit fails with an error that is not (or no longer) retried.
+pub async fn run_transaction<C, T, E, F>(
     session: &mut ClientSession,
     mut ctx: C,
     mut body: F,
-) -> Result<T, RunError>
+) -> Result<T, RunError<E>>
 where
-    F: for<'s> FnMut(&'s mut ClientSession, &'s mut C) -> BoxFuture<'s, Result<T, TxError>>,
+    F: for<'s> FnMut(&'s mut ClientSession, &'s mut C) -> BoxFuture<'s, Result<T, TxError<E>>>,
 {
     let started = Instant::now();
     let mut attempt: u32 = 0;

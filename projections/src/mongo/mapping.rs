@@ -16,9 +16,9 @@
 
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{doc, Binary, Bson, Document};
-use mongodb::options::IndexOptions;
 use mongodb::IndexModel;
 use tektree_domain::{level_for_xp, Tier};
+use tektree_event_store::mongo::index_model;
 use uuid::Uuid;
 
 use crate::{Change, ContentDelta, ContentRow, LeaderboardRow, QuotaRow, ReadModelError, XpRow};
@@ -54,16 +54,9 @@ pub const COLLECTIONS: [&str; 8] = [
 /// Name of the leaderboard ranking index `(board 1, xp -1, user_id 1)`.
 pub const RANK_INDEX: &str = "rank";
 
+/// A (not partial) index of the read models.
 fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
-    IndexModel::builder()
-        .keys(keys)
-        .options(
-            IndexOptions::builder()
-                .name(name.to_string())
-                .unique(unique.then_some(true))
-                .build(),
-        )
-        .build()
+    index_model(keys, name, unique, None)
 }
 
 /// The secondary indexes of each collection that has any (the others are keyed by `_id`):
@@ -115,13 +108,9 @@ pub fn read_model_indexes() -> Vec<(&'static str, Vec<IndexModel>)> {
     ]
 }
 
-/// A UUID as BSON binary subtype 4.
-pub fn uuid_bson(id: Uuid) -> Bson {
-    Bson::Binary(Binary {
-        subtype: BinarySubtype::Uuid,
-        bytes: id.as_bytes().to_vec(),
-    })
-}
+/// A UUID as BSON binary subtype 4 (the event store's mapping, so ids compare equal across
+/// the two adapters' collections).
+pub use tektree_event_store::mongo::uuid_to_bson as uuid_bson;
 
 fn opt_uuid_bson(id: Option<Uuid>) -> Bson {
     id.map_or(Bson::Null, uuid_bson)

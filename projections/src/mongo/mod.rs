@@ -11,7 +11,10 @@
 //! ([`Progress`], parking positions above a gap in `consumer_applied`) and commits — read-model
 //! rows, guards and checkpoint together or not at all. Transient transaction errors (for
 //! example two workers of one consumer writing its checkpoint document at once) retry the whole
-//! batch, as the driver documents; see [`should_retry`].
+//! batch, as the driver documents; see
+//! [`should_retry`](tektree_event_store::mongo::should_retry). The error classification, the
+//! transaction runner and the client setup are the event store's ([`tektree_event_store::mongo`]),
+//! shared by both adapters.
 //!
 //! Queries read with read concern `majority` in a causally consistent session advanced to this
 //! handle's own latest write, so a handle reads its own writes. Reads that take several queries
@@ -33,15 +36,14 @@ mod plan;
 mod txn;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::FutureExt;
-use mongodb::bson::{doc, Bson, Document, Timestamp};
-use mongodb::options::{
-    Acknowledgment, ClientOptions, FindOptions, Hint, ReadConcern, WriteConcern,
-};
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::options::{FindOptions, Hint};
 use mongodb::{Client, ClientSession, Collection, Database};
+use tektree_event_store::mongo::{code, connect_client, CausalClock};
 use uuid::Uuid;
 
 pub use mapping::{
@@ -50,10 +52,6 @@ pub use mapping::{
     CHECKPOINT, COLLECTIONS, CONTENT, GUARD, LEADERBOARD, QUOTA, RANK_INDEX, TIER, XP,
 };
 pub use plan::{plan_guards, GuardKey, Progress};
-pub use txn::{
-    backoff, classify, classify_parts, code, should_retry, ErrorClass, Phase, Retry,
-    MAX_RETRY_TIME, MAX_TIME_MS_EXPIRED,
-};
 
 use crate::{
     ApplyOutcome, Change, Checkpoint, ContentRow, EventKey, LeaderboardRow, QuotaRow, ReadModel,
@@ -72,13 +70,6 @@ fn int(v: u64, what: &str) -> Result<i64, ReadModelError> {
     i64::try_from(v).map_err(|_| ReadModelError::Invalid(format!("{what} {v} is out of range")))
 }
 
-/// Highest cluster and operation time a handle has seen from its own writes.
-#[derive(Default)]
-struct Clock {
-    cluster: Option<mongodb::ClusterTime>,
-    operation: Option<Timestamp>,
-}
-
 /// Read models and consumer checkpoints in a MongoDB database (see the [module docs](self)).
 ///
 /// Cheap to clone (an [`Arc`]); clones share the driver's connection pool and causal clock.
@@ -91,7 +82,7 @@ pub struct MongoReadModels {
 struct Inner {
     client: Client,
     db: Database,
-    clock: Mutex<Clock>,
+    clock: CausalClock,
 }
 
 impl std::fmt::Debug for MongoReadModels {
@@ -352,30 +343,7 @@ impl MongoReadModels {
     /// server-selection timeout, the server is a standalone (the message names the
     /// replica-set requirement), or an index with the same name but another definition exists.
     pub async fn connect(uri: &str, db_name: &str) -> Result<Self, ReadModelError> {
-        let mut options = ClientOptions::parse(uri)
-            .await
-            .map_err(|e| backend("parse MongoDB URI", e))?;
-        options
-            .app_name
-            .get_or_insert_with(|| "tektree".to_string());
-        options.read_concern = Some(ReadConcern::majority());
-        options.write_concern = Some(
-            WriteConcern::builder()
-                .w(Acknowledgment::Majority)
-                .journal(true)
-                .build(),
-        );
-        let client = Client::with_options(options).map_err(|e| backend("MongoDB client", e))?;
-        let admin = client.database("admin");
-        let hello = match admin.run_command(doc! { "hello": 1 }).await {
-            Ok(reply) => reply,
-            Err(e) if code(&e) == Some(59) => admin
-                .run_command(doc! { "isMaster": 1 })
-                .await
-                .map_err(|e| backend("MongoDB isMaster", e))?,
-            Err(e) => return Err(backend("MongoDB hello", e)),
-        };
-        check_replica_set(&hello).map_err(ReadModelError::Backend)?;
+        let (client, _) = connect_client(uri).await.map_err(ReadModelError::Backend)?;
         let db = client.database(db_name);
         let existing = db
             .list_collection_names()
@@ -402,7 +370,7 @@ impl MongoReadModels {
             inner: Arc::new(Inner {
                 client,
                 db,
-                clock: Mutex::new(Clock::default()),
+                clock: CausalClock::default(),
             }),
         })
     }
@@ -413,35 +381,11 @@ impl MongoReadModels {
     }
 
     async fn session(&self) -> Result<ClientSession, ReadModelError> {
-        let mut s = self
-            .inner
-            .client
-            .start_session()
-            .causal_consistency(true)
+        self.inner
+            .clock
+            .session(&self.inner.client)
             .await
-            .map_err(|e| backend("start session", e))?;
-        let clock = self.inner.clock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ct) = &clock.cluster {
-            s.advance_cluster_time(ct);
-        }
-        if let Some(op) = clock.operation {
-            s.advance_operation_time(op);
-        }
-        Ok(s)
-    }
-
-    fn observe(&self, s: &ClientSession) {
-        let mut clock = self.inner.clock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ct) = s.cluster_time() {
-            if clock.cluster.as_ref().is_none_or(|c| c < ct) {
-                clock.cluster = Some(ct.clone());
-            }
-        }
-        if let Some(op) = s.operation_time() {
-            if clock.operation.is_none_or(|c| c < op) {
-                clock.operation = Some(op);
-            }
-        }
+            .map_err(|e| backend("start session", e))
     }
 
     /// Documents of `collection` matching `filter`, in a causally consistent session.
@@ -491,22 +435,6 @@ impl MongoReadModels {
         let inner: &Inner = &self.inner;
         txn::run(&mut s, what, inner, body).await
     }
-}
-
-/// Checks a `hello` reply: replica-set member or `mongos`; a standalone is refused.
-fn check_replica_set(hello: &Document) -> Result<(), String> {
-    if matches!(hello.get("setName"), Some(Bson::String(_)))
-        || matches!(hello.get("msg"), Some(Bson::String(m)) if m == "isdbgrid")
-    {
-        return Ok(());
-    }
-    Err(
-        "the MongoDB server is a standalone server (its hello reply has no setName): \
-         TekTree needs a replica set, because read-model batches are multi-document \
-         transactions. Start mongod with --replSet rs0 and run rs.initiate() once (a one-node \
-         replica set is enough; see docs/mongodb.md)"
-            .to_string(),
-    )
 }
 
 /// Entries of `board` ahead of `(xp, user_id)`, counted on the ranking index.
@@ -559,7 +487,7 @@ impl ReadModelStore for MongoReadModels {
             async move { ctx.attempt(s).await }.boxed()
         })
         .await;
-        self.observe(&s);
+        self.inner.clock.observe(&s);
         out
     }
 
@@ -606,7 +534,7 @@ impl ReadModelStore for MongoReadModels {
             },
         )
         .await;
-        self.observe(&s);
+        self.inner.clock.observe(&s);
         out
     }
 
@@ -868,17 +796,6 @@ mod tests {
             items[0].upserts[0].1,
             Some(Change::QuotaExceeded { user_id, .. }) if user_id == Uuid::from_u128(9)
         ));
-    }
-
-    #[test]
-    fn standalone_servers_are_refused() {
-        assert!(check_replica_set(&doc! { "setName": "rs0" }).is_ok());
-        assert!(check_replica_set(&doc! { "msg": "isdbgrid" }).is_ok());
-        let err = check_replica_set(&doc! { "isWritablePrimary": true }).unwrap_err();
-        assert!(
-            err.contains("standalone") && err.contains("replica set"),
-            "{err}"
-        );
     }
 
     #[tokio::test]

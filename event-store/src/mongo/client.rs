@@ -1,0 +1,111 @@
+//! The client and session setup every MongoDB adapter of the workspace shares: connecting to a
+//! replica set ([`connect_client`]) and reading a handle's own writes ([`CausalClock`]).
+
+use std::sync::Mutex;
+
+use mongodb::bson::{doc, Timestamp};
+use mongodb::options::{Acknowledgment, ClientOptions, ReadConcern, WriteConcern};
+use mongodb::{Client, ClientSession, ClusterTime};
+
+use super::errors::code;
+use super::indexes::{check_deployment, Deployment};
+
+/// Server error code `CommandNotFound` (a server before 4.4.2 answering `hello`).
+const COMMAND_NOT_FOUND: i32 = 59;
+
+/// Majority-acknowledged, journaled writes.
+pub(crate) fn majority() -> WriteConcern {
+    WriteConcern::builder()
+        .w(Acknowledgment::Majority)
+        .journal(true)
+        .build()
+}
+
+/// Connects to the deployment at `uri` and checks that it supports transactions.
+///
+/// The client reads with read concern `majority`, writes with write concern
+/// (`w: majority, j: true`) and names itself `tektree` unless the URI sets `appName`. The
+/// deployment is asked with `hello` (`isMaster` on servers before 4.4.2) and checked with
+/// [`check_deployment`].
+///
+/// # Errors
+/// A message naming the failed step (`parse MongoDB URI: …`, `MongoDB client: …`,
+/// `MongoDB hello: …`, `MongoDB isMaster: …`) when the URI is invalid or no server is reachable
+/// within the server-selection timeout, or [`check_deployment`]'s message for a standalone
+/// server.
+pub async fn connect_client(uri: &str) -> Result<(Client, Deployment), String> {
+    let mut options = ClientOptions::parse(uri)
+        .await
+        .map_err(|e| format!("parse MongoDB URI: {e}"))?;
+    options
+        .app_name
+        .get_or_insert_with(|| "tektree".to_string());
+    options.read_concern = Some(ReadConcern::majority());
+    options.write_concern = Some(majority());
+    let client = Client::with_options(options).map_err(|e| format!("MongoDB client: {e}"))?;
+    let admin = client.database("admin");
+    let hello = match admin.run_command(doc! { "hello": 1 }).await {
+        Ok(reply) => reply,
+        // Servers before 4.4.2 only know the legacy name.
+        Err(e) if code(&e) == Some(COMMAND_NOT_FOUND) => admin
+            .run_command(doc! { "isMaster": 1 })
+            .await
+            .map_err(|e| format!("MongoDB isMaster: {e}"))?,
+        Err(e) => return Err(format!("MongoDB hello: {e}")),
+    };
+    let deployment = check_deployment(&hello)?;
+    Ok((client, deployment))
+}
+
+/// The highest cluster and operation time a store handle has seen from its own writes.
+///
+/// Sessions started with [`CausalClock::session`] are causally consistent and begin at that
+/// time, so a handle reads its own writes (also across the driver's pooled sessions); call
+/// [`CausalClock::observe`] with every session that wrote.
+#[derive(Debug, Default)]
+pub struct CausalClock {
+    times: Mutex<Times>,
+}
+
+#[derive(Debug, Default)]
+struct Times {
+    cluster: Option<ClusterTime>,
+    operation: Option<Timestamp>,
+}
+
+impl CausalClock {
+    fn times(&self) -> std::sync::MutexGuard<'_, Times> {
+        self.times.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A causally consistent session on `client` that starts at the latest time observed.
+    ///
+    /// # Errors
+    /// The driver's error when no session can be started.
+    pub async fn session(&self, client: &Client) -> mongodb::error::Result<ClientSession> {
+        let mut s = client.start_session().causal_consistency(true).await?;
+        let times = self.times();
+        if let Some(ct) = &times.cluster {
+            s.advance_cluster_time(ct);
+        }
+        if let Some(op) = times.operation {
+            s.advance_operation_time(op);
+        }
+        Ok(s)
+    }
+
+    /// Advances the clock to what `s` has seen (it never moves back).
+    pub fn observe(&self, s: &ClientSession) {
+        let mut times = self.times();
+        if let Some(ct) = s.cluster_time() {
+            if times.cluster.as_ref().is_none_or(|c| c < ct) {
+                times.cluster = Some(ct.clone());
+            }
+        }
+        if let Some(op) = s.operation_time() {
+            if times.operation.is_none_or(|c| c < op) {
+                times.operation = Some(op);
+            }
+        }
+    }
+}
