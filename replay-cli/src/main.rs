@@ -19,7 +19,7 @@ use uuid::Uuid;
     about = "Rebuild projections and inspect event history"
 )]
 struct Cli {
-    /// Event store: `sqlite://PATH`.
+    /// Event store: `sqlite://PATH` or `mongodb://…` (see docs/mongodb.md).
     #[arg(long, global = true, env = "TEKTREE_STORE", default_value = DEFAULT_STORE)]
     store: String,
     /// Rules file (only needed to list policy consumers; read models do not depend on it).

@@ -6,10 +6,11 @@ use std::time::Duration;
 use tektree_commands::policies::{self, Policy};
 use tektree_commands::{CommandHandler, StoreServices};
 use tektree_domain::{KnowledgeServices, Rules};
+use tektree_event_store::mongo::MongoStore;
 use tektree_event_store::{EventStore, SqliteStore};
 use tektree_outbox::relay::{self, RelayConfig};
 use tektree_outbox::{open_bus, Bus};
-use tektree_projections::{ReadModelStore, SqliteReadModels, PROJECTIONS};
+use tektree_projections::{MongoReadModels, ReadModelStore, SqliteReadModels, PROJECTIONS};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -56,19 +57,33 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the store named by `store_url` and the bus named by `bus_url`.
+    /// Opens the store named by `store_url` (`sqlite://PATH` or `mongodb://…`) and the bus named
+    /// by `bus_url` (`memory`, `redis://…`, `nats://…`).
     ///
     /// # Errors
     /// [`AppError`] when either cannot be opened.
     pub async fn open(store_url: &str, bus_url: &str, rules: Rules) -> Result<App, AppError> {
-        let StoreUrl::Sqlite(path) = StoreUrl::parse(store_url)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                tektree_event_store::StoreError::Backend(format!("create {}: {e}", dir.display()))
-            })?;
-        }
-        let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(&path)?);
-        let read_models: Arc<dyn ReadModelStore> = Arc::new(SqliteReadModels::open(&path)?);
+        let (store, read_models): (Arc<dyn EventStore>, Arc<dyn ReadModelStore>) =
+            match StoreUrl::parse(store_url)? {
+                StoreUrl::Sqlite(path) => {
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir).map_err(|e| {
+                            tektree_event_store::StoreError::Backend(format!(
+                                "create {}: {e}",
+                                dir.display()
+                            ))
+                        })?;
+                    }
+                    (
+                        Arc::new(SqliteStore::open(&path)?),
+                        Arc::new(SqliteReadModels::open(&path)?),
+                    )
+                }
+                StoreUrl::Mongo { uri, db } => (
+                    Arc::new(MongoStore::connect(&uri, &db).await?),
+                    Arc::new(MongoReadModels::connect(&uri, &db).await?),
+                ),
+            };
         let bus = open_bus(bus_url).await?;
         let handler = CommandHandler::new(store.clone());
         let knowledge: Arc<dyn KnowledgeServices> = Arc::new(StoreServices::new(handler.clone()));

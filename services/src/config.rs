@@ -14,13 +14,21 @@ pub const DEFAULT_BUS: &str = "memory";
 pub enum StoreUrl {
     /// `sqlite://PATH` (or `sqlite:PATH`): events, outbox and read models in one SQLite file.
     Sqlite(PathBuf),
+    /// `mongodb://…` or `mongodb+srv://…` (a replica set): events, outbox, checkpoints and read
+    /// models in database `db` (the URI's path, default `tektree`).
+    Mongo {
+        /// The connection string as given.
+        uri: String,
+        /// Database name.
+        db: String,
+    },
 }
 
 /// Errors in configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Unsupported store URL.
-    #[error("invalid store url {0:?}: expected sqlite://PATH")]
+    #[error("invalid store url {0:?}: expected sqlite://PATH or mongodb://HOST[:PORT]/[DB]?replicaSet=NAME")]
     StoreUrl(String),
     /// The rules file could not be read or parsed.
     #[error("rules file {path}: {reason}")]
@@ -33,11 +41,31 @@ pub enum ConfigError {
 }
 
 impl StoreUrl {
-    /// Parses `sqlite://PATH` or `sqlite:PATH`.
+    /// Parses `sqlite://PATH`, `sqlite:PATH`, `mongodb://…` or `mongodb+srv://…`.
     ///
     /// # Errors
     /// [`ConfigError::StoreUrl`] for anything else.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        if let Some(rest) = url
+            .strip_prefix("mongodb://")
+            .or_else(|| url.strip_prefix("mongodb+srv://"))
+        {
+            let path = rest.split('?').next().unwrap_or("");
+            let db = path.split_once('/').map(|(_, d)| d).unwrap_or("");
+            if path
+                .split_once('/')
+                .map(|(h, _)| h)
+                .unwrap_or(path)
+                .is_empty()
+            {
+                return Err(ConfigError::StoreUrl(url.into()));
+            }
+            let db = if db.is_empty() { "tektree" } else { db };
+            return Ok(StoreUrl::Mongo {
+                uri: url.into(),
+                db: db.into(),
+            });
+        }
         let path = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
@@ -79,6 +107,21 @@ mod tests {
             StoreUrl::Sqlite("x.db".into())
         );
         assert!(StoreUrl::parse("postgres://x").is_err());
+        assert_eq!(
+            StoreUrl::parse("mongodb://h:27017/prod?replicaSet=rs0").unwrap(),
+            StoreUrl::Mongo {
+                uri: "mongodb://h:27017/prod?replicaSet=rs0".into(),
+                db: "prod".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("mongodb://h/?replicaSet=rs0").unwrap(),
+            StoreUrl::Mongo {
+                uri: "mongodb://h/?replicaSet=rs0".into(),
+                db: "tektree".into()
+            }
+        );
+        assert!(StoreUrl::parse("mongodb:///db").is_err());
         assert!(StoreUrl::parse("sqlite://").is_err());
     }
 

@@ -22,10 +22,11 @@ use tokio::task::JoinSet;
     about = "TekTree Core: event-sourced CQRS engine"
 )]
 struct Cli {
-    /// Event store: `sqlite://PATH` (events, outbox, read models in one file).
+    /// Event store: `sqlite://PATH` (events, outbox, read models in one file) or
+    /// `mongodb://HOST[:PORT]/[DB]?replicaSet=NAME` (a replica set; see docs/mongodb.md).
     #[arg(long, global = true, env = "TEKTREE_STORE", default_value = DEFAULT_STORE)]
     store: String,
-    /// Bus: `memory` (in-process) or `redis://HOST:PORT`.
+    /// Bus: `memory` (in-process), `redis://HOST:PORT` or `nats://HOST:PORT` (JetStream).
     #[arg(long, global = true, env = "TEKTREE_BUS", default_value = DEFAULT_BUS)]
     bus: String,
     /// TOML file with `[xp]` and `[quota]` rules (docs/config.md); defaults per issue #2.
