@@ -66,6 +66,22 @@ pub struct Delivery {
     pub delivery_count: u64,
 }
 
+/// A delivery a consumer group gave up on (it failed `max_deliver` times), set aside on the bus
+/// until an operator re-drives or removes it (`tektree-replay dead-letters`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// Id of the dead letter on the bus (pass it to [`Bus::remove_dead_letter`]).
+    pub id: String,
+    /// The consumer group that gave up.
+    pub group: String,
+    /// Why (the last error).
+    pub reason: String,
+    /// How many times processing had failed.
+    pub delivery_count: u64,
+    /// The event.
+    pub envelope: EventEnvelope,
+}
+
 /// A publish/subscribe log with consumer groups.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -86,6 +102,25 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Highest position published so far (0 if none).
     async fn last_published(&self) -> Result<u64, BusError>;
+
+    /// Sets `delivery` aside as a dead letter of `group` with `reason`. The caller then
+    /// acknowledges the delivery. Durable as the bus itself (in-process: lost with the process).
+    async fn dead_letter(
+        &self,
+        group: &str,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<(), BusError>;
+
+    /// Up to `limit` dead letters, oldest first, of `group` or of every group.
+    async fn dead_letters(
+        &self,
+        group: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// Removes the dead letter `id`; `false` when there is none.
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError>;
 }
 
 /// One consumer's view of its group.

@@ -24,10 +24,10 @@ mod redis_bus;
 pub mod relay;
 pub mod test_support;
 
-pub use bus::{open_bus, Bus, BusError, Delivery, Subscription, SubscriptionOptions};
+pub use bus::{open_bus, Bus, BusError, DeadLetter, Delivery, Subscription, SubscriptionOptions};
 pub use memory::MemoryBus;
 pub use nats_bus::{
-    DeadLetter, NatsBus, DEFAULT_DEAD_LETTER_PREFIX, DEFAULT_DEAD_LETTER_STREAM,
+    NatsBus, NatsDeadLetter, DEFAULT_DEAD_LETTER_PREFIX, DEFAULT_DEAD_LETTER_STREAM,
     DEFAULT_MAX_DELIVER, DEFAULT_NATS_STREAM, DEFAULT_SUBJECT_PREFIX, DUPLICATE_WINDOW,
     HEADER_DELIVERY_COUNT, HEADER_GROUP, HEADER_POSITION, HEADER_REASON, MAX_ACK_PENDING,
 };

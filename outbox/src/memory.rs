@@ -44,6 +44,9 @@ struct State {
     log: Vec<EventEnvelope>,
     /// Consumer groups by name.
     groups: HashMap<String, Group>,
+    /// Dead letters, oldest first, and the next dead-letter id.
+    dead: Vec<crate::DeadLetter>,
+    next_dead: u64,
 }
 
 #[derive(Default)]
@@ -127,6 +130,47 @@ impl Bus for MemoryBus {
 
     async fn last_published(&self) -> Result<u64, BusError> {
         Ok(self.lock().last_position())
+    }
+
+    async fn dead_letter(
+        &self,
+        group: &str,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        let mut state = self.lock();
+        state.next_dead += 1;
+        let id = state.next_dead.to_string();
+        state.dead.push(crate::DeadLetter {
+            id,
+            group: group.into(),
+            reason: reason.into(),
+            delivery_count: delivery.delivery_count,
+            envelope: delivery.envelope.clone(),
+        });
+        Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        group: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::DeadLetter>, BusError> {
+        Ok(self
+            .lock()
+            .dead
+            .iter()
+            .filter(|d| group.is_none_or(|g| d.group == g))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
+        let mut state = self.lock();
+        let before = state.dead.len();
+        state.dead.retain(|d| d.id != id);
+        Ok(state.dead.len() < before)
     }
 }
 

@@ -177,7 +177,7 @@ impl std::fmt::Debug for NatsBus {
 
 /// One dead letter, as listed by [`NatsBus::dead_letters`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetter {
+pub struct NatsDeadLetter {
     /// Sequence of the dead letter in the dead-letter stream; pass it to
     /// [`NatsBus::remove_dead_letter`].
     pub seq: u64,
@@ -385,7 +385,7 @@ impl NatsBus {
         &self,
         group: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<DeadLetter>, BusError> {
+    ) -> Result<Vec<NatsDeadLetter>, BusError> {
         let shared = &self.shared;
         shared.check_connected()?;
         if limit == 0 {
@@ -730,6 +730,43 @@ impl Bus for NatsBus {
         shared.refresh(&mut state).await?;
         Ok(state.last_position)
     }
+
+    async fn dead_letter(
+        &self,
+        group: &str,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        NatsBus::dead_letter(self, group, delivery, reason).await
+    }
+
+    async fn dead_letters(
+        &self,
+        group: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::DeadLetter>, BusError> {
+        // JetStream takes a pull batch size as a signed 32-bit integer.
+        Ok(
+            NatsBus::dead_letters(self, group, limit.min(i32::MAX as usize))
+                .await?
+                .into_iter()
+                .map(|d| crate::DeadLetter {
+                    id: d.seq.to_string(),
+                    group: d.group,
+                    reason: d.reason,
+                    delivery_count: d.delivery_count,
+                    envelope: d.envelope,
+                })
+                .collect(),
+        )
+    }
+
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
+        match id.parse::<u64>() {
+            Ok(seq) => NatsBus::remove_dead_letter(self, seq).await,
+            Err(_) => Ok(false),
+        }
+    }
 }
 
 /// One worker of a [`NatsBus`] consumer group.
@@ -1000,7 +1037,7 @@ fn stored_position(headers: &HeaderMap, payload: &[u8]) -> Option<u64> {
 }
 
 /// A dead letter from its message, or why it is not one.
-fn parse_dead_letter(seq: u64, message: &jetstream::Message) -> Result<DeadLetter, String> {
+fn parse_dead_letter(seq: u64, message: &jetstream::Message) -> Result<NatsDeadLetter, String> {
     let headers = message.headers.as_ref().ok_or("no headers")?;
     let header = |name: &str| {
         headers
@@ -1015,7 +1052,7 @@ fn parse_dead_letter(seq: u64, message: &jetstream::Message) -> Result<DeadLette
         .map_err(|e| format!("{HEADER_DELIVERY_COUNT}: {e}"))?;
     let envelope: EventEnvelope =
         serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
-    Ok(DeadLetter {
+    Ok(NatsDeadLetter {
         seq,
         group,
         reason,

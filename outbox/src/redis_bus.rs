@@ -235,6 +235,93 @@ impl Bus for RedisBus {
     async fn last_published(&self) -> Result<u64, BusError> {
         self.last_position().await
     }
+
+    async fn dead_letter(
+        &self,
+        group: &str,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        let body = serde_json::to_vec(&delivery.envelope)
+            .map_err(|e| BusError::Transport(format!("encode dead letter: {e}")))?;
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.dead_letter_key())
+            .arg("*")
+            .arg("group")
+            .arg(group)
+            .arg("reason")
+            .arg(reason)
+            .arg("delivery_count")
+            .arg(delivery.delivery_count)
+            .arg("envelope")
+            .arg(body);
+        self.exec::<String>(Req::Cmd(&cmd))
+            .await
+            .map_err(Failure::into_bus_error)?;
+        Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        group: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::DeadLetter>, BusError> {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.dead_letter_key()).arg("-").arg("+");
+        let reply: redis::streams::StreamRangeReply = self
+            .exec(Req::Cmd(&cmd))
+            .await
+            .map_err(Failure::into_bus_error)?;
+        let mut out = Vec::new();
+        for entry in reply.ids {
+            let field = |k: &str| entry.map.get(k).and_then(value_to_string);
+            let envelope = entry
+                .map
+                .get("envelope")
+                .and_then(|v| match v {
+                    Value::BulkString(b) => serde_json::from_slice(b).ok(),
+                    _ => None,
+                })
+                .ok_or_else(|| BusError::Decode {
+                    id: entry.id.clone(),
+                    reason: "dead letter without a valid envelope".into(),
+                })?;
+            let dl = crate::DeadLetter {
+                id: entry.id.clone(),
+                group: field("group").unwrap_or_default(),
+                reason: field("reason").unwrap_or_default(),
+                delivery_count: field("delivery_count")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0),
+                envelope,
+            };
+            if group.is_none_or(|g| dl.group == g) {
+                out.push(dl);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
+        let mut cmd = redis::cmd("XDEL");
+        cmd.arg(self.dead_letter_key()).arg(id);
+        let n: u64 = self
+            .exec(Req::Cmd(&cmd))
+            .await
+            .map_err(Failure::into_bus_error)?;
+        Ok(n > 0)
+    }
+}
+
+impl RedisBus {
+    /// The dead-letter stream: `<stream>:deadletter` (fields `group`, `reason`,
+    /// `delivery_count`, `envelope`).
+    pub fn dead_letter_key(&self) -> String {
+        format!("{}:deadletter", self.stream)
+    }
 }
 
 /// One consumer of a [`RedisBus`] group, on its own connection.

@@ -212,6 +212,27 @@ impl Bus for FlakyBus {
     async fn last_published(&self) -> Result<u64, BusError> {
         self.inner.last_published().await
     }
+
+    async fn dead_letter(
+        &self,
+        group: &str,
+        delivery: &tektree_outbox::Delivery,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        self.inner.dead_letter(group, delivery, reason).await
+    }
+
+    async fn dead_letters(
+        &self,
+        group: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<tektree_outbox::DeadLetter>, BusError> {
+        self.inner.dead_letters(group, limit).await
+    }
+
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
+        self.inner.remove_dead_letter(id).await
+    }
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tektree_projections::PROJECTIONS;
 use tektree_services::app::App;
-use tektree_services::config::{load_rules, DEFAULT_STORE};
+use tektree_services::config::{load_rules, DEFAULT_BUS, DEFAULT_STORE};
 use tektree_services::replay::rebuild;
 use uuid::Uuid;
 
@@ -22,6 +22,10 @@ struct Cli {
     /// Event store: `sqlite://PATH` or `mongodb://…` (see docs/mongodb.md).
     #[arg(long, global = true, env = "TEKTREE_STORE", default_value = DEFAULT_STORE)]
     store: String,
+    /// Bus holding dead letters: `memory`, `redis://…` or `nats://…` (only `dead-letters` and
+    /// `redrive` use it).
+    #[arg(long, global = true, env = "TEKTREE_BUS", default_value = DEFAULT_BUS)]
+    bus: String,
     /// Rules file (only needed to list policy consumers; read models do not depend on it).
     #[arg(long, global = true, env = "TEKTREE_RULES")]
     rules: Option<PathBuf>,
@@ -48,6 +52,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List dead letters (events a consumer group gave up on) as JSON lines.
+    DeadLetters {
+        /// Only this group (`xp`, `policy.gamification`, …).
+        #[arg(long)]
+        group: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Apply a dead letter for its group now (after fixing its cause) and remove it.
+    Redrive {
+        /// The dead letter's id (from `dead-letters`).
+        id: String,
+    },
     /// Print events as JSON lines.
     Events {
         /// `TYPE/ID`, e.g. `content/5b0e…`: one aggregate's history.
@@ -71,7 +89,7 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let app = App::open(&cli.store, "memory", load_rules(cli.rules.as_deref())?)
+    let app = App::open(&cli.store, &cli.bus, load_rules(cli.rules.as_deref())?)
         .await
         .with_context(|| format!("opening {}", cli.store))?;
     let mut out = std::io::stdout().lock();
@@ -152,6 +170,17 @@ async fn main() -> Result<()> {
                     )?;
                 }
             }
+        }
+        Command::DeadLetters { group, limit } => {
+            for d in app.bus.dead_letters(group.as_deref(), limit).await? {
+                let v = serde_json::json!({"id": d.id, "group": d.group, "reason": d.reason,
+                    "delivery_count": d.delivery_count, "envelope": d.envelope});
+                writeln!(out, "{v}")?;
+            }
+        }
+        Command::Redrive { id } => {
+            let r = tektree_services::worker::redrive(&app, &id).await?;
+            writeln!(out, "{{\"redriven\":\"{id}\",\"result\":\"{r:?}\"}}")?;
         }
         Command::Events {
             aggregate,

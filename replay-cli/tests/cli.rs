@@ -194,3 +194,47 @@ fn unknown_projection_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown projection \"nope\""), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_redriven_through_the_cli() {
+    let redis = tektree_outbox::test_support::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("t.db").display());
+    let app = App::open(&store, &redis.url, Rules::default())
+        .await
+        .unwrap();
+    let (q, _) = build_history(&app).await;
+    // Set the question's first event aside as a dead letter of `content`, as a worker would.
+    let posted = app.store.load("content", q).await.unwrap().remove(0);
+    let delivery = tektree_outbox::Delivery {
+        id: posted.position.to_string(),
+        envelope: posted.clone(),
+        delivery_count: 5,
+    };
+    app.bus
+        .dead_letter("content", &delivery, "handler failed")
+        .await
+        .unwrap();
+    let with_bus = |args: &[&str]| {
+        let mut v = vec!["--bus", redis.url.as_str()];
+        v.extend_from_slice(args);
+        replay(&store, &v)
+    };
+    let listed: Vec<serde_json::Value> = with_bus(&["dead-letters", "--group", "content"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["reason"], "handler failed");
+    assert_eq!(
+        listed[0]["envelope"]["event_id"],
+        posted.event_id.to_string()
+    );
+    assert!(with_bus(&["dead-letters", "--group", "xp"]).is_empty());
+    let id = listed[0]["id"].as_str().unwrap().to_string();
+    let out = with_bus(&["redrive", &id]);
+    assert!(out.contains("Applied"), "{out}");
+    assert!(with_bus(&["dead-letters"]).is_empty());
+    let row = app.read_models.content(q).await.unwrap().unwrap();
+    assert_eq!(row.kind.as_deref(), Some("question"));
+}

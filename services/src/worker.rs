@@ -13,12 +13,26 @@
 //! the group) is held back and retried; if the worker dies, the bus hands its unacknowledged
 //! deliveries to another worker after `min_idle`. So a killed worker loses nothing and a
 //! redelivered event changes nothing.
+//!
+//! ## Poison events and dead letters
+//! An event whose processing fails for a reason retrying cannot fix (it does not decode, a policy
+//! command is rejected, an injected fault) is retried up to `max_deliver` times (default 5), then
+//! set aside as a **dead letter** of the consumer's group on the bus ([`Bus::dead_letter`]) and
+//! acknowledged; the worker moves on. Its guard is *not* advanced, so later events of the same
+//! aggregate wait (held, unacknowledged) instead of being applied out of order; every other
+//! aggregate proceeds. [`redrive`] (`tektree-replay redrive ID`) applies a dead letter once its
+//! cause is fixed, which releases the waiting events. Transient failures (storage, bus,
+//! expected-version conflicts) are retried with backoff for as long as they last and never
+//! dead-lettered.
+//!
+//! [`Bus::dead_letter`]: tektree_outbox::Bus::dead_letter
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tektree_commands::policies::Policy;
+use tektree_commands::CommandError;
 use tektree_outbox::{BusError, Delivery, SubscriptionOptions};
 use tektree_projections::{project, ApplyOutcome, Change, EventKey, ReadModelError};
 use tokio::sync::watch;
@@ -57,6 +71,11 @@ pub struct WorkerConfig {
     /// Idle time after which another worker's unacknowledged deliveries are reclaimed.
     /// Default 10 s.
     pub min_idle: Duration,
+    /// Permanent failures of one event before it becomes a dead letter. Default 5.
+    pub max_deliver: u64,
+    /// Fault injection for tests and fault drills: processing an event with one of these ids
+    /// fails permanently (as a poison message would). Default empty.
+    pub fail_on: Vec<uuid::Uuid>,
 }
 
 impl Default for WorkerConfig {
@@ -70,6 +89,8 @@ impl Default for WorkerConfig {
             batch: 256,
             block: Duration::from_millis(200),
             min_idle: Duration::from_secs(10),
+            max_deliver: 5,
+            fail_on: Vec::new(),
         }
     }
 }
@@ -98,6 +119,8 @@ pub async fn run(
     opts.min_idle = cfg.min_idle;
     let mut sub = app.bus.subscribe(opts).await?;
     let mut held: BTreeMap<u64, Delivery> = BTreeMap::new();
+    // Permanent failures so far, by position.
+    let mut failures: HashMap<u64, u64> = HashMap::new();
     let mut backoff = Duration::from_millis(10);
     tracing::info!(consumer = %name, worker = %cfg.consumer, "consumer started");
     while !*shutdown.borrow() {
@@ -117,7 +140,8 @@ pub async fn run(
                 }
             }
             Err(BusError::Decode { id, reason }) => {
-                // Not an envelope: it can never be applied. Log it loudly and skip it.
+                // Not an envelope at all (not even a position): nothing can ever apply it, and
+                // there is no envelope to dead-letter. Log it loudly and skip it.
                 tracing::error!(consumer = %name, message = %id, %reason, "undecodable bus message skipped");
                 metrics::counter!("tektree_undecodable_messages_total", "consumer" => name.clone())
                     .increment(1);
@@ -137,27 +161,8 @@ pub async fn run(
             continue;
         }
         let deliveries: Vec<Delivery> = std::mem::take(&mut held).into_values().collect();
-        match process(app, &consumer, &deliveries).await {
-            Ok(outcomes) => {
-                backoff = Duration::from_millis(10);
-                let mut ack = Vec::new();
-                for (d, o) in deliveries.into_iter().zip(outcomes) {
-                    match o {
-                        ApplyOutcome::Applied | ApplyOutcome::Duplicate => ack.push(d.id),
-                        ApplyOutcome::Gap { .. } => {
-                            held.insert(d.envelope.position, d);
-                        }
-                    }
-                }
-                if !ack.is_empty() {
-                    metrics::counter!("tektree_consumer_acked_total", "consumer" => name.clone())
-                        .increment(ack.len() as u64);
-                    if let Err(e) = sub.ack(&ack).await {
-                        // Unacknowledged deliveries come back and are dropped as duplicates.
-                        tracing::warn!(consumer = %name, error = %e, "ack failed");
-                    }
-                }
-            }
+        let results = match process(app, &consumer, &deliveries, &cfg.fail_on).await {
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(consumer = %name, error = %e, "processing failed; will retry");
                 for d in deliveries {
@@ -165,7 +170,67 @@ pub async fn run(
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
             }
+        };
+        let mut ack = Vec::new();
+        let mut transient = false;
+        for (d, r) in deliveries.into_iter().zip(results) {
+            match r {
+                Processed::Applied | Processed::Duplicate => {
+                    failures.remove(&d.envelope.position);
+                    ack.push(d.id);
+                }
+                Processed::Gap => {
+                    held.insert(d.envelope.position, d);
+                }
+                Processed::Transient(reason) => {
+                    tracing::warn!(consumer = %name, position = d.envelope.position, %reason, "will retry");
+                    transient = true;
+                    held.insert(d.envelope.position, d);
+                }
+                Processed::Poison(reason) => {
+                    let n = failures.entry(d.envelope.position).or_insert(0);
+                    *n += 1;
+                    let attempts = (*n).max(d.delivery_count);
+                    if attempts < cfg.max_deliver {
+                        held.insert(d.envelope.position, d);
+                        continue;
+                    }
+                    let mut dead = d.clone();
+                    dead.delivery_count = attempts;
+                    match app.bus.dead_letter(&name, &dead, &reason).await {
+                        Ok(()) => {
+                            tracing::error!(consumer = %name, position = d.envelope.position,
+                                event_id = %d.envelope.event_id, %reason, attempts,
+                                "dead-lettered; later events of its aggregate wait for a re-drive");
+                            metrics::counter!("tektree_dead_letters_total", "consumer" => name.clone())
+                                .increment(1);
+                            failures.remove(&d.envelope.position);
+                            ack.push(d.id);
+                        }
+                        Err(e) => {
+                            tracing::warn!(consumer = %name, error = %e, "dead-lettering failed; will retry");
+                            transient = true;
+                            held.insert(d.envelope.position, d);
+                        }
+                    }
+                }
+            }
+        }
+        if !ack.is_empty() {
+            metrics::counter!("tektree_consumer_acked_total", "consumer" => name.clone())
+                .increment(ack.len() as u64);
+            if let Err(e) = sub.ack(&ack).await {
+                // Unacknowledged deliveries come back and are dropped as duplicates.
+                tracing::warn!(consumer = %name, error = %e, "ack failed");
+            }
+        }
+        if transient {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        } else {
+            backoff = Duration::from_millis(10);
         }
     }
     tracing::info!(consumer = %name, "consumer stopped");
@@ -180,10 +245,35 @@ pub enum ProcessError {
     ReadModels(#[from] ReadModelError),
 }
 
-/// Processes `deliveries` (position order) for `consumer`; one outcome per delivery.
+/// What became of one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Processed {
+    /// Applied (its changes and guard committed).
+    Applied,
+    /// Applied before; nothing changed.
+    Duplicate,
+    /// An earlier event of its aggregate is not applied yet; retry later.
+    Gap,
+    /// Failed for a reason that may pass (storage, conflict); retry with backoff.
+    Transient(String),
+    /// Failed for a reason retrying cannot fix (undecodable, rejected command, injected
+    /// fault); dead-lettered after `max_deliver` attempts.
+    Poison(String),
+}
+
+impl From<ApplyOutcome> for Processed {
+    fn from(o: ApplyOutcome) -> Self {
+        match o {
+            ApplyOutcome::Applied => Processed::Applied,
+            ApplyOutcome::Duplicate => Processed::Duplicate,
+            ApplyOutcome::Gap { .. } => Processed::Gap,
+        }
+    }
+}
+
+/// Processes `deliveries` (position order) for `consumer`; one result per delivery.
 ///
-/// Undecodable events are logged and recorded with no changes (they cannot ever be applied).
-/// A policy command that fails is treated as a gap: the event is retried later.
+/// Events listed in `fail_on` fail as [`Processed::Poison`] (fault injection).
 ///
 /// # Errors
 /// [`ProcessError`] when the read-model store fails; nothing was applied.
@@ -191,58 +281,123 @@ pub async fn process(
     app: &App,
     consumer: &Consumer,
     deliveries: &[Delivery],
-) -> Result<Vec<ApplyOutcome>, ProcessError> {
+    fail_on: &[uuid::Uuid],
+) -> Result<Vec<Processed>, ProcessError> {
     let name = consumer.name();
     let mut items: Vec<(EventKey, Vec<Change>)> = Vec::with_capacity(deliveries.len());
-    let mut failed: Vec<bool> = Vec::with_capacity(deliveries.len());
+    // `None` = goes to the read-model store (its outcome decides); `Some` = decided here.
+    let mut decided: Vec<Option<Processed>> = Vec::with_capacity(deliveries.len());
     for d in deliveries {
         let env = &d.envelope;
-        let key = EventKey::of(env);
+        if fail_on.contains(&env.event_id) {
+            decided.push(Some(Processed::Poison(format!(
+                "injected fault on event {}",
+                env.event_id
+            ))));
+            continue;
+        }
         let event = match env.decode() {
             Ok(e) => e,
             Err(e) => {
-                tracing::error!(consumer = %name, position = env.position, error = %e,
-                    "undecodable event skipped");
-                metrics::counter!("tektree_undecodable_events_total", "consumer" => name.to_string())
-                    .increment(1);
-                items.push((key, vec![]));
-                failed.push(false);
+                decided.push(Some(Processed::Poison(format!("undecodable event: {e}"))));
                 continue;
             }
         };
         match consumer {
-            Consumer::Projection(p) => {
-                items.push((key, project(p, env, &event)));
-                failed.push(false);
-            }
+            Consumer::Projection(p) => items.push((EventKey::of(env), project(p, env, &event))),
             Consumer::Policy(policy) => {
                 let span = tracing::info_span!("policy", policy = name,
                     event_id = %env.event_id, correlation_id = %env.correlation_id,
                     causation_id = %env.causation_id);
                 match policy.react(env, &event).instrument(span).await {
-                    Ok(()) => {
-                        items.push((key, vec![]));
-                        failed.push(false);
+                    Ok(()) => items.push((EventKey::of(env), vec![])),
+                    Err(e @ (CommandError::Rejected(_) | CommandError::Decode { .. })) => {
+                        decided.push(Some(Processed::Poison(format!("policy command: {e}"))));
+                        continue;
                     }
                     Err(e) => {
-                        tracing::warn!(consumer = %name, position = env.position, error = %e,
-                            "policy command failed; will retry");
-                        failed.push(true);
+                        decided.push(Some(Processed::Transient(format!("policy command: {e}"))));
+                        continue;
                     }
                 }
             }
         }
+        decided.push(None);
     }
     let applied = app.read_models.apply(name, &items).await?;
     let mut applied = applied.into_iter();
-    Ok(failed
+    Ok(decided
         .into_iter()
-        .map(|f| {
-            if f {
-                ApplyOutcome::Gap { expected: 0 }
-            } else {
-                applied.next().unwrap_or(ApplyOutcome::Gap { expected: 0 })
-            }
+        .map(|d| {
+            d.unwrap_or_else(|| {
+                applied
+                    .next()
+                    .map(Processed::from)
+                    .unwrap_or(Processed::Gap)
+            })
         })
         .collect())
+}
+
+/// Why a re-drive did not apply a dead letter.
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    /// No consumer of that group name.
+    #[error("no consumer named {0:?}")]
+    UnknownGroup(String),
+    /// No dead letter with that id.
+    #[error("no dead letter {0:?}")]
+    NotFound(String),
+    /// An earlier event of the aggregate is not applied yet.
+    #[error("an earlier event of {0} is not applied yet by this consumer; re-drive it first")]
+    Gap(String),
+    /// It failed again.
+    #[error("it failed again: {0}")]
+    Failed(String),
+    /// Bus or read-model failure.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Applies the dead letter `id` for its group (as the live worker would, without fault
+/// injection) and removes it from the bus. Later events of the same aggregate, held by live
+/// workers, then apply on their next attempt.
+///
+/// # Errors
+/// [`RedriveError`]; the dead letter stays on the bus.
+pub async fn redrive(app: &App, id: &str) -> Result<Processed, RedriveError> {
+    let dead = app
+        .bus
+        .dead_letters(None, usize::MAX)
+        .await
+        .map_err(|e| RedriveError::Backend(e.to_string()))?
+        .into_iter()
+        .find(|d| d.id == id)
+        .ok_or_else(|| RedriveError::NotFound(id.into()))?;
+    let consumer = app
+        .consumer(&dead.group)
+        .ok_or_else(|| RedriveError::UnknownGroup(dead.group.clone()))?;
+    let delivery = Delivery {
+        id: dead.id.clone(),
+        envelope: dead.envelope.clone(),
+        delivery_count: dead.delivery_count,
+    };
+    let result = process(app, &consumer, &[delivery], &[])
+        .await
+        .map_err(|e| RedriveError::Backend(e.to_string()))?
+        .remove(0);
+    match &result {
+        Processed::Applied | Processed::Duplicate => {
+            app.bus
+                .remove_dead_letter(&dead.id)
+                .await
+                .map_err(|e| RedriveError::Backend(e.to_string()))?;
+            Ok(result)
+        }
+        Processed::Gap => Err(RedriveError::Gap(format!(
+            "{}/{}",
+            dead.envelope.aggregate_type, dead.envelope.aggregate_id
+        ))),
+        Processed::Transient(r) | Processed::Poison(r) => Err(RedriveError::Failed(r.clone())),
+    }
 }

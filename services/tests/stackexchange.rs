@@ -1,14 +1,15 @@
 //! The Stack Exchange importer end to end, on real temporary SQLite files, with the bundled
 //! History Meta dump (samples/stackexchange/history.meta).
 //!
-//! The import is expensive (~35k commands, ~50k policy commands), so the three dump tests share
-//! one set of runs (computed once, on first use, in its own runtime):
+//! The import is expensive (~23k commands, ~34k policy commands), so the dump tests share one
+//! set of runs (computed once, on first use, in its own runtime):
 //! 1. Redis bus (a real `redis-server`), pipeline in-process, `import_stackexchange` + settle;
-//! 2. in-process bus through `run_import_cli` (which runs and settles the pipeline itself);
-//! 3. a second `run_import_cli` over the store of run 2, reopened.
+//! 2. the same on NATS JetStream (a real `nats-server -js`);
+//! 3. in-process bus through `run_import_cli` (which runs and settles the pipeline itself);
+//! 4. a second `run_import_cli` over the store of run 3, reopened.
 //!
-//! Expected values are computed from the XML by a small line-based parser in this file (not the
-//! importer's reader) and the XP rules of issue #2 §4.
+//! Expected values are computed from the XML by a small line-based parser (tests/common, not
+//! the importer's reader) and the XP rules of issue #2 §4.
 
 mod common;
 
@@ -18,7 +19,7 @@ use std::time::Instant;
 
 use common::*;
 use tektree_domain::Rules;
-use tektree_outbox::test_support::RedisServer;
+use tektree_outbox::test_support::{NatsServer, RedisServer};
 use tektree_services::app::App;
 use tektree_services::import::{import_stackexchange, run_import_cli, ImportError, ImportOptions};
 use tokio::sync::watch;
@@ -30,15 +31,16 @@ use tokio::task::JoinSet;
 struct Runs {
     expected: Expected,
     redis: Result<Run, String>,
+    nats: Result<Run, String>,
     memory: Result<Run, String>,
     second: Result<Run, String>,
 }
 
-async fn redis_run(expected: &Expected) -> Result<Run, String> {
-    let redis = RedisServer::start();
+/// Import with the pipeline in-process on a shared bus (`redis://` or `nats://`).
+async fn bus_run(bus_url: &str, expected: &Expected) -> Result<Run, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let store = format!("sqlite://{}", dir.path().join("tektree.db").display());
-    let app = App::open(&store, &redis.url, Rules::default())
+    let app = App::open(&store, bus_url, Rules::default())
         .await
         .map_err(|e| e.to_string())?;
     assert!(!app.in_process_bus);
@@ -101,9 +103,17 @@ fn runs() -> &'static Runs {
             .unwrap();
         rt.block_on(async {
             let expected = expected();
-            let redis = redis_run(&expected).await;
+            let redis_server = RedisServer::start();
+            let redis = bus_run(&redis_server.url, &expected).await;
+            let nats_server = NatsServer::start();
+            let nats = bus_run(&nats_server.url, &expected).await;
             let (memory, second) = memory_runs(&expected).await;
-            for (name, r) in [("redis", &redis), ("memory", &memory), ("second", &second)] {
+            for (name, r) in [
+                ("redis", &redis),
+                ("nats", &nats),
+                ("memory", &memory),
+                ("second", &second),
+            ] {
                 if let Ok(r) = r {
                     eprintln!(
                         "{name} run: {:.1} s including settle, head {}\n{}",
@@ -116,6 +126,7 @@ fn runs() -> &'static Runs {
             Runs {
                 expected,
                 redis,
+                nats,
                 memory,
                 second,
             }
@@ -137,24 +148,37 @@ fn import_with_redis_bus_matches_the_dump() {
     assert_matches_dump(ok(&runs.redis, "redis"), &runs.expected);
 }
 
+/// Field-by-field equality of every read model's export and of the report.
+fn assert_same_read_models(a: &Run, b: &Run, what: &str) {
+    for (name, _) in MODELS {
+        let (ra, rb) = (&a.exports[name], &b.exports[name]);
+        assert!(!ra.is_empty(), "{name} export is empty");
+        assert_eq!(ra.len(), rb.len(), "{name}: row counts differ ({what})");
+        for (i, (x, y)) in ra.iter().zip(rb).enumerate() {
+            assert_eq!(x, y, "{name} row {i}: {what}");
+        }
+    }
+    assert_eq!(a.report.kinds, b.report.kinds, "reports differ ({what})");
+    // The store heads may differ: how often `gamification.level.up` fires depends on the order
+    // in which the policy applies a user's awards (a downvote can drop a total below a level
+    // boundary that a later upvote crosses again), and that order depends on the bus. The read
+    // models, which are sums, do not.
+}
+
 #[test]
 fn import_with_in_process_bus_gives_identical_read_models() {
     let runs = runs();
     let (redis, memory) = (ok(&runs.redis, "redis"), ok(&runs.memory, "memory"));
     assert_matches_dump(memory, &runs.expected);
-    for (name, _) in MODELS {
-        let (a, b) = (&redis.exports[name], &memory.exports[name]);
-        assert!(!a.is_empty(), "{name} export is empty");
-        assert_eq!(a.len(), b.len(), "{name}: row counts differ");
-        for (i, (ra, rb)) in a.iter().zip(b).enumerate() {
-            assert_eq!(ra, rb, "{name} row {i}: redis run vs in-process run");
-        }
-    }
-    assert_eq!(redis.report.kinds, memory.report.kinds);
-    // The store heads may differ: how often `gamification.level.up` fires depends on the order
-    // in which the policy applies a user's awards (a downvote can drop a total below a level
-    // boundary that a later upvote crosses again), and that order depends on the bus. The read
-    // models, which are sums, do not.
+    assert_same_read_models(redis, memory, "redis run vs in-process run");
+}
+
+#[test]
+fn import_with_nats_bus_gives_identical_read_models() {
+    let runs = runs();
+    let (redis, nats) = (ok(&runs.redis, "redis"), ok(&runs.nats, "nats"));
+    assert_matches_dump(nats, &runs.expected);
+    assert_same_read_models(redis, nats, "redis run vs nats run");
 }
 
 #[test]
