@@ -35,9 +35,12 @@ pub const DEFAULT_DEAD_LETTER_PREFIX: &str = "tektree.deadletter";
 /// whose `Nats-Msg-Id` was seen within this window is acknowledged as a duplicate and not
 /// stored again.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// Default [`NatsBus::max_deliver`]: how many times JetStream hands out one message to a
-/// group before it gives up on it.
-pub const DEFAULT_MAX_DELIVER: u32 = 5;
+/// Default [`NatsBus::max_deliver`]: 0 = unlimited. JetStream never gives up on a message by
+/// itself; the worker counts permanent failures and dead-letters poison events (see
+/// `services::worker`). A JetStream limit would be unsafe here: a worker holds a message that
+/// waits for an earlier event of its aggregate without acknowledging it, and if JetStream had
+/// stopped redelivering it and that worker died, the event would be lost to the group.
+pub const DEFAULT_MAX_DELIVER: u32 = 0;
 /// `max_ack_pending` of every consumer: how many deliveries a group may hold unacknowledged
 /// (across its consumers) before JetStream stops handing out more.
 pub const MAX_ACK_PENDING: i64 = 10_000;
@@ -269,11 +272,11 @@ impl NatsBus {
     }
 
     /// This bus with consumers that JetStream hands a message at most `max_deliver` times
-    /// (0 is treated as 1); applies to consumer groups subscribed to afterwards (an existing
-    /// group's consumer is updated on subscribe). Default [`DEFAULT_MAX_DELIVER`].
+    /// (0 = unlimited); applies to consumer groups subscribed to afterwards (an existing
+    /// group's consumer is updated on subscribe). Default [`DEFAULT_MAX_DELIVER`] (unlimited).
     #[must_use]
     pub fn with_max_deliver(mut self, max_deliver: u32) -> NatsBus {
-        self.max_deliver = max_deliver.max(1);
+        self.max_deliver = max_deliver;
         self
     }
 
@@ -805,7 +808,11 @@ impl NatsSubscription {
             ack_policy: AckPolicy::Explicit,
             ack_wait: self.ack_wait,
             deliver_policy: DeliverPolicy::All,
-            max_deliver: i64::from(self.max_deliver),
+            max_deliver: if self.max_deliver == 0 {
+                -1
+            } else {
+                i64::from(self.max_deliver)
+            },
             max_ack_pending: MAX_ACK_PENDING,
             ..Default::default()
         };
