@@ -96,3 +96,35 @@ pub trait EventStore: Send + Sync + 'static {
     /// Number of outbox records not yet published.
     async fn outbox_backlog(&self) -> Result<u64, StoreError>;
 }
+
+/// The batch check every adapter makes before writing: `events` all belong to the aggregate
+/// and are numbered `expected_version + 1 ..` (a violation is a programming error, reported as
+/// [`StoreError::Backend`]).
+pub(crate) fn validate_batch(
+    aggregate_type: &str,
+    aggregate_id: Uuid,
+    expected_version: u64,
+    events: &[NewEvent],
+) -> Result<(), StoreError> {
+    for (i, e) in events.iter().enumerate() {
+        if e.aggregate_type != aggregate_type || e.aggregate_id != aggregate_id {
+            return Err(StoreError::Backend(format!(
+                "append to {aggregate_type}/{aggregate_id}: event {} belongs to {}/{}",
+                e.event_id, e.aggregate_type, e.aggregate_id
+            )));
+        }
+        let want = (i as u64)
+            .checked_add(1)
+            .and_then(|n| expected_version.checked_add(n));
+        if Some(e.sequence) != want {
+            return Err(StoreError::Backend(format!(
+                "append to {aggregate_type}/{aggregate_id} at expected version \
+                 {expected_version}: event #{i} has sequence {}, expected {} (sequences must be \
+                 contiguous from expected_version + 1)",
+                e.sequence,
+                want.map_or_else(|| "overflow".to_string(), |w| w.to_string()),
+            )));
+        }
+    }
+    Ok(())
+}

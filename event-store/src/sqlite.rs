@@ -38,7 +38,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use tektree_domain::{Actor, EventEnvelope, NewEvent};
 use uuid::Uuid;
 
-use crate::{EventStore, Head, StoreError};
+use crate::{validate_batch, EventStore, Head, StoreError};
 
 /// How long a connection waits for a lock held by another connection or process.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -258,36 +258,6 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Backend(format!("blocking task failed: {e}")))?
     }
-}
-
-/// Checks that `events` are all of the aggregate and numbered `expected_version + 1 ..`.
-fn validate_batch(
-    aggregate_type: &str,
-    aggregate_id: Uuid,
-    expected_version: u64,
-    events: &[NewEvent],
-) -> Result<(), StoreError> {
-    for (i, e) in events.iter().enumerate() {
-        if e.aggregate_type != aggregate_type || e.aggregate_id != aggregate_id {
-            return Err(StoreError::Backend(format!(
-                "append to {aggregate_type}/{aggregate_id}: event {} belongs to {}/{}",
-                e.event_id, e.aggregate_type, e.aggregate_id
-            )));
-        }
-        let want = (i as u64)
-            .checked_add(1)
-            .and_then(|n| expected_version.checked_add(n));
-        if Some(e.sequence) != want {
-            return Err(StoreError::Backend(format!(
-                "append to {aggregate_type}/{aggregate_id} at expected version \
-                 {expected_version}: event #{i} has sequence {}, expected {} (sequences must be \
-                 contiguous from expected_version + 1)",
-                e.sequence,
-                want.map_or_else(|| "overflow".to_string(), |w| w.to_string()),
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn is_unique_violation(e: &rusqlite::Error, column: &str) -> bool {

@@ -105,7 +105,7 @@ pub use mapping::{
 
 pub use txn::{run_transaction, transaction_options, RunError, TxError};
 
-use crate::{EventStore, Head, StoreError};
+use crate::{validate_batch, EventStore, Head, StoreError};
 
 /// The events collection.
 pub const EVENTS: &str = "events";
@@ -165,36 +165,6 @@ impl std::fmt::Debug for MongoStore {
             .field("database", &self.inner.db.name())
             .finish_non_exhaustive()
     }
-}
-
-/// The batch checks every adapter makes before writing (same rules as the SQLite adapter).
-fn validate_batch(
-    aggregate_type: &str,
-    aggregate_id: Uuid,
-    expected_version: u64,
-    events: &[NewEvent],
-) -> Result<(), StoreError> {
-    for (i, e) in events.iter().enumerate() {
-        if e.aggregate_type != aggregate_type || e.aggregate_id != aggregate_id {
-            return Err(StoreError::Backend(format!(
-                "append to {aggregate_type}/{aggregate_id}: event {} belongs to {}/{}",
-                e.event_id, e.aggregate_type, e.aggregate_id
-            )));
-        }
-        let want = (i as u64)
-            .checked_add(1)
-            .and_then(|n| expected_version.checked_add(n));
-        if Some(e.sequence) != want {
-            return Err(StoreError::Backend(format!(
-                "append to {aggregate_type}/{aggregate_id} at expected version \
-                 {expected_version}: event #{i} has sequence {}, expected {} (sequences must be \
-                 contiguous from expected_version + 1)",
-                e.sequence,
-                want.map_or_else(|| "overflow".to_string(), |w| w.to_string()),
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The `_id`s of a sequencer pass's batch: the pending events `rows` (in `pending` order, at
