@@ -122,12 +122,15 @@ pub async fn run(
     // Permanent failures so far, by position.
     let mut failures: HashMap<u64, u64> = HashMap::new();
     let mut backoff = Duration::from_millis(10);
+    let mut held_wait = Duration::from_millis(20);
     tracing::info!(consumer = %name, worker = %cfg.consumer, "consumer started");
     while !*shutdown.borrow() {
+        // With deliveries held back, come back soon to retry them, but slower and slower while
+        // nothing progresses (e.g. an aggregate waiting behind a dead letter): 20 ms → 500 ms.
         let block = if held.is_empty() {
             cfg.block
         } else {
-            Duration::from_millis(20)
+            held_wait
         };
         let batch = tokio::select! {
             r = sub.next_batch(cfg.batch, block) => r,
@@ -218,6 +221,11 @@ pub async fn run(
                 }
             }
         }
+        held_wait = if ack.is_empty() {
+            (held_wait * 2).min(Duration::from_millis(500))
+        } else {
+            Duration::from_millis(20)
+        };
         if !ack.is_empty() {
             metrics::counter!("tektree_consumer_acked_total", "consumer" => name.clone())
                 .increment(ack.len() as u64);
