@@ -145,3 +145,28 @@ pub trait ReadModelStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<serde_json::Value>, ReadModelError>;
 }
+
+/// Converts a `u64` argument to the backends' signed 64-bit integers.
+pub(crate) fn int(v: u64, what: &str) -> Result<i64, ReadModelError> {
+    i64::try_from(v).map_err(|_| ReadModelError::Invalid(format!("{what} {v} is out of range")))
+}
+
+/// The consumer-name check every adapter makes before [`ReadModelStore::apply`] writes.
+pub(crate) fn check_consumer(consumer: &str) -> Result<(), ReadModelError> {
+    if consumer.is_empty() {
+        return Err(ReadModelError::Invalid("empty consumer name".into()));
+    }
+    Ok(())
+}
+
+/// The key check every adapter makes before writing: sequence and position start at 1 and fit
+/// a signed 64-bit integer. Returns them converted.
+pub(crate) fn check_key(k: &EventKey) -> Result<(i64, i64), ReadModelError> {
+    if k.sequence == 0 || k.position == 0 {
+        return Err(ReadModelError::Invalid(format!(
+            "event {}/{} has sequence {} and position {}; both start at 1",
+            k.aggregate_type, k.aggregate_id, k.sequence, k.position
+        )));
+    }
+    Ok((int(k.sequence, "sequence")?, int(k.position, "position")?))
+}

@@ -13,8 +13,9 @@ use tektree_domain::{level_for_xp, Tier};
 use uuid::Uuid;
 
 use crate::{
-    ApplyOutcome, Change, Checkpoint, ContentDelta, ContentRow, EventKey, LeaderboardRow, QuotaRow,
-    ReadModel, ReadModelError, ReadModelStore, XpRow, PROJECTIONS,
+    check_consumer, check_key, int, ApplyOutcome, Change, Checkpoint, ContentDelta, ContentRow,
+    EventKey, LeaderboardRow, QuotaRow, ReadModel, ReadModelError, ReadModelStore, XpRow,
+    PROJECTIONS,
 };
 
 /// How long a statement waits for another connection's lock before failing with
@@ -243,11 +244,6 @@ impl std::fmt::Debug for SqliteReadModels {
 
 fn backend(e: impl std::fmt::Display) -> ReadModelError {
     ReadModelError::Backend(e.to_string())
-}
-
-/// Converts a `u64` argument to SQLite's `INTEGER`.
-fn int(v: u64, what: &str) -> Result<i64, ReadModelError> {
-    i64::try_from(v).map_err(|_| ReadModelError::Invalid(format!("{what} {v} is out of range")))
 }
 
 fn tier_from_str(s: &str) -> Option<Tier> {
@@ -582,23 +578,16 @@ fn check_items(
     consumer: &str,
     items: &[(EventKey, Vec<Change>)],
 ) -> Result<Vec<Key>, ReadModelError> {
-    if consumer.is_empty() {
-        return Err(ReadModelError::Invalid("empty consumer name".into()));
-    }
+    check_consumer(consumer)?;
     items
         .iter()
         .map(|(k, _)| {
-            if k.sequence == 0 || k.position == 0 {
-                return Err(ReadModelError::Invalid(format!(
-                    "event {}/{} has sequence {} and position {}; both start at 1",
-                    k.aggregate_type, k.aggregate_id, k.sequence, k.position
-                )));
-            }
+            let (sequence, position) = check_key(k)?;
             Ok(Key {
                 aggregate_type: k.aggregate_type.clone(),
                 aggregate_id: k.aggregate_id.to_string(),
-                sequence: int(k.sequence, "sequence")?,
-                position: int(k.position, "position")?,
+                sequence,
+                position,
             })
         })
         .collect()

@@ -21,7 +21,9 @@ use tektree_domain::{level_for_xp, Tier};
 use tektree_event_store::mongo::index_model;
 use uuid::Uuid;
 
-use crate::{Change, ContentDelta, ContentRow, LeaderboardRow, QuotaRow, ReadModelError, XpRow};
+use crate::{
+    int, Change, ContentDelta, ContentRow, LeaderboardRow, QuotaRow, ReadModelError, XpRow,
+};
 
 /// `rm_xp`.
 pub const XP: &str = "rm_xp";
@@ -302,10 +304,6 @@ pub struct Upsert {
     pub filter: Document,
     /// The update.
     pub update: Update,
-}
-
-fn int(v: u64, what: &str) -> Result<i64, ReadModelError> {
-    i64::try_from(v).map_err(|_| ReadModelError::Invalid(format!("{what} {v} is out of range")))
 }
 
 /// `$literal` wrapper: user text inside a pipeline is never read as a field path or operator.

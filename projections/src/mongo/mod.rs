@@ -54,8 +54,8 @@ pub use mapping::{
 pub use plan::{plan_guards, GuardKey, Progress};
 
 use crate::{
-    ApplyOutcome, Change, Checkpoint, ContentRow, EventKey, LeaderboardRow, QuotaRow, ReadModel,
-    ReadModelError, ReadModelStore, XpRow, PROJECTIONS,
+    check_consumer, check_key, int, ApplyOutcome, Change, Checkpoint, ContentRow, EventKey,
+    LeaderboardRow, QuotaRow, ReadModel, ReadModelError, ReadModelStore, XpRow, PROJECTIONS,
 };
 use txn::TxError;
 
@@ -64,10 +64,6 @@ const PARKED_PAGE: usize = 256;
 
 fn backend(what: &str, e: impl std::fmt::Display) -> ReadModelError {
     ReadModelError::Backend(format!("{what}: {e}"))
-}
-
-fn int(v: u64, what: &str) -> Result<i64, ReadModelError> {
-    i64::try_from(v).map_err(|_| ReadModelError::Invalid(format!("{what} {v} is out of range")))
 }
 
 /// Read models and consumer checkpoints in a MongoDB database (see the [module docs](self)).
@@ -303,20 +299,11 @@ fn check_items(
     consumer: &str,
     items: &[(EventKey, Vec<Change>)],
 ) -> Result<Vec<Item>, ReadModelError> {
-    if consumer.is_empty() {
-        return Err(ReadModelError::Invalid("empty consumer name".into()));
-    }
+    check_consumer(consumer)?;
     items
         .iter()
         .map(|(k, changes)| {
-            if k.sequence == 0 || k.position == 0 {
-                return Err(ReadModelError::Invalid(format!(
-                    "event {}/{} has sequence {} and position {}; both start at 1",
-                    k.aggregate_type, k.aggregate_id, k.sequence, k.position
-                )));
-            }
-            int(k.sequence, "sequence")?;
-            int(k.position, "position")?;
+            check_key(k)?;
             let upserts = changes
                 .iter()
                 .map(|c| {
