@@ -26,7 +26,7 @@ use tektree_domain::events::UserRegistered;
 use tektree_domain::{Actor, Event, EventEnvelope, EventMetadata, NewEvent};
 use uuid::Uuid;
 
-use crate::{EventStore, StoreError};
+use crate::{EventStore, IdempotencyKey, IdempotencyRecord, StoreError};
 
 /// Aggregate type used by [`sample_event`].
 pub const SAMPLE_AGGREGATE_TYPE: &str = "user";
@@ -79,6 +79,7 @@ pub async fn run_all(store: &dyn EventStore) {
     concurrent_writers_on_one_aggregate(store, 8, 3).await;
     positions_strictly_increasing(store).await;
     outbox_contract(store).await;
+    idempotency_records(store).await;
 }
 
 fn ok<T>(check: &str, what: &str, r: Result<T, StoreError>) -> T {
@@ -668,5 +669,181 @@ pub async fn outbox_contract(store: &dyn EventStore) {
         loaded,
         appended[..3].to_vec(),
         "conformance::{C}: marking changed the events"
+    );
+}
+
+/// A key valid for 24 hours from a fixed instant (millisecond precision, like
+/// [`sample_occurred_at`], so every backend round-trips it).
+fn sample_key(created_at: DateTime<Utc>) -> IdempotencyKey {
+    IdempotencyKey {
+        key: format!("{}:conformance", Uuid::new_v4()),
+        fingerprint: "f".repeat(64),
+        created_at,
+        expires_at: created_at + chrono::Duration::hours(24),
+    }
+}
+
+/// Idempotency records ([`EventStore::append_idempotent`] and friends):
+/// - an idempotent append stores the events and a record describing them, atomically;
+/// - a second append with the same live key fails with [`StoreError::IdempotencyKeyExists`]
+///   and writes nothing (not even when it targets another aggregate);
+/// - a version conflict writes neither events nor the record;
+/// - a record is invisible once expired, and an expired key can be used again;
+/// - [`EventStore::put_idempotency_record`] keeps an earlier live record and returns it;
+/// - [`EventStore::purge_idempotency_records`] deletes expired records only.
+///
+/// # Panics
+/// On any violation or unexpected store error.
+pub async fn idempotency_records(store: &dyn EventStore) {
+    const C: &str = "idempotency_records";
+    let t0 = sample_occurred_at();
+    let id = Uuid::new_v4();
+    let key = sample_key(t0);
+
+    // A conflicting append writes no record.
+    let r = store
+        .append_idempotent(
+            SAMPLE_AGGREGATE_TYPE,
+            id,
+            1,
+            sample_events(id, 2, 1),
+            key.clone(),
+        )
+        .await;
+    assert_conflict(C, r, id, 1, 0);
+    assert_eq!(
+        ok(C, "get", store.idempotency_record(&key.key, t0).await),
+        None,
+        "conformance::{C}: a conflicting append left an idempotency record"
+    );
+
+    let committed = ok(
+        C,
+        "append_idempotent",
+        store
+            .append_idempotent(
+                SAMPLE_AGGREGATE_TYPE,
+                id,
+                0,
+                sample_events(id, 1, 2),
+                key.clone(),
+            )
+            .await,
+    );
+    assert_eq!(committed.len(), 2, "conformance::{C}: committed events");
+    let want = IdempotencyRecord::for_append(key.clone(), SAMPLE_AGGREGATE_TYPE, id, 0, 2);
+    assert_eq!(
+        ok(C, "get", store.idempotency_record(&key.key, t0).await),
+        Some(want.clone()),
+        "conformance::{C}: the record describes the append"
+    );
+
+    // The same key again, on this or another aggregate: refused, nothing written.
+    let other = Uuid::new_v4();
+    let before = snapshot(C, store, other).await;
+    for (agg, version) in [(id, 2), (other, 0)] {
+        let first = version + 1;
+        match store
+            .append_idempotent(
+                SAMPLE_AGGREGATE_TYPE,
+                agg,
+                version,
+                sample_events(agg, first, 1),
+                key.clone(),
+            )
+            .await
+        {
+            Err(StoreError::IdempotencyKeyExists { key: k }) => assert_eq!(k, key.key),
+            other => panic!("conformance::{C}: a reused live key gave {other:?}"),
+        }
+    }
+    assert_eq!(
+        snapshot(C, store, other).await,
+        before,
+        "conformance::{C}: a refused key wrote something"
+    );
+    assert_eq!(
+        ok(C, "load", store.load(SAMPLE_AGGREGATE_TYPE, id).await).len(),
+        2,
+        "conformance::{C}: a refused key appended to the first aggregate"
+    );
+
+    // Expiry: invisible at expires_at; then the key may be used again.
+    assert_eq!(
+        ok(
+            C,
+            "get",
+            store.idempotency_record(&key.key, key.expires_at).await
+        ),
+        None,
+        "conformance::{C}: an expired record is still returned"
+    );
+    let later = sample_key(key.expires_at);
+    let reused = IdempotencyKey {
+        key: key.key.clone(),
+        ..later
+    };
+    ok(
+        C,
+        "append_idempotent with an expired key",
+        store
+            .append_idempotent(
+                SAMPLE_AGGREGATE_TYPE,
+                other,
+                0,
+                sample_events(other, 1, 1),
+                reused.clone(),
+            )
+            .await,
+    );
+    let now = reused.created_at;
+    let got = ok(C, "get", store.idempotency_record(&key.key, now).await);
+    assert_eq!(
+        got.map(|r| r.aggregate_id),
+        Some(other),
+        "conformance::{C}: the expired record was not replaced"
+    );
+
+    // put keeps a live record and returns it; stores a new one otherwise.
+    let noop = IdempotencyRecord {
+        event_count: 0,
+        first_sequence: 2,
+        version: 1,
+        ..IdempotencyRecord::for_append(reused.clone(), SAMPLE_AGGREGATE_TYPE, id, 0, 0)
+    };
+    let kept = ok(C, "put", store.put_idempotency_record(noop.clone()).await);
+    assert_eq!(
+        kept.aggregate_id, other,
+        "conformance::{C}: put replaced a live record"
+    );
+    let fresh_key = sample_key(now);
+    let fresh = IdempotencyRecord {
+        key: fresh_key.clone(),
+        ..noop
+    };
+    assert_eq!(
+        ok(C, "put", store.put_idempotency_record(fresh.clone()).await),
+        fresh,
+        "conformance::{C}: put of a new key"
+    );
+
+    // Purge deletes exactly the expired records.
+    let purged = ok(
+        C,
+        "purge",
+        store.purge_idempotency_records(fresh_key.expires_at).await,
+    );
+    assert!(
+        purged >= 2,
+        "conformance::{C}: purged {purged} records, want at least 2"
+    );
+    assert_eq!(
+        ok(
+            C,
+            "get",
+            store.idempotency_record(&fresh_key.key, now).await
+        ),
+        None,
+        "conformance::{C}: a purged record is still returned"
     );
 }

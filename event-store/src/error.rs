@@ -26,6 +26,13 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// A live idempotency record with this key is already stored (another request with the
+    /// same `Idempotency-Key` committed first); nothing was written.
+    #[error("idempotency key {key:?} is already recorded")]
+    IdempotencyKeyExists {
+        /// The scope-qualified key.
+        key: String,
+    },
     /// The storage backend failed (I/O, lock timeout, connection). Retryable by the caller.
     #[error("event store backend: {0}")]
     Backend(String),

@@ -16,15 +16,18 @@
 
 pub mod conformance;
 mod error;
+mod idempotency;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
 mod sqlite;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use tektree_domain::{EventEnvelope, NewEvent};
 use uuid::Uuid;
 
 pub use error::StoreError;
+pub use idempotency::{IdempotencyKey, IdempotencyRecord, MAX_KEY_BYTES};
 #[cfg(feature = "mongodb")]
 pub use mongo::MongoStore;
 pub use sqlite::SqliteStore;
@@ -58,6 +61,41 @@ pub trait EventStore: Send + Sync + 'static {
         expected_version: u64,
         events: Vec<NewEvent>,
     ) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// [`EventStore::append`] plus the [`IdempotencyRecord`] of `key`, in the same
+    /// transaction: either the events, their outbox records and the idempotency record are all
+    /// stored, or none is. A record of `key` whose `expires_at` is not after `key.created_at`
+    /// is replaced.
+    ///
+    /// # Errors
+    /// As [`EventStore::append`], and [`StoreError::IdempotencyKeyExists`] (nothing written)
+    /// when a live record with the same key is stored: another request with the key won.
+    async fn append_idempotent(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        key: IdempotencyKey,
+    ) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// The record of `key` if one is stored and live at `now` (`now < expires_at`).
+    async fn idempotency_record(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Stores `record` unless a record of its key is live at `record.key.created_at`; returns
+    /// the record in force afterwards (the given one, or the earlier live one). Used for
+    /// requests that committed no events.
+    async fn put_idempotency_record(
+        &self,
+        record: IdempotencyRecord,
+    ) -> Result<IdempotencyRecord, StoreError>;
+
+    /// Deletes the records that expired at or before `now`; returns how many.
+    async fn purge_idempotency_records(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// All events of one aggregate in sequence order (empty when it has none).
     async fn load(

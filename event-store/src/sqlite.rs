@@ -18,27 +18,58 @@
 //! nine fractional digits (`2024-05-06T07:08:09.123456789Z`, fixed width, so text order is time
 //! order), the actor as `user:<uuid>` / `system:<name>` and the payload as compact JSON text.
 //!
+//! # Group commit
+//!
+//! All writes of one [`SqliteStore`] (and its clones) go through one writer thread that owns
+//! the write connection (module `writer`). Appends that queue up while a transaction is in
+//! flight are committed together: up to 256 writes (or about 4,096 events) run in **one**
+//! `BEGIN IMMEDIATE … COMMIT` transaction, so `synchronous=FULL` costs one fsync per batch
+//! instead of one per command. Each append stays atomic and individually answered:
+//! - it runs in its own `SAVEPOINT`; when it fails (expected-version conflict — also against an
+//!   earlier append of the same batch, whose writes it sees —, idempotency key already
+//!   recorded, duplicate event id) only its savepoint is rolled back and only its caller gets
+//!   the error; the other appends of the batch commit;
+//! - no caller gets its envelopes before the batch's `COMMIT` has returned (the events are on
+//!   disk);
+//! - if `BEGIN` or `COMMIT` fails, or SQLite aborts the transaction (I/O error, disk full), the
+//!   batch is rolled back as a whole and every append of it gets [`StoreError::Backend`].
+//!
+//! There is no timer: an append arriving at an idle writer is committed alone at once, so low
+//! load pays no latency. The batch sizes are recorded in the histogram
+//! `tektree_store_batch_appends` (through the `metrics` facade) and counted by
+//! [`SqliteStore::write_batches`] / [`SqliteStore::batched_appends`]. Other writes (outbox
+//! marks, idempotency records and purges) are queued on the same thread and share the batches
+//! in the same way, each in its own savepoint and answered after the `COMMIT`; they count
+//! toward the 256. Checking, and JSON-encoding payloads, happen on the caller's thread
+//! before queueing. As before group commit, a queued append whose caller stops waiting (its
+//! future dropped) still runs and may commit.
+//!
 //! # Concurrency and positions
 //!
-//! Every write runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's single database
-//! write lock up front (waiting up to the busy timeout, 10 s, for other connections and other
-//! OS processes). Writers are therefore serialised: a position is assigned while the writer holds
-//! the lock, and the lock is released only by commit or rollback. Hence `AUTOINCREMENT`
-//! positions are strictly increasing **in commit order**, and — because a rolled back
-//! transaction also rolls back the `sqlite_sequence` counter and rows are never deleted — they
+//! Every write transaction is `BEGIN IMMEDIATE`, which takes SQLite's single database write
+//! lock up front (waiting up to the busy timeout, 10 s, for other connections and other OS
+//! processes, which have writer threads of their own). Writers are therefore serialised: a
+//! position is assigned while the writer holds the lock, and the lock is released only by
+//! commit or rollback. Hence `AUTOINCREMENT` positions are strictly increasing **in commit
+//! order** (within a batch, in queue order), and — because a rolled back transaction or
+//! savepoint also rolls back the `sqlite_sequence` counter and rows are never deleted — they
 //! are gap-free (1, 2, 3, …). Readers use WAL snapshots and never block the writer.
 
+mod writer;
+
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use tektree_domain::{Actor, EventEnvelope, NewEvent};
 use uuid::Uuid;
 
-use crate::{validate_batch, EventStore, Head, StoreError};
+use crate::{validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError};
+use writer::{AppendBody, PreparedEvent, Writer};
 
 /// How long a connection waits for a lock held by another connection or process.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,18 +104,32 @@ CREATE TABLE IF NOT EXISTS outbox (
     published_at TEXT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox(position) WHERE published_at IS NULL;
+CREATE TABLE IF NOT EXISTS idempotency (
+    key            TEXT    PRIMARY KEY,
+    fingerprint    TEXT    NOT NULL,
+    aggregate_type TEXT    NOT NULL,
+    aggregate_id   TEXT    NOT NULL,
+    first_sequence INTEGER NOT NULL,
+    event_count    INTEGER NOT NULL,
+    version        INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL, -- µs since the Unix epoch
+    expires_at     INTEGER NOT NULL  -- µs since the Unix epoch
+);
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency(expires_at);
 ";
 
 /// [`EventStore`] on one SQLite database file (WAL mode, `synchronous=FULL`).
 ///
-/// Cloning is cheap (an [`Arc`]); clones share one write connection and a small pool of read
-/// connections. Several `SqliteStore`s — in one process or in several OS processes — may open
-/// the same file at once; their writes are serialised by SQLite's database lock (see the module
-/// docs on positions). A write waits at most 10 s for the lock, then fails with
+/// Cloning is cheap (an [`Arc`]); clones share one writer thread with its write connection
+/// (and so batch their appends together) and a small pool of read connections. Several
+/// `SqliteStore`s — in one process or in several OS processes — may open the same file at
+/// once; their writes are serialised by SQLite's database lock (see the module docs on
+/// positions). A write waits at most 10 s for the lock, then fails with
 /// [`StoreError::Backend`].
 ///
-/// All blocking SQLite work runs on [`tokio::task::spawn_blocking`], so the async methods must be
-/// called inside a Tokio runtime.
+/// Writes run on the store's writer thread (see the module docs on group commit); reads run on
+/// [`tokio::task::spawn_blocking`], so the async methods must be called inside a Tokio runtime.
+/// The writer thread ends when the last clone is dropped (after finishing the queued writes).
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -92,7 +137,8 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    /// The group-commit writer thread owning the write connection.
+    writer: Writer,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -201,11 +247,12 @@ impl SqliteStore {
             tx.execute_batch(SCHEMA)?;
             tx.commit()
         })?;
+        let writer = Writer::spawn(writer)?;
         tracing::debug!(path = %path.display(), "opened sqlite event store");
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path,
-                writer: Mutex::new(writer),
+                writer,
                 readers: Mutex::new(Vec::new()),
             }),
         })
@@ -216,19 +263,64 @@ impl SqliteStore {
         &self.inner.path
     }
 
-    /// Runs `f` with the write connection on the blocking pool.
+    /// Number of write transactions (group commits) this store's writer has run since
+    /// [`SqliteStore::open`], committed or rolled back; shared by all clones. Each carried one
+    /// or more writes: appends, outbox marks, idempotency records, purges (see the module docs
+    /// on group commit).
+    pub fn write_batches(&self) -> u64 {
+        self.inner.writer.stats.batches.load(Ordering::Relaxed)
+    }
+
+    /// Number of appends (calls of [`EventStore::append`] / [`EventStore::append_idempotent`]
+    /// with at least one event) that the batches counted by [`SqliteStore::write_batches`]
+    /// carried, each committed or answered with its own error. `batched_appends() /
+    /// write_batches()` is the mean batch size; the distribution is the histogram
+    /// `tektree_store_batch_appends` of the `metrics` facade.
+    pub fn batched_appends(&self) -> u64 {
+        self.inner.writer.stats.appends.load(Ordering::Relaxed)
+    }
+
+    /// The append of [`EventStore::append`] and [`EventStore::append_idempotent`]: checks and
+    /// encodes the batch on the caller's thread, then queues it for the group-commit writer.
+    async fn append_with(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        validate_batch(aggregate_type, aggregate_id, expected_version, &events)?;
+        let events = events
+            .into_iter()
+            .map(|event| {
+                let payload = serde_json::to_string(&event.event.to_payload()).map_err(backend)?;
+                Ok(PreparedEvent { event, payload })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.inner
+            .writer
+            .append(AppendBody {
+                aggregate_type: aggregate_type.to_string(),
+                aggregate_id,
+                expected_version,
+                events,
+                key,
+            })
+            .await
+    }
+
+    /// Runs `f` on the writer thread inside its own savepoint of a group-commit transaction
+    /// (`f` must not begin or end transactions); returns its result after the `COMMIT`.
     async fn with_writer<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = lock(&inner.writer);
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("blocking task failed: {e}")))?
+        self.inner.writer.exec(f).await
     }
 
     /// Runs `f` with a pooled read connection on the blocking pool.
@@ -270,97 +362,87 @@ fn is_unique_violation(e: &rusqlite::Error, column: &str) -> bool {
     }
 }
 
-fn append_blocking(
-    conn: &mut Connection,
-    aggregate_type: &str,
-    aggregate_id: Uuid,
-    expected_version: u64,
-    events: Vec<NewEvent>,
-) -> Result<Vec<EventEnvelope>, StoreError> {
-    let agg_id = aggregate_id.to_string();
-    let conflict = |actual: u64| StoreError::Conflict {
-        aggregate_type: aggregate_type.to_string(),
-        aggregate_id,
-        expected: expected_version,
-        actual,
-    };
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
+/// Inserts `record` unless a record of its key is live at `record.key.created_at` (an expired
+/// one is replaced). Returns whether it was inserted.
+fn insert_record(conn: &Connection, record: &IdempotencyRecord) -> Result<bool, StoreError> {
+    let k = &record.key;
+    let created = k.created_at.timestamp_micros();
+    conn.prepare_cached("DELETE FROM idempotency WHERE key = ?1 AND expires_at <= ?2")
+        .and_then(|mut st| st.execute(params![k.key, created]))
         .map_err(backend)?;
-    let actual: i64 = tx
+    let inserted = conn
         .prepare_cached(
-            "SELECT COALESCE(MAX(sequence), 0) FROM events \
-             WHERE aggregate_type = ?1 AND aggregate_id = ?2",
+            "INSERT OR IGNORE INTO idempotency (key, fingerprint, aggregate_type, aggregate_id, \
+             first_sequence, event_count, version, created_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )
-        .and_then(|mut s| s.query_row(params![aggregate_type, agg_id], |r| r.get(0)))
+        .and_then(|mut st| {
+            st.execute(params![
+                k.key,
+                k.fingerprint,
+                record.aggregate_type,
+                record.aggregate_id.to_string(),
+                to_i64(record.first_sequence, "first_sequence").unwrap_or(i64::MAX),
+                to_i64(record.event_count, "event_count").unwrap_or(i64::MAX),
+                to_i64(record.version, "version").unwrap_or(i64::MAX),
+                created,
+                k.expires_at.timestamp_micros(),
+            ])
+        })
         .map_err(backend)?;
-    let actual = u64::try_from(actual)
-        .map_err(|_| StoreError::Backend(format!("negative stored sequence {actual}")))?;
-    if actual != expected_version {
-        // Dropping `tx` rolls back; nothing was written.
-        return Err(conflict(actual));
-    }
-    let recorded_at = Utc::now();
-    let recorded = timestamp(&recorded_at);
-    let mut committed = Vec::with_capacity(events.len());
-    {
-        let mut insert_event = tx
-            .prepare_cached(
-                "INSERT INTO events (event_id, event_type, event_version, aggregate_type, \
-                 aggregate_id, sequence, occurred_at, recorded_at, correlation_id, causation_id, \
-                 actor, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )
-            .map_err(backend)?;
-        let mut insert_outbox = tx
-            .prepare_cached("INSERT INTO outbox (position, published_at) VALUES (?1, NULL)")
-            .map_err(backend)?;
-        for e in events {
-            let sequence = to_i64(e.sequence, "sequence")?;
-            let payload = serde_json::to_string(&e.event.to_payload()).map_err(backend)?;
-            let inserted = insert_event.execute(params![
-                e.event_id.to_string(),
-                e.event.event_type(),
-                tektree_domain::events::EVENT_VERSION,
-                e.aggregate_type,
-                agg_id,
-                sequence,
-                timestamp(&e.metadata.occurred_at),
-                recorded,
-                e.metadata.correlation_id.to_string(),
-                e.metadata.causation_id.to_string(),
-                e.metadata.actor.to_string(),
-                payload,
-            ]);
-            match inserted {
-                Ok(_) => {}
-                // Unreachable while every writer uses BEGIN IMMEDIATE, but a concurrent writer
-                // that does not would surface here.
-                Err(err) if is_unique_violation(&err, "events.sequence") => {
-                    return Err(conflict(expected_version + 1));
-                }
-                Err(err) if is_unique_violation(&err, "events.event_id") => {
-                    return Err(StoreError::Backend(format!(
-                        "duplicate event_id {}: {err}",
-                        e.event_id
-                    )));
-                }
-                Err(err) => return Err(backend(err)),
-            }
-            let position = tx.last_insert_rowid();
-            insert_outbox.execute([position]).map_err(backend)?;
-            let position = u64::try_from(position)
-                .map_err(|_| StoreError::Backend(format!("negative position {position}")))?;
-            committed.push(e.into_envelope(position, recorded_at));
-        }
-    }
-    tx.commit().map_err(|err| {
-        if is_unique_violation(&err, "events.sequence") {
-            conflict(expected_version + 1)
-        } else {
-            backend(err)
-        }
-    })?;
-    Ok(committed)
+    Ok(inserted == 1)
+}
+
+/// The record of `key` live at `now`, if any.
+fn select_record(
+    conn: &Connection,
+    key: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<IdempotencyRecord>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT fingerprint, aggregate_type, aggregate_id, first_sequence, event_count, \
+             version, created_at, expires_at FROM idempotency WHERE key = ?1 AND expires_at > ?2",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![key, now.timestamp_micros()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(backend)?;
+    let Some((fingerprint, aggregate_type, aggregate_id, first, count, version, created, expires)) =
+        row
+    else {
+        return Ok(None);
+    };
+    let corrupt =
+        |what: &str| StoreError::Backend(format!("idempotency record {key:?}: bad {what}"));
+    let micros =
+        |v: i64, what: &str| DateTime::<Utc>::from_timestamp_micros(v).ok_or_else(|| corrupt(what));
+    let unsigned = |v: i64, what: &str| u64::try_from(v).map_err(|_| corrupt(what));
+    Ok(Some(IdempotencyRecord {
+        key: IdempotencyKey {
+            key: key.to_string(),
+            fingerprint,
+            created_at: micros(created, "created_at")?,
+            expires_at: micros(expires, "expires_at")?,
+        },
+        aggregate_type,
+        aggregate_id: Uuid::parse_str(&aggregate_id).map_err(|_| corrupt("aggregate_id"))?,
+        first_sequence: unsigned(first, "first_sequence")?,
+        event_count: unsigned(count, "event_count")?,
+        version: unsigned(version, "version")?,
+    }))
 }
 
 /// Decodes one row selected with [`EVENT_COLUMNS`].
@@ -433,9 +515,11 @@ fn query_events(
 
 #[async_trait]
 impl EventStore for SqliteStore {
-    /// See [`EventStore::append`]. Runs in one `BEGIN IMMEDIATE` transaction: version check,
-    /// event rows, outbox rows, commit. `recorded_at` is the store clock when the write lock was
-    /// taken, the same for every event of the batch.
+    /// See [`EventStore::append`]. Runs in its own savepoint of a group-commit transaction
+    /// (module docs): version check, event rows, outbox rows; answered after the batch's
+    /// `COMMIT`. `recorded_at` is the store clock when this append's savepoint started (the
+    /// write lock is held), the same for every event of the append; appends of one batch get
+    /// their own, successive, clock readings.
     ///
     /// # Errors
     /// Additionally to the trait's errors: [`StoreError::Backend`] (nothing written) when an
@@ -448,19 +532,66 @@ impl EventStore for SqliteStore {
         expected_version: u64,
         events: Vec<NewEvent>,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        validate_batch(aggregate_type, aggregate_id, expected_version, &events)?;
-        let aggregate_type = aggregate_type.to_string();
+        self.append_with(aggregate_type, aggregate_id, expected_version, events, None)
+            .await
+    }
+
+    /// See [`EventStore::append_idempotent`]: the record is inserted in the append's savepoint
+    /// of the group-commit transaction, after the version check; a key that is already
+    /// recorded (also by an earlier append of the same batch) fails this append alone.
+    async fn append_idempotent(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        key: IdempotencyKey,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.append_with(
+            aggregate_type,
+            aggregate_id,
+            expected_version,
+            events,
+            Some(key),
+        )
+        .await
+    }
+
+    async fn idempotency_record(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let key = key.to_string();
+        self.with_reader(move |conn| select_record(conn, &key, now))
+            .await
+    }
+
+    async fn put_idempotency_record(
+        &self,
+        record: IdempotencyRecord,
+    ) -> Result<IdempotencyRecord, StoreError> {
         self.with_writer(move |conn| {
-            append_blocking(
-                conn,
-                &aggregate_type,
-                aggregate_id,
-                expected_version,
-                events,
-            )
+            if insert_record(conn, &record)? {
+                return Ok(record);
+            }
+            select_record(conn, &record.key.key, record.key.created_at)?.ok_or_else(|| {
+                StoreError::Backend(format!(
+                    "idempotency record {:?} vanished during its insert",
+                    record.key.key
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn purge_idempotency_records(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.with_writer(move |conn| {
+            let n = conn
+                .prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")
+                .and_then(|mut st| st.execute([now.timestamp_micros()]))
+                .map_err(backend)?;
+            Ok(n as u64)
         })
         .await
     }
@@ -570,22 +701,17 @@ impl EventStore for SqliteStore {
             return Ok(());
         }
         self.with_writer(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(backend)?;
             let now = timestamp(&Utc::now());
-            {
-                let mut stmt = tx
-                    .prepare_cached(
-                        "UPDATE outbox SET published_at = ?1 \
-                         WHERE position = ?2 AND published_at IS NULL",
-                    )
-                    .map_err(backend)?;
-                for p in positions {
-                    stmt.execute(params![now, p]).map_err(backend)?;
-                }
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE outbox SET published_at = ?1 \
+                     WHERE position = ?2 AND published_at IS NULL",
+                )
+                .map_err(backend)?;
+            for p in positions {
+                stmt.execute(params![now, p]).map_err(backend)?;
             }
-            tx.commit().map_err(backend)
+            Ok(())
         })
         .await
     }

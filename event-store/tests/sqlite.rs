@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::DateTime;
+use proptest::prelude::*;
 use rusqlite::Connection;
+use tektree_domain::EventEnvelope;
 use tektree_event_store::conformance::{self, sample_event, sample_events, SAMPLE_AGGREGATE_TYPE};
-use tektree_event_store::{EventStore, Head, SqliteStore, StoreError};
+use tektree_event_store::{EventStore, Head, IdempotencyKey, SqliteStore, StoreError};
 use uuid::Uuid;
 
 const USER: &str = SAMPLE_AGGREGATE_TYPE;
@@ -84,7 +86,7 @@ async fn conformance_concurrency_on_multi_thread_runtime() {
 }
 
 #[tokio::test]
-async fn open_is_idempotent_and_creates_only_events_and_outbox() {
+async fn open_is_idempotent_and_creates_only_events_outbox_and_idempotency() {
     let (_dir, path) = temp_db();
     {
         // Another crate's read model already lives in the file.
@@ -120,8 +122,10 @@ async fn open_is_idempotent_and_creates_only_events_and_outbox() {
         .collect::<Result<_, _>>()
         .expect("rows");
     let expected: Vec<(String, String)> = [
+        ("index", "idempotency_expiry"),
         ("index", "outbox_unpublished"),
         ("table", "events"),
+        ("table", "idempotency"),
         ("table", "outbox"),
         ("table", "rm_users"),
     ]
@@ -619,4 +623,548 @@ async fn concurrent_first_opens_of_a_new_file_succeed() {
     }
     let store = SqliteStore::open(&path).expect("open");
     assert_eq!(store.head().await.expect("head"), Head::default());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group commit: appends waiting together share one transaction, each in its own savepoint.
+// ---------------------------------------------------------------------------------------------
+
+type AppendFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<EventEnvelope>, StoreError>> + Send + 'a>,
+>;
+
+/// Runs `appends` as **one** group-commit batch and returns their results in order.
+///
+/// Deterministic: another connection holds the database write lock, so the writer thread
+/// blocks in `BEGIN IMMEDIATE` of a batch holding only an `outbox_mark_published` queued first
+/// (we wait until that batch has started); every append is then polled once (which queues
+/// it, or fails it before the queue, e.g. a malformed batch) and only then is the lock
+/// released. The writer therefore finds all queued appends waiting at once. Asserts that
+/// exactly one further batch carried exactly the queued appends.
+async fn in_one_batch<'a>(
+    store: &'a SqliteStore,
+    path: &Path,
+    appends: Vec<AppendFuture<'a>>,
+) -> Vec<Result<Vec<EventEnvelope>, StoreError>> {
+    let (batches0, appends0) = (store.write_batches(), store.batched_appends());
+    let lock = Connection::open(path).expect("raw open");
+    lock.execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let mut blocker = store.outbox_mark_published(&[1]);
+    assert!(futures::poll!(&mut blocker).is_pending(), "blocker queued");
+    let mut polls = 0;
+    while store.write_batches() == batches0 {
+        polls += 1;
+        assert!(
+            polls < 10_000,
+            "the writer never started the blocker's batch"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut pending = Vec::new();
+    let mut results: Vec<Option<Result<Vec<EventEnvelope>, StoreError>>> = Vec::new();
+    for mut f in appends {
+        match futures::poll!(&mut f) {
+            std::task::Poll::Ready(r) => results.push(Some(r)),
+            std::task::Poll::Pending => {
+                pending.push((results.len(), f));
+                results.push(None);
+            }
+        }
+    }
+    lock.execute_batch("COMMIT")
+        .expect("release the write lock");
+    blocker.await.expect("blocker");
+    let queued = pending.len() as u64;
+    for (i, f) in pending {
+        results[i] = Some(f.await);
+    }
+    assert_eq!(
+        store.write_batches() - batches0,
+        2,
+        "the blocker's batch, then one batch"
+    );
+    assert_eq!(
+        store.batched_appends() - appends0,
+        queued,
+        "the batch carried every queued append"
+    );
+    results.into_iter().map(|r| r.expect("result")).collect()
+}
+
+fn key(name: &str) -> IdempotencyKey {
+    let t = conformance::sample_occurred_at();
+    IdempotencyKey {
+        key: name.to_string(),
+        fingerprint: format!("fp-{name}"),
+        created_at: t,
+        expires_at: t + chrono::Duration::hours(24),
+    }
+}
+
+/// Positions of all stored events, in order.
+async fn all_positions(store: &SqliteStore) -> Vec<u64> {
+    store
+        .read_all(0, usize::MAX)
+        .await
+        .expect("read_all")
+        .iter()
+        .map(|e| e.position)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_concurrent_appends_are_group_committed() {
+    let (_dir, path) = temp_db();
+    let store = SqliteStore::open(&path).expect("open");
+
+    // At low load every append is committed alone (no waiting for company).
+    let lone = Uuid::new_v4();
+    for k in 0..5 {
+        store
+            .append(USER, lone, k, sample_events(lone, k + 1, 1))
+            .await
+            .expect("lone append");
+    }
+    assert_eq!((store.write_batches(), store.batched_appends()), (5, 5));
+
+    const TASKS: usize = 64;
+    const APPENDS: u64 = 50;
+    let mut handles = Vec::new();
+    for _ in 0..TASKS {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let id = Uuid::new_v4();
+            let mut positions = Vec::new();
+            for k in 0..APPENDS {
+                let envs = store
+                    .append(USER, id, k, sample_events(id, k + 1, 1))
+                    .await
+                    .expect("append on an own aggregate never conflicts");
+                assert_eq!(envs.len(), 1);
+                assert_eq!(envs[0].sequence, k + 1);
+                positions.push(envs[0].position);
+            }
+            (id, positions)
+        }));
+    }
+    let mut acknowledged = HashSet::new();
+    for h in handles {
+        let (id, positions) = h.await.expect("task");
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "one client's positions increase: {positions:?}"
+        );
+        let loaded = store.load(USER, id).await.expect("load");
+        assert_contiguous(&loaded, APPENDS);
+        assert_eq!(
+            loaded.iter().map(|e| e.position).collect::<Vec<_>>(),
+            positions,
+            "acknowledged positions are the stored ones"
+        );
+        acknowledged.extend(positions);
+    }
+    let total = 5 + TASKS as u64 * APPENDS;
+    assert_eq!(acknowledged.len() as u64, total - 5, "no position twice");
+    assert_eq!(all_positions(&store).await, (1..=total).collect::<Vec<_>>());
+    assert_eq!(raw_counts(&path), (total as i64, total as i64));
+    assert_eq!(store.batched_appends(), total);
+    let batches = store.write_batches();
+    assert!(
+        batches < total,
+        "{total} appends took {batches} transactions: no batching"
+    );
+}
+
+#[tokio::test]
+async fn same_expected_version_twice_in_one_batch_commits_exactly_one() {
+    let (_dir, path) = temp_db();
+    let store = SqliteStore::open(&path).expect("open");
+    let (id, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let a = sample_events(id, 1, 2);
+    let b = sample_events(id, 1, 1);
+    let results = in_one_batch(
+        &store,
+        &path,
+        vec![
+            store.append(USER, id, 0, a.clone()),
+            store.append(USER, id, 0, b),
+            store.append(USER, other, 0, sample_events(other, 1, 1)),
+        ],
+    )
+    .await;
+    let first = results[0].as_ref().expect("the first queued append wins");
+    assert_eq!(
+        first.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        a.iter().map(|e| e.event_id).collect::<Vec<_>>()
+    );
+    match &results[1] {
+        Err(StoreError::Conflict {
+            expected, actual, ..
+        }) => assert_eq!((*expected, *actual), (0, 2), "sees its batch neighbour"),
+        other => panic!("want Conflict, got {other:?}"),
+    }
+    assert_eq!(results[2].as_ref().expect("neighbour")[0].position, 3);
+    assert_eq!(store.load(USER, id).await.expect("load"), first.clone());
+    assert_eq!(all_positions(&store).await, vec![1, 2, 3]);
+    assert_eq!(raw_counts(&path), (3, 3));
+}
+
+#[tokio::test]
+async fn reused_idempotency_key_fails_alone_in_its_batch() {
+    let (_dir, path) = temp_db();
+    let store = SqliteStore::open(&path).expect("open");
+    let old = Uuid::new_v4();
+    store
+        .append_idempotent(USER, old, 0, sample_events(old, 1, 1), key("old"))
+        .await
+        .expect("first keyed append");
+    let [p, q, r, s] = [(); 4].map(|()| Uuid::new_v4());
+    let results = in_one_batch(
+        &store,
+        &path,
+        vec![
+            store.append(USER, p, 0, sample_events(p, 1, 1)),
+            // A key recorded by an earlier transaction.
+            store.append_idempotent(USER, q, 0, sample_events(q, 1, 2), key("old")),
+            store.append_idempotent(USER, r, 0, sample_events(r, 1, 1), key("new")),
+            // A key recorded by an earlier append of the same batch.
+            store.append_idempotent(USER, s, 0, sample_events(s, 1, 1), key("new")),
+            store.append(USER, s, 0, sample_events(s, 1, 1)),
+        ],
+    )
+    .await;
+    for (i, k) in [(1, "old"), (3, "new")] {
+        match &results[i] {
+            Err(StoreError::IdempotencyKeyExists { key }) => assert_eq!(key, k),
+            other => panic!("append #{i}: want IdempotencyKeyExists, got {other:?}"),
+        }
+    }
+    for i in [0, 2, 4] {
+        assert!(results[i].is_ok(), "append #{i}: {:?}", results[i]);
+    }
+    assert!(store.load(USER, q).await.expect("load").is_empty());
+    assert_eq!(store.load(USER, s).await.expect("load").len(), 1);
+    let t = conformance::sample_occurred_at();
+    let record = store
+        .idempotency_record("new", t)
+        .await
+        .expect("get")
+        .expect("record of the winner");
+    assert_eq!(record.aggregate_id, r);
+    let old_record = store.idempotency_record("old", t).await.expect("get");
+    assert_eq!(old_record.map(|rec| rec.aggregate_id), Some(old));
+    assert_eq!(all_positions(&store).await, vec![1, 2, 3, 4]);
+    assert_eq!(raw_counts(&path), (4, 4));
+}
+
+#[tokio::test]
+async fn failing_appends_do_not_roll_back_their_batch_neighbours() {
+    let (_dir, path) = temp_db();
+    let store = SqliteStore::open(&path).expect("open");
+    let existing = Uuid::new_v4();
+    let stored = store
+        .append(USER, existing, 0, sample_events(existing, 1, 2))
+        .await
+        .expect("seed");
+    let [a, b, c, d, e] = [(); 5].map(|()| Uuid::new_v4());
+    let b_events = sample_events(b, 1, 3);
+    // Reuses the id of an event already in the file.
+    let mut dup_stored = sample_events(c, 1, 2);
+    dup_stored[1].event_id = stored[0].event_id;
+    // Reuses the id of an event committed earlier in the same batch.
+    let mut dup_in_batch = sample_events(d, 1, 1);
+    dup_in_batch[0].event_id = b_events[2].event_id;
+    // Sequences not contiguous: refused before it reaches the writer.
+    let mut malformed = sample_events(e, 1, 2);
+    malformed[1].sequence = 5;
+    let results = in_one_batch(
+        &store,
+        &path,
+        vec![
+            store.append(USER, a, 0, sample_events(a, 1, 1)),
+            store.append(USER, existing, 1, sample_events(existing, 2, 1)),
+            store.append(USER, b, 0, b_events.clone()),
+            store.append(USER, c, 0, dup_stored),
+            store.append(USER, d, 0, dup_in_batch),
+            store.append(USER, e, 0, malformed),
+            store.append(USER, existing, 2, sample_events(existing, 3, 1)),
+        ],
+    )
+    .await;
+    assert!(matches!(
+        results[1],
+        Err(StoreError::Conflict {
+            expected: 1,
+            actual: 2,
+            ..
+        })
+    ));
+    for i in [3, 4, 5] {
+        assert!(
+            matches!(results[i], Err(StoreError::Backend(_))),
+            "append #{i}: {:?}",
+            results[i]
+        );
+    }
+    let positions = |i: usize| -> Vec<u64> {
+        results[i]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("append #{i}: {e}"))
+            .iter()
+            .map(|env| env.position)
+            .collect()
+    };
+    // Committed in queue order, gap-free: failed appends burn no positions.
+    assert_eq!(positions(0), vec![3]);
+    assert_eq!(positions(2), vec![4, 5, 6]);
+    assert_eq!(positions(6), vec![7]);
+    assert_eq!(all_positions(&store).await, (1..=7).collect::<Vec<_>>());
+    assert_eq!(raw_counts(&path), (7, 7));
+    for (id, n) in [(a, 1), (b, 3), (c, 0), (d, 0), (e, 0), (existing, 3)] {
+        assert_contiguous(&store.load(USER, id).await.expect("load"), n);
+    }
+    assert_eq!(store.outbox_backlog().await.expect("backlog"), 6);
+}
+
+/// One append of a generated batch: aggregate index, expected version, number of events,
+/// whether its **last** event reuses the id of an event already committed (so its earlier
+/// events are written before it fails), and the idempotency key it carries, if any.
+#[derive(Debug, Clone)]
+struct Op {
+    aggregate: usize,
+    expected: u64,
+    events: u64,
+    reuse_id: bool,
+    key: Option<usize>,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    (
+        0..3usize,
+        0..4u64,
+        1..4u64,
+        proptest::bool::weighted(0.15),
+        proptest::option::weighted(0.3, 0..2usize),
+    )
+        .prop_map(|(aggregate, expected, events, reuse_id, key)| Op {
+            aggregate,
+            expected,
+            events,
+            reuse_id,
+            key,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// A batch behaves exactly like its appends run one after another in queue order.
+    #[test]
+    fn a_batch_equals_its_appends_in_queue_order(ops in proptest::collection::vec(op_strategy(), 1..12)) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let (_dir, path) = temp_db();
+            let store = SqliteStore::open(&path).expect("open");
+            let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+            // Seed aggregate 0 with one event, so there is an id to reuse.
+            let seed = store
+                .append(USER, ids[0], 0, sample_events(ids[0], 1, 1))
+                .await
+                .expect("seed");
+            let mut committed_ids = vec![seed[0].event_id];
+            let mut batches = Vec::new();
+            for op in &ops {
+                let id = ids[op.aggregate];
+                let mut events = sample_events(id, op.expected + 1, op.events);
+                if op.reuse_id {
+                    if let Some(last) = events.last_mut() {
+                        last.event_id = committed_ids[0];
+                    }
+                }
+                batches.push(events);
+            }
+            let futures = ops
+                .iter()
+                .zip(&batches)
+                .map(|(op, events)| match op.key {
+                    Some(k) => store.append_idempotent(
+                        USER,
+                        ids[op.aggregate],
+                        op.expected,
+                        events.clone(),
+                        key(&format!("k{k}")),
+                    ),
+                    None => store.append(USER, ids[op.aggregate], op.expected, events.clone()),
+                })
+                .collect();
+            let results = in_one_batch(&store, &path, futures).await;
+
+            // The model: sequential application in queue order.
+            let mut versions = [1u64, 0, 0];
+            let mut next_position = 2u64;
+            let mut recorded_keys = HashSet::new();
+            for ((op, events), result) in ops.iter().zip(&batches).zip(&results) {
+                let version = versions[op.aggregate];
+                if op.expected != version {
+                    match result {
+                        Err(StoreError::Conflict { expected, actual, .. }) => {
+                            assert_eq!((*expected, *actual), (op.expected, version));
+                        }
+                        other => panic!("{op:?}: want Conflict, got {other:?}"),
+                    }
+                } else if let Some(k) = op.key.filter(|k| recorded_keys.contains(k)) {
+                    match result {
+                        Err(StoreError::IdempotencyKeyExists { key }) => {
+                            assert_eq!(key, &format!("k{k}"));
+                        }
+                        other => panic!("{op:?}: want IdempotencyKeyExists, got {other:?}"),
+                    }
+                } else if op.reuse_id {
+                    assert!(matches!(result, Err(StoreError::Backend(_))), "{op:?}: {result:?}");
+                } else {
+                    let envs = result.as_ref().unwrap_or_else(|e| panic!("{op:?}: {e}"));
+                    let want: Vec<u64> = (next_position..next_position + op.events).collect();
+                    assert_eq!(envs.iter().map(|e| e.position).collect::<Vec<_>>(), want);
+                    next_position += op.events;
+                    versions[op.aggregate] += op.events;
+                    committed_ids.extend(events.iter().map(|e| e.event_id));
+                    recorded_keys.extend(op.key);
+                }
+            }
+            let t = conformance::sample_occurred_at();
+            for k in 0..2 {
+                let record = store.idempotency_record(&format!("k{k}"), t).await.expect("get");
+                assert_eq!(record.is_some(), recorded_keys.contains(&k), "key k{k}");
+            }
+            for (i, id) in ids.iter().enumerate() {
+                assert_contiguous(&store.load(USER, *id).await.expect("load"), versions[i]);
+            }
+            let total = next_position - 1;
+            assert_eq!(all_positions(&store).await, (1..=total).collect::<Vec<_>>());
+            assert_eq!(raw_counts(&path), (total as i64, total as i64));
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_transaction_aborted_by_sqlite_fails_its_whole_batch() {
+    let (_dir, path) = temp_db();
+    let store = SqliteStore::open(&path).expect("open");
+    let seed = Uuid::new_v4();
+    store
+        .append(USER, seed, 0, sample_events(seed, 1, 1))
+        .await
+        .expect("seed");
+    let [a, poison, b] = [(); 3].map(|()| Uuid::new_v4());
+    let raw = Connection::open(&path).expect("raw open");
+    // Real SQLite fault injection: RAISE(ROLLBACK) aborts the whole enclosing transaction,
+    // RAISE(ABORT) only the failing statement.
+    let trigger = |action: &str| {
+        raw.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS poison; \
+             CREATE TRIGGER poison BEFORE INSERT ON events \
+             WHEN NEW.aggregate_id = '{poison}' BEGIN SELECT RAISE({action}, 'poison'); END;"
+        ))
+        .expect("trigger");
+    };
+
+    trigger("ROLLBACK");
+    let results = in_one_batch(
+        &store,
+        &path,
+        vec![
+            store.append(USER, a, 0, sample_events(a, 1, 1)),
+            store.append(USER, poison, 0, sample_events(poison, 1, 1)),
+            store.append(USER, b, 0, sample_events(b, 1, 1)),
+        ],
+    )
+    .await;
+    for (i, r) in results.iter().enumerate() {
+        assert!(
+            matches!(r, Err(StoreError::Backend(_))),
+            "append #{i} of an aborted batch: {r:?}"
+        );
+    }
+    assert_eq!(raw_counts(&path), (1, 1), "nothing of the batch is visible");
+
+    trigger("ABORT");
+    let results = in_one_batch(
+        &store,
+        &path,
+        vec![
+            store.append(USER, a, 0, sample_events(a, 1, 1)),
+            store.append(USER, poison, 0, sample_events(poison, 1, 1)),
+            store.append(USER, b, 0, sample_events(b, 1, 1)),
+        ],
+    )
+    .await;
+    assert!(matches!(results[1], Err(StoreError::Backend(_))));
+    let positions: Vec<u64> = [0, 2]
+        .iter()
+        .map(|&i| results[i].as_ref().expect("neighbour commits")[0].position)
+        .collect();
+    assert_eq!(positions, vec![2, 3]);
+    assert_eq!(all_positions(&store).await, vec![1, 2, 3]);
+    assert_eq!(raw_counts(&path), (3, 3));
+}
+
+#[tokio::test]
+async fn other_writes_share_a_batch_with_appends_and_see_their_writes() {
+    let (_dir, path) = temp_db();
+    let store = SqliteStore::open(&path).expect("open");
+    let batches0 = store.write_batches();
+    // Same set-up as `in_one_batch`, with writes other than appends in the batch.
+    let lock = Connection::open(&path).expect("raw open");
+    lock.execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let mut blocker = store.outbox_mark_published(&[1]);
+    assert!(futures::poll!(&mut blocker).is_pending(), "blocker queued");
+    let mut polls = 0;
+    while store.write_batches() == batches0 {
+        polls += 1;
+        assert!(
+            polls < 10_000,
+            "the writer never started the blocker's batch"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut append = store.append_idempotent(USER, a, 0, sample_events(a, 1, 2), key("k"));
+    assert!(futures::poll!(&mut append).is_pending());
+    let later = tektree_event_store::IdempotencyRecord::for_append(key("k"), USER, b, 0, 0);
+    let mut put = store.put_idempotency_record(later);
+    assert!(futures::poll!(&mut put).is_pending());
+    let mut mark = store.outbox_mark_published(&[1]);
+    assert!(futures::poll!(&mut mark).is_pending());
+    let mut purge = store.purge_idempotency_records(conformance::sample_occurred_at());
+    assert!(futures::poll!(&mut purge).is_pending());
+    lock.execute_batch("COMMIT")
+        .expect("release the write lock");
+    blocker.await.expect("blocker");
+
+    let committed = append.await.expect("append");
+    let in_force = put.await.expect("put");
+    assert_eq!(
+        in_force.aggregate_id, a,
+        "the put sees the record its batch neighbour wrote"
+    );
+    mark.await.expect("mark");
+    assert_eq!(purge.await.expect("purge"), 0);
+    assert_eq!(
+        store.write_batches() - batches0,
+        2,
+        "one batch after the blocker's"
+    );
+    assert_eq!(store.batched_appends(), 1);
+    assert_eq!(committed[0].position, 1);
+    let pending = store.outbox_pending(10).await.expect("pending");
+    assert_eq!(
+        pending.iter().map(|e| e.position).collect::<Vec<_>>(),
+        vec![2],
+        "the mark in the batch saw position 1 written before it"
+    );
 }

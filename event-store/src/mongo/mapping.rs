@@ -47,7 +47,7 @@ pub struct MappingError {
 }
 
 impl MappingError {
-    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         MappingError {
             field: field.into(),
             reason: reason.into(),

@@ -10,9 +10,10 @@
 //! |---|---|---|
 //! | `events` | event | the envelope (see [`envelope_to_document`]); `position` once sequenced; until then `pending`, `pending_of` (first event id of the append) and `pending_n` (events in the append) |
 //! | `outbox` | event | `_id` = event id, `position` once sequenced, `published`, `published_at` |
+//! | `idempotency` | request with an `Idempotency-Key` | see [`record_to_document`]; written in the append's transaction; TTL index on `expires_at` |
 //! | `counters` | — | `{_id: "position", last}`: the last assigned position (written only by the sequencer) |
 //!
-//! Indexes: [`event_indexes`] and [`outbox_indexes`], created idempotently by `connect`.
+//! Indexes: [`event_indexes`], [`outbox_indexes`] and [`idempotency_indexes`], created idempotently by `connect`.
 //!
 //! # Positions: a post-commit sequencer
 //!
@@ -71,6 +72,7 @@
 
 mod client;
 mod errors;
+mod idempotency;
 mod indexes;
 mod mapping;
 mod txn;
@@ -103,9 +105,13 @@ pub use mapping::{
     timestamp_to_bson, uuid_from_bson, uuid_to_bson, MappingError,
 };
 
+pub use idempotency::{
+    idempotency_indexes, record_from_document, record_to_document, IDEMPOTENCY,
+    IDEMPOTENCY_TTL_INDEX,
+};
 pub use txn::{run_transaction, transaction_options, RunError, TxError};
 
-use crate::{validate_batch, EventStore, Head, StoreError};
+use crate::{validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError};
 
 /// The events collection.
 pub const EVENTS: &str = "events";
@@ -152,6 +158,7 @@ struct Inner {
     events: Collection<Document>,
     outbox: Collection<Document>,
     counters: Collection<Document>,
+    idempotency: Collection<Document>,
     /// Serialises this process's sequencer passes (cross-process: the counter document).
     sequencer: tokio::sync::Mutex<()>,
     /// Sequencer passes completed by this handle (to skip a pass when another did the work).
@@ -204,6 +211,8 @@ struct AppendCtx<'a> {
     pending_base: i64,
     docs: &'a [Document],
     outbox: &'a [Document],
+    /// The idempotency record to insert with the events, if the request had a key.
+    record: Option<&'a Document>,
 }
 
 impl AppendCtx<'_> {
@@ -247,6 +256,30 @@ impl AppendCtx<'_> {
             d.insert("pending_n", n);
             d
         });
+        if let Some(rec) = self.record {
+            let key = rec.get("_id").cloned().unwrap_or(Bson::Null);
+            let created = rec.get("created_at").cloned().unwrap_or(Bson::Null);
+            inner
+                .idempotency
+                .delete_one(doc! { "_id": key.clone(), "expires_at": { "$lte": created } })
+                .session(&mut *s)
+                .await?;
+            let live = inner
+                .idempotency
+                .find_one(doc! { "_id": key.clone() })
+                .session(&mut *s)
+                .await?;
+            if live.is_some() {
+                return Err(TxError::Abort(StoreError::IdempotencyKeyExists {
+                    key: key.as_str().unwrap_or_default().to_string(),
+                }));
+            }
+            inner
+                .idempotency
+                .insert_one(rec.clone())
+                .session(&mut *s)
+                .await?;
+        }
         inner.events.insert_many(docs).session(&mut *s).await?;
         inner
             .outbox
@@ -368,6 +401,11 @@ impl MongoStore {
         let events = db.collection::<Document>(EVENTS);
         let outbox = db.collection::<Document>(OUTBOX);
         let counters = db.collection::<Document>(COUNTERS);
+        let idempotency = db.collection::<Document>(IDEMPOTENCY);
+        idempotency
+            .create_indexes(idempotency_indexes())
+            .await
+            .map_err(|e| backend("create indexes of idempotency", e))?;
         events
             .create_indexes(event_indexes())
             .await
@@ -396,6 +434,7 @@ impl MongoStore {
                 events,
                 outbox,
                 counters,
+                idempotency,
                 sequencer: tokio::sync::Mutex::new(()),
                 passes: AtomicU64::new(0),
                 clock: CausalClock::default(),
@@ -605,50 +644,32 @@ impl MongoStore {
         )))
     }
 
-    /// Whether any committed event waits for a position.
-    async fn has_pending(&self) -> Result<bool, StoreError> {
-        Ok(!self
-            .find(
-                &self.inner.events,
-                doc! { "pending": { "$exists": true } },
-                None,
-                Some(1),
-                Some(doc! { "_id": 1 }),
-            )
-            .await?
-            .is_empty())
-    }
-}
-
-/// `limit` as a find limit (`None` = unlimited).
-fn find_limit(limit: usize) -> Option<i64> {
-    i64::try_from(limit).ok()
-}
-
-#[async_trait]
-impl EventStore for MongoStore {
-    /// See [`EventStore::append`] and the [module docs](self): one transaction (version check,
-    /// events, outbox records), then sequencer passes until the events have positions.
-    /// `recorded_at` is this process's clock when the append started, the same for every event
-    /// of the batch.
-    ///
-    /// # Errors
-    /// Additionally to the trait's errors: [`StoreError::Backend`] (nothing written) for a
-    /// malformed batch (as the SQLite adapter), an `event_id` that is already stored, or a value
-    /// BSON cannot hold; [`StoreError::Backend`] *after* the commit when no sequencer pass
-    /// succeeds within 30 s (the events are stored and get positions later).
-    async fn append(
+    /// The append of [`EventStore::append`] and [`EventStore::append_idempotent`].
+    async fn append_with(
         &self,
         aggregate_type: &str,
         aggregate_id: Uuid,
         expected_version: u64,
         events: Vec<NewEvent>,
+        key: Option<IdempotencyKey>,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
         validate_batch(aggregate_type, aggregate_id, expected_version, &events)?;
         let recorded_at = Utc::now();
+        let record = key
+            .map(|k| {
+                let r = IdempotencyRecord::for_append(
+                    k,
+                    aggregate_type,
+                    aggregate_id,
+                    expected_version,
+                    events.len() as u64,
+                );
+                record_to_document(&r).map_err(|e| backend("idempotency record", e))
+            })
+            .transpose()?;
         let mut docs = Vec::with_capacity(events.len());
         let mut outbox = Vec::with_capacity(events.len());
         for e in &events {
@@ -670,6 +691,7 @@ impl EventStore for MongoStore {
             pending_base: recorded_at.timestamp_micros(),
             docs: &docs,
             outbox: &outbox,
+            record: record.as_ref(),
         };
         let mut session = self.session().await?;
         let out = run_transaction(&mut session, &ctx, |s, ctx| {
@@ -719,6 +741,130 @@ impl EventStore for MongoStore {
                 Ok(e.into_envelope(position, recorded_at))
             })
             .collect()
+    }
+
+    /// Whether any committed event waits for a position.
+    async fn has_pending(&self) -> Result<bool, StoreError> {
+        Ok(!self
+            .find(
+                &self.inner.events,
+                doc! { "pending": { "$exists": true } },
+                None,
+                Some(1),
+                Some(doc! { "_id": 1 }),
+            )
+            .await?
+            .is_empty())
+    }
+}
+
+/// `limit` as a find limit (`None` = unlimited).
+fn find_limit(limit: usize) -> Option<i64> {
+    i64::try_from(limit).ok()
+}
+
+#[async_trait]
+impl EventStore for MongoStore {
+    /// See [`EventStore::append`] and the [module docs](self): one transaction (version check,
+    /// events, outbox records), then sequencer passes until the events have positions.
+    /// `recorded_at` is this process's clock when the append started, the same for every event
+    /// of the batch.
+    ///
+    /// # Errors
+    /// Additionally to the trait's errors: [`StoreError::Backend`] (nothing written) for a
+    /// malformed batch (as the SQLite adapter), an `event_id` that is already stored, or a value
+    /// BSON cannot hold; [`StoreError::Backend`] *after* the commit when no sequencer pass
+    /// succeeds within 30 s (the events are stored and get positions later).
+    async fn append(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.append_with(aggregate_type, aggregate_id, expected_version, events, None)
+            .await
+    }
+
+    /// See [`EventStore::append_idempotent`]: the record is inserted in the append's
+    /// transaction after the version check (an expired record of the key is deleted first).
+    async fn append_idempotent(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        key: IdempotencyKey,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.append_with(
+            aggregate_type,
+            aggregate_id,
+            expected_version,
+            events,
+            Some(key),
+        )
+        .await
+    }
+
+    async fn idempotency_record(
+        &self,
+        key: &str,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let found = self
+            .find(
+                &self.inner.idempotency,
+                doc! { "_id": key, "expires_at": { "$gt": idempotency::bson_date(now) } },
+                None,
+                Some(1),
+                None,
+            )
+            .await?;
+        found
+            .first()
+            .map(|d| {
+                record_from_document(d)
+                    .map_err(|e| backend(&format!("idempotency record {key:?}"), e))
+            })
+            .transpose()
+    }
+
+    async fn put_idempotency_record(
+        &self,
+        record: IdempotencyRecord,
+    ) -> Result<IdempotencyRecord, StoreError> {
+        let mut d = record_to_document(&record).map_err(|e| backend("idempotency record", e))?;
+        d.remove("_id");
+        let created = idempotency::bson_date(record.key.created_at);
+        self.inner
+            .idempotency
+            .delete_one(doc! { "_id": &record.key.key, "expires_at": { "$lte": created.clone() } })
+            .await
+            .map_err(|e| backend("expire idempotency record", e))?;
+        // Insert if absent; an existing live record is kept and returned.
+        let stored = self
+            .inner
+            .idempotency
+            .find_one_and_update(doc! { "_id": &record.key.key }, doc! { "$setOnInsert": d })
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| backend("put idempotency record", e))?
+            .ok_or_else(|| backend("put idempotency record", "no document returned"))?;
+        record_from_document(&stored).map_err(|e| backend("idempotency record", e))
+    }
+
+    async fn purge_idempotency_records(
+        &self,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let r = self
+            .inner
+            .idempotency
+            .delete_many(doc! { "expires_at": { "$lte": idempotency::bson_date(now) } })
+            .await
+            .map_err(|e| backend("purge idempotency records", e))?;
+        Ok(r.deleted_count)
     }
 
     /// See [`EventStore::load`]. Events of the aggregate that are committed but not sequenced
