@@ -24,6 +24,13 @@ pub enum CommandError {
         /// Why.
         source: DecodeError,
     },
+    /// The request's `Idempotency-Key` was first used for a different request (another
+    /// fingerprint) and is still live.
+    #[error("idempotency key {key:?} was used for a different request")]
+    IdempotencyKeyReused {
+        /// The scope-qualified key.
+        key: String,
+    },
     /// The event store failed.
     #[error(transparent)]
     Store(StoreError),
@@ -31,12 +38,13 @@ pub enum CommandError {
 
 impl CommandError {
     /// Stable reason code: the [`DomainError::code`] for rejections, else `conflict`,
-    /// `decode` or `store`.
+    /// `decode`, `idempotency_key_reused` or `store`.
     pub fn code(&self) -> String {
         match self {
             CommandError::Rejected(e) => e.code(),
             CommandError::Conflict { .. } => "conflict".into(),
             CommandError::Decode { .. } => "decode".into(),
+            CommandError::IdempotencyKeyReused { .. } => "idempotency_key_reused".into(),
             CommandError::Store(_) => "store".into(),
         }
     }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use tektree_domain::{Actor, DomainError, Event, EventEnvelope, EventMetadata, NewEvent};
-use tektree_event_store::{EventStore, StoreError};
+use tektree_event_store::{EventStore, IdempotencyKey, IdempotencyRecord, StoreError};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -164,6 +164,121 @@ impl CommandHandler {
         A: Aggregate<Event = Event, Error = DomainError> + Clone + 'static,
         A::Command: Clone,
     {
+        self.run::<A>(id, command, services, meta, None)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// [`CommandHandler::execute`] for a request with an idempotency `key`: the first request
+    /// with the key runs the command and stores the key's [`IdempotencyRecord`] in the same
+    /// transaction as its events; every later request with the key and the same fingerprint,
+    /// until `key.expires_at`, gets the first outcome back (rebuilt from the stored events)
+    /// and writes nothing. The `bool` is `true` for such a replay.
+    ///
+    /// Concurrent first requests with one key are safe: the store admits one record per key,
+    /// the loser finds the winner's record and replays it.
+    ///
+    /// # Errors
+    /// As [`CommandHandler::execute`], and [`CommandError::IdempotencyKeyReused`] when the key
+    /// is live with another fingerprint. Refused commands store no record: a retry runs again.
+    pub async fn execute_idempotent<A>(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        services: &A::Services,
+        meta: &CommandMeta,
+        key: &IdempotencyKey,
+    ) -> Result<(Outcome, bool), CommandError>
+    where
+        A: Aggregate<Event = Event, Error = DomainError> + Clone + 'static,
+        A::Command: Clone,
+    {
+        if let Some(outcome) = self.replay_idempotent::<A>(key).await? {
+            return Ok((outcome, true));
+        }
+        self.run::<A>(id, command, services, meta, Some(key)).await
+    }
+
+    /// The outcome recorded for `key` if a record is live at `key.created_at`, rebuilt from
+    /// the stored events; `None` when the key is new (or expired).
+    ///
+    /// # Errors
+    /// [`CommandError::IdempotencyKeyReused`] when the record has another fingerprint (or is
+    /// for another aggregate type); store errors.
+    pub async fn replay_idempotent<A>(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Outcome>, CommandError>
+    where
+        A: Aggregate<Event = Event> + 'static,
+    {
+        let Some(record) = self
+            .store
+            .idempotency_record(&key.key, key.created_at)
+            .await
+            .map_err(CommandError::Store)?
+        else {
+            return Ok(None);
+        };
+        self.replay_record::<A>(key, record).await.map(Some)
+    }
+
+    async fn replay_record<A>(
+        &self,
+        key: &IdempotencyKey,
+        record: IdempotencyRecord,
+    ) -> Result<Outcome, CommandError>
+    where
+        A: Aggregate<Event = Event> + 'static,
+    {
+        if record.key.fingerprint != key.fingerprint || record.aggregate_type != A::TYPE {
+            return Err(CommandError::IdempotencyKeyReused {
+                key: key.key.clone(),
+            });
+        }
+        let mut events = if record.event_count == 0 {
+            Vec::new()
+        } else {
+            self.store
+                .load_after(A::TYPE, record.aggregate_id, record.first_sequence - 1)
+                .await
+                .map_err(CommandError::Store)?
+        };
+        events.truncate(record.event_count as usize);
+        if events.len() as u64 != record.event_count {
+            return Err(CommandError::Store(StoreError::Backend(format!(
+                "idempotency record {:?} names {} events from {}/{} sequence {}, {} are stored",
+                key.key,
+                record.event_count,
+                A::TYPE,
+                record.aggregate_id,
+                record.first_sequence,
+                events.len()
+            ))));
+        }
+        metrics::counter!("tektree_idempotent_replays_total", "aggregate" => A::TYPE).increment(1);
+        Ok(Outcome {
+            aggregate_type: A::TYPE,
+            aggregate_id: record.aggregate_id,
+            events,
+            version: record.version,
+        })
+    }
+
+    /// Load → handle → append with retries; with a `key`, the append carries the idempotency
+    /// record, and a lost race for the key replays the winner's outcome.
+    async fn run<A>(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        services: &A::Services,
+        meta: &CommandMeta,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<(Outcome, bool), CommandError>
+    where
+        A: Aggregate<Event = Event, Error = DomainError> + Clone + 'static,
+        A::Command: Clone,
+    {
         let span = tracing::info_span!(
             "command",
             aggregate_type = A::TYPE,
@@ -179,12 +294,30 @@ impl CommandHandler {
                 state.handle(command.clone(), services, &sink).await?;
                 let events = sink.collect().await;
                 if events.is_empty() {
-                    return Ok(Outcome {
+                    let outcome = Outcome {
                         aggregate_type: A::TYPE,
                         aggregate_id: id,
                         events: vec![],
                         version,
-                    });
+                    };
+                    let Some(key) = key else {
+                        return Ok((outcome, false));
+                    };
+                    let mine = IdempotencyRecord::for_append(key.clone(), A::TYPE, id, version, 0);
+                    let stored = self
+                        .store
+                        .put_idempotency_record(mine.clone())
+                        .await
+                        .map_err(CommandError::Store)?;
+                    // Backends may round timestamps: compare what the response is made of.
+                    let same = stored.key.fingerprint == mine.key.fingerprint
+                        && stored.aggregate_id == mine.aggregate_id
+                        && stored.event_count == 0
+                        && stored.version == version;
+                    if same {
+                        return Ok((outcome, false));
+                    }
+                    return Ok((self.replay_record::<A>(key, stored).await?, true));
                 }
                 let new: Vec<NewEvent> = events
                     .into_iter()
@@ -198,19 +331,42 @@ impl CommandHandler {
                         metadata: meta.metadata(),
                     })
                     .collect();
-                match self.store.append(A::TYPE, id, version, new).await {
+                let appended = match key {
+                    None => self.store.append(A::TYPE, id, version, new).await,
+                    Some(k) => {
+                        self.store
+                            .append_idempotent(A::TYPE, id, version, new, k.clone())
+                            .await
+                    }
+                };
+                match appended {
                     Ok(committed) => {
                         let new_version = committed.last().map(|e| e.sequence).unwrap_or(version);
                         // `state` has applied the new events (EventSink::write applies them).
                         self.cache.put(A::TYPE, id, state, new_version);
                         metrics::counter!("tektree_commands_total", "aggregate" => A::TYPE, "result" => "committed").increment(1);
-                        let version = committed.last().map(|e| e.sequence).unwrap_or(version);
-                        return Ok(Outcome {
-                            aggregate_type: A::TYPE,
-                            aggregate_id: id,
-                            events: committed,
-                            version,
-                        });
+                        return Ok((
+                            Outcome {
+                                aggregate_type: A::TYPE,
+                                aggregate_id: id,
+                                events: committed,
+                                version: new_version,
+                            },
+                            false,
+                        ));
+                    }
+                    Err(e @ StoreError::IdempotencyKeyExists { .. }) => {
+                        let Some(key) = key else {
+                            return Err(CommandError::Store(e));
+                        };
+                        return match self.replay_idempotent::<A>(key).await? {
+                            Some(outcome) => Ok((outcome, true)),
+                            // The winner's record expired in between: treat as a conflict.
+                            None => Err(CommandError::Conflict {
+                                aggregate: format!("{}/{id}", A::TYPE),
+                                attempts: attempt,
+                            }),
+                        };
                     }
                     Err(StoreError::Conflict { .. }) => {
                         tracing::debug!(attempt, "expected-version conflict; retrying");
