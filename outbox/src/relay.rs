@@ -6,12 +6,19 @@
 //! and the bus drops the ones it already has (every [`Bus`] deduplicates by position). The
 //! loop ([`run`]) retries failures with backoff and never skips a record.
 //!
+//! Test-only fault hook: when the environment variable [`KILL_AFTER_PUBLISH_ENV`]
+//! (`TEKTREE_KILL_AFTER_PUBLISH=<n>`) is set, the process aborts in its `n`-th round that
+//! published something, right after the bus accepted the records and before they are marked
+//! published — the relay's crash window, hit on purpose by the fault harness (`tektree-faults`,
+//! docs/reliability.md). Never set it in production.
+//!
 //! Metrics (through the `metrics` facade; the process installs the exporter):
 //! - counter `tektree_relay_published_total`: outbox records published and marked;
 //! - gauge `tektree_relay_backlog`: outbox records not yet published, as last seen;
 //! - counter `tektree_relay_errors_total`: failed rounds.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tektree_event_store::{EventStore, StoreError};
@@ -32,6 +39,38 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The backlog gauge is refreshed from the store at most this often while busy.
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Environment variable of the test-only fault hook (see the [module docs](self)).
+pub const KILL_AFTER_PUBLISH_ENV: &str = "TEKTREE_KILL_AFTER_PUBLISH";
+
+/// Counts a round that published something and aborts the process when the test-only fault
+/// hook says so (before the records are marked published).
+fn count_publish() {
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    static ROUNDS: AtomicU64 = AtomicU64::new(0);
+    let limit = *LIMIT.get_or_init(|| {
+        let n = std::env::var(KILL_AFTER_PUBLISH_ENV)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        tracing::warn!(
+            n,
+            "{KILL_AFTER_PUBLISH_ENV} is set: this process aborts after its {n}th publish, \
+             before marking the records published (test-only fault hook)"
+        );
+        Some(n)
+    });
+    let Some(limit) = limit else { return };
+    let n = ROUNDS.fetch_add(1, Ordering::SeqCst) + 1;
+    if n >= limit {
+        tracing::error!(
+            rounds = n,
+            "{KILL_AFTER_PUBLISH_ENV} reached: aborting between publishing and marking"
+        );
+        std::process::abort();
+    }
+}
 
 /// Errors of the relay.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +130,7 @@ pub async fn relay_once(
         return Ok(0);
     }
     bus.publish(&pending).await?;
+    count_publish();
     let positions: Vec<u64> = pending.iter().map(|e| e.position).collect();
     store.outbox_mark_published(&positions).await?;
     metrics::counter!(METRIC_PUBLISHED).increment(positions.len() as u64);

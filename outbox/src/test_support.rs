@@ -4,6 +4,12 @@
 //! [`RedisServer::start`] and [`NatsServer::start`] start a throwaway one (or reuse the server
 //! named by `TEKTREE_TEST_REDIS_URL` / `TEKTREE_TEST_NATS_URL`), and [`unique_stream_key`] /
 //! [`unique_nats_names`] keep tests that share a server apart.
+//!
+//! Fault drills (the `tektree-faults` harness) need servers that keep their data across a
+//! crash: [`RedisServer::start_persistent`] and [`NatsServer::start_persistent`] start one with
+//! persistence on in a given directory, and [`RedisServer::stop`] / [`RedisServer::restart`]
+//! (same on [`NatsServer`]) stop it (SIGKILL or SIGTERM, see [`Stop`]) and start it again on the
+//! same port with the same data.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,6 +19,133 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+/// Why a server could not be started, stopped or restarted (the [`RedisServer::start`] and
+/// [`NatsServer::start`] of ordinary tests panic instead).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ServerError(String);
+
+/// How [`RedisServer::stop`] / [`NatsServer::stop`] stop a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGKILL: a crash; the server gets no chance to flush anything.
+    Kill,
+    /// SIGTERM: a clean shutdown (SIGKILL after 10 s if it has not exited by then).
+    Term,
+}
+
+/// How long a SIGTERMed server gets to exit before it is SIGKILLed.
+const TERM_GRACE: Duration = Duration::from_secs(10);
+
+/// Where a server keeps its data.
+#[derive(Debug)]
+enum DataDir {
+    /// A temporary directory, removed with the server.
+    Temp(TempDir),
+    /// A directory the caller owns, kept.
+    Given(PathBuf),
+}
+
+impl DataDir {
+    fn path(&self) -> &Path {
+        match self {
+            DataDir::Temp(t) => t.path(),
+            DataDir::Given(p) => p,
+        }
+    }
+}
+
+/// Sends `how` to `child` and waits for it to exit.
+fn stop_child(child: &mut Child, how: Stop) -> Result<(), ServerError> {
+    if child
+        .try_wait()
+        .map_err(|e| ServerError(format!("checking the server process: {e}")))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    if how == Stop::Term {
+        let sent = Command::new("kill")
+            .args(["-s", "TERM", &child.id().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| ServerError(format!("running kill -s TERM: {e}")))?;
+        if sent.success() {
+            let deadline = Instant::now() + TERM_GRACE;
+            while Instant::now() < deadline {
+                if child
+                    .try_wait()
+                    .map_err(|e| ServerError(format!("waiting for the server: {e}")))?
+                    .is_some()
+                {
+                    return Ok(());
+                }
+                std::thread::sleep(PROBE_EVERY);
+            }
+        }
+    }
+    let _ = child.kill();
+    child
+        .wait()
+        .map_err(|e| ServerError(format!("waiting for the server: {e}")))?;
+    Ok(())
+}
+
+/// `true` while `child` runs.
+fn running(child: &mut Option<Child>) -> bool {
+    child
+        .as_mut()
+        .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+}
+
+/// The `stop` of both servers: refuses a server this handle did not start (`port` is `None`),
+/// else stops `child` with `how` if it runs.
+fn stop_owned(
+    port: Option<u16>,
+    url: &str,
+    child: &mut Option<Child>,
+    how: Stop,
+) -> Result<(), ServerError> {
+    if port.is_none() {
+        return Err(ServerError(format!(
+            "the server at {url} was not started here"
+        )));
+    }
+    if let Some(mut c) = child.take() {
+        stop_child(&mut c, how)?;
+    }
+    Ok(())
+}
+
+/// The `restart` loop of both servers: up to [`START_ATTEMPTS`] calls of `launch` 200 ms apart.
+fn retry_launch(
+    name: &str,
+    port: u16,
+    mut launch: impl FnMut() -> Result<(), ServerError>,
+) -> Result<(), ServerError> {
+    let mut last_failure = String::new();
+    for _ in 0..START_ATTEMPTS {
+        match launch() {
+            Ok(()) => return Ok(()),
+            Err(e) => last_failure = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(ServerError(format!(
+        "{name} did not restart on port {port} after {START_ATTEMPTS} attempts: {last_failure}"
+    )))
+}
+
+/// The `Drop` of both servers: SIGKILL and reap.
+fn kill(child: &mut Option<Child>) {
+    if let Some(c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
 
 /// Environment variable naming an already running Redis (`redis://host:port`) to use instead
 /// of starting one.
@@ -24,6 +157,8 @@ pub const NATS_URL_ENV: &str = "TEKTREE_TEST_NATS_URL";
 
 /// How long a started server gets to answer `PING`.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a restarted server gets: it may first have to load its data.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pause between readiness probes.
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 /// Attempts to start a server (another process may take the free port first).
@@ -31,14 +166,18 @@ const START_ATTEMPTS: usize = 5;
 
 /// A Redis server for one test: started on a free loopback port, without persistence, in a
 /// temporary directory, and killed when dropped — or, when `TEKTREE_TEST_REDIS_URL` is set,
-/// that server (left running).
+/// that server (left running). [`RedisServer::start_persistent`] starts one with an
+/// append-only file in a given directory instead.
 #[derive(Debug)]
 pub struct RedisServer {
     /// URL to connect to, e.g. `redis://127.0.0.1:41234`.
     pub url: String,
     child: Option<Child>,
-    #[allow(dead_code)] // held so the working directory lives as long as the server
-    dir: TempDir,
+    /// Held so a temporary working directory lives as long as the server.
+    dir: DataDir,
+    /// The port, `None` for a server named by `TEKTREE_TEST_REDIS_URL` (not ours to stop).
+    port: Option<u16>,
+    persistent: bool,
 }
 
 impl RedisServer {
@@ -56,58 +195,180 @@ impl RedisServer {
                 return RedisServer {
                     url,
                     child: None,
-                    dir,
+                    dir: DataDir::Temp(dir),
+                    port: None,
+                    persistent: false,
                 };
             }
         }
+        let mut server = RedisServer {
+            url: String::new(),
+            child: None,
+            dir: DataDir::Temp(dir),
+            port: None,
+            persistent: false,
+        };
+        if let Err(e) = server.launch_on_free_port() {
+            panic!("{e}");
+        }
+        server
+    }
+
+    /// Starts a server that keeps its data: `redis-server --port <port> --bind 127.0.0.1
+    /// --save "" --appendonly yes --appendfsync always --dir <dir> --logfile <dir>/redis.log`,
+    /// so that every write it acknowledged survives a SIGKILL, on a free port outside the
+    /// ephemeral range ([`restartable_port`]). Returns once it answers `PING`.
+    /// Ignores `TEKTREE_TEST_REDIS_URL`.
+    ///
+    /// # Errors
+    /// [`ServerError`] when `dir` cannot be created, `redis-server` is not on `PATH`, or the
+    /// server does not come up.
+    pub fn start_persistent(dir: impl Into<PathBuf>) -> Result<RedisServer, ServerError> {
+        let mut server = RedisServer::persistent(dir.into())?;
+        server.launch_on_free_port()?;
+        Ok(server)
+    }
+
+    /// Like [`RedisServer::start_persistent`], on `port`; the data already in `dir` (of an
+    /// earlier server) is loaded.
+    ///
+    /// # Errors
+    /// As [`RedisServer::start_persistent`], also when `port` is taken.
+    pub fn start_persistent_on(
+        port: u16,
+        dir: impl Into<PathBuf>,
+    ) -> Result<RedisServer, ServerError> {
+        let mut server = RedisServer::persistent(dir.into())?;
+        server.port = Some(port);
+        server.restart()?;
+        Ok(server)
+    }
+
+    /// A handle of a persistent server in `dir`, not started.
+    fn persistent(dir: PathBuf) -> Result<RedisServer, ServerError> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ServerError(format!("creating {}: {e}", dir.display())))?;
+        Ok(RedisServer {
+            url: String::new(),
+            child: None,
+            dir: DataDir::Given(dir),
+            port: None,
+            persistent: true,
+        })
+    }
+
+    /// The port it listens on (`None` for a server named by `TEKTREE_TEST_REDIS_URL`).
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// Its working directory (with the append-only file of a persistent server).
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `true` while the server process runs.
+    pub fn is_running(&mut self) -> bool {
+        running(&mut self.child)
+    }
+
+    /// Stops the server (see [`Stop`]) and waits for the process to exit. Stopping a stopped
+    /// server does nothing.
+    ///
+    /// # Errors
+    /// [`ServerError`] for a server this handle did not start, or when signalling fails.
+    pub fn stop(&mut self, how: Stop) -> Result<(), ServerError> {
+        stop_owned(self.port, &self.url, &mut self.child, how)
+    }
+
+    /// Starts the server again on the same port with the same directory (stopping it first
+    /// with SIGKILL if it runs), returning once it answers `PING` — for a persistent server,
+    /// after it loaded its append-only file.
+    ///
+    /// # Errors
+    /// [`ServerError`] for a server this handle did not start, or when it does not come up
+    /// (e.g. another process took the port meanwhile).
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        let Some(port) = self.port else {
+            return Err(ServerError(format!(
+                "the server at {} was not started here",
+                self.url
+            )));
+        };
+        self.stop(Stop::Kill)?;
+        retry_launch("redis-server", port, || self.launch(port, RESTART_TIMEOUT))
+    }
+
+    fn launch_on_free_port(&mut self) -> Result<(), ServerError> {
         let mut last_failure = String::new();
         for _ in 0..START_ATTEMPTS {
-            let port = free_port();
-            let mut child = match Command::new("redis-server")
-                .args(["--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1"])
-                .args(["--save", ""])
-                .args(["--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-            {
-                Ok(child) => child,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                    "redis-server is not on PATH: install redis-server \
-                     (.ci/run does it with apt-get), or set {REDIS_URL_ENV} to a running server"
-                ),
-                Err(e) => panic!("starting redis-server: {e}"),
+            let port = if self.persistent {
+                restartable_port()
+            } else {
+                free_port()
             };
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            match wait_ready(&mut child, addr) {
-                Ok(()) => {
-                    return RedisServer {
-                        url: format!("redis://127.0.0.1:{port}"),
-                        child: Some(child),
-                        dir,
-                    }
-                }
-                Err(why) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_failure = why;
-                }
+            match self.launch(port, STARTUP_TIMEOUT) {
+                Ok(()) => return Ok(()),
+                Err(e) => last_failure = e.to_string(),
             }
         }
-        panic!("redis-server did not start after {START_ATTEMPTS} attempts: {last_failure}");
+        Err(ServerError(format!(
+            "redis-server did not start after {START_ATTEMPTS} attempts: {last_failure}"
+        )))
+    }
+
+    /// Starts `redis-server` on `port` and waits up to `timeout` until it answers.
+    fn launch(&mut self, port: u16, timeout: Duration) -> Result<(), ServerError> {
+        let dir = self.dir.path().to_path_buf();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""]);
+        if self.persistent {
+            cmd.args(["--appendonly", "yes"])
+                .args(["--appendfsync", "always"])
+                .arg("--logfile")
+                .arg(dir.join("redis.log"));
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        let mut child = match cmd
+            .arg("--dir")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ServerError(format!(
+                    "redis-server is not on PATH: install redis-server \
+                     (.ci/run does it with apt-get), or set {REDIS_URL_ENV} to a running server"
+                )))
+            }
+            Err(e) => return Err(ServerError(format!("starting redis-server: {e}"))),
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        match wait_ready(&mut child, addr, timeout) {
+            Ok(()) => {
+                self.url = format!("redis://127.0.0.1:{port}");
+                self.port = Some(port);
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(ServerError(why))
+            }
+        }
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 }
 
@@ -130,9 +391,33 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Waits until the server at `addr` answers `PING`, or `child` exits, or the startup timeout.
-fn wait_ready(child: &mut Child, addr: SocketAddr) -> Result<(), String> {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
+/// A free loopback port for a server that will be restarted on it: outside the kernel's
+/// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 by default), so that no
+/// outgoing connection — such as a client reconnecting while the server is down — can take
+/// it meanwhile. Falls back to [`free_port`] after 200 random tries.
+pub fn restartable_port() -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    for _ in 0..200 {
+        let r = uuid::Uuid::new_v4().as_u128();
+        let port = low + (r % u128::from(high - low)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
+}
+
+/// Waits until the server at `addr` answers `PING`, or `child` exits, or `timeout`.
+fn wait_ready(child: &mut Child, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             return Err(format!(
@@ -144,7 +429,7 @@ fn wait_ready(child: &mut Child, addr: SocketAddr) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(format!("no PONG on {addr} within {STARTUP_TIMEOUT:?}"));
+            return Err(format!("no PONG on {addr} within {timeout:?}"));
         }
         std::thread::sleep(PROBE_EVERY);
     }
@@ -165,14 +450,21 @@ fn ping(addr: SocketAddr) -> bool {
 
 /// A NATS server with JetStream for one test: `nats-server` started on a free loopback port
 /// with its JetStream store in a temporary directory, and killed when dropped — or, when
-/// `TEKTREE_TEST_NATS_URL` is set, that server (left running).
+/// `TEKTREE_TEST_NATS_URL` is set, that server (left running). [`NatsServer::start_persistent`]
+/// keeps the JetStream store in a given directory instead.
 #[derive(Debug)]
 pub struct NatsServer {
     /// URL to connect to, e.g. `nats://127.0.0.1:41234`.
     pub url: String,
     child: Option<Child>,
-    #[allow(dead_code)] // held so the JetStream store lives as long as the server
-    dir: TempDir,
+    /// Held so a temporary JetStream store lives as long as the server.
+    dir: DataDir,
+    /// The JetStream store directory (`-sd`) of the running or last started server.
+    store: PathBuf,
+    /// The port, `None` for a server named by `TEKTREE_TEST_NATS_URL` (not ours to stop).
+    port: Option<u16>,
+    /// Log file (`-l`), for a persistent server.
+    log: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -187,68 +479,200 @@ impl NatsServer {
     /// proceed without it.
     pub fn start() -> NatsServer {
         let dir = tempfile::tempdir().expect("creating a temporary directory for nats-server");
+        let store = dir.path().to_path_buf();
+        let mut server = NatsServer {
+            url: String::new(),
+            child: None,
+            dir: DataDir::Temp(dir),
+            store,
+            port: None,
+            log: None,
+        };
         if let Ok(url) = std::env::var(NATS_URL_ENV) {
             if !url.is_empty() {
-                return NatsServer {
-                    url,
-                    child: None,
-                    dir,
-                };
+                server.url = url;
+                return server;
             }
         }
-        let binary = find_nats_server().unwrap_or_else(|| {
-            panic!(
-                "nats-server is neither on PATH nor in /usr/sbin: install nats-server \
-                 (scripts/test does it with apt-get), or set {NATS_URL_ENV} to a running \
-                 server with JetStream enabled"
-            )
-        });
+        if let Err(e) = server.launch_on_free_port(true) {
+            panic!("{e}");
+        }
+        server
+    }
+
+    /// Starts a server that keeps its JetStream store in `dir`: `nats-server -js -a 127.0.0.1
+    /// -p <port> -sd <dir>/jetstream -l <dir>/nats.log` on a free port outside the ephemeral
+    /// range ([`restartable_port`]), returning once it is ready (as
+    /// [`NatsServer::start`]). Streams created by the bus are file-backed. Ignores
+    /// `TEKTREE_TEST_NATS_URL`.
+    ///
+    /// # Errors
+    /// [`ServerError`] when `dir` cannot be created, `nats-server` is not found, or the server
+    /// does not come up.
+    pub fn start_persistent(dir: impl Into<PathBuf>) -> Result<NatsServer, ServerError> {
+        let mut server = NatsServer::persistent(dir.into())?;
+        server.launch_on_free_port(false)?;
+        Ok(server)
+    }
+
+    /// Like [`NatsServer::start_persistent`], on `port`; the streams already in `dir` (of an
+    /// earlier server) are recovered.
+    ///
+    /// # Errors
+    /// As [`NatsServer::start_persistent`], also when `port` is taken.
+    pub fn start_persistent_on(
+        port: u16,
+        dir: impl Into<PathBuf>,
+    ) -> Result<NatsServer, ServerError> {
+        let mut server = NatsServer::persistent(dir.into())?;
+        server.port = Some(port);
+        server.restart()?;
+        Ok(server)
+    }
+
+    /// A handle of a persistent server in `dir`, not started.
+    fn persistent(dir: PathBuf) -> Result<NatsServer, ServerError> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ServerError(format!("creating {}: {e}", dir.display())))?;
+        Ok(NatsServer {
+            url: String::new(),
+            child: None,
+            store: dir.join("jetstream"),
+            log: Some(dir.join("nats.log")),
+            dir: DataDir::Given(dir),
+            port: None,
+        })
+    }
+
+    /// The port it listens on (`None` for a server named by `TEKTREE_TEST_NATS_URL`).
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// The directory it was given (a temporary one for [`NatsServer::start`]).
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `true` while the server process runs.
+    pub fn is_running(&mut self) -> bool {
+        running(&mut self.child)
+    }
+
+    /// Stops the server (see [`Stop`]) and waits for the process to exit. Stopping a stopped
+    /// server does nothing.
+    ///
+    /// # Errors
+    /// [`ServerError`] for a server this handle did not start, or when signalling fails.
+    pub fn stop(&mut self, how: Stop) -> Result<(), ServerError> {
+        stop_owned(self.port, &self.url, &mut self.child, how)
+    }
+
+    /// Starts the server again on the same port with the same JetStream store (stopping it
+    /// first with SIGKILL if it runs), returning once it is ready — after it recovered its
+    /// streams.
+    ///
+    /// # Errors
+    /// [`ServerError`] for a server this handle did not start, or when it does not come up.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        let Some(port) = self.port else {
+            return Err(ServerError(format!(
+                "the server at {} was not started here",
+                self.url
+            )));
+        };
+        self.stop(Stop::Kill)?;
+        let binary = nats_binary()?;
+        let store = self.store.clone();
+        retry_launch("nats-server", port, || {
+            self.launch(&binary, port, store.clone(), RESTART_TIMEOUT)
+        })
+    }
+
+    /// Starts on a free port; `fresh_store_per_attempt`: a new store directory per attempt
+    /// (a failed attempt may leave a half-initialised one), as [`NatsServer::start`] always did.
+    fn launch_on_free_port(&mut self, fresh_store_per_attempt: bool) -> Result<(), ServerError> {
+        let binary = nats_binary()?;
         let mut last_failure = String::new();
         for attempt in 0..START_ATTEMPTS {
-            let port = free_port();
-            let store = dir.path().join(format!("js-{attempt}"));
-            let mut child = match Command::new(&binary)
-                .arg("-js")
-                .args(["-a", "127.0.0.1"])
-                .args(["-p", &port.to_string()])
-                .arg("-sd")
-                .arg(&store)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-            {
-                Ok(child) => child,
-                Err(e) => panic!("starting {}: {e}", binary.display()),
+            let store = if fresh_store_per_attempt {
+                self.dir.path().join(format!("js-{attempt}"))
+            } else {
+                self.store.clone()
             };
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let url = format!("nats://127.0.0.1:{port}");
-            match wait_ready_nats(&mut child, addr, &url) {
-                Ok(()) => {
-                    return NatsServer {
-                        url,
-                        child: Some(child),
-                        dir,
-                    }
-                }
-                Err(why) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last_failure = why;
-                }
+            let port = if fresh_store_per_attempt {
+                free_port()
+            } else {
+                restartable_port()
+            };
+            match self.launch(&binary, port, store, STARTUP_TIMEOUT) {
+                Ok(()) => return Ok(()),
+                Err(e) => last_failure = e.to_string(),
             }
         }
-        panic!("nats-server did not start after {START_ATTEMPTS} attempts: {last_failure}");
+        Err(ServerError(format!(
+            "nats-server did not start after {START_ATTEMPTS} attempts: {last_failure}"
+        )))
+    }
+
+    /// Starts `nats-server` on `port` with the JetStream store `store` and waits up to
+    /// `timeout` until it is ready.
+    fn launch(
+        &mut self,
+        binary: &Path,
+        port: u16,
+        store: PathBuf,
+        timeout: Duration,
+    ) -> Result<(), ServerError> {
+        let mut cmd = Command::new(binary);
+        cmd.arg("-js")
+            .args(["-a", "127.0.0.1"])
+            .args(["-p", &port.to_string()])
+            .arg("-sd")
+            .arg(&store);
+        if let Some(log) = &self.log {
+            cmd.arg("-l").arg(log);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| ServerError(format!("starting {}: {e}", binary.display())))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let url = format!("nats://127.0.0.1:{port}");
+        match wait_ready_nats(&mut child, addr, &url, timeout) {
+            Ok(()) => {
+                self.url = url;
+                self.port = Some(port);
+                self.store = store;
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(ServerError(why))
+            }
+        }
     }
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
+}
+
+/// The `nats-server` binary, or why there is none.
+fn nats_binary() -> Result<PathBuf, ServerError> {
+    find_nats_server().ok_or_else(|| {
+        ServerError(format!(
+            "nats-server is neither on PATH nor in /usr/sbin: install nats-server \
+             (scripts/test does it with apt-get), or set {NATS_URL_ENV} to a running \
+             server with JetStream enabled"
+        ))
+    })
 }
 
 /// Names that keep one test's [`crate::NatsBus`] apart from every other's on a shared server
@@ -295,9 +719,14 @@ fn is_executable(path: &Path) -> bool {
 
 /// Waits until the NATS server at `addr` greets a TCP connection with an `INFO` announcing
 /// JetStream and an `async_nats` client gets its JetStream account info, or `child` exits, or
-/// the startup timeout.
-fn wait_ready_nats(child: &mut Child, addr: SocketAddr, url: &str) -> Result<(), String> {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
+/// `timeout`.
+fn wait_ready_nats(
+    child: &mut Child,
+    addr: SocketAddr,
+    url: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             return Err(format!(
@@ -310,7 +739,7 @@ fn wait_ready_nats(child: &mut Child, addr: SocketAddr, url: &str) -> Result<(),
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "no JetStream-enabled NATS on {addr} within {STARTUP_TIMEOUT:?}"
+                "no JetStream-enabled NATS on {addr} within {timeout:?}"
             ));
         }
         std::thread::sleep(PROBE_EVERY);
@@ -357,4 +786,99 @@ fn nats_client_ready(url: &str) -> bool {
     })
     .join()
     .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::envelopes;
+    use crate::{Bus, NatsBus, RedisBus};
+
+    #[tokio::test]
+    async fn a_persistent_redis_keeps_acknowledged_writes_across_a_sigkill() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = RedisServer::start_persistent(dir.path().join("redis")).unwrap();
+        let (port, url) = (server.port(), server.url.clone());
+        let key = unique_stream_key();
+        let bus = RedisBus::with_stream(&url, &key).await.unwrap();
+        bus.publish(&envelopes(1..=3)).await.unwrap();
+        server.stop(Stop::Kill).unwrap();
+        assert!(!server.is_running());
+        assert!(RedisBus::with_stream(&url, &key).await.is_err());
+        server.restart().unwrap();
+        assert!(server.is_running());
+        assert_eq!((server.port(), server.url.clone()), (port, url.clone()));
+        assert!(server.data_dir().join("redis.log").is_file());
+        let bus = RedisBus::with_stream(&url, &key).await.unwrap();
+        assert_eq!(bus.last_published().await.unwrap(), 3);
+        server.stop(Stop::Term).unwrap();
+        server.restart().unwrap();
+        let bus = RedisBus::with_stream(&url, &key).await.unwrap();
+        assert_eq!(bus.last_published().await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_persistent_nats_keeps_its_streams_across_a_sigkill_and_a_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = NatsServer::start_persistent(dir.path().join("nats")).unwrap();
+        let (port, url) = (server.port(), server.url.clone());
+        let names = unique_nats_names();
+        let connect = || NatsBus::with_prefix(&url, &names.stream, &names.subject_prefix);
+        connect()
+            .await
+            .unwrap()
+            .publish(&envelopes(1..=3))
+            .await
+            .unwrap();
+        for how in [Stop::Kill, Stop::Term] {
+            server.stop(how).unwrap();
+            assert!(!server.is_running());
+            server.restart().unwrap();
+            assert_eq!(server.port(), port);
+            assert_eq!(connect().await.unwrap().last_published().await.unwrap(), 3);
+        }
+    }
+
+    /// A new server on a given port and an earlier server's directory has its data.
+    #[tokio::test]
+    async fn persistent_servers_start_on_a_given_port_with_existing_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = unique_stream_key();
+        let names = unique_nats_names();
+        let (redis_port, nats_port) = {
+            let redis = RedisServer::start_persistent(dir.path().join("redis")).unwrap();
+            let nats = NatsServer::start_persistent(dir.path().join("nats")).unwrap();
+            let bus = RedisBus::with_stream(&redis.url, &key).await.unwrap();
+            bus.publish(&envelopes(1..=2)).await.unwrap();
+            let bus = NatsBus::with_prefix(&nats.url, &names.stream, &names.subject_prefix)
+                .await
+                .unwrap();
+            bus.publish(&envelopes(1..=4)).await.unwrap();
+            (redis.port().unwrap(), nats.port().unwrap())
+            // Dropped: both killed; their directories stay.
+        };
+        let redis = RedisServer::start_persistent_on(redis_port, dir.path().join("redis")).unwrap();
+        assert_eq!(redis.url, format!("redis://127.0.0.1:{redis_port}"));
+        let bus = RedisBus::with_stream(&redis.url, &key).await.unwrap();
+        assert_eq!(bus.last_published().await.unwrap(), 2);
+        let nats = NatsServer::start_persistent_on(nats_port, dir.path().join("nats")).unwrap();
+        assert_eq!(nats.url, format!("nats://127.0.0.1:{nats_port}"));
+        let bus = NatsBus::with_prefix(&nats.url, &names.stream, &names.subject_prefix)
+            .await
+            .unwrap();
+        assert_eq!(bus.last_published().await.unwrap(), 4);
+    }
+
+    #[test]
+    fn a_server_named_by_the_environment_is_not_ours_to_stop() {
+        let mut server = RedisServer {
+            url: "redis://127.0.0.1:1".into(),
+            child: None,
+            dir: DataDir::Temp(tempfile::tempdir().unwrap()),
+            port: None,
+            persistent: false,
+        };
+        assert!(server.stop(Stop::Kill).is_err());
+        assert!(server.restart().is_err());
+    }
 }
