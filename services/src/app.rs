@@ -9,13 +9,30 @@ use tektree_domain::{KnowledgeServices, Rules};
 use tektree_event_store::mongo::MongoStore;
 use tektree_event_store::{EventStore, SqliteStore};
 use tektree_outbox::relay::{self, RelayConfig};
-use tektree_outbox::{open_bus, Bus};
+use tektree_outbox::{open_bus, Bus, BusError};
 use tektree_projections::{MongoReadModels, ReadModelStore, SqliteReadModels, PROJECTIONS};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::api::security::Security;
 use crate::config::{ConfigError, StoreUrl};
 use crate::worker::{self, Consumer, WorkerConfig};
+
+/// [`open_bus`], retrying transport failures for up to `patience`.
+async fn open_bus_waiting(url: &str, patience: Duration) -> Result<Arc<dyn Bus>, BusError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match open_bus(url).await {
+            Err(BusError::Transport(e)) if tokio::time::Instant::now() + backoff <= deadline => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "bus unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
 
 /// Errors opening or running the application.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +71,10 @@ pub struct App {
     pub knowledge: Arc<dyn KnowledgeServices>,
     /// XP and quota rules.
     pub rules: Rules,
+    /// The HTTP API's authentication, rate limits and CORS (issue #4). [`App::open`] sets
+    /// [`Security::ephemeral`]; the `tektree` binary replaces it from its options with
+    /// [`App::with_security`].
+    pub security: Arc<Security>,
 }
 
 impl App {
@@ -63,6 +84,23 @@ impl App {
     /// # Errors
     /// [`AppError`] when either cannot be opened.
     pub async fn open(store_url: &str, bus_url: &str, rules: Rules) -> Result<App, AppError> {
+        App::open_waiting(store_url, bus_url, rules, Duration::ZERO).await
+    }
+
+    /// [`App::open`], but an unreachable bus ([`BusError::Transport`]: connection refused,
+    /// server restarting) is retried with backoff (100 ms doubling to 2 s) for up to
+    /// `bus_patience` before giving up. The `tektree` binary waits 60 s, so that processes
+    /// started while Redis or NATS restart come up once the bus is back instead of exiting
+    /// (found by the fault harness, docs/reliability.md). Other errors fail at once.
+    ///
+    /// # Errors
+    /// As [`App::open`].
+    pub async fn open_waiting(
+        store_url: &str,
+        bus_url: &str,
+        rules: Rules,
+        bus_patience: Duration,
+    ) -> Result<App, AppError> {
         let (store, read_models): (Arc<dyn EventStore>, Arc<dyn ReadModelStore>) =
             match StoreUrl::parse(store_url)? {
                 StoreUrl::Sqlite(path) => {
@@ -84,7 +122,7 @@ impl App {
                     Arc::new(MongoReadModels::connect(&uri, &db).await?),
                 ),
             };
-        let bus = open_bus(bus_url).await?;
+        let bus = open_bus_waiting(bus_url, bus_patience).await?;
         let handler = CommandHandler::new(store.clone());
         let knowledge: Arc<dyn KnowledgeServices> = Arc::new(StoreServices::new(handler.clone()));
         Ok(App {
@@ -95,7 +133,14 @@ impl App {
             handler,
             knowledge,
             rules,
+            security: Arc::new(Security::ephemeral()),
         })
+    }
+
+    /// This application with the API secured by `security`.
+    pub fn with_security(mut self, security: Security) -> App {
+        self.security = Arc::new(security);
+        self
     }
 
     /// The policies, by consumer name.

@@ -5,10 +5,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tektree_projections::ReadModel;
+use tektree_services::api::auth::{
+    unix_now, Role, DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_LEEWAY_SECS, DEFAULT_TOKEN_TTL_SECS,
+};
 use tektree_services::app::App;
-use tektree_services::config::{load_rules, DEFAULT_BUS, DEFAULT_STORE};
+use tektree_services::config::{
+    load_rules, redact_url, SecurityOptions, DEFAULT_BUS, DEFAULT_RATE_LIMIT, DEFAULT_STORE,
+};
 use tektree_services::export::{self, Format};
 use tektree_services::worker::WorkerConfig;
 use tektree_services::{api, import};
@@ -32,8 +37,75 @@ struct Cli {
     /// TOML file with `[xp]` and `[quota]` rules (docs/config.md); defaults per issue #2.
     #[arg(long, global = true, env = "TEKTREE_RULES")]
     rules: Option<PathBuf>,
+    #[command(flatten)]
+    security: SecurityArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The API's security options (docs/config.md, "Security"; issue #4). Used by `serve`, `api`
+/// and `token`.
+#[derive(Args, Clone)]
+struct SecurityArgs {
+    /// HS256 shared secret for bearer tokens (at least 32 bytes). Default: the secret file next
+    /// to the SQLite store (`<store>.jwt-secret`, created on first start).
+    #[arg(long, global = true, env = "TEKTREE_JWT_HS256_SECRET", hide_env_values = true,
+          conflicts_with_all = ["jwt_hs256_secret_file", "jwt_rs256_public_key"])]
+    jwt_hs256_secret: Option<String>,
+    /// File holding the HS256 secret (trailing whitespace ignored).
+    #[arg(
+        long,
+        global = true,
+        env = "TEKTREE_JWT_HS256_SECRET_FILE",
+        conflicts_with = "jwt_rs256_public_key"
+    )]
+    jwt_hs256_secret_file: Option<PathBuf>,
+    /// PEM file of the RS256 public key: tokens are then verified with RS256 only.
+    #[arg(long, global = true, env = "TEKTREE_JWT_RS256_PUBLIC_KEY")]
+    jwt_rs256_public_key: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, global = true, env = "TEKTREE_JWT_ISSUER", default_value = DEFAULT_ISSUER)]
+    jwt_issuer: String,
+    /// Required `aud` claim.
+    #[arg(long, global = true, env = "TEKTREE_JWT_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
+    jwt_audience: String,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`, in seconds.
+    #[arg(long, global = true, env = "TEKTREE_JWT_LEEWAY_SECS", default_value_t = DEFAULT_LEEWAY_SECS)]
+    jwt_leeway_secs: u64,
+    /// Per-user command rate limits: `memory` (this process), `redis://HOST:PORT[/DB]` (shared
+    /// by every API instance) or `off`.
+    #[arg(long, global = true, env = "TEKTREE_RATE_LIMIT", default_value = DEFAULT_RATE_LIMIT)]
+    rate_limit: String,
+    /// An origin allowed by CORS, e.g. `https://app.example.com` (repeatable; the environment
+    /// variable takes a comma-separated list). Default: none, no CORS headers.
+    #[arg(
+        long = "cors-origin",
+        global = true,
+        env = "TEKTREE_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
+}
+
+impl std::fmt::Debug for SecurityArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.options(), f)
+    }
+}
+
+impl SecurityArgs {
+    fn options(&self) -> SecurityOptions {
+        SecurityOptions {
+            jwt_hs256_secret: self.jwt_hs256_secret.clone(),
+            jwt_hs256_secret_file: self.jwt_hs256_secret_file.clone(),
+            jwt_rs256_public_key: self.jwt_rs256_public_key.clone(),
+            jwt_issuer: self.jwt_issuer.clone(),
+            jwt_audience: self.jwt_audience.clone(),
+            jwt_leeway_secs: self.jwt_leeway_secs,
+            rate_limit: self.rate_limit.clone(),
+            cors_origins: self.cors_origins.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,11 +136,29 @@ enum Command {
         /// `policy.gamification`, `policy.subscription`); default: all.
         #[arg(long)]
         projection: Option<String>,
+        /// Fault injection for tests: fail permanently on these event ids (comma-separated), so
+        /// that they end as dead letters after the delivery limit.
+        #[arg(long, env = "TEKTREE_FAIL_ON", value_delimiter = ',')]
+        fail_on: Vec<uuid::Uuid>,
     },
     /// Import data through the command path.
     Import {
         #[command(subcommand)]
         source: ImportSource,
+    },
+    /// Print a signed HS256 bearer token (for development and scripts), e.g.
+    /// `TOKEN=$(tektree token --user UUID)`. Uses the configured HS256 secret, else the secret
+    /// file next to the store (created if missing), with the configured issuer and audience.
+    Token {
+        /// The user (`sub` claim).
+        #[arg(long)]
+        user: uuid::Uuid,
+        /// A role for the `roles` claim (repeatable); default none, which means `user`.
+        #[arg(long = "role", value_enum)]
+        roles: Vec<Role>,
+        /// Lifetime in seconds (`exp` = `iat` + this).
+        #[arg(long, default_value_t = DEFAULT_TOKEN_TTL_SECS, value_parser = clap::value_parser!(u64).range(1..))]
+        ttl_secs: u64,
     },
     /// Write a read model (`xp`, `leaderboard`, `quota`, `content`) to stdout or a file.
     Export {
@@ -94,6 +184,9 @@ enum ImportSource {
         site: Option<String>,
     },
 }
+
+/// How long a starting process waits for an unreachable bus (see [`App::open_waiting`]).
+const BUS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn shutdown_channel() -> (watch::Sender<bool>, watch::Receiver<bool>) {
     let (tx, rx) = watch::channel(false);
@@ -145,12 +238,32 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let options = cli.security.options();
+    if let Command::Token {
+        user,
+        roles,
+        ttl_secs,
+    } = &cli.command
+    {
+        let (auth, _) = options.authenticator(&cli.store)?;
+        let token = auth
+            .sign(&auth.claims(*user, roles, unix_now(), *ttl_secs))
+            .context("`tektree token` signs HS256 tokens; with --jwt-rs256-public-key tokens come from the identity provider holding the private key")?;
+        println!("{token}");
+        return Ok(());
+    }
     // Install the Prometheus recorder before any worker records a metric.
     let _ = api::metrics::handle();
     let rules = load_rules(cli.rules.as_deref())?;
-    let app = App::open(&cli.store, &cli.bus, rules)
+    let (store_shown, bus_shown) = (redact_url(&cli.store), redact_url(&cli.bus));
+    let app = App::open_waiting(&cli.store, &cli.bus, rules, BUS_PATIENCE)
         .await
-        .with_context(|| format!("opening store {} and bus {}", cli.store, cli.bus))?;
+        .with_context(|| format!("opening store {store_shown} and bus {bus_shown}"))?;
+    let app = if matches!(cli.command, Command::Serve { .. } | Command::Api { .. }) {
+        secure(app, &options, &cli.store).await?
+    } else {
+        app
+    };
     match cli.command {
         Command::Serve {
             listen,
@@ -164,7 +277,7 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            tracing::info!(%listen, store = %cli.store, bus = %cli.bus, "serving");
+            tracing::info!(%listen, store = %store_shown, bus = %bus_shown, "serving");
             let server = tokio::spawn(api::serve(app.clone(), listener, wait(rx.clone())));
             if let Some(dir) = dump {
                 let report =
@@ -191,7 +304,10 @@ async fn main() -> Result<()> {
             app.spawn_relay(rx.clone(), &mut tasks);
             while tasks.join_next().await.is_some() {}
         }
-        Command::Worker { projection } => {
+        Command::Worker {
+            projection,
+            fail_on,
+        } => {
             require_shared_bus(&app, "worker")?;
             let consumers = match projection {
                 Some(name) => vec![app.consumer(&name).with_context(|| {
@@ -202,7 +318,11 @@ async fn main() -> Result<()> {
             let (_tx, rx) = shutdown_channel();
             let mut tasks = JoinSet::new();
             for c in consumers {
-                app.spawn_consumer(c, WorkerConfig::default(), rx.clone(), &mut tasks);
+                let cfg = WorkerConfig {
+                    fail_on: fail_on.clone(),
+                    ..WorkerConfig::default()
+                };
+                app.spawn_consumer(c, cfg, rx.clone(), &mut tasks);
             }
             while tasks.join_next().await.is_some() {}
         }
@@ -232,6 +352,27 @@ async fn main() -> Result<()> {
             };
             tracing::info!(rows = n, "exported");
         }
+        // Printed above, before the store was opened.
+        Command::Token { .. } => {}
     }
     Ok(())
+}
+
+/// `app` with the API secured by `options` (key, rate limits, CORS); logs where the key came
+/// from, never the key.
+async fn secure(app: App, options: &SecurityOptions, store: &str) -> Result<App> {
+    let (security, key_source) = options
+        .security(store)
+        .await
+        .context("configuring API security")?;
+    tracing::info!(
+        key = %key_source,
+        issuer = %security.auth.issuer(),
+        audience = %security.auth.audience(),
+        leeway_secs = security.auth.leeway_secs(),
+        rate_limit = %redact_url(&options.rate_limit),
+        cors_origins = ?security.cors.origins(),
+        "API security"
+    );
+    Ok(app.with_security(security))
 }

@@ -25,15 +25,28 @@
 //! expected-version conflicts) are retried with backoff for as long as they last and never
 //! dead-lettered.
 //!
+//! A worker survives a bus outage: joining the group, reading, acknowledging and
+//! dead-lettering are retried with backoff (10 ms doubling to 2 s) for as long as the bus is
+//! unreachable, and the worker resumes where its group left off once it is back.
+//!
+//! ## Test-only fault hook
+//! When the environment variable [`KILL_AFTER_APPLY_ENV`] (`TEKTREE_KILL_AFTER_APPLY=<n>`) is
+//! set, the process aborts right after its `n`-th read-model commit that applied something
+//! (counted over every consumer of the process) and before acknowledging the deliveries it
+//! applied: the crash window between a read-model write and its acknowledgement, hit on
+//! purpose. It exists for the fault harness (`tektree-faults`, docs/reliability.md); never
+//! set it in production.
+//!
 //! [`Bus::dead_letter`]: tektree_outbox::Bus::dead_letter
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tektree_commands::policies::Policy;
 use tektree_commands::CommandError;
-use tektree_outbox::{BusError, Delivery, SubscriptionOptions};
+use tektree_outbox::{BusError, Delivery, Subscription, SubscriptionOptions};
 use tektree_projections::{project, ApplyOutcome, Change, EventKey, ReadModelError};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -95,19 +108,90 @@ impl Default for WorkerConfig {
     }
 }
 
+/// Environment variable of the test-only fault hook (see the [module docs](self)): abort the
+/// process right after the `n`-th read-model commit that applied something, before its
+/// acknowledgement.
+pub const KILL_AFTER_APPLY_ENV: &str = "TEKTREE_KILL_AFTER_APPLY";
+
+/// Longest wait between two attempts after a transient failure.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
 /// Errors that stop a worker (transient errors are retried inside the loop instead).
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// Joining the consumer group failed.
+    /// Joining the consumer group failed for a reason retrying cannot fix (invalid bus URL or
+    /// an unusable bus configuration).
     #[error(transparent)]
     Bus(#[from] BusError),
+}
+
+/// Joins the consumer group, retrying transport failures with backoff until it succeeds or
+/// `shutdown` turns `true` (`Ok(None)`).
+async fn subscribe(
+    app: &App,
+    opts: &SubscriptionOptions,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Box<dyn Subscription>>, WorkerError> {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        if *shutdown.borrow() {
+            return Ok(None);
+        }
+        match app.bus.subscribe(opts.clone()).await {
+            Ok(sub) => return Ok(Some(sub)),
+            Err(e @ BusError::Transport(_)) => {
+                tracing::warn!(consumer = %opts.group, error = %e, retry_in = ?backoff,
+                    "joining the consumer group failed; retrying");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// The limit of the test-only fault hook, read once from [`KILL_AFTER_APPLY_ENV`].
+fn kill_after_apply() -> Option<u64> {
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let n = std::env::var(KILL_AFTER_APPLY_ENV)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        tracing::warn!(
+            n,
+            "{KILL_AFTER_APPLY_ENV} is set: this process aborts after its {n}th read-model \
+             commit, before acknowledging it (test-only fault hook)"
+        );
+        Some(n)
+    })
+}
+
+/// Counts a read-model commit that applied something, and aborts the process when the
+/// test-only fault hook says so (before the caller acknowledges anything).
+fn count_apply_commit(consumer: &str) {
+    static COMMITS: AtomicU64 = AtomicU64::new(0);
+    let Some(limit) = kill_after_apply() else {
+        return;
+    };
+    let n = COMMITS.fetch_add(1, Ordering::SeqCst) + 1;
+    if n >= limit {
+        tracing::error!(consumer, commits = n,
+            "{KILL_AFTER_APPLY_ENV} reached: aborting between the read-model commit and its acknowledgement");
+        std::process::abort();
+    }
 }
 
 /// Runs `consumer` until `shutdown` turns `true`.
 ///
 /// # Errors
-/// [`WorkerError::Bus`] if the subscription cannot be created; later transport and storage
-/// errors are logged and retried with backoff.
+/// [`WorkerError::Bus`] if the subscription cannot be created for a reason retrying cannot
+/// fix; transport failures (the bus is down) and storage errors are logged and retried with
+/// backoff, also while joining the group.
 pub async fn run(
     app: &App,
     consumer: Consumer,
@@ -117,7 +201,10 @@ pub async fn run(
     let name = consumer.name().to_string();
     let mut opts = SubscriptionOptions::new(name.clone(), cfg.consumer.clone());
     opts.min_idle = cfg.min_idle;
-    let mut sub = app.bus.subscribe(opts).await?;
+    let Some(mut sub) = subscribe(app, &opts, &mut shutdown).await? else {
+        tracing::info!(consumer = %name, "consumer stopped before joining its group");
+        return Ok(());
+    };
     let mut held: BTreeMap<u64, Delivery> = BTreeMap::new();
     // Permanent failures so far, by position.
     let mut failures: HashMap<u64, u64> = HashMap::new();
@@ -156,7 +243,7 @@ pub async fn run(
             Err(e) => {
                 tracing::warn!(consumer = %name, error = %e, "bus read failed; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         }
@@ -172,10 +259,13 @@ pub async fn run(
                     held.insert(d.envelope.position, d);
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
+        if results.contains(&Processed::Applied) {
+            count_apply_commit(&name);
+        }
         let mut ack = Vec::new();
         let mut transient = false;
         for (d, r) in deliveries.into_iter().zip(results) {
@@ -199,6 +289,25 @@ pub async fn run(
                     if attempts < cfg.max_deliver {
                         held.insert(d.envelope.position, d);
                         continue;
+                    }
+                    // A worker killed between dead-lettering and acknowledging leaves the
+                    // delivery pending; whoever gets it next must not set it aside twice.
+                    match already_dead_lettered(app, &name, &d).await {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            tracing::warn!(consumer = %name, position = d.envelope.position,
+                                event_id = %d.envelope.event_id,
+                                "already dead-lettered by an earlier delivery; acknowledging");
+                            failures.remove(&d.envelope.position);
+                            ack.push(d.id);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(consumer = %name, error = %e, "listing dead letters failed; will retry");
+                            transient = true;
+                            held.insert(d.envelope.position, d);
+                            continue;
+                        }
                     }
                     let mut dead = d.clone();
                     dead.delivery_count = attempts;
@@ -236,13 +345,27 @@ pub async fn run(
         }
         if transient {
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         } else {
             backoff = Duration::from_millis(10);
         }
     }
     tracing::info!(consumer = %name, "consumer stopped");
     Ok(())
+}
+
+/// `true` when `group` already holds a dead letter of `delivery`'s event.
+async fn already_dead_lettered(
+    app: &App,
+    group: &str,
+    delivery: &Delivery,
+) -> Result<bool, BusError> {
+    Ok(app
+        .bus
+        .dead_letters(Some(group), usize::MAX)
+        .await?
+        .iter()
+        .any(|dl| dl.envelope.event_id == delivery.envelope.event_id))
 }
 
 /// Why processing a batch failed as a whole (nothing in it was acknowledged).
@@ -407,5 +530,154 @@ pub async fn redrive(app: &App, id: &str) -> Result<Processed, RedriveError> {
             dead.envelope.aggregate_type, dead.envelope.aggregate_id
         ))),
         Processed::Transient(r) | Processed::Poison(r) => Err(RedriveError::Failed(r.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use async_trait::async_trait;
+    use tektree_domain::{EventEnvelope, Rules};
+    use tektree_outbox::{Bus, DeadLetter, MemoryBus};
+
+    use super::*;
+
+    /// The in-process bus, refusing the first `failures` subscriptions as if it were down.
+    struct FlakySubscribe {
+        inner: MemoryBus,
+        failures: AtomicU64,
+        error: fn() -> BusError,
+    }
+
+    #[async_trait]
+    impl Bus for FlakySubscribe {
+        async fn publish(&self, events: &[EventEnvelope]) -> Result<(), BusError> {
+            self.inner.publish(events).await
+        }
+
+        async fn subscribe(
+            &self,
+            options: SubscriptionOptions,
+        ) -> Result<Box<dyn Subscription>, BusError> {
+            if self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err((self.error)());
+            }
+            self.inner.subscribe(options).await
+        }
+
+        async fn last_published(&self) -> Result<u64, BusError> {
+            self.inner.last_published().await
+        }
+
+        async fn dead_letter(
+            &self,
+            group: &str,
+            delivery: &Delivery,
+            reason: &str,
+        ) -> Result<(), BusError> {
+            self.inner.dead_letter(group, delivery, reason).await
+        }
+
+        async fn dead_letters(
+            &self,
+            group: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<DeadLetter>, BusError> {
+            self.inner.dead_letters(group, limit).await
+        }
+
+        async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
+            self.inner.remove_dead_letter(id).await
+        }
+    }
+
+    async fn app_with(bus: FlakySubscribe) -> (tempfile::TempDir, App) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!("sqlite://{}", dir.path().join("t.db").display());
+        let mut app = App::open(&store, "memory", Rules::default()).await.unwrap();
+        app.bus = Arc::new(bus);
+        (dir, app)
+    }
+
+    /// Before, a transport failure while joining the group ended the consumer (and a worker
+    /// process running only that consumer exited with status 0).
+    #[tokio::test]
+    async fn joining_the_group_is_retried_while_the_bus_is_unreachable() {
+        let (_dir, app) = app_with(FlakySubscribe {
+            inner: MemoryBus::new(),
+            failures: AtomicU64::new(3),
+            error: || BusError::Transport("connection refused".into()),
+        })
+        .await;
+        let (_tx, mut rx) = watch::channel(false);
+        let opts = SubscriptionOptions::new("xp", "w-1");
+        assert!(subscribe(&app, &opts, &mut rx).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_configuration_error_while_joining_is_not_retried() {
+        let (_dir, app) = app_with(FlakySubscribe {
+            inner: MemoryBus::new(),
+            failures: AtomicU64::new(1),
+            error: || BusError::Config("stream with work-queue retention".into()),
+        })
+        .await;
+        let (_tx, mut rx) = watch::channel(false);
+        let opts = SubscriptionOptions::new("xp", "w-1");
+        assert!(matches!(
+            subscribe(&app, &opts, &mut rx).await,
+            Err(WorkerError::Bus(BusError::Config(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn shutdown_while_the_bus_is_unreachable_stops_joining() {
+        let (_dir, app) = app_with(FlakySubscribe {
+            inner: MemoryBus::new(),
+            failures: AtomicU64::new(u64::MAX),
+            error: || BusError::Transport("connection refused".into()),
+        })
+        .await;
+        let (tx, mut rx) = watch::channel(false);
+        let opts = SubscriptionOptions::new("xp", "w-1");
+        let stop = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(true).unwrap();
+            tx
+        });
+        assert!(subscribe(&app, &opts, &mut rx).await.unwrap().is_none());
+        drop(stop.await.unwrap());
+    }
+
+    /// A delivery whose event the group already set aside (a worker died between dead-lettering
+    /// and acknowledging it) is acknowledged without a second dead letter.
+    #[tokio::test]
+    async fn an_event_is_dead_lettered_once_per_group() {
+        let (_dir, app) = app_with(FlakySubscribe {
+            inner: MemoryBus::new(),
+            failures: AtomicU64::new(0),
+            error: || BusError::Transport(String::new()),
+        })
+        .await;
+        let envelope = tektree_outbox::conformance::envelope(1);
+        let delivery = Delivery {
+            id: "1".into(),
+            envelope,
+            delivery_count: 5,
+        };
+        assert!(!already_dead_lettered(&app, "xp", &delivery).await.unwrap());
+        app.bus
+            .dead_letter("xp", &delivery, "poison")
+            .await
+            .unwrap();
+        assert!(already_dead_lettered(&app, "xp", &delivery).await.unwrap());
+        assert!(!already_dead_lettered(&app, "content", &delivery)
+            .await
+            .unwrap());
     }
 }

@@ -1,5 +1,6 @@
 //! HTTP API tests: the router over a real temporary SQLite store with the in-process bus,
-//! driven with `tower::ServiceExt::oneshot`.
+//! driven with `tower::ServiceExt::oneshot`. Commands carry a bearer token minted with the
+//! app's authenticator; rate limits are off here (they are tested in `security.rs`).
 
 use std::time::Duration;
 
@@ -12,6 +13,10 @@ use serde_json::{json, Value};
 use tektree_domain::{level_for_xp, period_of, Event, EventEnvelope, Rules};
 use tektree_event_store::Head;
 use tektree_services::api;
+use tektree_services::api::auth::Authenticator;
+use tektree_services::api::cors::CorsOrigins;
+use tektree_services::api::ratelimit::RateLimiter;
+use tektree_services::api::security::Security;
 use tektree_services::app::App;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -32,7 +37,12 @@ impl Harness {
         let path = dir.path().join("tektree.db");
         let app = App::open(&format!("sqlite://{}", path.display()), "memory", rules)
             .await
-            .unwrap();
+            .unwrap()
+            .with_security(Security {
+                auth: Authenticator::ephemeral(),
+                rate_limiter: RateLimiter::disabled(),
+                cors: CorsOrigins::none(),
+            });
         let pipeline = if with_pipeline {
             app.seed_in_process_bus().await.unwrap();
             let (tx, rx) = watch::channel(false);
@@ -100,11 +110,15 @@ impl Harness {
         }
     }
 
-    /// POSTs `body` as JSON, as `user` if given.
+    /// `Authorization: Bearer <token for user>`.
+    fn bearer(&self, user: Uuid) -> (&'static str, String) {
+        let token = self.app.security.auth.mint(user, &[], 3600).unwrap();
+        ("authorization", format!("Bearer {token}"))
+    }
+
+    /// POSTs `body` as JSON, with a token for `user` if given.
     async fn post(&self, uri: &str, user: Option<Uuid>, body: Value) -> Resp {
-        let headers: Vec<(&str, String)> = user
-            .map(|u| vec![("x-user-id", u.to_string())])
-            .unwrap_or_default();
+        let headers: Vec<(&str, String)> = user.map(|u| vec![self.bearer(u)]).unwrap_or_default();
         self.raw(
             Method::POST,
             uri,
@@ -524,7 +538,7 @@ async fn bad_input_is_a_problem_and_writes_nothing() {
     assert_eq!(r.status, StatusCode::CREATED);
     let q = r.json["aggregate_id"].as_str().unwrap().to_string();
     let head = h.head().await;
-    let user = vec![("x-user-id", ada.to_string())];
+    let user = vec![h.bearer(ada)];
     let json_ct = Some("application/json");
 
     // Malformed JSON → 400.
@@ -565,7 +579,13 @@ async fn bad_input_is_a_problem_and_writes_nothing() {
         )
         .await;
     r.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid");
-    let r = h.post("/v1/users", None, json!({"display_name": ""})).await;
+    let r = h
+        .post(
+            "/v1/users",
+            Some(Uuid::new_v4()),
+            json!({"display_name": ""}),
+        )
+        .await;
     r.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid");
     // Missing / wrong Content-Type → 415.
     let body = serde_json::to_vec(&json!({"title": "T", "body": "", "tags": []})).unwrap();
@@ -591,7 +611,7 @@ async fn bad_input_is_a_problem_and_writes_nothing() {
         .raw(Method::POST, "/v1/questions", &user, json_ct, big)
         .await;
     r.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
-    // Missing or invalid identity → 401.
+    // Missing or invalid token → 401 (`X-User-Id` is not read any more).
     let r = h
         .post(
             "/v1/questions",
@@ -604,9 +624,19 @@ async fn bad_input_is_a_problem_and_writes_nothing() {
         .raw(
             Method::POST,
             "/v1/questions",
-            &[("x-user-id", "ada".to_string())],
+            &[("authorization", "Bearer ada".to_string())],
             json_ct,
             b"{}".to_vec(),
+        )
+        .await;
+    r.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    let r = h
+        .raw(
+            Method::POST,
+            "/v1/questions",
+            &[("x-user-id", ada.to_string())],
+            json_ct,
+            serde_json::to_vec(&json!({"title": "T", "body": "", "tags": []})).unwrap(),
         )
         .await;
     r.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
@@ -615,10 +645,7 @@ async fn bad_input_is_a_problem_and_writes_nothing() {
         .raw(
             Method::POST,
             "/v1/questions",
-            &[
-                ("x-user-id", ada.to_string()),
-                ("x-correlation-id", "abc".into()),
-            ],
+            &[h.bearer(ada), ("x-correlation-id", "abc".into())],
             json_ct,
             serde_json::to_vec(&json!({"title": "T", "body": "", "tags": []})).unwrap(),
         )
@@ -781,7 +808,7 @@ async fn missing_references_and_permissions_are_refused() {
     )
     .await
     .assert_problem(StatusCode::CONFLICT, "conflict");
-    // Registration: header and body must agree; an existing id keeps its name.
+    // Registration: token and body must agree; an existing id keeps its name.
     h.post(
         "/v1/users",
         Some(ada),
@@ -794,12 +821,12 @@ async fn missing_references_and_permissions_are_refused() {
         .assert_problem(StatusCode::CONFLICT, "conflict");
     assert_eq!(h.head().await, head);
 
-    // Registration ids: from the body, else from the header, else new.
+    // Registration ids: the token's `sub`, which the body may repeat; a token is required.
     let id = Uuid::new_v4();
     let r = h
         .post(
             "/v1/users",
-            None,
+            Some(id),
             json!({"user_id": id, "display_name": "Dan"}),
         )
         .await;
@@ -807,15 +834,24 @@ async fn missing_references_and_permissions_are_refused() {
     assert_eq!(r.json["aggregate_type"], "user");
     assert_eq!(r.json["aggregate_id"], id.to_string());
     assert_eq!(r.event_types(), ["user.registered"]);
+    let fay = Uuid::new_v4();
     let r = h
-        .post("/v1/users", None, json!({"display_name": "Fay"}))
+        .post("/v1/users", Some(fay), json!({"display_name": "Fay"}))
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
-    assert!(r.json["aggregate_id"]
-        .as_str()
-        .unwrap()
-        .parse::<Uuid>()
-        .is_ok());
+    assert_eq!(r.json["aggregate_id"], fay.to_string());
+    let head = h.head().await;
+    h.post(
+        "/v1/users",
+        None,
+        json!({"user_id": Uuid::new_v4(), "display_name": "Gus"}),
+    )
+    .await
+    .assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    h.post("/v1/users", None, json!({"display_name": "Gus"}))
+        .await
+        .assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    assert_eq!(h.head().await, head);
     h.stop().await;
 }
 
@@ -905,10 +941,7 @@ async fn correlation_id_is_echoed_and_recorded() {
         .raw(
             Method::POST,
             "/v1/users",
-            &[
-                ("x-user-id", id.to_string()),
-                ("x-correlation-id", cid.to_string()),
-            ],
+            &[h.bearer(id), ("x-correlation-id", cid.to_string())],
             Some("application/json"),
             br#"{"display_name":"Ada"}"#.to_vec(),
         )

@@ -152,3 +152,36 @@ async fn every_bus_gives_identical_read_models() {
     assert_eq!(run(&redis.url).await, memory, "redis vs in-process");
     assert_eq!(run(&nats.url).await, memory, "nats vs in-process");
 }
+
+/// A process started while its bus is down (Redis restarting) waits for it instead of failing
+/// (found by the fault harness); without patience it fails at once with a transport error.
+#[tokio::test]
+async fn opening_waits_for_a_bus_that_comes_up_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("t.db").display());
+    let port = tektree_outbox::test_support::restartable_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let err = App::open(&store, &url, Rules::default()).await.err();
+    assert!(
+        matches!(
+            err,
+            Some(tektree_services::app::AppError::Bus(
+                tektree_outbox::BusError::Transport(_)
+            ))
+        ),
+        "{err:?}"
+    );
+    let data = dir.path().join("redis");
+    let starter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        RedisServer::start_persistent_on(port, data).unwrap()
+    });
+    let app = App::open_waiting(&store, &url, Rules::default(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let server = starter.join().unwrap();
+    assert!(!app.in_process_bus);
+    // The bus works: publishing the head (nothing) and reading the last published position.
+    assert_eq!(app.bus.last_published().await.unwrap(), 0);
+    drop(server);
+}

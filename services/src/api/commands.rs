@@ -5,6 +5,10 @@
 //! `command_id` (the causation id of the events) and the request's correlation id. A command
 //! that commits events answers **201**; one that changes nothing (an identical repeat) answers
 //! **200** with an empty `events` list. Nothing is written when a command is refused.
+//!
+//! Every endpoint honours `Idempotency-Key` ([`super::idempotency`]): a retry with the same key
+//! and request gets the first response again (with `Idempotent-Replayed: true`) and writes
+//! nothing.
 
 use std::sync::Arc;
 
@@ -13,16 +17,20 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use tektree_commands::{CommandError, CommandMeta, Outcome};
 use tektree_domain::{
-    Actor, Content, ContentCommand, NoServices, User, UserCommand, VoteDirection,
+    Actor, Content, ContentCommand, DomainError, Event, NoServices, User, UserCommand,
+    VoteDirection,
 };
+use tektree_event_store::IdempotencyKey;
 use uuid::Uuid;
 
 use super::correlation::Correlation;
 use super::extract::{ApiJson, ApiPath};
-use super::identity::{Caller, MaybeCaller};
+use super::idempotency::{IdempotencyHeader, REPLAYED_HEADER};
+use super::identity::Caller;
 use super::problem::Problem;
 use super::quota::{self, Metered};
 use crate::app::App;
@@ -31,8 +39,8 @@ use crate::app::App;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
-    /// The new user's id; defaults to `X-User-Id`, else a new v4. Must equal `X-User-Id` when
-    /// both are given.
+    /// The new user's id; defaults to the token's subject (`sub`) and must equal it when given:
+    /// a user registers only themselves.
     #[serde(default)]
     pub user_id: Option<Uuid>,
     /// Display name, 1..=100 characters.
@@ -116,6 +124,10 @@ pub struct CommandResponse {
     pub version: u64,
     /// Events committed by this request; empty for an idempotent repeat.
     pub events: Vec<CommittedEvent>,
+    /// Whether this is the stored response of an earlier request with the same
+    /// `Idempotency-Key` (sent as the header `Idempotent-Replayed: true`, not in the body).
+    #[serde(skip)]
+    pub replayed: bool,
 }
 
 impl From<Outcome> for CommandResponse {
@@ -134,6 +146,7 @@ impl From<Outcome> for CommandResponse {
                     position: e.position,
                 })
                 .collect(),
+            replayed: false,
         }
     }
 }
@@ -145,7 +158,15 @@ impl IntoResponse for CommandResponse {
         } else {
             StatusCode::CREATED
         };
-        (status, Json(self)).into_response()
+        let replayed = self.replayed;
+        let mut resp = (status, Json(self)).into_response();
+        if replayed {
+            resp.headers_mut().insert(
+                REPLAYED_HEADER,
+                axum::http::HeaderValue::from_static("true"),
+            );
+        }
+        resp
     }
 }
 
@@ -159,9 +180,33 @@ fn meta(actor: Actor, correlation: Correlation, now: DateTime<Utc>) -> CommandMe
     }
 }
 
-/// Logs and converts a command's result.
-fn finish(result: Result<Outcome, CommandError>) -> Result<CommandResponse, Problem> {
-    let outcome = result.inspect_err(|e| {
+/// Runs `command` on `A`/`id` (idempotently when the request has a `key`), logs and converts
+/// the result.
+async fn run<A>(
+    app: &App,
+    id: Uuid,
+    command: A::Command,
+    services: &A::Services,
+    meta: &CommandMeta,
+    key: Option<&IdempotencyKey>,
+) -> Result<CommandResponse, Problem>
+where
+    A: Aggregate<Event = Event, Error = DomainError> + Clone + 'static,
+    A::Command: Clone,
+{
+    let result = match key {
+        None => app
+            .handler
+            .execute::<A>(id, command, services, meta)
+            .await
+            .map(|o| (o, false)),
+        Some(k) => {
+            app.handler
+                .execute_idempotent::<A>(id, command, services, meta, k)
+                .await
+        }
+    };
+    let (outcome, replayed) = result.inspect_err(|e: &CommandError| {
         tracing::info!(code = %e.code(), error = %e, "command refused");
     })?;
     tracing::info!(
@@ -169,56 +214,80 @@ fn finish(result: Result<Outcome, CommandError>) -> Result<CommandResponse, Prob
         aggregate_id = %outcome.aggregate_id,
         version = outcome.version,
         events = outcome.events.len(),
+        replayed,
         "command handled"
     );
-    Ok(outcome.into())
+    Ok(CommandResponse {
+        replayed,
+        ..outcome.into()
+    })
+}
+
+/// The stored response of `key`, if the key was used before (checked before the quota guard,
+/// so that a retry of a committed post is never refused).
+async fn replayed<A>(
+    app: &App,
+    key: Option<&IdempotencyKey>,
+) -> Result<Option<CommandResponse>, Problem>
+where
+    A: Aggregate<Event = Event> + 'static,
+{
+    let Some(k) = key else { return Ok(None) };
+    Ok(app
+        .handler
+        .replay_idempotent::<A>(k)
+        .await?
+        .map(|o| CommandResponse {
+            replayed: true,
+            ..o.into()
+        }))
 }
 
 /// `POST /v1/users`: registers a user (actor = the registered user).
 ///
 /// # Errors
-/// 401 for an invalid `X-User-Id`, 403 when it differs from `user_id`, 409 for an existing id
-/// with another display name, 422 for an invalid name.
+/// 401 without a valid token, 403 when `user_id` is not the token's subject, 409 for an
+/// existing id with another display name, 422 for an invalid name.
 pub async fn register(
     State(app): State<Arc<App>>,
-    MaybeCaller(caller): MaybeCaller,
+    caller: Caller,
     correlation: Correlation,
+    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<CommandResponse, Problem> {
-    let user_id = match (caller, body.user_id) {
-        (Some(c), Some(b)) if c != b => {
-            return Err(Problem::forbidden(format!(
-                "X-User-Id {c} may not register user {b}"
-            )))
-        }
-        (Some(c), _) => c,
-        (None, Some(b)) => b,
-        (None, None) => Uuid::new_v4(),
-    };
-    let m = meta(Actor::User(user_id), correlation, Utc::now());
+    let now = Utc::now();
+    let key = idem.key(Some(caller.0), "register", &[], &body, now);
+    let user_id = caller.0;
+    if let Some(b) = body.user_id.filter(|b| *b != user_id) {
+        return Err(Problem::forbidden(format!(
+            "the token's subject {user_id} may not register user {b}"
+        )));
+    }
+    let m = meta(Actor::User(user_id), correlation, now);
     let cmd = UserCommand::Register {
         user_id,
         display_name: body.display_name,
     };
-    finish(
-        app.handler
-            .execute::<User>(user_id, cmd, &NoServices, &m)
-            .await,
-    )
+    run::<User>(&app, user_id, cmd, &NoServices, &m, key.as_ref()).await
 }
 
 /// `POST /v1/questions`: posts a question authored by the caller.
 ///
 /// # Errors
-/// 401 without identity, 404 when the caller is not registered, 409 when the id is taken by
+/// 401 without a valid token, 404 when the caller is not registered, 409 when the id is taken by
 /// other content, 422 for invalid fields, 429 over quota.
 pub async fn post_question(
     State(app): State<Arc<App>>,
     caller: Caller,
     correlation: Correlation,
+    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<QuestionBody>,
 ) -> Result<CommandResponse, Problem> {
     let now = Utc::now();
+    let key = idem.key(Some(caller.0), "post_question", &[], &body, now);
+    if let Some(r) = replayed::<Content>(&app, key.as_ref()).await? {
+        return Ok(r);
+    }
     let question_id = body.question_id.unwrap_or_else(Uuid::new_v4);
     quota::check(&app, caller.0, now, Metered::Post(question_id)).await?;
     let cmd = ContentCommand::PostQuestion {
@@ -230,11 +299,7 @@ pub async fn post_question(
         actor: caller.actor(),
     };
     let m = meta(caller.actor(), correlation, now);
-    finish(
-        app.handler
-            .execute::<Content>(question_id, cmd, &app.knowledge, &m)
-            .await,
-    )
+    run::<Content>(&app, question_id, cmd, &app.knowledge, &m, key.as_ref()).await
 }
 
 /// `POST /v1/questions/{id}/answers`: answers question `id` as the caller.
@@ -246,9 +311,14 @@ pub async fn submit_answer(
     caller: Caller,
     correlation: Correlation,
     ApiPath(question_id): ApiPath<Uuid>,
+    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<AnswerBody>,
 ) -> Result<CommandResponse, Problem> {
     let now = Utc::now();
+    let key = idem.key(Some(caller.0), "submit_answer", &[question_id], &body, now);
+    if let Some(r) = replayed::<Content>(&app, key.as_ref()).await? {
+        return Ok(r);
+    }
     let answer_id = body.answer_id.unwrap_or_else(Uuid::new_v4);
     quota::check(&app, caller.0, now, Metered::Post(answer_id)).await?;
     let cmd = ContentCommand::SubmitAnswer {
@@ -259,11 +329,7 @@ pub async fn submit_answer(
         actor: caller.actor(),
     };
     let m = meta(caller.actor(), correlation, now);
-    finish(
-        app.handler
-            .execute::<Content>(answer_id, cmd, &app.knowledge, &m)
-            .await,
-    )
+    run::<Content>(&app, answer_id, cmd, &app.knowledge, &m, key.as_ref()).await
 }
 
 /// `POST /v1/content/{id}/comments`: comments on question or answer `id` as the caller.
@@ -275,9 +341,14 @@ pub async fn add_comment(
     caller: Caller,
     correlation: Correlation,
     ApiPath(content_id): ApiPath<Uuid>,
+    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<CommentBody>,
 ) -> Result<CommandResponse, Problem> {
     let now = Utc::now();
+    let key = idem.key(Some(caller.0), "add_comment", &[content_id], &body, now);
+    if let Some(r) = replayed::<Content>(&app, key.as_ref()).await? {
+        return Ok(r);
+    }
     let comment_id = body.comment_id.unwrap_or_else(Uuid::new_v4);
     quota::check(
         &app,
@@ -297,11 +368,7 @@ pub async fn add_comment(
         actor: caller.actor(),
     };
     let m = meta(caller.actor(), correlation, now);
-    finish(
-        app.handler
-            .execute::<Content>(content_id, cmd, &app.knowledge, &m)
-            .await,
-    )
+    run::<Content>(&app, content_id, cmd, &app.knowledge, &m, key.as_ref()).await
 }
 
 /// `POST /v1/content/{id}/votes`: the caller votes on question or answer `id`; a vote in the
@@ -314,20 +381,19 @@ pub async fn vote(
     caller: Caller,
     correlation: Correlation,
     ApiPath(content_id): ApiPath<Uuid>,
+    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<VoteBody>,
 ) -> Result<CommandResponse, Problem> {
+    let now = Utc::now();
+    let key = idem.key(Some(caller.0), "vote", &[content_id], &body, now);
     let cmd = ContentCommand::Vote {
         content_id,
         voter_id: caller.0,
         direction: body.direction,
         actor: caller.actor(),
     };
-    let m = meta(caller.actor(), correlation, Utc::now());
-    finish(
-        app.handler
-            .execute::<Content>(content_id, cmd, &app.knowledge, &m)
-            .await,
-    )
+    let m = meta(caller.actor(), correlation, now);
+    run::<Content>(&app, content_id, cmd, &app.knowledge, &m, key.as_ref()).await
 }
 
 /// `POST /v1/questions/{id}/accept`: the question's author accepts an answer.
@@ -341,17 +407,16 @@ pub async fn accept_answer(
     caller: Caller,
     correlation: Correlation,
     ApiPath(question_id): ApiPath<Uuid>,
+    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<AcceptBody>,
 ) -> Result<CommandResponse, Problem> {
+    let now = Utc::now();
+    let key = idem.key(Some(caller.0), "accept_answer", &[question_id], &body, now);
     let cmd = ContentCommand::AcceptAnswer {
         question_id,
         answer_id: body.answer_id,
         actor: caller.actor(),
     };
-    let m = meta(caller.actor(), correlation, Utc::now());
-    finish(
-        app.handler
-            .execute::<Content>(question_id, cmd, &app.knowledge, &m)
-            .await,
-    )
+    let m = meta(caller.actor(), correlation, now);
+    run::<Content>(&app, question_id, cmd, &app.knowledge, &m, key.as_ref()).await
 }

@@ -1,7 +1,11 @@
 //! The HTTP API (axum): commands, read-model queries, health, projection status and metrics.
 //!
 //! See `docs/api.md` for the contract. In short:
-//! - identity: `X-User-Id: <uuid>` ([`identity`]);
+//! - authentication: commands need `Authorization: Bearer <JWT>` ([`auth`], [`identity`]);
+//!   queries are open; admin endpoints need the `moderator` or `admin` role ([`admin`]);
+//! - commands pass [`security::command_guard`]: body size, then token, then the per-user
+//!   rate limit of the caller's tier ([`ratelimit`]; 429 `rate_limited`);
+//! - CORS only for the configured allow-list ([`cors`]);
 //! - correlation: `X-Correlation-Id: <uuid>` or a new one, echoed ([`correlation`]);
 //! - commands answer 201 with the committed events, 200 for an idempotent repeat
 //!   ([`commands`]); questions, answers and comments over quota are refused with 429
@@ -25,23 +29,33 @@
 //! | GET | `/v1/projections` | [`status::projections`] |
 //! | GET | `/healthz` | [`status::healthz`] |
 //! | GET | `/metrics` | [`metrics::metrics`] |
+//! | GET | `/v1/admin/dead-letters` | [`admin::dead_letters`] (moderator, admin) |
+//! | POST | `/v1/admin/dead-letters/{id}/redrive` | [`admin::redrive`] (admin) |
+//! | POST | `/v1/admin/projections/{name}/rebuild` | [`admin::rebuild`] (admin) |
 
+pub mod admin;
+pub mod auth;
 pub mod board;
 pub mod commands;
 pub mod correlation;
+pub mod cors;
 pub mod extract;
+pub mod idempotency;
 pub mod identity;
 pub mod metrics;
 pub mod problem;
 pub mod queries;
 pub mod quota;
+pub mod ratelimit;
+pub mod security;
 pub mod status;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::handler::Handler;
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use tokio::net::TcpListener;
 
@@ -50,32 +64,65 @@ use crate::app::App;
 /// Largest accepted request body: 64 KiB. Larger bodies are refused with 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
-/// The API's router over `app`.
+/// The API's router over `app`, secured by `app.security` (see [`security`]).
 ///
 /// Installs the process-wide Prometheus recorder on first call (see [`metrics::handle`]), so
 /// that metrics recorded before the first scrape are kept.
 pub fn router(app: App) -> Router {
     let _ = metrics::handle();
-    Router::new()
-        .route("/v1/users", post(commands::register))
-        .route("/v1/questions", post(commands::post_question))
-        .route("/v1/questions/{id}/answers", post(commands::submit_answer))
-        .route("/v1/questions/{id}/accept", post(commands::accept_answer))
-        .route("/v1/content/{id}/comments", post(commands::add_comment))
-        .route("/v1/content/{id}/votes", post(commands::vote))
+    let cors = app.security.cors.layer();
+    let state = Arc::new(app);
+    let router = Router::new()
+        .route("/v1/users", command(&state, commands::register))
+        .route("/v1/questions", command(&state, commands::post_question))
+        .route(
+            "/v1/questions/{id}/answers",
+            command(&state, commands::submit_answer),
+        )
+        .route(
+            "/v1/questions/{id}/accept",
+            command(&state, commands::accept_answer),
+        )
+        .route(
+            "/v1/content/{id}/comments",
+            command(&state, commands::add_comment),
+        )
+        .route("/v1/content/{id}/votes", command(&state, commands::vote))
         .route("/v1/users/{id}/xp", get(queries::user_xp))
         .route("/v1/users/{id}/quota", get(queries::user_quota))
         .route("/v1/leaderboards/{board}", get(queries::leaderboard))
         .route("/v1/leaderboards/{board}/users/{id}", get(queries::rank))
         .route("/v1/content/{id}", get(queries::content))
         .route("/v1/projections", get(status::projections))
+        .route("/v1/admin/dead-letters", get(admin::dead_letters))
+        .route("/v1/admin/dead-letters/{id}/redrive", post(admin::redrive))
+        .route("/v1/admin/projections/{name}/rebuild", post(admin::rebuild))
         .route("/healthz", get(status::healthz))
         .route("/metrics", get(metrics::metrics))
         .fallback(problem::route_not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(correlation::middleware))
-        .with_state(Arc::new(app))
+        .with_state(state);
+    // Outermost, so that preflights are answered before anything else and every answer to an
+    // allowed origin (errors included) carries the CORS headers.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// `POST handler` behind [`security::command_guard`] (size → token → rate limit). Only the
+/// POST endpoint is guarded, so other methods still get 405.
+fn command<H, T>(state: &Arc<App>, handler: H) -> MethodRouter<Arc<App>>
+where
+    H: Handler<T, Arc<App>>,
+    T: 'static,
+{
+    post(handler).route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        security::command_guard,
+    ))
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes, then finishes in-flight
@@ -91,7 +138,11 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "HTTP API listening");
     }
-    axum::serve(listener, router(app))
+    // Dropped (and so stopped) when serving ends.
+    let purger = tokio::spawn(idempotency::purge_forever(app.store.clone()));
+    let served = axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    purger.abort();
+    served
 }

@@ -193,7 +193,8 @@ impl From<DomainError> for Problem {
 }
 
 impl From<CommandError> for Problem {
-    /// Rejections as [`DomainError`]; exhausted retries → 409; store failures → 503;
+    /// Rejections as [`DomainError`]; exhausted retries → 409; a reused idempotency key → 422;
+    /// store failures → 503;
     /// undecodable or corrupt stored events → 500.
     fn from(e: CommandError) -> Self {
         match e {
@@ -207,6 +208,13 @@ impl From<CommandError> for Problem {
                 ),
             ),
             e @ CommandError::Decode { .. } => Problem::internal(&e.code(), &e),
+            CommandError::IdempotencyKeyReused { .. } => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "Idempotency key reused",
+                "this Idempotency-Key was used for a different request within its lifetime; \
+                 use a new key for a new request",
+            ),
             CommandError::Store(s) => s.into(),
         }
     }
@@ -223,6 +231,8 @@ impl From<StoreError> for Problem {
                 "the aggregate changed concurrently; retry the request",
             ),
             e @ StoreError::Corrupt { .. } => Problem::internal("store", &e),
+            // The command handler resolves this case itself; seeing it here is a bug.
+            e @ StoreError::IdempotencyKeyExists { .. } => Problem::internal("store", &e),
             e @ StoreError::Backend(_) => Problem::unavailable("store", &e),
         }
     }

@@ -22,13 +22,15 @@ use crate::app::App;
 pub const DEFAULT_LIMIT: u32 = 20;
 /// Largest leaderboard page size.
 pub const MAX_LIMIT: u32 = 100;
+/// Largest leaderboard offset (the read-model stores count rows in signed 64-bit integers).
+pub const MAX_OFFSET: u64 = i64::MAX as u64;
 
 /// `?limit=&offset=` of a leaderboard page.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct PageQuery {
     /// 1..=100, default 20.
     pub limit: Option<u32>,
-    /// Default 0.
+    /// 0..=[`MAX_OFFSET`], default 0.
     pub offset: Option<u64>,
 }
 
@@ -70,7 +72,7 @@ pub async fn user_xp(
 /// `GET /v1/leaderboards/{board}?limit=&offset=`.
 ///
 /// # Errors
-/// 400 for an invalid board, limit or offset.
+/// 400 for an invalid board, limit (not 1..=[`MAX_LIMIT`]) or offset (not 0..=[`MAX_OFFSET`]).
 pub async fn leaderboard(
     State(app): State<Arc<App>>,
     ApiPath(board): ApiPath<String>,
@@ -84,6 +86,11 @@ pub async fn leaderboard(
         )));
     }
     let offset = page.offset.unwrap_or(0);
+    if offset > MAX_OFFSET {
+        return Err(Problem::invalid_query(format!(
+            "offset must be 0..={MAX_OFFSET}, got {offset}"
+        )));
+    }
     let entries = app.read_models.leaderboard(&board, limit, offset).await?;
     Ok(Json(LeaderboardPage {
         board,

@@ -5,7 +5,7 @@
 //! policies and projections see an imported site exactly as if it had happened live.
 //!
 //! - [`reader`]: streams `<row>` elements of one file in constant memory (quick-xml), with
-//!   file:line errors.
+//!   file:line:column errors.
 //! - [`ids`]: deterministic UUIDv5 ids, `stackexchange:{site}:{user|post|comment|vote}:{Id}`.
 //! - [`plan`]: the phases (users → questions → answers → comments → up/down votes → accepts)
 //!   and what each row becomes.
@@ -41,15 +41,25 @@ pub enum ImportError {
         source: std::io::Error,
     },
     /// A dump file is not well-formed XML, is truncated, or a row lacks a required attribute or
-    /// has a malformed one. Displayed as `PATH:LINE: reason`.
-    #[error("{}:{line}: {reason}", path.display())]
+    /// has a malformed one. Displayed as `PATH:LINE:COLUMN: reason`.
+    #[error("{}:{line}:{column}: {reason}", path.display())]
     Malformed {
         /// The file.
         path: PathBuf,
         /// 1-based line of the offending row or syntax error.
         line: u64,
+        /// 1-based column (in characters) where the offending row or markup starts.
+        column: u64,
         /// What is wrong.
         reason: String,
+    },
+    /// A dump file changed between the check pass and the phase that reads it again (it is
+    /// being written or replaced); nothing of that phase was sent. Run the import again once
+    /// the file is complete.
+    #[error("{}: the file changed since it was checked; re-run the import", path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
     },
     /// The site name is empty or contains `:` or whitespace (it is part of every id).
     #[error("invalid site name {0:?}: must be non-empty, without ':' or whitespace")]

@@ -1,6 +1,7 @@
 //! What each dump row becomes: the import phases, in order, and the mapping of one row to one
 //! command (or to a skip / a rejection decided without a command).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -205,15 +206,22 @@ impl PostIndex {
     /// Records a Posts.xml row.
     ///
     /// # Errors
-    /// A reason text when `Id`, `PostTypeId` or `ParentId` is malformed.
+    /// A reason text when `Id`, `PostTypeId` or `ParentId` is malformed, or when the `Id` was
+    /// already recorded (a dump numbers each post once; a duplicate would make the type and
+    /// parent of the post ambiguous).
     pub fn add_row(&mut self, row: &Row) -> Result<(), String> {
         let id = row.int("Id")?;
         let entry = PostEntry {
             post_type: row.int("PostTypeId")?,
             parent: row.opt_int("ParentId")?,
         };
-        self.posts.insert(id, entry);
-        Ok(())
+        match self.posts.entry(id) {
+            Entry::Occupied(_) => Err(format!("duplicate post Id={id}")),
+            Entry::Vacant(v) => {
+                v.insert(entry);
+                Ok(())
+            }
+        }
     }
 
     /// The entry of post `id`, or `None` when Posts.xml has no such post.
@@ -483,6 +491,8 @@ mod tests {
         for r in [&q, &a, &wiki] {
             posts.add_row(r).unwrap();
         }
+        assert_eq!(posts.add_row(&a).unwrap_err(), "duplicate post Id=2");
+        assert_eq!(posts.get(2).map(|p| p.parent), Some(Some(1)));
         let Step::Send(Planned {
             target:
                 Target::Content {

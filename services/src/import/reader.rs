@@ -1,14 +1,21 @@
 //! Streaming reader of one Stack Exchange dump file: `<root><row A="…" …/>…</root>`, one row
 //! at a time, in constant memory (one row's attributes plus quick-xml's read buffer).
 //!
-//! Errors name the file and the 1-based line. quick-xml reports byte offsets; the line is
-//! computed from the offset only when an error is reported (by counting newlines up to it), so
-//! the happy path pays nothing for it.
+//! Errors name the file, the 1-based line and the 1-based column (in characters) where the
+//! offending row or markup starts. quick-xml reports byte offsets; line and column are computed
+//! from the offset only when an error is reported (by reading the file up to it once), so the
+//! happy path pays nothing for them.
+//!
+//! Anything that is not `<row …/>` or `<row …></row>` inside the one root element is an error:
+//! other elements, non-whitespace text or entity references between rows, CDATA, a second root,
+//! a missing or unclosed root (a truncated file), XML syntax errors, malformed attributes
+//! (unquoted, duplicated, without a value) and values that do not unescape to UTF-8 text.
 
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use quick_xml::encoding::Decoder;
@@ -95,9 +102,32 @@ pub fn parse_dump_date(s: &str) -> Option<DateTime<Utc>> {
         })
 }
 
+/// Size and modification time of an open file: the import checks each file in a first pass and
+/// reads it again per phase, and refuses to go on when the file changed in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl Fingerprint {
+    /// The fingerprint of the open `file`.
+    ///
+    /// # Errors
+    /// When its metadata cannot be read.
+    pub fn of(file: &File) -> std::io::Result<Fingerprint> {
+        let m = file.metadata()?;
+        Ok(Fingerprint {
+            len: m.len(),
+            modified: m.modified().ok(),
+        })
+    }
+}
+
 /// Iterates the rows of one dump file.
 pub struct RowReader {
     path: PathBuf,
+    file: File,
     reader: Reader<BufReader<File>>,
     buf: Vec<u8>,
     /// Bytes before quick-xml's offset 0 (a skipped byte order mark).
@@ -115,10 +145,12 @@ impl RowReader {
     /// # Errors
     /// [`ImportError::Io`] when the file cannot be opened.
     pub fn open(path: &Path, fields: &'static [&'static str]) -> Result<RowReader, ImportError> {
-        let file = File::open(path).map_err(|source| ImportError::Io {
+        let io = |source| ImportError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let file = File::open(path).map_err(io)?;
+        let handle = file.try_clone().map_err(io)?;
         let mut input = BufReader::with_capacity(64 * 1024, file);
         // Skip a UTF-8 byte order mark here: quick-xml would skip it without counting it in
         // its offsets, and the offsets must be file offsets for line numbers.
@@ -137,6 +169,7 @@ impl RowReader {
         reader.config_mut().check_end_names = true;
         Ok(RowReader {
             path: path.to_path_buf(),
+            file: handle,
             reader,
             buf: Vec::with_capacity(64 * 1024),
             base: bom as u64,
@@ -150,6 +183,18 @@ impl RowReader {
     /// The file being read.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file's current size and modification time (read from the open file, so a file
+    /// replaced by a rename keeps the fingerprint of the one being read).
+    ///
+    /// # Errors
+    /// [`ImportError::Io`] when the metadata cannot be read.
+    pub fn fingerprint(&self) -> Result<Fingerprint, ImportError> {
+        Fingerprint::of(&self.file).map_err(|source| ImportError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// An [`ImportError::Malformed`] for this file at byte `offset`.
@@ -222,8 +267,15 @@ impl RowReader {
                 Event::End(_) => {
                     self.depth = self.depth.saturating_sub(1);
                 }
-                Event::Text(t) if !t.iter().all(|b| b.is_ascii_whitespace()) => {
-                    return Err(malformed(&self.path, start, "unexpected text between rows"));
+                Event::Text(t) => {
+                    // Whitespace between rows is fine; point an error at the first other byte.
+                    if let Some(at) = t.iter().position(|b| !b.is_ascii_whitespace()) {
+                        let at = start + at as u64;
+                        return Err(malformed(&self.path, at, text_reason(self.depth)));
+                    }
+                }
+                Event::GeneralRef(_) => {
+                    return Err(malformed(&self.path, start, text_reason(self.depth)));
                 }
                 Event::CData(_) => {
                     return Err(malformed(
@@ -299,17 +351,29 @@ fn row(
     })
 }
 
+/// Why text (or an entity reference) at element depth `depth` is an error.
+fn text_reason(depth: usize) -> &'static str {
+    match depth {
+        0 => "unexpected text outside the root element",
+        1 => "unexpected text between rows",
+        _ => "unexpected text inside <row>",
+    }
+}
+
 /// Whether the event just read was an empty-element tag (`<x/>`).
 enum Kind {
     Empty,
     Other,
 }
 
-/// An [`ImportError::Malformed`] for `path` at byte `offset` (line computed by counting).
+/// An [`ImportError::Malformed`] for `path` at byte `offset` (line and column computed by
+/// reading the file up to it).
 pub fn malformed(path: &Path, offset: u64, reason: impl Into<String>) -> ImportError {
+    let (line, column) = position_at(path, offset);
     ImportError::Malformed {
         path: path.to_path_buf(),
-        line: line_at(path, offset),
+        line,
+        column,
         reason: reason.into(),
     }
 }
@@ -317,21 +381,43 @@ pub fn malformed(path: &Path, offset: u64, reason: impl Into<String>) -> ImportE
 /// The 1-based line of byte `offset` in `path` (the number of newlines before it, plus one).
 /// Reads the file up to `offset` once; used only when reporting an error.
 pub fn line_at(path: &Path, offset: u64) -> u64 {
+    position_at(path, offset).0
+}
+
+/// The 1-based line and column of byte `offset` in `path`. The column counts characters (bytes
+/// that start a UTF-8 sequence, or are not part of one) from the start of the line; a byte
+/// order mark at the start of the file is not counted. Reads the file up to `offset` once; used
+/// only when reporting an error. `(0, 0)` when the file cannot be opened any more.
+pub fn position_at(path: &Path, offset: u64) -> (u64, u64) {
     let Ok(file) = File::open(path) else {
-        return 0;
+        return (0, 0);
     };
     let mut reader = BufReader::new(file.take(offset));
-    let mut lines = 1;
+    let (mut line, mut column) = (1u64, 1u64);
+    let mut first = true;
     loop {
         let chunk = match reader.fill_buf() {
             Ok([]) | Err(_) => break,
             Ok(c) => c,
         };
-        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
         let n = chunk.len();
+        let text = match chunk.strip_prefix(b"\xEF\xBB\xBF") {
+            Some(rest) if first => rest,
+            _ => chunk,
+        };
+        first = false;
+        for &b in text {
+            if b == b'\n' {
+                line += 1;
+                column = 1;
+            } else if b & 0xC0 != 0x80 {
+                // Not a UTF-8 continuation byte: the start of a character.
+                column += 1;
+            }
+        }
         reader.consume(n);
     }
-    lines
+    (line, column)
 }
 
 #[cfg(test)]
@@ -375,13 +461,18 @@ mod tests {
     #[test]
     fn truncated_and_malformed_files_name_the_line() {
         let e = rows("<posts>\n  <row Id=\"1\" />\n  <row Id=\"2\" Te").unwrap_err();
-        let ImportError::Malformed { line, .. } = &e else {
+        let ImportError::Malformed { line, column, .. } = &e else {
             panic!("{e}")
         };
-        assert_eq!(*line, 3, "{e}");
-        // A byte order mark must not shift the line of an error at the start of a line.
+        assert_eq!((*line, *column), (3, 3), "{e}");
+        // A byte order mark must not shift the line or column of an error.
         let e = rows("\u{feff}<posts>\n<row Id=\"1\" Te").unwrap_err();
-        assert!(e.to_string().contains(":2: "), "{e}");
+        assert!(e.to_string().contains(":2:1: "), "{e}");
+        let e = rows("\u{feff}<posts><row Id=\"1\" Te").unwrap_err();
+        assert!(e.to_string().contains(":1:8: "), "{e}");
+        // Columns count characters, not bytes.
+        let e = rows("<posts>\n<!-- é --><row Id=\"1\" Te").unwrap_err();
+        assert!(e.to_string().contains(":2:11: "), "{e}");
         let e = rows("<posts>\n  <row Id=\"1\" />\n").unwrap_err();
         assert!(e.to_string().contains("not closed"), "{e}");
         let e = rows("<posts>\n<row Id=\"1\" />\n<foo/>\n</posts>").unwrap_err();
@@ -392,7 +483,32 @@ mod tests {
         let e = rows("").unwrap_err();
         assert!(e.to_string().contains("no root element"), "{e}");
         let e = rows("<posts>\n<row Id=\"1\" Text=\"&bogus;\" />\n</posts>").unwrap_err();
-        assert!(e.to_string().contains(":2: "), "{e}");
+        assert!(e.to_string().contains(":2:1: "), "{e}");
+        // Entity references and text between or inside rows are not rows.
+        let e = rows("<posts>\n<row Id=\"1\" />&amp;\n</posts>").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(":2:15: unexpected text between rows"),
+            "{e}"
+        );
+        let e = rows("<posts>\n<row Id=\"1\">x</row>\n</posts>").unwrap_err();
+        assert!(e.to_string().contains("inside <row>"), "{e}");
+        let e = rows("<posts/>\nx").unwrap_err();
+        assert!(
+            e.to_string().contains(":2:1: unexpected text outside"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_the_file() {
+        let mut f = file("<posts>\n<row Id=\"1\" />\n</posts>\n");
+        let r = RowReader::open(f.path(), FIELDS).unwrap();
+        let before = r.fingerprint().unwrap();
+        assert_eq!(r.fingerprint().unwrap(), before);
+        f.write_all(b"<!-- appended -->\n").unwrap();
+        f.flush().unwrap();
+        assert_ne!(r.fingerprint().unwrap(), before);
     }
 
     #[test]

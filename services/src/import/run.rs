@@ -1,6 +1,7 @@
 //! Running the import: validate the whole dump, then send each phase's commands through the
 //! command handler with bounded concurrency, phases in order.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use tokio::task::JoinSet;
 
 use super::ids::SiteIds;
 use super::plan::{Phase, Planned, PostIndex, Step, Target};
-use super::reader::{Row, RowReader};
+use super::reader::{Fingerprint, Row, RowReader};
 use super::report::{CommandKind, ImportReport};
 use super::ImportError;
 use crate::app::App;
@@ -66,9 +67,10 @@ impl Default for ImportOptions {
 ///
 /// # Errors
 /// [`ImportError::InvalidSite`] for an empty site or one containing `:` or whitespace;
-/// [`ImportError::Io`] when a file cannot be read; [`ImportError::Malformed`] (file and line)
-/// for a malformed or truncated file. Rejected commands are not errors: they are counted in
-/// the report.
+/// [`ImportError::Io`] when a file cannot be read; [`ImportError::Malformed`] (file, line and
+/// column) for a malformed or truncated file — all before any command is sent;
+/// [`ImportError::Changed`] when a file changed after it was checked (see `docs/import.md`).
+/// Rejected commands are not errors: they are counted in the report.
 pub async fn import_stackexchange(
     app: &App,
     dir: &Path,
@@ -93,6 +95,7 @@ pub async fn import_stackexchange(
         "dump checked"
     );
     let posts = Arc::new(scan.posts);
+    let files = scan.files;
     let locks: Arc<Vec<Mutex<()>>> = Arc::new((0..LOCK_STRIPES).map(|_| Mutex::new(())).collect());
     let mut report = ImportReport::new(site);
     for (phase, total) in Phase::ALL.into_iter().zip(scan.rows) {
@@ -111,7 +114,8 @@ pub async fn import_stackexchange(
             rows = total,
             "phase started"
         );
-        run_phase(&ctx, phase, total, &mut report).await?;
+        let checked = files.get(phase.file()).copied();
+        run_phase(&ctx, phase, total, checked, &mut report).await?;
         tracing::info!(
             phase = phase.name(),
             rows = total,
@@ -208,24 +212,34 @@ pub fn default_site(dir: &Path) -> Result<String, ImportError> {
         .ok_or_else(|| ImportError::InvalidSite(format!("(no name in {})", dir.display())))
 }
 
-/// What the check pass found: the post index and the rows each phase handles.
+/// What the check pass found: the post index, the rows each phase handles and the fingerprint
+/// of each file as it was checked.
 struct Scan {
     posts: PostIndex,
     rows: [u64; 6],
+    files: HashMap<&'static str, Fingerprint>,
 }
 
 /// Reads every row of `path` (attributes `fields`), calling `f` on each; an `Err(reason)` from
-/// `f` becomes [`ImportError::Malformed`] at the row's line.
+/// `f` becomes [`ImportError::Malformed`] at the row's line. Returns the file's fingerprint,
+/// taken when it was opened and checked again at the end (a file that changed while it was
+/// read is [`ImportError::Changed`]).
 fn for_each_row(
     path: &Path,
     fields: &'static [&'static str],
     mut f: impl FnMut(&Row) -> Result<(), String>,
-) -> Result<(), ImportError> {
+) -> Result<Fingerprint, ImportError> {
     let mut reader = RowReader::open(path, fields)?;
+    let fingerprint = reader.fingerprint()?;
     while let Some(row) = reader.next_row()? {
         f(&row).map_err(|reason| reader.error_at(row.offset, reason))?;
     }
-    Ok(())
+    if reader.fingerprint()? != fingerprint {
+        return Err(ImportError::Changed {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(fingerprint)
 }
 
 /// The check pass: reads each file once, planning every row for every phase (discarding the
@@ -240,7 +254,8 @@ fn scan(dir: &Path, ids: &SiteIds) -> Result<Scan, ImportError> {
         }
     };
     let empty = PostIndex::default();
-    for_each_row(
+    let mut files = HashMap::new();
+    let users = for_each_row(
         &dir.join(Phase::Users.file()),
         Phase::Users.fields(),
         |row| {
@@ -252,7 +267,8 @@ fn scan(dir: &Path, ids: &SiteIds) -> Result<Scan, ImportError> {
             Ok(())
         },
     )?;
-    for_each_row(
+    files.insert(Phase::Users.file(), users);
+    let posts_file = for_each_row(
         &dir.join(Phase::Questions.file()),
         Phase::Questions.fields(),
         |row| {
@@ -263,7 +279,8 @@ fn scan(dir: &Path, ids: &SiteIds) -> Result<Scan, ImportError> {
             Ok(())
         },
     )?;
-    for_each_row(
+    files.insert(Phase::Questions.file(), posts_file);
+    let comments = for_each_row(
         &dir.join(Phase::Comments.file()),
         Phase::Comments.fields(),
         |row| {
@@ -275,7 +292,8 @@ fn scan(dir: &Path, ids: &SiteIds) -> Result<Scan, ImportError> {
             Ok(())
         },
     )?;
-    for_each_row(
+    files.insert(Phase::Comments.file(), comments);
+    let votes = for_each_row(
         &dir.join(Phase::Votes.file()),
         Phase::Votes.fields(),
         |row| {
@@ -285,7 +303,8 @@ fn scan(dir: &Path, ids: &SiteIds) -> Result<Scan, ImportError> {
             Ok(())
         },
     )?;
-    Ok(Scan { posts, rows })
+    files.insert(Phase::Votes.file(), votes);
+    Ok(Scan { posts, rows, files })
 }
 
 /// Everything a phase needs.
@@ -307,10 +326,16 @@ enum Done {
 
 /// Runs one phase: a blocking reader task streams the phase's steps through a bounded channel
 /// (constant memory); up to `concurrency` commands run at once.
+///
+/// The file must still have the fingerprint `checked` it had in the check pass: otherwise the
+/// phase sends nothing and fails with [`ImportError::Changed`]. A change noticed only at the end
+/// of the file (it was modified while this phase read it) fails the phase the same way after
+/// its commands were sent, before the next phase starts.
 async fn run_phase(
     ctx: &PhaseCtx<'_>,
     phase: Phase,
     total: u64,
+    checked: Option<Fingerprint>,
     report: &mut ImportReport,
 ) -> Result<(), ImportError> {
     let concurrency = ctx.opts.concurrency.max(1);
@@ -318,7 +343,13 @@ async fn run_phase(
     let path: PathBuf = ctx.dir.join(phase.file());
     let (ids, posts) = (ctx.ids.clone(), ctx.posts.clone());
     let producer = tokio::task::spawn_blocking(move || {
-        let mut reader = match RowReader::open(&path, phase.fields()) {
+        let unchanged = |reader: &RowReader| match reader.fingerprint() {
+            Ok(f) if Some(f) == checked => Ok(()),
+            Ok(_) => Err(ImportError::Changed { path: path.clone() }),
+            Err(e) => Err(e),
+        };
+        let opened = RowReader::open(&path, phase.fields()).and_then(|r| unchanged(&r).map(|()| r));
+        let mut reader = match opened {
             Ok(r) => r,
             Err(e) => {
                 let _ = tx.blocking_send(Err(e));
@@ -330,7 +361,12 @@ async fn run_phase(
                 Ok(Some(row)) => phase
                     .plan(&row, &ids, &posts)
                     .map_err(|reason| reader.error_at(row.offset, reason)),
-                Ok(None) => return,
+                Ok(None) => {
+                    if let Err(e) = unchanged(&reader) {
+                        let _ = tx.blocking_send(Err(e));
+                    }
+                    return;
+                }
                 Err(e) => Err(e),
             };
             if matches!(step, Ok(Step::Pass)) {

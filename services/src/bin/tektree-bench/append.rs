@@ -1,0 +1,197 @@
+//! Scenario 1, **append**: the workload executed in-process through `CommandHandler` by N
+//! concurrent clients, each command durable (its SQLite transaction committed with
+//! `synchronous=FULL`) before the client sends its next one.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use tektree_commands::{CommandError, CommandMeta};
+use tektree_domain::{Actor, Content, DomainError, NoServices, User};
+use tektree_event_store::StoreError;
+use tektree_services::app::App;
+
+use crate::stats::{rate, Latencies};
+use crate::workload::{Cmd, Workload};
+
+/// Attempts per command when it keeps conflicting with concurrent writers of its aggregate
+/// (each attempt is itself the handler's up to 5 load → decide → append rounds).
+const CLIENT_ATTEMPTS: u32 = 20;
+
+/// What one execution of a workload did.
+#[derive(Debug, Default)]
+pub struct Executed {
+    /// Commands sent.
+    pub commands: u64,
+    /// Events committed.
+    pub events: u64,
+    /// Client-side retries after `CommandError::Conflict` (the handler gave up after its 5
+    /// attempts), a storage error or a failed lookup.
+    pub conflict_retries: u64,
+    /// Commands refused for good (none expected), with the first reasons.
+    pub refused: u64,
+    /// The first few refusal reasons.
+    pub refusals: Vec<String>,
+    /// Wall time of all phases.
+    pub elapsed: Duration,
+    /// Per-command latency, retries included.
+    pub latencies: Latencies,
+    /// Commands/s of each phase, in order.
+    pub phases: Vec<(&'static str, f64)>,
+}
+
+/// Runs one command with client-side retries; `(events, retries)`.
+async fn send(
+    app: &App,
+    cmd: &Cmd,
+    at: chrono::DateTime<chrono::Utc>,
+) -> (Result<u64, CommandError>, u64) {
+    let meta = CommandMeta::new(Actor::importer(), at);
+    let mut retries = 0;
+    loop {
+        let r = match cmd {
+            Cmd::User(id, c) => {
+                app.handler
+                    .execute::<User>(*id, c.clone(), &NoServices, &meta)
+                    .await
+            }
+            Cmd::Content(id, c) => {
+                app.handler
+                    .execute::<Content>(*id, c.clone(), &app.knowledge, &meta)
+                    .await
+            }
+        };
+        match r {
+            Ok(outcome) => return (Ok(outcome.events.len() as u64), retries),
+            Err(
+                CommandError::Conflict { .. }
+                | CommandError::Store(StoreError::Backend(_))
+                | CommandError::Rejected(DomainError::Lookup(_)),
+            ) if retries + 1 < u64::from(CLIENT_ATTEMPTS) => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(1 + retries)).await;
+            }
+            Err(e) => return (Err(e), retries),
+        }
+    }
+}
+
+/// Executes `workload` against `app` with `clients` concurrent clients, phase after phase
+/// (each phase's commands are shared by the clients; a client sends its next command once the
+/// previous one is committed).
+///
+/// # Errors
+/// When a client task fails (panics).
+pub async fn execute(app: &App, workload: &Workload, clients: usize) -> Result<Executed> {
+    let clients = clients.max(1);
+    let mut total = Executed::default();
+    let started = Instant::now();
+    for phase in &workload.phases {
+        let phase_started = Instant::now();
+        let commands = Arc::new(phase.commands.clone());
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..clients {
+            let (app, commands, next) = (app.clone(), commands.clone(), next.clone());
+            tasks.spawn(async move {
+                let mut mine = Executed::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((cmd, at)) = commands.get(i) else {
+                        break;
+                    };
+                    let t = Instant::now();
+                    let (result, retries) = send(&app, cmd, *at).await;
+                    mine.latencies.push(t.elapsed());
+                    mine.commands += 1;
+                    mine.conflict_retries += retries;
+                    match result {
+                        Ok(events) => mine.events += events,
+                        Err(e) => {
+                            mine.refused += 1;
+                            if mine.refusals.len() < 3 {
+                                mine.refusals.push(e.to_string());
+                            }
+                        }
+                    }
+                }
+                mine
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            let Ok(mine) = done else {
+                bail!("an append client task failed");
+            };
+            total.commands += mine.commands;
+            total.events += mine.events;
+            total.conflict_retries += mine.conflict_retries;
+            total.refused += mine.refused;
+            for r in mine.refusals {
+                if total.refusals.len() < 5 {
+                    total.refusals.push(r);
+                }
+            }
+            total.latencies.extend(mine.latencies);
+        }
+        let secs = phase_started.elapsed().as_secs_f64();
+        total
+            .phases
+            .push((phase.name, rate(phase.commands.len() as u64, secs)));
+    }
+    total.elapsed = started.elapsed();
+    Ok(total)
+}
+
+/// Executes `workload` open-loop at `per_s` commands per second: each command starts at its
+/// due time (up to `max_in_flight` at once) and its latency counts from that due time, so a
+/// slow store shows as latency instead of a lower offered rate. Phases still run one after the
+/// other (the next starts once the previous one's commands are all answered).
+///
+/// # Errors
+/// When a command task fails (panics).
+pub async fn execute_paced(
+    app: &App,
+    workload: &Workload,
+    per_s: f64,
+    max_in_flight: usize,
+) -> Result<Executed> {
+    let interval = Duration::from_secs_f64(1.0 / per_s.max(1.0));
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
+    let mut total = Executed::default();
+    let started = Instant::now();
+    for phase in &workload.phases {
+        let phase_started = tokio::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (cmd, at)) in phase.commands.iter().enumerate() {
+            let due = phase_started + interval * i as u32;
+            tokio::time::sleep_until(due).await;
+            let permit = permits.clone().acquire_owned().await?;
+            let (app, cmd, at) = (app.clone(), cmd.clone(), *at);
+            tasks.spawn(async move {
+                let (result, retries) = send(&app, &cmd, at).await;
+                drop(permit);
+                (due.elapsed(), result.map_err(|e| e.to_string()), retries)
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            let Ok((latency, result, retries)) = done else {
+                bail!("a paced append task failed");
+            };
+            total.latencies.push(latency);
+            total.commands += 1;
+            total.conflict_retries += retries;
+            match result {
+                Ok(events) => total.events += events,
+                Err(e) => {
+                    total.refused += 1;
+                    if total.refusals.len() < 5 {
+                        total.refusals.push(e);
+                    }
+                }
+            }
+        }
+    }
+    total.elapsed = started.elapsed();
+    Ok(total)
+}

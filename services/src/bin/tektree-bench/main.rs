@@ -1,0 +1,834 @@
+//! `tektree-bench`: the benchmark of issue #5 (see docs/performance.md).
+//!
+//! Runs each scenario `--runs` times and prints one JSON line per scenario on stdout — the
+//! median, minimum and maximum of its main metric over the runs, plus p50/p99 latencies where
+//! they apply — after a first line describing the machine (cores, memory, load, fsync latency
+//! of the work directory's disk). Every write is durable: SQLite stores with their default
+//! `synchronous=FULL`. Targets of issue #5 are printed as `target` fields, never asserted.
+//!
+//! Scenarios, in issue #5's priority order: `append` (the Stack Exchange import's command
+//! mix through `CommandHandler`, N clients), `relay` (outbox → Redis Streams / NATS
+//! JetStream), `projection` (bus → each read model; the corpus build also reports the two
+//! policies), `replay` (rebuild of each projection in a child process: events/s and peak
+//! RSS), `queries` (leaderboard pages, rank, XP and content rows), `limits` (raw SQLite
+//! inserts, pipelined XADD, acknowledged JetStream publishes, fsync; with `ratio` lines).
+//! `peers`, `growth` and `http` print `skipped` lines saying why; `mongodb` runs the append
+//! scenario on MongoDB when `MONGODB_URI` is set.
+//!
+//! Progress goes to stderr; stdout holds only the JSON lines.
+
+mod append;
+mod corpus;
+mod growth;
+mod limits;
+mod machine;
+mod projection;
+mod queries;
+mod relay;
+mod replay;
+// The fault harness's seeded SplitMix64, shared rather than copied.
+#[allow(dead_code)]
+#[path = "../tektree-faults/rng.rs"]
+mod rng;
+mod stats;
+mod workload;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+use tektree_domain::Rules;
+use tektree_outbox::test_support::{NatsServer, RedisServer};
+use tektree_projections::PROJECTIONS;
+use tektree_services::app::App;
+
+use crate::relay::BusKind;
+use crate::stats::{rate, round1, summarize, Latencies};
+
+/// Scenario names accepted by `--scenario`.
+const SCENARIOS: [&str; 10] = [
+    "append",
+    "relay",
+    "projection",
+    "replay",
+    "queries",
+    "limits",
+    "peers",
+    "growth",
+    "http",
+    "mongodb",
+];
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tektree-bench",
+    version,
+    about = "Benchmark of issue #5: one JSON line per scenario (median, min, max over the runs) on stdout"
+)]
+struct Cli {
+    /// Tiny sizes and one run of each scenario (what CI runs; no number means anything).
+    #[arg(long)]
+    quick: bool,
+    /// Runs per scenario (default 3; 1 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Only these scenarios (repeatable): append, relay, projection, replay, queries, limits,
+    /// peers, growth, http, mongodb. Default: all.
+    #[arg(long = "scenario", value_name = "NAME")]
+    scenarios: Vec<String>,
+    /// Directory for the stores (default: a temporary directory, removed at the end). Its disk
+    /// is the one measured.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// A running Redis to use (default: start a throwaway `redis-server` on a free port).
+    #[arg(long)]
+    redis: Option<String>,
+    /// A running NATS server with JetStream to use (default: start a throwaway `nats-server
+    /// -js` on a free port).
+    #[arg(long)]
+    nats: Option<String>,
+    /// Commands of the append workload per run (default 4,000; 150 with --quick).
+    #[arg(long)]
+    commands: Option<u64>,
+    /// Stored events of the corpus the relay, projection, replay and limits scenarios read
+    /// (default 40,000; 500 with --quick).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Stored events before the growth scenario's appends (default 1,000,000; 2,000 with
+    /// --quick); it also runs on an empty store.
+    #[arg(long)]
+    growth_events: Option<u64>,
+    /// Users on the leaderboard of the queries scenario (default 1,000,000; 2,000 with --quick).
+    #[arg(long)]
+    users: Option<u64>,
+    /// Concurrent clients of the append scenario, comma-separated (default 1,16,64; 1,16 with
+    /// --quick).
+    #[arg(long, value_delimiter = ',')]
+    clients: Vec<usize>,
+    /// Seed of the workloads.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Internal: rebuild `--projection` in this SQLite store and print the result (the replay
+    /// scenario's child process).
+    #[arg(long, hide = true)]
+    replay_child: Option<PathBuf>,
+    /// Internal: the projection of `--replay-child`.
+    #[arg(long, hide = true)]
+    projection: Option<String>,
+}
+
+/// Sizes of one invocation.
+#[derive(Debug, Clone)]
+struct Sizes {
+    runs: usize,
+    commands: u64,
+    events: u64,
+    users: u64,
+    growth_events: u64,
+    query_iterations: usize,
+    clients: Vec<usize>,
+    per_row_limit: usize,
+    fsync_samples: usize,
+}
+
+impl Sizes {
+    fn of(cli: &Cli) -> Sizes {
+        let q = cli.quick;
+        Sizes {
+            runs: cli.runs.unwrap_or(if q { 1 } else { 3 }).max(1),
+            commands: cli.commands.unwrap_or(if q { 150 } else { 4_000 }),
+            events: cli.events.unwrap_or(if q { 500 } else { 40_000 }),
+            users: cli
+                .users
+                .unwrap_or(if q { 2_000 } else { 1_000_000 })
+                .max(1),
+            growth_events: cli
+                .growth_events
+                .unwrap_or(if q { 2_000 } else { 1_000_000 }),
+            query_iterations: if q { 100 } else { 2_000 },
+            clients: if cli.clients.is_empty() {
+                if q {
+                    vec![1, 16]
+                } else {
+                    vec![1, 16, 64]
+                }
+            } else {
+                cli.clients.clone()
+            },
+            per_row_limit: if q { 200 } else { 2_000 },
+            fsync_samples: if q { 50 } else { 200 },
+        }
+    }
+}
+
+/// Prints the lines and remembers the medians the ratio lines need.
+#[derive(Default)]
+struct Out {
+    medians: HashMap<String, f64>,
+    errors: usize,
+}
+
+impl Out {
+    fn emit(&mut self, v: &Value) {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{v}");
+        let _ = stdout.flush();
+    }
+
+    fn error(&mut self, scenario: &str, e: &anyhow::Error) {
+        self.errors += 1;
+        eprintln!("tektree-bench: {scenario}: {e:#}");
+        self.emit(&json!({"scenario": scenario, "error": format!("{e:#}")}));
+    }
+
+    fn skipped(&mut self, scenario: &str, reason: &str) {
+        self.emit(&json!({"scenario": scenario, "skipped": reason}));
+    }
+
+    /// A metric line: `base` plus median/min/max of `values` and the number of runs; the
+    /// median is remembered under `key`.
+    fn metric(&mut self, key: &str, mut base: Value, values: &[f64]) {
+        let s = summarize(values);
+        base["median"] = json!(round1(s.median));
+        base["min"] = json!(round1(s.min));
+        base["max"] = json!(round1(s.max));
+        base["runs"] = json!(values.len());
+        self.medians.insert(key.to_string(), s.median);
+        self.emit(&base);
+    }
+
+    fn ratio(&mut self, ours: &str, limit: &str, target: Option<f64>) {
+        let (Some(o), Some(l)) = (self.medians.get(ours), self.medians.get(limit)) else {
+            return;
+        };
+        if *l <= 0.0 {
+            return;
+        }
+        let mut v = json!({
+            "scenario": "ratio",
+            "ours": ours,
+            "limit": limit,
+            "ratio": (o / l * 1000.0).round() / 1000.0,
+        });
+        if let Some(t) = target {
+            v["target"] = json!(t);
+        }
+        self.emit(&v);
+    }
+}
+
+/// Adds the latency percentiles of `lat` to `v`.
+fn with_latencies(mut v: Value, lat: &Latencies) -> Value {
+    let (p50, p99) = lat.p50_p99();
+    v["p50_us"] = json!(p50);
+    v["p99_us"] = json!(p99);
+    v
+}
+
+/// Starts a throwaway server unless `given`; `None` (with the reason) when it cannot run.
+async fn server_url(
+    given: Option<&str>,
+    kind: BusKind,
+    keep: &mut Vec<Box<dyn std::any::Any + Send>>,
+) -> Result<String, String> {
+    if let Some(url) = given {
+        return Ok(url.to_string());
+    }
+    let started = tokio::task::spawn_blocking(move || {
+        std::panic::catch_unwind(move || -> (String, Box<dyn std::any::Any + Send>) {
+            match kind {
+                BusKind::Redis => {
+                    let s = RedisServer::start();
+                    (s.url.clone(), Box::new(s))
+                }
+                BusKind::Nats => {
+                    let s = NatsServer::start();
+                    (s.url.clone(), Box::new(s))
+                }
+            }
+        })
+    })
+    .await
+    .map_err(|e| format!("starting the {} server: {e}", kind.name()))?;
+    match started {
+        Ok((url, server)) => {
+            keep.push(server);
+            Ok(url)
+        }
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| format!("the {} server did not start", kind.name()))),
+    }
+}
+
+/// The append scenario for every client count.
+async fn scenario_append(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) -> Result<()> {
+    let work = workload::generate(seed, sizes.commands);
+    eprintln!("tektree-bench: append: {} commands per run", work.len());
+    for &clients in &sizes.clients {
+        let path = dir.join(format!("append-c{clients}.db"));
+        let mut cmds = Vec::new();
+        let mut evs = Vec::new();
+        let mut lat = Latencies::default();
+        let (mut retries, mut refused, mut n) = (0, 0, 0);
+        let mut phases = serde_json::Map::new();
+        for _ in 0..sizes.runs {
+            corpus::remove_db(&path);
+            let app = App::open(
+                &format!("sqlite://{}", path.display()),
+                "memory",
+                Rules::default(),
+            )
+            .await?;
+            let done = append::execute(&app, &work, clients).await?;
+            drop(app);
+            corpus::remove_db(&path);
+            let secs = done.elapsed.as_secs_f64();
+            cmds.push(rate(done.commands, secs));
+            evs.push(rate(done.events, secs));
+            retries += done.conflict_retries;
+            refused += done.refused;
+            n = done.commands;
+            if !done.refusals.is_empty() {
+                eprintln!("tektree-bench: append: refused: {:?}", done.refusals);
+            }
+            lat.extend(done.latencies);
+            for (name, r) in done.phases {
+                phases.insert(name.to_string(), json!(r));
+            }
+        }
+        let base = with_latencies(
+            json!({
+                "scenario": "append",
+                "store": "sqlite",
+                "clients": clients,
+                "unit": "commands/s",
+                "n": n,
+                "events_per_s_median": round1(summarize(&evs).median),
+                "conflict_retries": retries,
+                "refused": refused,
+                "target": 30000,
+                "target_p99_us_at_half_peak": 10000,
+                "phases_last_run_commands_per_s": phases,
+            }),
+            &lat,
+        );
+        out.medians
+            .insert(format!("append_c{clients}_events"), summarize(&evs).median);
+        out.metric(&format!("append_c{clients}"), base, &cmds);
+    }
+    // The latency target holds at half the peak rate: offer that, open-loop.
+    let peak = sizes
+        .clients
+        .iter()
+        .filter_map(|c| out.medians.get(&format!("append_c{c}")))
+        .fold(0.0f64, |a, b| a.max(*b));
+    if peak > 0.0 {
+        let path = dir.join("append-paced.db");
+        let offered = (peak / 2.0).max(1.0);
+        let mut achieved = Vec::new();
+        let mut lat = Latencies::default();
+        let (mut n, mut refused) = (0, 0);
+        for _ in 0..sizes.runs {
+            corpus::remove_db(&path);
+            let app = App::open(
+                &format!("sqlite://{}", path.display()),
+                "memory",
+                Rules::default(),
+            )
+            .await?;
+            let done = append::execute_paced(&app, &work, offered, PACED_IN_FLIGHT).await?;
+            drop(app);
+            corpus::remove_db(&path);
+            achieved.push(rate(done.commands, done.elapsed.as_secs_f64()));
+            n = done.commands;
+            refused += done.refused;
+            lat.extend(done.latencies);
+        }
+        let base = with_latencies(
+            json!({
+                "scenario": "append_paced",
+                "store": "sqlite",
+                "offered_per_s": round1(offered),
+                "max_in_flight": PACED_IN_FLIGHT,
+                "unit": "commands/s",
+                "n": n,
+                "refused": refused,
+                "target_p99_us": 10000,
+                "note": "open loop at half the peak append rate; latency counted from each command's due time",
+            }),
+            &lat,
+        );
+        out.metric("append_paced", base, &achieved);
+    }
+    Ok(())
+}
+
+/// Most commands in flight in the paced append run.
+const PACED_IN_FLIGHT: usize = 256;
+
+/// `mongodb://host/…?…` with the database `db` in place of the given one.
+fn mongo_url_with_db(uri: &str, db: &str) -> String {
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("mongodb", uri));
+    let (hosts_path, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    let hosts = hosts_path.split('/').next().unwrap_or(hosts_path);
+    match query {
+        Some(q) => format!("{scheme}://{hosts}/{db}?{q}"),
+        None => format!("{scheme}://{hosts}/{db}"),
+    }
+}
+
+/// The append scenario on MongoDB (16 clients), when `MONGODB_URI` is set.
+async fn scenario_mongodb(out: &mut Out, sizes: &Sizes, seed: u64) -> Result<()> {
+    let Some(uri) = std::env::var("MONGODB_URI").ok().filter(|u| !u.is_empty()) else {
+        out.skipped("append_mongodb", "MONGODB_URI is not set");
+        return Ok(());
+    };
+    let work = workload::generate(seed, sizes.commands);
+    let mut cmds = Vec::new();
+    let mut lat = Latencies::default();
+    let mut n = 0;
+    for run in 0..sizes.runs {
+        let url = mongo_url_with_db(&uri, &format!("tektree_bench_{}_{run}", std::process::id()));
+        let app = App::open(&url, "memory", Rules::default()).await?;
+        let done = append::execute(&app, &work, 16).await?;
+        cmds.push(rate(done.commands, done.elapsed.as_secs_f64()));
+        n = done.commands;
+        lat.extend(done.latencies);
+    }
+    let base = with_latencies(
+        json!({"scenario": "append_mongodb", "store": "mongodb", "clients": 16,
+               "unit": "commands/s", "n": n, "note": "databases tektree_bench_<pid>_<run> are left on the server"}),
+        &lat,
+    );
+    out.metric("append_mongodb_c16", base, &cmds);
+    Ok(())
+}
+
+/// Everything that reads the corpus.
+async fn scenarios_on_corpus(
+    out: &mut Out,
+    cli: &Cli,
+    sizes: &Sizes,
+    want: &dyn Fn(&str) -> bool,
+    dir: &Path,
+) -> Result<()> {
+    let c = corpus::build(dir, cli.seed, sizes.events, 16).await?;
+    eprintln!(
+        "tektree-bench: corpus: {} stored events from {} workload commands",
+        c.events, c.commands
+    );
+    for (name, n, secs) in &c.policies {
+        let base = json!({
+            "scenario": "policy",
+            "consumer": name,
+            "unit": "events/s",
+            "n": n,
+            "note": "while building the corpus, both policies at once; each policy command is durable before the policy goes on",
+        });
+        out.metric(&format!("policy_{name}"), base, &[rate(*n, *secs)]);
+    }
+    let events = corpus::all_events(&c.app).await?;
+    let mut servers: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    let mut urls: HashMap<&'static str, Result<String, String>> = HashMap::new();
+    if want("relay") || want("limits") {
+        urls.insert(
+            "redis",
+            server_url(cli.redis.as_deref(), BusKind::Redis, &mut servers).await,
+        );
+        urls.insert(
+            "nats",
+            server_url(cli.nats.as_deref(), BusKind::Nats, &mut servers).await,
+        );
+    }
+
+    if want("relay") {
+        for kind in [BusKind::Redis, BusKind::Nats] {
+            let scenario = "relay";
+            let url = match &urls[kind.name()] {
+                Ok(u) => u.clone(),
+                Err(reason) => {
+                    out.emit(&json!({"scenario": scenario, "bus": kind.name(), "skipped": reason}));
+                    continue;
+                }
+            };
+            let mut rates = Vec::new();
+            let mut n = 0;
+            let mut split = relay::Split::default();
+            let result: Result<()> = async {
+                for _ in 0..sizes.runs {
+                    let (count, secs, _) = relay::run_once(&c.path, dir, kind, &url, false).await?;
+                    n = count;
+                    rates.push(rate(count, secs));
+                }
+                split = relay::run_once(&c.path, dir, kind, &url, true).await?.2;
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    let total = (split.read_s + split.publish_s + split.mark_s).max(1e-9);
+                    let share = |x: f64| (x / total * 1000.0).round() / 1000.0;
+                    let mut base = json!({"scenario": scenario, "bus": kind.name(),
+                        "unit": "events/s", "n": n, "batch": 500,
+                        "time_share": {"read_outbox": share(split.read_s),
+                            "publish": share(split.publish_s), "mark_published": share(split.mark_s)}});
+                    if kind == BusKind::Redis {
+                        base["target"] = json!(200000);
+                    }
+                    out.metric(&format!("relay_{}", kind.name()), base, &rates);
+                }
+                Err(e) => out.error(scenario, &e),
+            }
+        }
+    }
+
+    if want("projection") {
+        for name in PROJECTIONS {
+            let mut rates = Vec::new();
+            for _ in 0..sizes.runs {
+                let (count, secs) = projection::run_once(&c.app, &events, name, dir).await?;
+                rates.push(rate(count, secs));
+            }
+            let pure = projection::change_functions_only(&events, name);
+            let base = json!({"scenario": "projection", "projection": name,
+                "unit": "events/s", "n": events.len(), "batch": 256, "target": 100000,
+                "decode_and_project_only_events_per_s": pure});
+            out.metric(&format!("projection_{name}"), base, &rates);
+        }
+    }
+
+    if want("replay") {
+        for name in PROJECTIONS {
+            let mut rates = Vec::new();
+            let mut rss = Vec::new();
+            let mut n = 0;
+            for _ in 0..sizes.runs {
+                let (count, secs, kib) = replay::run_once(&c.path, name).await?;
+                n = count;
+                rates.push(rate(count, secs));
+                rss.push(kib as f64 / 1024.0);
+            }
+            let r = summarize(&rss);
+            let base = json!({"scenario": "replay", "projection": name, "unit": "events/s",
+                "n": n, "peak_rss_mib_median": round1(r.median), "peak_rss_mib_max": round1(r.max),
+                "target": 300000, "target_peak_rss_mib": 256});
+            out.metric(&format!("replay_{name}"), base, &rates);
+        }
+    }
+
+    if want("limits") {
+        let path = dir.join("limit-sqlite.db");
+        let mut batched = Vec::new();
+        let mut per_row = Vec::new();
+        let (mut n_batched, mut n_row) = (0, 0);
+        for _ in 0..sizes.runs {
+            let (n, secs) = limits::sqlite_insert(&path, &events, limits::BATCH, usize::MAX)?;
+            n_batched = n;
+            batched.push(rate(n, secs));
+            let (n, secs) = limits::sqlite_insert(&path, &events, 1, sizes.per_row_limit)?;
+            n_row = n;
+            per_row.push(rate(n, secs));
+        }
+        out.metric(
+            "sqlite_insert_batched",
+            json!({"scenario": "limit", "limit": "sqlite_insert_batched", "unit": "rows/s",
+                "n": n_batched, "rows_per_txn": limits::BATCH, "synchronous": "FULL"}),
+            &batched,
+        );
+        out.metric(
+            "sqlite_insert_txn_per_row",
+            json!({"scenario": "limit", "limit": "sqlite_insert_txn_per_row", "unit": "rows/s",
+                "n": n_row, "rows_per_txn": 1, "synchronous": "FULL"}),
+            &per_row,
+        );
+        let bytes = limits::mean_payload_bytes(&events);
+        let n = events.len() as u64;
+        for kind in [BusKind::Redis, BusKind::Nats] {
+            let limit = match kind {
+                BusKind::Redis => "redis_xadd_pipelined",
+                BusKind::Nats => "nats_publish_acked",
+            };
+            let url = match &urls[kind.name()] {
+                Ok(u) => u.clone(),
+                Err(reason) => {
+                    out.emit(&json!({"scenario": "limit", "limit": limit, "skipped": reason}));
+                    continue;
+                }
+            };
+            let mut rates = Vec::new();
+            let result: Result<()> = async {
+                for _ in 0..sizes.runs {
+                    let (count, secs) = match kind {
+                        BusKind::Redis => limits::redis_xadd(&url, n, bytes).await?,
+                        BusKind::Nats => limits::nats_publish(&url, n, bytes).await?,
+                    };
+                    rates.push(rate(count, secs));
+                }
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => out.metric(
+                    limit,
+                    json!({"scenario": "limit", "limit": limit, "unit": "events/s", "n": n,
+                        "payload_bytes": bytes, "batch": limits::BATCH}),
+                    &rates,
+                ),
+                Err(e) => out.error("limit", &e),
+            }
+        }
+    }
+    drop(servers);
+
+    if want("growth") {
+        if let Err(e) = scenario_growth(out, sizes, cli.seed, dir, &c.path).await {
+            out.error("growth", &e);
+        }
+    }
+    Ok(())
+}
+
+/// The growth scenario: 16 clients appending to an empty store and to one holding
+/// `sizes.growth_events` events.
+async fn scenario_growth(
+    out: &mut Out,
+    sizes: &Sizes,
+    seed: u64,
+    dir: &Path,
+    corpus_path: &Path,
+) -> Result<()> {
+    const CLIENTS: usize = 16;
+    for stored in [0, sizes.growth_events] {
+        let path = dir.join(format!("growth-{stored}.db"));
+        let mut filled = 0;
+        if stored > 0 {
+            eprintln!("tektree-bench: growth: filling a store with {stored} events");
+            filled = growth::prefill(&path, corpus_path, stored).await?;
+        }
+        let mut cmds = Vec::new();
+        let mut lat = Latencies::default();
+        let mut n = 0;
+        for run in 0..sizes.runs {
+            if stored == 0 {
+                corpus::remove_db(&path);
+            }
+            let app = App::open(
+                &format!("sqlite://{}", path.display()),
+                "memory",
+                Rules::default(),
+            )
+            .await?;
+            // A new workload each run: the same ids again would be idempotent repeats.
+            let work = workload::generate(seed.wrapping_add(1000 + run as u64), sizes.commands);
+            let done = append::execute(&app, &work, CLIENTS).await?;
+            drop(app);
+            cmds.push(rate(done.commands, done.elapsed.as_secs_f64()));
+            n = done.commands;
+            lat.extend(done.latencies);
+        }
+        corpus::remove_db(&path);
+        let base = with_latencies(
+            json!({"scenario": "growth", "stored_events": filled, "clients": CLIENTS,
+                "unit": "commands/s", "n": n}),
+            &lat,
+        );
+        out.metric(&format!("growth_{stored}"), base, &cmds);
+    }
+    out.ratio(
+        &format!("growth_{}", sizes.growth_events),
+        "growth_0",
+        Some(0.9),
+    );
+    Ok(())
+}
+
+async fn main_inner(cli: Cli) -> Result<bool> {
+    if let Some(store) = &cli.replay_child {
+        let projection = cli
+            .projection
+            .as_deref()
+            .context("--projection is required")?;
+        let v = replay::child(store, projection).await?;
+        println!("{v}");
+        return Ok(true);
+    }
+    for s in &cli.scenarios {
+        if !SCENARIOS.contains(&s.as_str()) {
+            anyhow::bail!(
+                "unknown scenario {s:?}; expected one of {}",
+                SCENARIOS.join(", ")
+            );
+        }
+    }
+    let want = |s: &str| cli.scenarios.is_empty() || cli.scenarios.iter().any(|x| x == s);
+    let sizes = Sizes::of(&cli);
+    let (dir, _temp) = match &cli.workdir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("tektree-bench-")
+                .tempdir()
+                .context("creating a temporary directory")?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    eprintln!("tektree-bench: workdir {}, {sizes:?}", dir.display());
+    let mut out = Out::default();
+    let fsync = machine::measure_fsync(&dir, sizes.fsync_samples, true)
+        .and_then(|f| Ok((f, machine::measure_fsync(&dir, sizes.fsync_samples, false)?)))
+        .map_err(|e| format!("fsync probe in {}: {e}", dir.display()));
+    let fsync_rate = fsync.as_ref().ok().map(|f| f.0.per_s);
+    out.emit(&machine::machine_line(fsync));
+    if let Some(r) = fsync_rate {
+        out.medians.insert("fsyncs_per_s".into(), r);
+    }
+
+    if want("append") {
+        if let Err(e) = scenario_append(&mut out, &sizes, cli.seed, &dir).await {
+            out.error("append", &e);
+        }
+    }
+    if want("mongodb") {
+        if let Err(e) = scenario_mongodb(&mut out, &sizes, cli.seed).await {
+            out.error("append_mongodb", &e);
+        }
+    }
+    if ["relay", "projection", "replay", "limits", "growth"]
+        .iter()
+        .any(|s| want(s))
+    {
+        if let Err(e) = scenarios_on_corpus(&mut out, &cli, &sizes, &want, &dir).await {
+            out.error("corpus", &e);
+        }
+    }
+    if want("queries") {
+        let result: Result<()> = async {
+            let p = queries::populate(&dir.join("queries.db"), sizes.users, cli.seed).await?;
+            let mut rng = rng::Rng::new(cli.seed ^ 0x5EED);
+            for q in queries::QUERIES {
+                let mut rates = Vec::new();
+                let mut lat = Latencies::default();
+                let mut n = 0;
+                for _ in 0..sizes.runs {
+                    let (secs, l) =
+                        queries::run_once(&p, q, sizes.query_iterations, &mut rng).await?;
+                    rates.push(rate(l.len() as u64, secs));
+                    n = l.len();
+                    lat.extend(l);
+                }
+                let mut base = with_latencies(
+                    json!({"scenario": "queries", "query": q, "users": sizes.users,
+                        "unit": "queries/s", "n": n}),
+                    &lat,
+                );
+                if q != "user_xp" && q != "content_stats" {
+                    base["target_p99_us"] = json!(2000);
+                }
+                out.metric(&format!("query_{q}"), base, &rates);
+            }
+            drop(p);
+            corpus::remove_db(&dir.join("queries.db"));
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            out.error("queries", &e);
+        }
+    }
+    if want("limits") || want("append") || want("relay") {
+        if let Some(r) = fsync_rate {
+            out.metric(
+                "fsync",
+                json!({"scenario": "limit", "limit": "fsync", "unit": "fsyncs/s",
+                    "n": sizes.fsync_samples,
+                    "note": "4 KiB overwrite in place + fdatasync, back to back (the machine line also has the rate of appending writes)"}),
+                &[r],
+            );
+        }
+        // The best client count's median is the append peak.
+        let peak = sizes
+            .clients
+            .iter()
+            .filter_map(|c| out.medians.get(&format!("append_c{c}")).map(|m| (*c, *m)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(c, _)| c);
+        if let Some(c) = peak {
+            out.ratio(&format!("append_c{c}"), "fsyncs_per_s", None);
+            out.ratio(
+                &format!("append_c{c}_events"),
+                "sqlite_insert_batched",
+                None,
+            );
+            out.ratio(
+                &format!("append_c{c}_events"),
+                "sqlite_insert_txn_per_row",
+                None,
+            );
+        }
+        out.ratio("relay_redis", "redis_xadd_pipelined", Some(0.4));
+        out.ratio("relay_nats", "nats_publish_acked", Some(0.75));
+    }
+    if want("peers") {
+        out.skipped(
+            "peer_sqlite_es",
+            "does not resolve here: sqlite-es 0.5 and postgres-es 0.5 depend on sqlx 0.8.0, whose libsqlite3-sys 0.28 cannot be linked beside rusqlite 0.37's libsqlite3-sys 0.35 (both `links = \"sqlite3\"`); needs a separate crate outside the workspace (docs/performance.md)",
+        );
+        out.skipped(
+            "peer_postgres_es",
+            "does not resolve here: postgres-es 0.5 pulls sqlx 0.8.0 with sqlx-sqlite, whose libsqlite3-sys 0.28 conflicts with rusqlite 0.37's (`links = \"sqlite3\"`); needs a separate crate outside the workspace (docs/performance.md)",
+        );
+    }
+    if want("http") {
+        out.skipped("http", "not implemented yet");
+    }
+    Ok(out.errors == 0)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tektree-bench: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(main_inner(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tektree-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mongo_urls_get_the_bench_database() {
+        assert_eq!(
+            mongo_url_with_db("mongodb://localhost:27017/?replicaSet=rs0", "b"),
+            "mongodb://localhost:27017/b?replicaSet=rs0"
+        );
+        assert_eq!(mongo_url_with_db("mongodb://h/prod", "b"), "mongodb://h/b");
+    }
+}

@@ -1,0 +1,87 @@
+//! Scenario 3, **projection**: the corpus's events, already on an in-process bus, consumed by
+//! one projection's consumer group the way a worker does it — `next_batch` of the workers'
+//! default 256, `worker::process` (change function + one guarded read-model transaction with
+//! `synchronous=FULL`), acknowledge — into a fresh SQLite read-model file, until every event
+//! is applied.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use tektree_domain::EventEnvelope;
+use tektree_outbox::{Bus, MemoryBus, SubscriptionOptions};
+use tektree_projections::SqliteReadModels;
+use tektree_services::app::App;
+use tektree_services::worker::{self, Consumer, Processed, WorkerConfig};
+
+use crate::corpus::remove_db;
+
+/// Applies `events` to projection `name` in a fresh read-model file in `dir`;
+/// `(events, seconds)` of the consuming part (publishing to the bus is not timed).
+///
+/// # Errors
+/// Read-model or bus failures.
+pub async fn run_once(
+    app: &App,
+    events: &[EventEnvelope],
+    name: &'static str,
+    dir: &Path,
+) -> Result<(u64, f64)> {
+    let path = dir.join(format!("projection-{name}.db"));
+    remove_db(&path);
+    let bus = Arc::new(MemoryBus::new());
+    for chunk in events.chunks(1000) {
+        bus.publish(chunk).await?;
+    }
+    let app = App {
+        read_models: Arc::new(SqliteReadModels::open(&path)?),
+        bus: bus.clone(),
+        ..app.clone()
+    };
+    let consumer = Consumer::Projection(name);
+    let cfg = WorkerConfig::default();
+    let mut sub = bus
+        .subscribe(SubscriptionOptions::new(name, cfg.consumer.clone()))
+        .await?;
+    let total = events.len() as u64;
+    let mut done = 0u64;
+    let started = Instant::now();
+    while done < total {
+        let batch = sub.next_batch(cfg.batch, Duration::from_millis(50)).await?;
+        if batch.is_empty() {
+            bail!("projection {name}: the bus ran dry after {done} of {total} events");
+        }
+        let results = worker::process(&app, &consumer, &batch, &[]).await?;
+        let mut ack = Vec::with_capacity(batch.len());
+        for (d, r) in batch.into_iter().zip(results) {
+            match r {
+                Processed::Applied | Processed::Duplicate => ack.push(d.id),
+                other => bail!(
+                    "projection {name}: unexpected {other:?} at {}",
+                    d.envelope.position
+                ),
+            }
+        }
+        done += ack.len() as u64;
+        sub.ack(&ack).await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(app);
+    remove_db(&path);
+    Ok((done, secs))
+}
+
+/// Events/s of decoding and the change function alone (no store), for the same events: how
+/// much of a projection's time is its own CPU.
+pub fn change_functions_only(events: &[EventEnvelope], name: &str) -> f64 {
+    let started = Instant::now();
+    let mut changes = 0usize;
+    for env in events {
+        if let Ok(event) = env.decode() {
+            changes += tektree_projections::project(name, env, &event).len();
+        }
+    }
+    std::hint::black_box(changes);
+    crate::stats::rate(events.len() as u64, started.elapsed().as_secs_f64())
+}

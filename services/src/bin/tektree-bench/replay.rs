@@ -1,0 +1,64 @@
+//! Scenario 4, **replay**: `tektree_services::replay::rebuild` of one projection over the
+//! corpus (reset, then pages of 1,000 events, one read-model transaction per page), run in a
+//! child process (`tektree-bench --replay-child STORE --projection NAME`, exactly what
+//! `tektree-replay rebuild` does) so that its peak RSS (`VmHWM`) is the rebuild's own.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tektree_event_store::SqliteStore;
+use tektree_projections::SqliteReadModels;
+use tektree_services::replay::rebuild;
+
+use crate::machine::peak_rss_kib;
+
+/// The child's work: rebuilds `projection` in the SQLite file `store` and returns
+/// `{"events", "secs", "peak_rss_kib"}`.
+///
+/// # Errors
+/// Store, read-model or decoding failures.
+pub async fn child(store: &Path, projection: &str) -> Result<Value> {
+    let events = SqliteStore::open(store)?;
+    let read_models = SqliteReadModels::open(store)?;
+    let started = Instant::now();
+    let n = rebuild(&events, &read_models, projection, |_| {}).await?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(json!({"events": n, "secs": secs, "peak_rss_kib": peak_rss_kib()}))
+}
+
+/// Runs the child for `projection` over `store`; `(events, seconds, peak RSS KiB)`.
+///
+/// # Errors
+/// When the child fails or prints no result.
+pub async fn run_once(store: &Path, projection: &str) -> Result<(u64, f64, u64)> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let out = tokio::process::Command::new(exe)
+        .arg("--replay-child")
+        .arg(store)
+        .arg("--projection")
+        .arg(projection)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .context("running the rebuild child")?;
+    if !out.status.success() {
+        bail!(
+            "rebuild child for {projection} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .last()
+        .context("the rebuild child printed nothing")?;
+    let v: Value = serde_json::from_str(line).context("the rebuild child's output")?;
+    Ok((
+        v["events"].as_u64().unwrap_or(0),
+        v["secs"].as_f64().unwrap_or(0.0),
+        v["peak_rss_kib"].as_u64().unwrap_or(0),
+    ))
+}

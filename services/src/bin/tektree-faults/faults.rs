@@ -1,0 +1,239 @@
+//! Fault injection: SIGKILL + restart of the API, the relay or a worker, a worker armed to
+//! abort between a read-model commit and its acknowledgement, and a stop + restart of the bus
+//! server.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tektree_outbox::relay::KILL_AFTER_PUBLISH_ENV;
+use tektree_outbox::test_support::{NatsServer, RedisServer, ServerError, Stop};
+use tektree_services::worker::KILL_AFTER_APPLY_ENV;
+
+use crate::procs::{Procs, Role};
+use crate::rng::Rng;
+
+/// The bus server of a run.
+#[derive(Debug)]
+pub enum BusServer {
+    /// `redis-server` with `--appendonly yes --appendfsync always`.
+    Redis(RedisServer),
+    /// `nats-server -js` with a file store.
+    Nats(NatsServer),
+}
+
+impl BusServer {
+    /// Its URL.
+    pub fn url(&self) -> String {
+        match self {
+            BusServer::Redis(s) => s.url.clone(),
+            BusServer::Nats(s) => s.url.clone(),
+        }
+    }
+
+    fn stop(&mut self, how: Stop) -> Result<(), ServerError> {
+        match self {
+            BusServer::Redis(s) => s.stop(how),
+            BusServer::Nats(s) => s.stop(how),
+        }
+    }
+
+    fn restart(&mut self) -> Result<(), ServerError> {
+        match self {
+            BusServer::Redis(s) => s.restart(),
+            BusServer::Nats(s) => s.restart(),
+        }
+    }
+}
+
+/// Kinds of injected faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// SIGKILL the API and restart it.
+    ApiKill,
+    /// SIGKILL the relay and restart it.
+    RelayKill,
+    /// SIGKILL a random worker and restart it.
+    WorkerKill,
+    /// SIGKILL a random worker and restart it with `TEKTREE_KILL_AFTER_APPLY=<n>`: it aborts
+    /// right after its n-th read-model commit, before acknowledging.
+    WorkerAbort,
+    /// SIGKILL the relay and restart it with `TEKTREE_KILL_AFTER_PUBLISH=<n>`: it aborts right
+    /// after its n-th publish, before marking the records published.
+    RelayAbort,
+    /// Stop the bus server (SIGKILL or SIGTERM), wait 1–4 s, start it again on the same port
+    /// with the same data.
+    BusRestart,
+}
+
+const KINDS: [FaultKind; 6] = [
+    FaultKind::ApiKill,
+    FaultKind::RelayKill,
+    FaultKind::WorkerKill,
+    FaultKind::WorkerAbort,
+    FaultKind::RelayAbort,
+    FaultKind::BusRestart,
+];
+
+/// Faults injected (and, for `worker_abort`, fired), by kind.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// API SIGKILLs.
+    pub api_kill: u64,
+    /// Relay SIGKILLs.
+    pub relay_kill: u64,
+    /// Worker SIGKILLs at random instants.
+    pub worker_kill: u64,
+    /// Workers that aborted between a read-model commit and its acknowledgement.
+    pub worker_abort: u64,
+    /// Relays that aborted between publishing and marking the records published.
+    pub relay_abort: u64,
+    /// Bus server stops + restarts.
+    pub bus_restart: u64,
+    /// Poison events.
+    pub poison: u64,
+}
+
+impl FaultCounts {
+    /// All faults.
+    pub fn total(&self) -> u64 {
+        self.api_kill
+            + self.relay_kill
+            + self.worker_kill
+            + self.worker_abort
+            + self.relay_abort
+            + self.bus_restart
+            + self.poison
+    }
+
+    /// Sum of two counts.
+    pub fn add(&self, o: &FaultCounts) -> FaultCounts {
+        FaultCounts {
+            api_kill: self.api_kill + o.api_kill,
+            relay_kill: self.relay_kill + o.relay_kill,
+            worker_kill: self.worker_kill + o.worker_kill,
+            worker_abort: self.worker_abort + o.worker_abort,
+            relay_abort: self.relay_abort + o.relay_abort,
+            bus_restart: self.bus_restart + o.bus_restart,
+            poison: self.poison + o.poison,
+        }
+    }
+}
+
+/// `n` fault kinds: every kind once in a shuffled round, round after round, so that a run of at
+/// least six faults has each kind.
+pub fn plan(rng: &mut Rng, n: u64) -> Vec<FaultKind> {
+    let mut out = Vec::new();
+    while (out.len() as u64) < n {
+        let mut round = KINDS;
+        rng.shuffle(&mut round);
+        out.extend(round);
+    }
+    out.truncate(n as usize);
+    out
+}
+
+/// What [`inject`] did.
+pub struct Injected {
+    /// A line for the log.
+    pub line: String,
+    /// For [`FaultKind::BusRestart`]: the outage, still going on. It ends (the server is
+    /// restarted) when this task finishes; other faults may be injected meanwhile.
+    pub outage: Option<tokio::task::JoinHandle<Result<String>>>,
+}
+
+/// Injects one fault of `kind`.
+pub async fn inject(
+    kind: FaultKind,
+    rng: &mut Rng,
+    procs: &Arc<Mutex<Procs>>,
+    server: &Arc<Mutex<BusServer>>,
+    counts: &Arc<Mutex<FaultCounts>>,
+) -> Result<Injected> {
+    let line = |line: String| Injected { line, outage: None };
+    match kind {
+        FaultKind::ApiKill | FaultKind::RelayKill | FaultKind::WorkerKill => {
+            let text = {
+                let mut p = procs.lock().expect("procs");
+                let candidates = p.with_role(|r| match kind {
+                    FaultKind::ApiKill => *r == Role::Api,
+                    FaultKind::RelayKill => *r == Role::Relay,
+                    _ => matches!(r, Role::Worker(_)),
+                });
+                let i = candidates[rng.index(candidates.len())];
+                p.kill_restart(i, Vec::new())?;
+                format!("SIGKILL {} (restarted)", p.name(i))
+            };
+            let mut c = counts.lock().expect("counts");
+            match kind {
+                FaultKind::ApiKill => c.api_kill += 1,
+                FaultKind::RelayKill => c.relay_kill += 1,
+                _ => c.worker_kill += 1,
+            }
+            Ok(line(text))
+        }
+        FaultKind::WorkerAbort | FaultKind::RelayAbort => {
+            let (env, n) = if kind == FaultKind::WorkerAbort {
+                (KILL_AFTER_APPLY_ENV, rng.between(1, 5))
+            } else {
+                (KILL_AFTER_PUBLISH_ENV, rng.between(1, 3))
+            };
+            let mut p = procs.lock().expect("procs");
+            let candidates = p.with_role(|r| match kind {
+                FaultKind::WorkerAbort => matches!(r, Role::Worker(_)),
+                _ => *r == Role::Relay,
+            });
+            let i = candidates[rng.index(candidates.len())];
+            p.kill_restart(i, vec![(env.to_string(), n.to_string())])?;
+            // Counted when it fires (see `Procs::poll`).
+            Ok(line(format!(
+                "SIGKILL {} and restart with {env}={n}",
+                p.name(i)
+            )))
+        }
+        FaultKind::BusRestart => {
+            let how = if rng.percent(50) {
+                Stop::Kill
+            } else {
+                Stop::Term
+            };
+            let outage = Duration::from_millis(rng.between(1000, 4000));
+            let s = server.clone();
+            tokio::task::spawn_blocking(move || s.lock().expect("server").stop(how))
+                .await
+                .context("stopping the bus server")??;
+            let (server, counts) = (server.clone(), counts.clone());
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(outage).await;
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    let s = server.clone();
+                    match tokio::task::spawn_blocking(move || s.lock().expect("server").restart())
+                        .await
+                        .context("restarting the bus server")?
+                    {
+                        Ok(()) => break,
+                        Err(e) if attempts < 5 => {
+                            eprintln!("restarting the bus server failed ({e}); again");
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                counts.lock().expect("counts").bus_restart += 1;
+                Ok(format!(
+                    "bus server back after {:.1} s",
+                    outage.as_secs_f64()
+                ))
+            });
+            Ok(Injected {
+                line: format!(
+                    "bus server stopped ({how:?}) for {:.1} s",
+                    outage.as_secs_f64()
+                ),
+                outage: Some(task),
+            })
+        }
+    }
+}
