@@ -35,12 +35,6 @@ pub const DEFAULT_DEAD_LETTER_PREFIX: &str = "tektree.deadletter";
 /// whose `Nats-Msg-Id` was seen within this window is acknowledged as a duplicate and not
 /// stored again.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// Default [`NatsBus::max_deliver`]: 0 = unlimited. JetStream never gives up on a message by
-/// itself; the worker counts permanent failures and dead-letters poison events (see
-/// `services::worker`). A JetStream limit would be unsafe here: a worker holds a message that
-/// waits for an earlier event of its aggregate without acknowledging it, and if JetStream had
-/// stopped redelivering it and that worker died, the event would be lost to the group.
-pub const DEFAULT_MAX_DELIVER: u32 = 0;
 /// `max_ack_pending` of every consumer: how many deliveries a group may hold unacknowledged
 /// (across its consumers) before JetStream stops handing out more.
 pub const MAX_ACK_PENDING: i64 = 10_000;
@@ -121,14 +115,16 @@ const LISTING_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 /// `projection_xp`; two groups differing only there share one consumer). Each is created
 /// (or updated) on [`Bus::subscribe`] with explicit acks, `deliver_policy` all (a new group
 /// starts at the beginning of the stream), `ack_wait` = [`SubscriptionOptions::min_idle`],
-/// `max_ack_pending` [`MAX_ACK_PENDING`] and `max_deliver` [`NatsBus::max_deliver`]; the last
-/// subscriber's settings win. Every worker bound to the same consumer shares its messages.
+/// `max_ack_pending` [`MAX_ACK_PENDING`] and no `max_deliver` limit; the last subscriber's
+/// settings win. Every worker bound to the same consumer shares its messages.
 /// JetStream itself hands a delivery not acknowledged within `ack_wait` out again (to any
-/// worker of the group), up to `max_deliver` times in all; after that it never hands it out
-/// again, although it was not acknowledged (the consumer's ack floor stays below it until it
-/// is). So a worker that gets a delivery whose [`Delivery::delivery_count`] reached
-/// [`NatsBus::max_deliver`] and cannot process it must [`NatsBus::dead_letter`] it and
-/// acknowledge it rather than leave it: left, it is silently lost to the group.
+/// worker of the group), with a rising [`Delivery::delivery_count`], and never gives up on it:
+/// the worker counts failures and dead-letters a poison event itself
+/// ([`NatsBus::dead_letter`], then acknowledge). There is deliberately no JetStream
+/// `max_deliver` limit: a worker holds a delivery that waits for an earlier event of its
+/// aggregate without acknowledging it, and had JetStream stopped redelivering it and that
+/// worker died, the event would be lost to the group. (With a limit, nats-server 2.9.10 was
+/// also seen to leave a pull unanswered for seconds and then report delivery count 1 again.)
 /// Acknowledgements are double acks ([`Subscription::ack`] returns once the server confirmed
 /// them); acknowledging an id twice, or an unknown id, is harmless.
 ///
@@ -137,7 +133,6 @@ const LISTING_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct NatsBus {
     shared: Arc<Shared>,
-    max_deliver: u32,
 }
 
 /// What the bus and its subscriptions share.
@@ -173,7 +168,6 @@ impl std::fmt::Debug for NatsBus {
             .field("stream", &self.shared.stream)
             .field("subject_prefix", &self.shared.prefix)
             .field("dead_letter_stream", &self.shared.dl_stream)
-            .field("max_deliver", &self.max_deliver)
             .finish_non_exhaustive()
     }
 }
@@ -267,23 +261,7 @@ impl NatsBus {
         }
         Ok(NatsBus {
             shared: Arc::new(shared),
-            max_deliver: DEFAULT_MAX_DELIVER,
         })
-    }
-
-    /// This bus with consumers that JetStream hands a message at most `max_deliver` times
-    /// (0 = unlimited); applies to consumer groups subscribed to afterwards (an existing
-    /// group's consumer is updated on subscribe). Default [`DEFAULT_MAX_DELIVER`] (unlimited).
-    #[must_use]
-    pub fn with_max_deliver(mut self, max_deliver: u32) -> NatsBus {
-        self.max_deliver = max_deliver;
-        self
-    }
-
-    /// The `max_deliver` given to consumer groups (see [`NatsBus::with_max_deliver`]). A worker
-    /// must dead-letter a delivery it cannot process once its delivery count reaches this.
-    pub fn max_deliver(&self) -> u32 {
-        self.max_deliver
     }
 
     /// The events stream's name.
@@ -717,7 +695,6 @@ impl Bus for NatsBus {
             durable: token(&options.group),
             ack_wait: options.min_idle.max(MIN_ACK_WAIT),
             options,
-            max_deliver: self.max_deliver,
             consumer: None,
             buffered: VecDeque::new(),
             held: HashMap::new(),
@@ -779,7 +756,6 @@ struct NatsSubscription {
     /// The durable consumer's name.
     durable: String,
     ack_wait: Duration,
-    max_deliver: u32,
     /// The consumer, `None` until (re)created.
     consumer: Option<PullConsumer>,
     /// Messages fetched but not yet returned: those after an undecodable one.
@@ -808,11 +784,7 @@ impl NatsSubscription {
             ack_policy: AckPolicy::Explicit,
             ack_wait: self.ack_wait,
             deliver_policy: DeliverPolicy::All,
-            max_deliver: if self.max_deliver == 0 {
-                -1
-            } else {
-                i64::from(self.max_deliver)
-            },
+            max_deliver: -1, // unlimited: see the type's docs
             max_ack_pending: MAX_ACK_PENDING,
             ..Default::default()
         };
@@ -969,7 +941,7 @@ impl Subscription for NatsSubscription {
 /// when nothing is, it waits up to `expires` for the first message(s); either way it ends the
 /// request (status 408) as soon as nothing more is available, without waiting to fill the
 /// batch. `expires` also bounds a `no_wait` request the server would otherwise leave
-/// unanswered (seen on 2.9.10 for the first pull after a message reached `max_deliver`).
+/// unanswered (seen on 2.9.10 for the first pull after a message reached a `max_deliver` limit).
 async fn fetch(
     consumer: &PullConsumer,
     max: usize,

@@ -346,46 +346,64 @@ async fn nats_killed_consumer_messages_come_back_to_another_worker() {
     }
 }
 
-/// With `max_deliver` N, JetStream hands an unacknowledged message out N times (counts 1..=N)
-/// and then never again; the worker seeing count N dead-letters and acknowledges it.
+/// JetStream never gives up on an unacknowledged message: it keeps handing it out, with a
+/// rising delivery count, beyond the worker's own limit (`WorkerConfig::max_deliver`, 5), so
+/// the worker alone decides when to dead-letter it; once acknowledged it is never handed out
+/// again.
+///
+/// nats-server 2.9.10 (Debian's, what CI installs) occasionally leaves a pull request
+/// unanswered for ~5 s while a redelivery is due, and then hands the message out twice in one
+/// batch: once with the next count and once more as count 1 (the reply subjects show a new
+/// consumer sequence for both). So counts rise apart from such repeats reported as 1; the
+/// worker copes because every delivery goes through the read-model guard.
 #[tokio::test]
-async fn nats_max_deliver_is_honoured() {
+async fn nats_consumers_never_give_up_on_a_message() {
+    const WANTED: u64 = 7;
     let server = NatsServer::start();
     let names = unique_nats_names();
-    let bus = nats_bus(&server, &names).await.with_max_deliver(3);
-    assert_eq!(bus.max_deliver(), 3);
+    let bus = nats_bus(&server, &names).await;
     bus.publish(&envelopes([1])).await.unwrap();
     let mut sub = subscribe(&bus, "policy.poison", "w", SHORT).await;
-    let mut counts = Vec::new();
-    let mut last = None;
+    let mut seen = Vec::new();
     let deadline = Instant::now() + DEADLINE;
-    while counts.len() < 3 && Instant::now() < deadline {
-        for d in sub.next_batch(10, POLL).await.unwrap() {
-            counts.push(d.delivery_count);
-            last = Some(d);
-        }
+    while seen.iter().map(|d: &Delivery| d.delivery_count).max() < Some(WANTED)
+        && Instant::now() < deadline
+    {
+        seen.extend(sub.next_batch(10, POLL).await.unwrap());
     }
-    assert_eq!(counts, [1, 2, 3]);
-    // No fourth delivery, however long we poll (several ack_waits).
+    let counts: Vec<u64> = seen.iter().map(|d| d.delivery_count).collect();
+    eprintln!("delivery counts: {counts:?}");
+    assert!(
+        seen.iter().all(|d| d.envelope.position == 1),
+        "only the one event"
+    );
+    assert_eq!(counts.first(), Some(&1), "the first delivery: {counts:?}");
+    let max = counts.iter().copied().max().unwrap();
+    assert!(max >= WANTED, "redelivered beyond 5: {counts:?}");
+    let rising: Vec<u64> = counts.iter().copied().filter(|&c| c > 1).collect();
+    assert!(
+        rising.windows(2).all(|w| w[0] < w[1]),
+        "delivery counts rise: {counts:?}"
+    );
+    // What the worker does with a delivery it gives up on: dead letter, then ack.
+    let last = seen.iter().find(|d| d.delivery_count == max).unwrap();
+    bus.dead_letter("policy.poison", last, "handler kept failing")
+        .await
+        .unwrap();
+    sub.ack(std::slice::from_ref(&last.id)).await.unwrap();
+    // Acknowledged: not handed out again, however long we poll (several ack_waits).
     let until = Instant::now() + SHORT * 5;
     while Instant::now() < until {
         let extra = sub.next_batch(10, POLL).await.unwrap();
         assert!(
             extra.is_empty(),
-            "delivered beyond max_deliver: {:?}",
+            "delivered after the ack: {:?}",
             extra.iter().map(|d| d.delivery_count).collect::<Vec<_>>()
         );
     }
-    // What the worker must do with the last delivery.
-    let last = last.unwrap();
-    assert_eq!(u64::from(bus.max_deliver()), last.delivery_count);
-    bus.dead_letter("policy.poison", &last, "handler kept failing")
-        .await
-        .unwrap();
-    sub.ack(std::slice::from_ref(&last.id)).await.unwrap();
     let letters = bus.dead_letters(Some("policy.poison"), 10).await.unwrap();
     assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0].delivery_count, 3);
+    assert_eq!(letters[0].delivery_count, max);
 }
 
 /// Dead letters: publish, list (all, per group, limited), dedup of a repeated call, remove.
@@ -485,7 +503,6 @@ async fn nats_open_bus_connect_and_unreachable_server() {
         direct.dead_letter_prefix(),
         tektree_outbox::DEFAULT_DEAD_LETTER_PREFIX
     );
-    assert_eq!(direct.max_deliver(), tektree_outbox::DEFAULT_MAX_DELIVER);
     // (A server from TEKTREE_TEST_NATS_URL may already have events there.)
     let next = direct.last_published().await.unwrap() + 1;
     bus.publish(&envelopes([next])).await.unwrap();
