@@ -59,11 +59,30 @@ fn quick_run_prints_one_json_line_per_scenario() {
         assert!(l["median"].as_f64() <= l["max"].as_f64(), "{l}");
         assert_eq!(l["runs"], 1, "--quick runs each scenario once: {l}");
         assert!(l["unit"].is_string(), "{l}");
-        if s == "append" || s == "append_paced" || s == "queries" {
+        if s == "append" || s == "append_paced" || s == "queries" || s == "http" || s == "lag" {
             assert!(
                 l["p50_us"].as_f64().is_some() && l["p99_us"].as_f64().is_some(),
                 "{l}"
             );
+        }
+        if s == "http" {
+            // Every command of the workload must be accepted over HTTP (2xx).
+            assert_eq!(l["errors"], 0, "{l}");
+            assert!(l["n"].as_u64().is_some_and(|n| n > 0), "{l}");
+            for key in ["serve_peak_rss_mib", "serve_rss_mib_end"] {
+                assert!(l[key].as_f64().is_some_and(|m| m > 0.0), "{key}: {l}");
+            }
+            for key in ["target", "target_p99_us", "target_serve_rss_mb"] {
+                assert!(l[key].is_number(), "{key}: {l}");
+            }
+        }
+        if s == "lag" {
+            for key in ["offered_rate", "achieved_rate", "target_p99_us"] {
+                assert!(l[key].as_f64().is_some_and(|r| r > 0.0), "{key}: {l}");
+            }
+            // Every committed command became visible in the read model, none was refused.
+            assert_eq!(l["not_visible"], 0, "{l}");
+            assert_eq!(l["refused"], 0, "{l}");
         }
         if s == "replay" {
             assert!(
@@ -95,6 +114,7 @@ fn quick_run_prints_one_json_line_per_scenario() {
         "peer_postgres_es",
         "growth",
         "http",
+        "lag",
     ] {
         assert!(scenarios.contains(s), "no {s} line in:\n{stdout}");
     }
@@ -104,9 +124,11 @@ fn quick_run_prints_one_json_line_per_scenario() {
             "{seen:?}"
         );
         assert!(seen.contains(&format!("replay:projection={p}")), "{seen:?}");
+        assert!(seen.contains(&format!("lag:projection={p}")), "{seen:?}");
     }
     for c in ["1", "16"] {
         assert!(seen.contains(&format!("append:clients={c}")), "{seen:?}");
+        assert!(seen.contains(&format!("http:clients={c}")), "{seen:?}");
     }
     for l in [
         "sqlite_insert_batched",

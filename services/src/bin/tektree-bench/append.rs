@@ -2,12 +2,14 @@
 //! concurrent clients, each command durable (its SQLite transaction committed with
 //! `synchronous=FULL`) before the client sends its next one.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use tektree_commands::{CommandError, CommandMeta};
+use chrono::{DateTime, Utc};
+use tektree_commands::{CommandError, CommandMeta, Outcome};
 use tektree_domain::{Actor, Content, DomainError, NoServices, User};
 use tektree_event_store::StoreError;
 use tektree_services::app::App;
@@ -41,12 +43,8 @@ pub struct Executed {
     pub phases: Vec<(&'static str, f64)>,
 }
 
-/// Runs one command with client-side retries; `(events, retries)`.
-async fn send(
-    app: &App,
-    cmd: &Cmd,
-    at: chrono::DateTime<chrono::Utc>,
-) -> (Result<u64, CommandError>, u64) {
+/// Runs one command with client-side retries; `(outcome, retries)`.
+pub async fn send(app: &App, cmd: &Cmd, at: DateTime<Utc>) -> (Result<Outcome, CommandError>, u64) {
     let meta = CommandMeta::new(Actor::importer(), at);
     let mut retries = 0;
     loop {
@@ -63,7 +61,7 @@ async fn send(
             }
         };
         match r {
-            Ok(outcome) => return (Ok(outcome.events.len() as u64), retries),
+            Ok(outcome) => return (Ok(outcome), retries),
             Err(
                 CommandError::Conflict { .. }
                 | CommandError::Store(StoreError::Backend(_))
@@ -103,6 +101,7 @@ pub async fn execute(app: &App, workload: &Workload, clients: usize) -> Result<E
                     };
                     let t = Instant::now();
                     let (result, retries) = send(&app, cmd, *at).await;
+                    let result = result.map(|o| o.events.len() as u64);
                     mine.latencies.push(t.elapsed());
                     mine.commands += 1;
                     mine.conflict_retries += retries;
@@ -143,10 +142,55 @@ pub async fn execute(app: &App, workload: &Workload, clients: usize) -> Result<E
     Ok(total)
 }
 
-/// Executes `workload` open-loop at `per_s` commands per second: each command starts at its
-/// due time (up to `max_in_flight` at once) and its latency counts from that due time, so a
-/// slow store shows as latency instead of a lower offered rate. Phases still run one after the
-/// other (the next starts once the previous one's commands are all answered).
+/// Offers `workload` open-loop at `per_s` commands per second: each command is started by
+/// `run` at its due time (up to `max_in_flight` at once, the rest wait for a slot), whatever
+/// the previous ones are doing. Phases still run one after the other (the next starts once the
+/// previous one's commands are all answered). Returns, in completion order, each command's
+/// time from its due time to the end of `run`, with `run`'s output.
+///
+/// # Errors
+/// When a command task fails (panics).
+pub async fn pace<T, F, Fut>(
+    workload: &Workload,
+    per_s: f64,
+    max_in_flight: usize,
+    run: F,
+) -> Result<Vec<(Duration, T)>>
+where
+    F: Fn(Cmd, DateTime<Utc>) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let interval = Duration::from_secs_f64(1.0 / per_s.max(1.0));
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
+    let mut done = Vec::with_capacity(workload.len());
+    for phase in &workload.phases {
+        let phase_started = tokio::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (cmd, at)) in phase.commands.iter().enumerate() {
+            let due = phase_started + interval * i as u32;
+            tokio::time::sleep_until(due).await;
+            let permit = permits.clone().acquire_owned().await?;
+            let command = run(cmd.clone(), *at);
+            tasks.spawn(async move {
+                let out = command.await;
+                drop(permit);
+                (due.elapsed(), out)
+            });
+        }
+        while let Some(finished) = tasks.join_next().await {
+            let Ok(one) = finished else {
+                bail!("a paced command task failed");
+            };
+            done.push(one);
+        }
+    }
+    Ok(done)
+}
+
+/// Executes `workload` open-loop at `per_s` commands per second ([`pace`]); each command's
+/// latency counts from its due time, so a slow store shows as latency instead of a lower
+/// offered rate.
 ///
 /// # Errors
 /// When a command task fails (panics).
@@ -156,38 +200,31 @@ pub async fn execute_paced(
     per_s: f64,
     max_in_flight: usize,
 ) -> Result<Executed> {
-    let interval = Duration::from_secs_f64(1.0 / per_s.max(1.0));
-    let permits = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
-    let mut total = Executed::default();
     let started = Instant::now();
-    for phase in &workload.phases {
-        let phase_started = tokio::time::Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, (cmd, at)) in phase.commands.iter().enumerate() {
-            let due = phase_started + interval * i as u32;
-            tokio::time::sleep_until(due).await;
-            let permit = permits.clone().acquire_owned().await?;
-            let (app, cmd, at) = (app.clone(), cmd.clone(), *at);
-            tasks.spawn(async move {
-                let (result, retries) = send(&app, &cmd, at).await;
-                drop(permit);
-                (due.elapsed(), result.map_err(|e| e.to_string()), retries)
-            });
+    let results = pace(workload, per_s, max_in_flight, |cmd, at| {
+        let app = app.clone();
+        async move {
+            let (result, retries) = send(&app, &cmd, at).await;
+            (
+                result
+                    .map(|o| o.events.len() as u64)
+                    .map_err(|e| e.to_string()),
+                retries,
+            )
         }
-        while let Some(done) = tasks.join_next().await {
-            let Ok((latency, result, retries)) = done else {
-                bail!("a paced append task failed");
-            };
-            total.latencies.push(latency);
-            total.commands += 1;
-            total.conflict_retries += retries;
-            match result {
-                Ok(events) => total.events += events,
-                Err(e) => {
-                    total.refused += 1;
-                    if total.refusals.len() < 5 {
-                        total.refusals.push(e);
-                    }
+    })
+    .await?;
+    let mut total = Executed::default();
+    for (latency, (result, retries)) in results {
+        total.latencies.push(latency);
+        total.commands += 1;
+        total.conflict_retries += retries;
+        match result {
+            Ok(events) => total.events += events,
+            Err(e) => {
+                total.refused += 1;
+                if total.refusals.len() < 5 {
+                    total.refusals.push(e);
                 }
             }
         }

@@ -121,9 +121,15 @@ pub fn machine_line(fsync: Result<(Fsync, Fsync), String>) -> Value {
 
 /// Peak resident set size of this process (`VmHWM` of `/proc/self/status`) in KiB.
 pub fn peak_rss_kib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    proc_status_kib("self", "VmHWM")
+}
+
+/// The KiB value of `field` (`VmHWM`, `VmRSS`, …) in `/proc/<pid>/status` (`pid` may be
+/// `self`).
+pub fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     text.lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.split(':').next() == Some(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse().ok())
 }
@@ -136,6 +142,7 @@ mod tests {
     fn reads_proc() {
         assert!(meminfo_mib("MemTotal").is_some_and(|m| m > 0));
         assert!(peak_rss_kib().is_some_and(|k| k > 0));
+        assert!(proc_status_kib("self", "VmRSS").is_some_and(|k| k > 0));
         let dir = tempfile::tempdir().unwrap();
         for in_place in [true, false] {
             let f = measure_fsync(dir.path(), 5, in_place).unwrap();

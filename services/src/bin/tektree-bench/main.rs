@@ -9,17 +9,21 @@
 //! Scenarios, in issue #5's priority order: `append` (the Stack Exchange import's command
 //! mix through `CommandHandler`, N clients), `relay` (outbox → Redis Streams / NATS
 //! JetStream), `projection` (bus → each read model; the corpus build also reports the two
-//! policies), `replay` (rebuild of each projection in a child process: events/s and peak
-//! RSS), `queries` (leaderboard pages, rank, XP and content rows), `limits` (raw SQLite
+//! policies), `replay` (rebuild of each projection in a child process over the corpus tiled
+//! to 1M and 10M events: events/s and peak RSS), `queries` (leaderboard pages, rank, XP and content rows), `limits` (raw SQLite
 //! inserts, pipelined XADD, acknowledged JetStream publishes, fsync; with `ratio` lines).
-//! `peers`, `growth` and `http` print `skipped` lines saying why; `mongodb` runs the append
-//! scenario on MongoDB when `MONGODB_URI` is set.
+//! `http` (the append workload over HTTP against a `tektree serve` child, with its RSS) and
+//! `lag` (commit → visible in each read model at a fixed offered rate, in-process with the
+//! whole pipeline running). `peers` and `growth` print `skipped` lines saying why; `mongodb`
+//! runs the append scenario on MongoDB when `MONGODB_URI` is set.
 //!
 //! Progress goes to stderr; stdout holds only the JSON lines.
 
 mod append;
 mod corpus;
 mod growth;
+mod http;
+mod lag;
 mod limits;
 mod machine;
 mod projection;
@@ -31,6 +35,7 @@ mod replay;
 #[path = "../tektree-faults/rng.rs"]
 mod rng;
 mod stats;
+mod tile;
 mod workload;
 
 use std::collections::HashMap;
@@ -50,7 +55,7 @@ use crate::relay::BusKind;
 use crate::stats::{rate, round1, summarize, Latencies};
 
 /// Scenario names accepted by `--scenario`.
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "append",
     "relay",
     "projection",
@@ -60,6 +65,7 @@ const SCENARIOS: [&str; 10] = [
     "peers",
     "growth",
     "http",
+    "lag",
     "mongodb",
 ];
 
@@ -77,7 +83,7 @@ struct Cli {
     #[arg(long)]
     runs: Option<usize>,
     /// Only these scenarios (repeatable): append, relay, projection, replay, queries, limits,
-    /// peers, growth, http, mongodb. Default: all.
+    /// peers, growth, http, lag, mongodb. Default: all.
     #[arg(long = "scenario", value_name = "NAME")]
     scenarios: Vec<String>,
     /// Directory for the stores (default: a temporary directory, removed at the end). Its disk
@@ -94,14 +100,18 @@ struct Cli {
     /// Commands of the append workload per run (default 4,000; 150 with --quick).
     #[arg(long)]
     commands: Option<u64>,
-    /// Stored events of the corpus the relay, projection, replay and limits scenarios read
-    /// (default 40,000; 500 with --quick).
+    /// Stored events of the corpus the relay, projection and limits scenarios read and the
+    /// replay scenario tiles (default 40,000; 500 with --quick).
     #[arg(long)]
     events: Option<u64>,
     /// Stored events before the growth scenario's appends (default 1,000,000; 2,000 with
     /// --quick); it also runs on an empty store.
     #[arg(long)]
     growth_events: Option<u64>,
+    /// Stored events of the replay scenario's stores, comma-separated: the corpus tiled to each
+    /// size (default 1,000,000,10,000,000; 2× the corpus with --quick).
+    #[arg(long, value_delimiter = ',')]
+    replay_events: Vec<u64>,
     /// Users on the leaderboard of the queries scenario (default 1,000,000; 2,000 with --quick).
     #[arg(long)]
     users: Option<u64>,
@@ -109,6 +119,12 @@ struct Cli {
     /// --quick).
     #[arg(long, value_delimiter = ',')]
     clients: Vec<usize>,
+    /// Offered rate of the lag scenario, commands/s (default 10,000; 200 with --quick).
+    #[arg(long)]
+    lag_rate: Option<f64>,
+    /// Commands of the lag scenario per run (default 20,000; 100 with --quick).
+    #[arg(long)]
+    lag_commands: Option<u64>,
     /// Seed of the workloads.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -129,10 +145,13 @@ struct Sizes {
     events: u64,
     users: u64,
     growth_events: u64,
+    replay_events: Vec<u64>,
     query_iterations: usize,
     clients: Vec<usize>,
     per_row_limit: usize,
     fsync_samples: usize,
+    lag_rate: f64,
+    lag_commands: u64,
 }
 
 impl Sizes {
@@ -149,6 +168,13 @@ impl Sizes {
             growth_events: cli
                 .growth_events
                 .unwrap_or(if q { 2_000 } else { 1_000_000 }),
+            replay_events: if !cli.replay_events.is_empty() {
+                cli.replay_events.clone()
+            } else if q {
+                vec![1_000]
+            } else {
+                vec![1_000_000, 10_000_000]
+            },
             query_iterations: if q { 100 } else { 2_000 },
             clients: if cli.clients.is_empty() {
                 if q {
@@ -161,6 +187,11 @@ impl Sizes {
             },
             per_row_limit: if q { 200 } else { 2_000 },
             fsync_samples: if q { 50 } else { 200 },
+            lag_rate: cli
+                .lag_rate
+                .unwrap_or(if q { 200.0 } else { 10_000.0 })
+                .max(1.0),
+            lag_commands: cli.lag_commands.unwrap_or(if q { 100 } else { 20_000 }),
         }
     }
 }
@@ -373,6 +404,139 @@ async fn scenario_append(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) ->
 /// Most commands in flight in the paced append run.
 const PACED_IN_FLIGHT: usize = 256;
 
+/// The http scenario for every client count of `append`.
+async fn scenario_http(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) -> Result<()> {
+    let work = workload::generate(seed, sizes.commands);
+    let plan = http::plan(&work)?;
+    let exe = http::serve_exe()?;
+    eprintln!(
+        "tektree-bench: http: {} commands per run against {}",
+        work.len(),
+        exe.display()
+    );
+    for &clients in &sizes.clients {
+        let store = dir.join(format!("http-c{clients}.db"));
+        let mut cmds = Vec::new();
+        let mut lat = Latencies::default();
+        let (mut errors, mut retries, mut n) = (0, 0, 0);
+        let (mut peak_kib, mut end_kib) = (0, 0);
+        let mut settled_ms = Vec::new();
+        let mut samples = Vec::new();
+        let mut phases = serde_json::Map::new();
+        for _ in 0..sizes.runs {
+            let done = http::run_once(&exe, &store, &plan, clients).await?;
+            cmds.push(rate(done.commands, done.elapsed.as_secs_f64()));
+            n = done.commands;
+            errors += done.errors;
+            retries += done.conflict_retries;
+            peak_kib = peak_kib.max(done.peak_rss_kib);
+            end_kib = done.rss_end_kib;
+            settled_ms.push(done.settled_after.map(|d| d.as_millis() as u64));
+            if !done.error_samples.is_empty() {
+                eprintln!("tektree-bench: http: errors: {:?}", done.error_samples);
+                samples.extend(done.error_samples);
+            }
+            lat.extend(done.latencies);
+            for (name, r) in done.phases {
+                phases.insert(name.to_string(), json!(r));
+            }
+        }
+        let mut base = with_latencies(
+            json!({
+                "scenario": "http",
+                "store": "sqlite",
+                "bus": "memory",
+                "clients": clients,
+                "unit": "commands/s",
+                "n": n,
+                "errors": errors,
+                "conflict_retries": retries,
+                "serve_peak_rss_mib": round1(peak_kib as f64 / 1024.0),
+                "serve_rss_mib_end": round1(end_kib as f64 / 1024.0),
+                "pipeline_settled_ms": settled_ms,
+                "target": 15000,
+                "target_p99_us": 20000,
+                "target_serve_rss_mb": 150,
+                "phases_last_run_commands_per_s": phases,
+                "note": "2xx answers only; load generator in this process on loopback, keep-alive pool; RSS read once the server's pipeline settled",
+            }),
+            &lat,
+        );
+        if !samples.is_empty() {
+            samples.truncate(5);
+            base["error_samples"] = json!(samples);
+        }
+        out.metric(&format!("http_c{clients}"), base, &cmds);
+    }
+    Ok(())
+}
+
+/// The lag scenario: one line per projection.
+async fn scenario_lag(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) -> Result<()> {
+    let work = workload::generate(seed, sizes.lag_commands);
+    eprintln!(
+        "tektree-bench: lag: {} commands per run offered at {}/s",
+        work.len(),
+        sizes.lag_rate
+    );
+    let path = dir.join("lag.db");
+    let mut achieved = Vec::new();
+    let mut append_lat = Latencies::default();
+    let mut lags: Vec<Latencies> = vec![Latencies::default(); PROJECTIONS.len()];
+    let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); PROJECTIONS.len()];
+    let mut not_visible = vec![0u64; PROJECTIONS.len()];
+    let (mut refused, mut n) = (0, 0);
+    for _ in 0..sizes.runs {
+        let done = lag::run_once(&path, &work, sizes.lag_rate, PACED_IN_FLIGHT).await?;
+        achieved.push(rate(done.commands, done.elapsed.as_secs_f64()));
+        n = done.commands;
+        refused += done.refused;
+        if !done.refusals.is_empty() {
+            eprintln!("tektree-bench: lag: refused: {:?}", done.refusals);
+        }
+        append_lat.extend(done.append_latencies);
+        for (i, l) in done.lags.into_iter().enumerate() {
+            p99s[i].push(l.p50_p99().1);
+            lags[i].extend(l);
+            not_visible[i] += done.not_visible[i];
+        }
+    }
+    let achieved_median = round1(summarize(&achieved).median);
+    let (append_p50, append_p99) = append_lat.p50_p99();
+    for (i, name) in PROJECTIONS.iter().enumerate() {
+        let mut base = with_latencies(
+            json!({
+                "scenario": "lag",
+                "projection": name,
+                "unit": "us (p99 lag per run)",
+                "n": n,
+                "offered_rate": round1(sizes.lag_rate),
+                "achieved_rate": achieved_median,
+                "achieved_rate_min": round1(summarize(&achieved).min),
+                "sustained": achieved_median >= 0.95 * sizes.lag_rate,
+                "refused": refused,
+                "not_visible": not_visible[i],
+                "append_p50_us": append_p50,
+                "append_p99_us": append_p99,
+                "max_in_flight": PACED_IN_FLIGHT,
+                "target_p99_us": 50000,
+                "target_offered_rate": 10000,
+                "note": "commit → the projection's checkpoint reaches the command's last position, sampled every ~1 ms; in-process pipeline as in `tektree serve`",
+            }),
+            &lags[i],
+        );
+        if achieved_median < 0.95 * sizes.lag_rate {
+            base["note_rate"] = json!(format!(
+                "the offered {} commands/s was not sustained: {} achieved",
+                round1(sizes.lag_rate),
+                achieved_median
+            ));
+        }
+        out.metric(&format!("lag_{name}"), base, &p99s[i]);
+    }
+    Ok(())
+}
+
 /// `mongodb://host/…?…` with the database `db` in place of the given one.
 fn mongo_url_with_db(uri: &str, db: &str) -> String {
     let (scheme, rest) = uri.split_once("://").unwrap_or(("mongodb", uri));
@@ -508,21 +672,28 @@ async fn scenarios_on_corpus(
     }
 
     if want("replay") {
-        for name in PROJECTIONS {
-            let mut rates = Vec::new();
-            let mut rss = Vec::new();
-            let mut n = 0;
-            for _ in 0..sizes.runs {
-                let (count, secs, kib) = replay::run_once(&c.path, name).await?;
-                n = count;
-                rates.push(rate(count, secs));
-                rss.push(kib as f64 / 1024.0);
+        for &size in &sizes.replay_events {
+            let store = dir.join(format!("replay-{size}.db"));
+            eprintln!("tektree-bench: replay: tiling the corpus to {size} events");
+            let stored = tile::tile(&c.path, &store, size).await?;
+            for name in PROJECTIONS {
+                let mut rates = Vec::new();
+                let mut rss = Vec::new();
+                let mut n = 0;
+                for _ in 0..sizes.runs {
+                    let (count, secs, kib) = replay::run_once(&store, name).await?;
+                    n = count;
+                    rates.push(rate(count, secs));
+                    rss.push(kib as f64 / 1024.0);
+                }
+                let r = summarize(&rss);
+                let base = json!({"scenario": "replay", "projection": name, "unit": "events/s",
+                    "n": n, "stored_events": stored, "peak_rss_mib_median": round1(r.median),
+                    "peak_rss_mib_max": round1(r.max), "target": 300000,
+                    "target_peak_rss_mib": 256});
+                out.metric(&format!("replay_{name}_{size}"), base, &rates);
             }
-            let r = summarize(&rss);
-            let base = json!({"scenario": "replay", "projection": name, "unit": "events/s",
-                "n": n, "peak_rss_mib_median": round1(r.median), "peak_rss_mib_max": round1(r.max),
-                "target": 300000, "target_peak_rss_mib": 256});
-            out.metric(&format!("replay_{name}"), base, &rates);
+            crate::corpus::remove_db(&store);
         }
     }
 
@@ -792,7 +963,14 @@ async fn main_inner(cli: Cli) -> Result<bool> {
         );
     }
     if want("http") {
-        out.skipped("http", "not implemented yet");
+        if let Err(e) = scenario_http(&mut out, &sizes, cli.seed, &dir).await {
+            out.error("http", &e);
+        }
+    }
+    if want("lag") {
+        if let Err(e) = scenario_lag(&mut out, &sizes, cli.seed, &dir).await {
+            out.error("lag", &e);
+        }
     }
     Ok(out.errors == 0)
 }

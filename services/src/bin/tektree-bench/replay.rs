@@ -8,23 +8,39 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tektree_event_store::SqliteStore;
-use tektree_projections::SqliteReadModels;
+use tektree_event_store::{EventStore, SqliteStore};
+use tektree_projections::{ReadModelStore, SqliteReadModels};
 use tektree_services::replay::rebuild;
 
 use crate::machine::peak_rss_kib;
 
 /// The child's work: rebuilds `projection` in the SQLite file `store` and returns
-/// `{"events", "secs", "peak_rss_kib"}`.
+/// `{"events", "secs", "peak_rss_kib"}`. Checks that every event was applied (the
+/// projection's checkpoint is at the head and its applied count equals the events read), so
+/// a store whose per-aggregate sequences had gaps (events held back) cannot pass for fast.
 ///
 /// # Errors
-/// Store, read-model or decoding failures.
+/// Store, read-model or decoding failures; an event not applied.
 pub async fn child(store: &Path, projection: &str) -> Result<Value> {
     let events = SqliteStore::open(store)?;
     let read_models = SqliteReadModels::open(store)?;
     let started = Instant::now();
     let n = rebuild(&events, &read_models, projection, |_| {}).await?;
     let secs = started.elapsed().as_secs_f64();
+    let head = events.head().await?.position;
+    let checkpoint = read_models
+        .checkpoints()
+        .await?
+        .into_iter()
+        .find(|c| c.name == projection)
+        .context("no checkpoint after the rebuild")?;
+    if checkpoint.applied != n || checkpoint.checkpoint != head {
+        bail!(
+            "rebuild of {projection} applied {} of {n} events, checkpoint {} of head {head}",
+            checkpoint.applied,
+            checkpoint.checkpoint
+        );
+    }
     Ok(json!({"events": n, "secs": secs, "peak_rss_kib": peak_rss_kib()}))
 }
 
