@@ -110,13 +110,21 @@ fn quick_run_prints_one_json_line_per_scenario() {
         "queries",
         "limit",
         "ratio",
-        "peer_sqlite_es",
-        "peer_postgres_es",
+        "peers",
         "growth",
         "http",
         "lag",
     ] {
         assert!(scenarios.contains(s), "no {s} line in:\n{stdout}");
+    }
+    // Both peers have a line (skipped with --quick: CI does not build sqlx).
+    for peer in ["cqrs-es+sqlite-es", "cqrs-es+postgres-es"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["scenario"] == "peers" && l["peer"] == peer),
+            "no peers line for {peer}:\n{stdout}"
+        );
     }
     for p in ["xp", "leaderboard", "quota", "content"] {
         assert!(

@@ -9,13 +9,15 @@
 //! Scenarios, in issue #5's priority order: `append` (the Stack Exchange import's command
 //! mix through `CommandHandler`, N clients), `relay` (outbox → Redis Streams / NATS
 //! JetStream), `projection` (bus → each read model; the corpus build also reports the two
-//! policies), `replay` (rebuild of each projection in a child process over the corpus tiled
-//! to 1M and 10M events: events/s and peak RSS), `queries` (leaderboard pages, rank, XP and content rows), `limits` (raw SQLite
-//! inserts, pipelined XADD, acknowledged JetStream publishes, fsync; with `ratio` lines).
-//! `http` (the append workload over HTTP against a `tektree serve` child, with its RSS) and
-//! `lag` (commit → visible in each read model at a fixed offered rate, in-process with the
-//! whole pipeline running). `peers` and `growth` print `skipped` lines saying why; `mongodb`
-//! runs the append scenario on MongoDB when `MONGODB_URI` is set.
+//! policies), `replay` (rebuild of each projection in a child process over the corpus
+//! tiled to 1M and 10M events: events/s and peak RSS), `queries` (leaderboard pages, rank,
+//! XP and content rows), `limits` (raw SQLite inserts, pipelined XADD, acknowledged
+//! JetStream publishes, fsync; with `ratio` lines), `http` (the append workload over HTTP
+//! against a `tektree serve` child, with its RSS), `lag` (commit → visible in each read model at a fixed offered rate, in-process with the
+//! whole pipeline running), `growth` (append on an empty store and on a large one), `peers`
+//! (the append workload through cqrs-es with sqlite-es and postgres-es, a separate crate in
+//! `services/bench-peers` run as a child process; skipped with `--quick`); `mongodb` runs
+//! the append scenario on MongoDB when `MONGODB_URI` is set.
 //!
 //! Progress goes to stderr; stdout holds only the JSON lines.
 
@@ -26,6 +28,7 @@ mod http;
 mod lag;
 mod limits;
 mod machine;
+mod peers;
 mod projection;
 mod queries;
 mod relay;
@@ -953,14 +956,28 @@ async fn main_inner(cli: Cli) -> Result<bool> {
         out.ratio("relay_nats", "nats_publish_acked", Some(0.75));
     }
     if want("peers") {
-        out.skipped(
-            "peer_sqlite_es",
-            "does not resolve here: sqlite-es 0.5 and postgres-es 0.5 depend on sqlx 0.8.0, whose libsqlite3-sys 0.28 cannot be linked beside rusqlite 0.37's libsqlite3-sys 0.35 (both `links = \"sqlite3\"`); needs a separate crate outside the workspace (docs/performance.md)",
-        );
-        out.skipped(
-            "peer_postgres_es",
-            "does not resolve here: postgres-es 0.5 pulls sqlx 0.8.0 with sqlx-sqlite, whose libsqlite3-sys 0.28 conflicts with rusqlite 0.37's (`links = \"sqlite3\"`); needs a separate crate outside the workspace (docs/performance.md)",
-        );
+        let (quick, runs, commands, seed) = (cli.quick, sizes.runs, sizes.commands, cli.seed);
+        let (clients, workdir) = (sizes.clients.clone(), dir.to_path_buf());
+        let lines = tokio::task::spawn_blocking(move || {
+            peers::run(quick, runs, commands, &clients, seed, &workdir)
+        })
+        .await
+        .context("the peers thread")?;
+        for line in lines {
+            out.emit(&line);
+            let (Some(peer), Some(c), Some(median)) = (
+                line["peer"].as_str(),
+                line["clients"].as_u64(),
+                line["median"].as_f64(),
+            ) else {
+                continue;
+            };
+            let key = format!("peer_{peer}_c{c}");
+            out.medians.insert(key.clone(), median);
+            // Issue #5: append ≥ 3× cqrs-es + sqlite-es.
+            let target = (peer == "cqrs-es+sqlite-es").then_some(3.0);
+            out.ratio(&format!("append_c{c}"), &key, target);
+        }
     }
     if want("http") {
         if let Err(e) = scenario_http(&mut out, &sizes, cli.seed, &dir).await {
