@@ -2,6 +2,8 @@
 //!
 //! The design is documented on the type.
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -432,6 +434,9 @@ struct Progress {
     checkpoint: i64,
     applied: i64,
     dirty: bool,
+    /// Whether `consumer_applied` may hold rows of this consumer (positions applied above
+    /// the checkpoint). When it holds none, the in-order case needs no statement at all.
+    above: bool,
 }
 
 impl Progress {
@@ -443,10 +448,14 @@ impl Progress {
             .query_row([consumer], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let (checkpoint, applied) = row.unwrap_or((0, 0));
+        let above = tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM consumer_applied WHERE consumer = ?1)")?
+            .query_row([consumer], |r| r.get(0))?;
         Ok(Progress {
             checkpoint,
             applied,
             dirty: false,
+            above,
         })
     }
 
@@ -471,6 +480,10 @@ impl Progress {
                 "INSERT OR IGNORE INTO consumer_applied (consumer, position) VALUES (?1, ?2)",
             )?
             .execute(params![consumer, position])?;
+            self.above = true;
+        }
+        if !self.above {
+            return Ok(());
         }
         let mut next = tx
             .prepare_cached("DELETE FROM consumer_applied WHERE consumer = ?1 AND position = ?2")?;
@@ -604,34 +617,58 @@ fn apply_batch(
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend)?;
     let mut progress = Progress::load(&tx, consumer).map_err(backend)?;
+    // Each aggregate's guard is read once per batch and written once at its end (same
+    // transaction, so the same result as a read and a write per event).
+    let mut guards: HashMap<(&str, &str), Guard> = HashMap::new();
+    let mut sums = Sums::default();
     let mut outcomes = Vec::with_capacity(keys.len());
     for (key, changes) in keys.iter().zip(changes) {
-        let last: i64 = tx
-            .prepare_cached(
-                "SELECT last_sequence FROM consumer_guard
-                 WHERE consumer = ?1 AND aggregate_type = ?2 AND aggregate_id = ?3",
-            )
-            .and_then(|mut s| {
-                s.query_row(
-                    params![consumer, key.aggregate_type, key.aggregate_id],
-                    |r| r.get(0),
-                )
-                .optional()
-            })
-            .map_err(backend)?
-            .unwrap_or(0);
-        if key.sequence <= last {
+        let guard = match guards.entry((key.aggregate_type.as_str(), key.aggregate_id.as_str())) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let last = tx
+                    .prepare_cached(
+                        "SELECT last_sequence FROM consumer_guard
+                         WHERE consumer = ?1 AND aggregate_type = ?2 AND aggregate_id = ?3",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(
+                            params![consumer, key.aggregate_type, key.aggregate_id],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                    })
+                    .map_err(backend)?
+                    .unwrap_or(0);
+                e.insert(Guard { last, dirty: false })
+            }
+        };
+        if key.sequence <= guard.last {
             outcomes.push(ApplyOutcome::Duplicate);
             continue;
         }
-        if key.sequence > last + 1 {
+        if key.sequence > guard.last + 1 {
             outcomes.push(ApplyOutcome::Gap {
-                expected: (last + 1) as u64,
+                expected: (guard.last + 1) as u64,
             });
             continue;
         }
         for change in changes {
-            apply_change(&tx, change)?;
+            if !sums.add(change) {
+                apply_change(&tx, change)?;
+            }
+        }
+        guard.last = key.sequence;
+        guard.dirty = true;
+        progress
+            .record(&tx, consumer, key.position)
+            .map_err(backend)?;
+        outcomes.push(ApplyOutcome::Applied);
+    }
+    sums.flush(&tx)?;
+    for ((aggregate_type, aggregate_id), guard) in guards {
+        if !guard.dirty {
+            continue;
         }
         tx.prepare_cached(
             "INSERT INTO consumer_guard (consumer, aggregate_type, aggregate_id, last_sequence)
@@ -639,23 +676,84 @@ fn apply_batch(
              ON CONFLICT (consumer, aggregate_type, aggregate_id)
              DO UPDATE SET last_sequence = excluded.last_sequence",
         )
-        .and_then(|mut s| {
-            s.execute(params![
-                consumer,
-                key.aggregate_type,
-                key.aggregate_id,
-                key.sequence
-            ])
-        })
+        .and_then(|mut s| s.execute(params![consumer, aggregate_type, aggregate_id, guard.last]))
         .map_err(backend)?;
-        progress
-            .record(&tx, consumer, key.position)
-            .map_err(backend)?;
-        outcomes.push(ApplyOutcome::Applied);
     }
     progress.save(&tx, consumer).map_err(backend)?;
     tx.commit().map_err(backend)?;
     Ok(outcomes)
+}
+
+/// An aggregate's sequence guard while a batch is applied.
+struct Guard {
+    last: i64,
+    /// Advanced in this batch: written back at its end.
+    dirty: bool,
+}
+
+/// The purely additive changes of a batch (`xp`, `leaderboard`), summed per row and written
+/// with one upsert per row at the end of the batch. Addition commutes, so the rows end as
+/// with one upsert per change; a row whose deltas sum to zero is still created, as it was.
+#[derive(Default)]
+struct Sums {
+    /// Per user: Δ xp, questions, answers, accepted answers.
+    xp: HashMap<Uuid, [i64; 4]>,
+    /// Per (board, user): Δ xp.
+    leaderboard: HashMap<(String, Uuid), i64>,
+}
+
+impl Sums {
+    /// Adds `change` when it is additive; `false` for any other change (apply it directly).
+    fn add(&mut self, change: &Change) -> bool {
+        match change {
+            Change::Xp {
+                user_id,
+                xp,
+                questions,
+                answers,
+                accepted_answers,
+            } => {
+                let row = self.xp.entry(*user_id).or_default();
+                for (sum, delta) in row
+                    .iter_mut()
+                    .zip([xp, questions, answers, accepted_answers])
+                {
+                    *sum += delta;
+                }
+                true
+            }
+            Change::Leaderboard { board, user_id, xp } => {
+                *self
+                    .leaderboard
+                    .entry((board.clone(), *user_id))
+                    .or_default() += xp;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn flush(self, tx: &Transaction<'_>) -> Result<(), ReadModelError> {
+        for (user_id, [xp, questions, answers, accepted]) in self.xp {
+            tx.prepare_cached(SQL_XP)
+                .and_then(|mut s| {
+                    s.execute(params![
+                        user_id.to_string(),
+                        xp,
+                        questions,
+                        answers,
+                        accepted
+                    ])
+                })
+                .map_err(backend)?;
+        }
+        for ((board, user_id), xp) in self.leaderboard {
+            tx.prepare_cached(SQL_LEADERBOARD)
+                .and_then(|mut s| s.execute(params![board, user_id.to_string(), xp]))
+                .map_err(backend)?;
+        }
+        Ok(())
+    }
 }
 
 /// Number of entries of `board` ranked ahead of `(xp, user_id)`.
