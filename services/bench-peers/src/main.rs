@@ -17,6 +17,8 @@
 
 // The bench's generator and statistics, shared rather than copied (this crate is its own
 // workspace, so they are included by path).
+#[path = "../../src/bin/tektree-bench/clients.rs"]
+mod clients;
 #[allow(dead_code)]
 #[path = "../../src/bin/tektree-faults/rng.rs"]
 mod rng;
@@ -31,9 +33,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
@@ -52,6 +53,7 @@ use tektree_domain::{
 };
 use uuid::Uuid;
 
+use crate::clients::{Sent, Tally};
 use crate::stats::{rate, round1, summarize, Latencies};
 use crate::workload::{Cmd, Workload};
 
@@ -280,70 +282,26 @@ impl<R: PersistedEventRepository + 'static> Peer<R> {
     }
 }
 
-/// What one run did.
-#[derive(Default)]
-struct Executed {
-    commands: u64,
-    retries: u64,
-    errors: u64,
-    refusals: Vec<String>,
-    latencies: Latencies,
-    elapsed: Duration,
-}
-
-/// Runs `workload` with `clients` concurrent clients, phase after phase, as `append::execute`.
+/// Runs `workload` with `clients` concurrent clients, phase after phase, with the client pool
+/// of `append` ([`clients::run`]).
 async fn execute<R: PersistedEventRepository + 'static>(
     peer: Arc<Peer<R>>,
     workload: &Workload,
     clients: usize,
-) -> Result<Executed> {
-    let mut total = Executed::default();
-    let started = Instant::now();
-    for phase in &workload.phases {
-        let commands = Arc::new(phase.commands.clone());
-        let next = Arc::new(AtomicUsize::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..clients.max(1) {
-            let (peer, commands, next) = (peer.clone(), commands.clone(), next.clone());
-            tasks.spawn(async move {
-                let mut mine = Executed::default();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((cmd, at)) = commands.get(i) else {
-                        break;
-                    };
-                    let t = Instant::now();
-                    let (result, retries) = peer.send(cmd, *at).await;
-                    mine.latencies.push(t.elapsed());
-                    mine.commands += 1;
-                    mine.retries += retries;
-                    if let Err(e) = result {
-                        mine.errors += 1;
-                        if mine.refusals.len() < 3 {
-                            mine.refusals.push(e.to_string());
-                        }
-                    }
-                }
-                mine
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            let Ok(mine) = done else {
-                bail!("a peer client task failed");
-            };
-            total.commands += mine.commands;
-            total.retries += mine.retries;
-            total.errors += mine.errors;
-            for r in mine.refusals {
-                if total.refusals.len() < 5 {
-                    total.refusals.push(r);
-                }
+) -> Result<Tally> {
+    let phases = workload.named_phases();
+    clients::run(&phases, clients, move |(cmd, at)| {
+        let peer = peer.clone();
+        async move {
+            let (result, retries) = peer.send(&cmd, at).await;
+            Sent {
+                // cqrs-es does not say how many events a command stored.
+                result: result.map(|()| 0).map_err(|e| e.to_string()),
+                retries,
             }
-            total.latencies.extend(mine.latencies);
         }
-    }
-    total.elapsed = started.elapsed();
-    Ok(total)
+    })
+    .await
 }
 
 /// Removes a SQLite database and its WAL and shared-memory files.
@@ -362,7 +320,7 @@ async fn run_sqlite(
     workload: &Workload,
     clients: usize,
     report_settings: bool,
-) -> Result<(Executed, i64)> {
+) -> Result<(Tally, i64)> {
     remove_db(path);
     // default_sqlite_pool's options, with our store's durability: synchronous=FULL (its
     // default is NORMAL) and our 10 s busy timeout (sqlx's default is 5 s).
@@ -409,7 +367,7 @@ async fn run_postgres(
     workload: &Workload,
     clients: usize,
     report_settings: bool,
-) -> Result<(Executed, i64)> {
+) -> Result<(Tally, i64)> {
     let mut conn = PgConnection::connect_with(admin)
         .await
         .context("connecting to PostgreSQL")?;
@@ -418,7 +376,7 @@ async fn run_postgres(
     conn.execute(format!("CREATE DATABASE {db}").as_str())
         .await
         .with_context(|| format!("creating database {db}"))?;
-    let result: Result<(Executed, i64)> = async {
+    let result: Result<(Tally, i64)> = async {
         let pool = PgPoolOptions::new()
             .max_connections(pool_size)
             .connect_with(admin.clone().database(db))
@@ -492,18 +450,18 @@ async fn measure(
             "tektree-bench-peers: {} clients={clients} run {}: {:.1} commands/s, {} events, {} retries, {} errors",
             backend.peer(),
             run + 1,
-            rate(done.commands, secs),
+            rate(done.sent, secs),
             stored,
             done.retries,
-            done.errors
+            done.failed
         );
-        if !done.refusals.is_empty() {
-            eprintln!("tektree-bench-peers: errors: {:?}", done.refusals);
+        if !done.failures.is_empty() {
+            eprintln!("tektree-bench-peers: errors: {:?}", done.failures);
         }
-        rates.push(rate(done.commands, secs));
+        rates.push(rate(done.sent, secs));
         event_rates.push(rate(stored.max(0) as u64, secs));
-        commands = done.commands;
-        errors += done.errors;
+        commands = done.sent;
+        errors += done.failed;
         retries += done.retries;
         events = stored;
         lat.extend(done.latencies);

@@ -3,7 +3,6 @@
 //! `synchronous=FULL`) before the client sends its next one.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,8 @@ use tektree_domain::{Actor, Content, DomainError, NoServices, User};
 use tektree_event_store::StoreError;
 use tektree_services::app::App;
 
-use crate::stats::{rate, Latencies};
+use crate::clients::{self, Sent};
+use crate::stats::Latencies;
 use crate::workload::{Cmd, Workload};
 
 /// Attempts per command when it keeps conflicting with concurrent writers of its aggregate
@@ -77,69 +77,36 @@ pub async fn send(app: &App, cmd: &Cmd, at: DateTime<Utc>) -> (Result<Outcome, C
 
 /// Executes `workload` against `app` with `clients` concurrent clients, phase after phase
 /// (each phase's commands are shared by the clients; a client sends its next command once the
-/// previous one is committed).
+/// previous one is committed; see [`crate::clients::run`]).
 ///
 /// # Errors
 /// When a client task fails (panics).
 pub async fn execute(app: &App, workload: &Workload, clients: usize) -> Result<Executed> {
-    let clients = clients.max(1);
-    let mut total = Executed::default();
-    let started = Instant::now();
-    for phase in &workload.phases {
-        let phase_started = Instant::now();
-        let commands = Arc::new(phase.commands.clone());
-        let next = Arc::new(AtomicUsize::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..clients {
-            let (app, commands, next) = (app.clone(), commands.clone(), next.clone());
-            tasks.spawn(async move {
-                let mut mine = Executed::default();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((cmd, at)) = commands.get(i) else {
-                        break;
-                    };
-                    let t = Instant::now();
-                    let (result, retries) = send(&app, cmd, *at).await;
-                    let result = result.map(|o| o.events.len() as u64);
-                    mine.latencies.push(t.elapsed());
-                    mine.commands += 1;
-                    mine.conflict_retries += retries;
-                    match result {
-                        Ok(events) => mine.events += events,
-                        Err(e) => {
-                            mine.refused += 1;
-                            if mine.refusals.len() < 3 {
-                                mine.refusals.push(e.to_string());
-                            }
-                        }
-                    }
-                }
-                mine
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            let Ok(mine) = done else {
-                bail!("an append client task failed");
-            };
-            total.commands += mine.commands;
-            total.events += mine.events;
-            total.conflict_retries += mine.conflict_retries;
-            total.refused += mine.refused;
-            for r in mine.refusals {
-                if total.refusals.len() < 5 {
-                    total.refusals.push(r);
-                }
+    let phases = workload.named_phases();
+    let app = app.clone();
+    let tally = clients::run(&phases, clients, move |(cmd, at)| {
+        let app = app.clone();
+        async move {
+            let (result, retries) = send(&app, &cmd, at).await;
+            Sent {
+                result: result
+                    .map(|o| o.events.len() as u64)
+                    .map_err(|e| e.to_string()),
+                retries,
             }
-            total.latencies.extend(mine.latencies);
         }
-        let secs = phase_started.elapsed().as_secs_f64();
-        total
-            .phases
-            .push((phase.name, rate(phase.commands.len() as u64, secs)));
-    }
-    total.elapsed = started.elapsed();
-    Ok(total)
+    })
+    .await?;
+    Ok(Executed {
+        commands: tally.sent,
+        events: tally.events,
+        conflict_retries: tally.retries,
+        refused: tally.failed,
+        refusals: tally.failures,
+        elapsed: tally.elapsed,
+        latencies: tally.latencies,
+        phases: tally.phases,
+    })
 }
 
 /// Offers `workload` open-loop at `per_s` commands per second: each command is started by

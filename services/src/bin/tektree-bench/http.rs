@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,9 +29,10 @@ use tektree_services::api::status::ProjectionsStatus;
 use tektree_services::config::SecurityOptions;
 use uuid::Uuid;
 
+use crate::clients::{self, Sent};
 use crate::corpus::remove_db;
 use crate::machine::proc_status_kib;
-use crate::stats::{rate, Latencies};
+use crate::stats::Latencies;
 use crate::workload::{Cmd, Workload};
 
 /// Attempts per command when the server answers 409 `conflict` (the handler's own retries
@@ -449,7 +449,7 @@ pub async fn run_once(exe: &Path, store: &Path, plan: &Plan, clients: usize) -> 
     result
 }
 
-/// The phases of `plan` against `serve` by `clients` clients.
+/// The phases of `plan` against `serve` by `clients` clients ([`crate::clients::run`]).
 async fn drive(
     serve: &Serve,
     http: &reqwest::Client,
@@ -457,58 +457,29 @@ async fn drive(
     tokens: &Arc<HashMap<Uuid, String>>,
     clients: usize,
 ) -> Result<HttpRun> {
-    let mut total = HttpRun::default();
-    let started = Instant::now();
-    for (name, requests) in &plan.phases {
-        let phase_started = Instant::now();
-        let requests = Arc::new(requests.clone());
-        let next = Arc::new(AtomicUsize::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..clients {
-            let (http, requests, next, tokens) =
-                (http.clone(), requests.clone(), next.clone(), tokens.clone());
-            let base = serve.base.clone();
-            tasks.spawn(async move {
-                let mut mine = HttpRun::default();
-                while let Some(r) = requests.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let token = tokens.get(&r.caller).map(String::as_str).unwrap_or("");
-                    let t = Instant::now();
-                    let (result, retries) =
-                        send(&http, &format!("{base}{}", r.path), token, &r.body).await;
-                    mine.latencies.push(t.elapsed());
-                    mine.conflict_retries += retries;
-                    match result {
-                        Ok(_) => mine.commands += 1,
-                        Err(e) => {
-                            mine.errors += 1;
-                            if mine.error_samples.len() < 3 {
-                                mine.error_samples.push(format!("{}: {e}", r.path));
-                            }
-                        }
-                    }
-                }
-                mine
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            let Ok(mine) = done else {
-                bail!("an HTTP client task failed");
-            };
-            total.commands += mine.commands;
-            total.errors += mine.errors;
-            total.conflict_retries += mine.conflict_retries;
-            for e in mine.error_samples {
-                if total.error_samples.len() < 5 {
-                    total.error_samples.push(e);
-                }
+    let (http, tokens, base) = (http.clone(), tokens.clone(), serve.base.clone());
+    let tally = clients::run(&plan.phases, clients, move |r: Request| {
+        let (http, tokens, base) = (http.clone(), tokens.clone(), base.clone());
+        async move {
+            let token = tokens.get(&r.caller).map(String::as_str).unwrap_or("");
+            let (result, retries) = send(&http, &format!("{base}{}", r.path), token, &r.body).await;
+            Sent {
+                result: result.map(|_| 0).map_err(|e| format!("{}: {e}", r.path)),
+                retries,
             }
-            total.latencies.extend(mine.latencies);
         }
-        let secs = phase_started.elapsed().as_secs_f64();
-        total.phases.push((name, rate(requests.len() as u64, secs)));
-    }
-    total.elapsed = started.elapsed();
-    Ok(total)
+    })
+    .await?;
+    Ok(HttpRun {
+        commands: tally.succeeded,
+        errors: tally.failed,
+        error_samples: tally.failures,
+        conflict_retries: tally.retries,
+        elapsed: tally.elapsed,
+        latencies: tally.latencies,
+        phases: tally.phases,
+        ..HttpRun::default()
+    })
 }
 
 /// The `tektree` executable next to this one.

@@ -22,6 +22,7 @@
 //! Progress goes to stderr; stdout holds only the JSON lines.
 
 mod append;
+mod clients;
 mod corpus;
 mod growth;
 mod http;

@@ -90,10 +90,21 @@ pub struct Workload {
     pub phases: Vec<Phase>,
 }
 
+/// A command with its domain time.
+pub type Timed = (Cmd, DateTime<Utc>);
+
 impl Workload {
     /// Number of commands.
     pub fn len(&self) -> usize {
         self.phases.iter().map(|p| p.commands.len()).sum()
+    }
+
+    /// The phases as `(name, commands)`, the shape the client pool takes.
+    pub fn named_phases(&self) -> Vec<(&'static str, Vec<Timed>)> {
+        self.phases
+            .iter()
+            .map(|p| (p.name, p.commands.clone()))
+            .collect()
     }
 }
 
