@@ -133,17 +133,6 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Number of outbox records not yet published.
     async fn outbox_backlog(&self) -> Result<u64, StoreError>;
-
-    /// A signal raised after each commit that stored events (and so outbox records) through
-    /// this handle or its clones, so that an outbox relay in the same process can wake at once
-    /// instead of waiting for its next poll. `None` (the default) when the adapter cannot tell:
-    /// the relay then polls only. The signal is a [`tokio::sync::Notify`] used with
-    /// `notify_one`, so a commit while nobody waits leaves a permit and is not missed. Commits
-    /// made by other processes never raise it; it shortens the relay's idle wait and is not
-    /// needed for correctness.
-    fn append_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
-        None
-    }
 }
 
 /// The batch check every adapter makes before writing: `events` all belong to the aggregate

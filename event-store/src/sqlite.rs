@@ -729,9 +729,4 @@ impl EventStore for SqliteStore {
         })
         .await
     }
-
-    /// Raised by the group-commit writer after each committed batch that carried an append.
-    fn append_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
-        Some(Arc::clone(&self.inner.writer.appended))
-    }
 }

@@ -97,9 +97,7 @@ pub struct RelayConfig {
     /// Most outbox records published per round (per [`relay_once`]). Default 500; 0 is
     /// treated as 1.
     pub batch: usize,
-    /// How long to sleep when the outbox is empty before looking again. Default 50 ms. The
-    /// relay wakes earlier when the store raises [`EventStore::append_signal`] (a commit in
-    /// this process); the poll remains for commits of other processes.
+    /// How long to sleep when the outbox is empty before looking again. Default 50 ms.
     pub idle_poll: Duration,
 }
 
@@ -148,8 +146,7 @@ pub async fn relay_once(
 /// Runs the relay until `shutdown` turns `true` (or its sender is dropped).
 ///
 /// Loops [`relay_once`] with `cfg.batch`: immediately again after a round that published
-/// something, after `cfg.idle_poll` when the outbox was empty — or as soon as the store's
-/// [`EventStore::append_signal`] is raised, whichever comes first — and after a backoff (100 ms
+/// something, after `cfg.idle_poll` when the outbox was empty, and after a backoff (100 ms
 /// doubling to 5 s, reset by a successful round) when a round failed. Failures are logged
 /// (`tracing` warn) and retried; no record is ever skipped. A round in progress is finished
 /// before shutting down. Updates the gauge [`METRIC_BACKLOG`] (from
@@ -168,20 +165,17 @@ pub async fn run(
     let batch = cfg.batch.max(1);
     let mut backoff = BACKOFF_MIN;
     let mut backlog_at: Option<Instant> = None;
-    let appended = store.append_signal();
     tracing::info!(batch, idle_poll = ?cfg.idle_poll, "outbox relay started");
     loop {
         // `has_changed` fails once the sender is gone: nobody can ask for a shutdown any more.
         if *shutdown.borrow_and_update() || shutdown.has_changed().is_err() {
             break;
         }
-        let mut idle = false;
         let wait = match relay_once(store.as_ref(), bus.as_ref(), batch).await {
             Ok(0) => {
                 backoff = BACKOFF_MIN;
                 metrics::gauge!(METRIC_BACKLOG).set(0.0);
                 backlog_at = None;
-                idle = true;
                 Some(cfg.idle_poll)
             }
             Ok(_) => {
@@ -209,16 +203,8 @@ pub async fn run(
             }
         };
         if let Some(wait) = wait {
-            // Only an empty outbox is worth waking early for; a failed round keeps its backoff.
-            let woken = async {
-                match &appended {
-                    Some(signal) if idle => signal.notified().await,
-                    _ => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = woken => {}
                 changed = shutdown.changed() => {
                     if changed.is_err() {
                         break;

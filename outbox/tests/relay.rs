@@ -296,35 +296,3 @@ fn relay_config_defaults() {
     assert_eq!(cfg.batch, 500);
     assert_eq!(cfg.idle_poll, Duration::from_millis(50));
 }
-
-/// The relay wakes on the store's append signal: with a one-hour `idle_poll`, an event
-/// committed while the relay waits on an empty outbox is still published (within the test's
-/// deadline), because the SQLite store's writer raises `append_signal` after the commit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_wakes_on_commit_instead_of_waiting_for_its_poll() {
-    let (_dir, store) = store();
-    assert!(store.append_signal().is_some(), "the SQLite store signals");
-    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
-    let mut committed = append(store.as_ref(), 1, 1).await;
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let cfg = RelayConfig {
-        batch: 10,
-        idle_poll: Duration::from_secs(3600),
-    };
-    let relay = tokio::spawn(relay::run(store.clone(), bus.clone(), cfg, shutdown));
-    read_all(bus.as_ref(), "projection.wake", 1).await;
-    // Let the relay find the outbox empty and settle into its hour-long wait (a pause, not a
-    // measurement: without the signal the next event would wait for the hour).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    committed.extend(append(store.as_ref(), 1, 1).await);
-    // A new group starts at the beginning of the stream: both events, in order.
-    let got = read_all(bus.as_ref(), "projection.wake.all", 2).await;
-    let envelopes: Vec<EventEnvelope> = got.into_iter().map(|d| d.envelope).collect();
-    assert_eq!(envelopes, committed);
-    stop.send(true).unwrap();
-    tokio::time::timeout(DEADLINE, relay)
-        .await
-        .expect("relay stops on shutdown")
-        .unwrap()
-        .unwrap();
-}

@@ -180,8 +180,6 @@ pub(super) struct Stats {
 pub(super) struct Writer {
     queue: mpsc::Sender<Job>,
     pub(super) stats: Arc<Stats>,
-    /// Notified (`notify_one`) after every committed batch that carried an append.
-    pub(super) appended: Arc<tokio::sync::Notify>,
 }
 
 fn stopped() -> StoreError {
@@ -194,17 +192,11 @@ impl Writer {
         let (queue, jobs) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let thread_stats = Arc::clone(&stats);
-        let appended = Arc::new(tokio::sync::Notify::new());
-        let thread_appended = Arc::clone(&appended);
         std::thread::Builder::new()
             .name("tektree-sqlite-writer".to_string())
-            .spawn(move || run(conn, &jobs, &thread_stats, &thread_appended))
+            .spawn(move || run(conn, &jobs, &thread_stats))
             .map_err(|e| StoreError::Backend(format!("spawn sqlite writer thread: {e}")))?;
-        Ok(Writer {
-            queue,
-            stats,
-            appended,
-        })
+        Ok(Writer { queue, stats })
     }
 
     /// Queues one append and waits for its own result (after its batch's `COMMIT`).
@@ -242,12 +234,7 @@ impl Writer {
 }
 
 /// The writer thread's loop: until every [`Writer`] handle is gone.
-fn run(
-    mut conn: Connection,
-    jobs: &mpsc::Receiver<Job>,
-    stats: &Stats,
-    appended: &tokio::sync::Notify,
-) {
+fn run(mut conn: Connection, jobs: &mpsc::Receiver<Job>, stats: &Stats) {
     while let Ok(first) = jobs.recv() {
         let mut events = first.events();
         let mut batch = vec![first];
@@ -262,20 +249,14 @@ fn run(
         }
         // A panic drops the open transaction (rolling it back) and the pending reply senders
         // (their callers get "writer stopped"); the thread and its connection carry on.
-        match catch_unwind(AssertUnwindSafe(|| run_batch(&mut conn, batch, stats))) {
-            Ok(true) => appended.notify_one(),
-            Ok(false) => {}
-            Err(_) => {
-                tracing::error!("sqlite writer batch panicked; its transaction was rolled back");
-            }
+        if catch_unwind(AssertUnwindSafe(|| run_batch(&mut conn, batch, stats))).is_err() {
+            tracing::error!("sqlite writer batch panicked; its transaction was rolled back");
         }
     }
 }
 
 /// Runs `batch` in one transaction, each write in its own savepoint, then answers every write.
-/// `true` when the batch committed and carried an append (some of which may have failed on
-/// their own).
-fn run_batch(conn: &mut Connection, mut batch: Vec<Job>, stats: &Stats) -> bool {
+fn run_batch(conn: &mut Connection, mut batch: Vec<Job>, stats: &Stats) {
     let size = batch.len();
     let appends = batch.iter().filter(|w| w.is_append()).count();
     stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -307,7 +288,6 @@ fn run_batch(conn: &mut Connection, mut batch: Vec<Job>, stats: &Stats) -> bool 
     for write in batch {
         write.answer(failure.as_deref());
     }
-    failure.is_none() && appends > 0
 }
 
 /// Runs `sql` (a savepoint statement) as a cached statement.
