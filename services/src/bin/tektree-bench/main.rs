@@ -10,7 +10,7 @@
 //! mix through `CommandHandler`, N clients), `relay` (outbox → Redis Streams / NATS
 //! JetStream), `projection` (bus → each read model; the corpus build also reports the two
 //! policies), `replay` (rebuild of each projection in a child process over the corpus
-//! tiled to 1M and 10M events: events/s and peak RSS), `queries` (leaderboard pages, rank,
+//! tiled to 1M events, or the `--replay-events` sizes: events/s and peak RSS), `queries` (leaderboard pages, rank,
 //! XP and content rows), `limits` (raw SQLite inserts, pipelined XADD, acknowledged
 //! JetStream publishes, fsync; with `ratio` lines), `http` (the append workload over HTTP
 //! against a `tektree serve` child, with its RSS), `lag` (commit → visible in each read model at a fixed offered rate, in-process with the
@@ -113,7 +113,8 @@ struct Cli {
     #[arg(long)]
     growth_events: Option<u64>,
     /// Stored events of the replay scenario's stores, comma-separated: the corpus tiled to each
-    /// size (default 1,000,000,10,000,000; 2× the corpus with --quick).
+    /// size (default 1,000,000; 1,000 with --quick). Issue #5 also asks for 10,000,000 (about
+    /// 25 minutes for the four rebuilds of one run on the build machine).
     #[arg(long, value_delimiter = ',')]
     replay_events: Vec<u64>,
     /// Users on the leaderboard of the queries scenario (default 1,000,000; 2,000 with --quick).
@@ -177,7 +178,7 @@ impl Sizes {
             } else if q {
                 vec![1_000]
             } else {
-                vec![1_000_000, 10_000_000]
+                vec![1_000_000]
             },
             query_iterations: if q { 100 } else { 2_000 },
             clients: if cli.clients.is_empty() {
