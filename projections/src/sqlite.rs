@@ -733,24 +733,20 @@ impl Sums {
         }
     }
 
+    /// Writes the sums, one upsert per row, through [`apply_change`].
     fn flush(self, tx: &Transaction<'_>) -> Result<(), ReadModelError> {
-        for (user_id, [xp, questions, answers, accepted]) in self.xp {
-            tx.prepare_cached(SQL_XP)
-                .and_then(|mut s| {
-                    s.execute(params![
-                        user_id.to_string(),
-                        xp,
-                        questions,
-                        answers,
-                        accepted
-                    ])
-                })
-                .map_err(backend)?;
+        for (user_id, [xp, questions, answers, accepted_answers]) in self.xp {
+            let change = Change::Xp {
+                user_id,
+                xp,
+                questions,
+                answers,
+                accepted_answers,
+            };
+            apply_change(tx, &change)?;
         }
         for ((board, user_id), xp) in self.leaderboard {
-            tx.prepare_cached(SQL_LEADERBOARD)
-                .and_then(|mut s| s.execute(params![board, user_id.to_string(), xp]))
-                .map_err(backend)?;
+            apply_change(tx, &Change::Leaderboard { board, user_id, xp })?;
         }
         Ok(())
     }
