@@ -23,6 +23,7 @@ pub mod rules;
 pub mod services;
 
 pub use actor::Actor;
+pub use aggregates::snapshot::SnapshotVersion;
 pub use aggregates::subscription::period_of;
 pub use aggregates::{
     content::{Content, ContentCommand},

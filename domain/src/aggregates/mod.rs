@@ -7,6 +7,7 @@
 
 pub mod content;
 pub mod profile;
+pub mod snapshot;
 pub mod subscription;
 pub mod user;
 
