@@ -9,8 +9,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tektree_domain::policy_rules::{metered_user, xp_awards};
 use tektree_domain::{
-    Actor, Event, EventEnvelope, NoServices, Profile, ProfileCommand, QuotaRules, Subscription,
-    SubscriptionCommand, Tier, XpRules,
+    Actor, Event, EventEnvelope, GamificationRules, Profile, ProfileCommand, QuotaRules,
+    Subscription, SubscriptionCommand, Tier, XpRules,
 };
 
 use crate::error::CommandError;
@@ -30,17 +30,24 @@ pub trait Policy: Send + Sync + 'static {
     async fn react(&self, envelope: &EventEnvelope, event: &Event) -> Result<(), CommandError>;
 }
 
-/// Awards XP for knowledge activity and registration (`gamification.xp.earned`,
-/// `gamification.level.up`) with [`XpRules`].
+/// Awards XP for knowledge activity, registration, unlocked achievements and completed quests
+/// (`gamification.xp.earned`, `gamification.level.up`) with [`XpRules`], and records each
+/// activity on the profile, which unlocks achievements, completes quests and reaches streak
+/// milestones under [`GamificationRules`] (issue #6).
 pub struct Gamification {
     handler: CommandHandler,
     rules: XpRules,
+    goals: GamificationRules,
 }
 
 impl Gamification {
-    /// The policy with `rules`.
-    pub fn new(handler: CommandHandler, rules: XpRules) -> Self {
-        Gamification { handler, rules }
+    /// The policy with `rules` and `goals`.
+    pub fn new(handler: CommandHandler, rules: XpRules, goals: GamificationRules) -> Self {
+        Gamification {
+            handler,
+            rules,
+            goals,
+        }
     }
 }
 
@@ -60,9 +67,11 @@ impl Policy for Gamification {
                 source_event_type: envelope.event_type.clone(),
                 source_occurred_at: envelope.occurred_at,
                 tags: award.tags,
+                area_id: award.area_id,
+                activity: award.activity,
             };
             self.handler
-                .execute::<Profile>(award.user_id, cmd, &NoServices, &meta)
+                .execute::<Profile>(award.user_id, cmd, &self.goals, &meta)
                 .await?;
         }
         Ok(())
@@ -118,7 +127,11 @@ impl Policy for Metering {
 /// Both policies with `rules`, as trait objects.
 pub fn all(handler: &CommandHandler, rules: &tektree_domain::Rules) -> Vec<Arc<dyn Policy>> {
     vec![
-        Arc::new(Gamification::new(handler.clone(), rules.xp.clone())),
+        Arc::new(Gamification::new(
+            handler.clone(),
+            rules.xp.clone(),
+            rules.gamification.clone(),
+        )),
         Arc::new(Metering::new(handler.clone(), rules.quota.clone())),
     ]
 }

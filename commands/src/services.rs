@@ -2,12 +2,12 @@
 
 use async_trait::async_trait;
 use tektree_domain::aggregates::content::ContentKind;
-use tektree_domain::{AnswerFacts, Content, KnowledgeServices, QuestionFacts, User};
+use tektree_domain::{AnswerFacts, Area, Content, KnowledgeServices, QuestionFacts, User};
 use uuid::Uuid;
 
 use crate::handler::CommandHandler;
 
-/// Looks up questions, answers and users by loading their aggregates.
+/// Looks up questions, answers, users and areas by loading their aggregates.
 #[derive(Clone)]
 pub struct StoreServices {
     handler: CommandHandler,
@@ -32,6 +32,7 @@ impl KnowledgeServices for StoreServices {
             Some(ContentKind::Question { .. }) => Some(QuestionFacts {
                 author_id: c.author_id,
                 tags: c.tags,
+                area_id: c.area_id,
             }),
             _ => None,
         })
@@ -59,5 +60,14 @@ impl KnowledgeServices for StoreServices {
             .await
             .map_err(|e| e.to_string())?;
         Ok(u.display_name.is_some())
+    }
+
+    async fn area_exists(&self, id: Uuid) -> Result<bool, String> {
+        let (a, _) = self
+            .handler
+            .load::<Area>(id)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(a.created.is_some())
     }
 }

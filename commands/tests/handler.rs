@@ -33,6 +33,7 @@ async fn register(h: &CommandHandler, name: &str) -> Uuid {
     let cmd = UserCommand::Register {
         user_id: id,
         display_name: name.into(),
+        preferences: Default::default(),
     };
     h.execute::<User>(id, cmd, &NoServices, &meta())
         .await
@@ -49,6 +50,7 @@ async fn question(h: &CommandHandler, s: &Arc<dyn KnowledgeServices>, author: Uu
         body: String::new(),
         tags: vec!["rome".into()],
         actor: Actor::User(author),
+        area_id: None,
     };
     h.execute::<Content>(q, cmd, s, &meta()).await.unwrap();
     q
@@ -142,12 +144,25 @@ async fn gamification_awards_once_per_source_and_keeps_correlation() {
     let author = register(&h, "author").await;
     let q = question(&h, &s, author).await;
     let posted = h.store().load("content", q).await.unwrap().remove(0);
-    let policy = Gamification::new(h.clone(), XpRules::default());
+    let policy = Gamification::new(h.clone(), XpRules::default(), Default::default());
     let event = posted.decode().unwrap();
     policy.react(&posted, &event).await.unwrap();
     policy.react(&posted, &event).await.unwrap(); // redelivery
     let profile = h.store().load("profile", author).await.unwrap();
-    assert_eq!(profile.len(), 1);
+    // The award and, as it is the author's first question, the `first-question` achievement
+    // of the default rules; the redelivery added nothing.
+    assert_eq!(profile.len(), 2);
+    let Event::AchievementUnlocked(a) = profile[1].decode().unwrap() else {
+        panic!(
+            "achievement.unlocked expected, got {}",
+            profile[1].event_type
+        )
+    };
+    assert_eq!(
+        (a.achievement_id.as_str(), a.source_event_id),
+        ("first-question", posted.event_id)
+    );
+    assert_eq!(profile[1].correlation_id, posted.correlation_id);
     assert_eq!(profile[0].correlation_id, posted.correlation_id);
     assert_eq!(profile[0].causation_id, posted.event_id);
     assert_eq!(profile[0].actor.to_string(), "system:policy.gamification");

@@ -45,6 +45,7 @@ async fn register(env: &Env) -> Uuid {
     let cmd = UserCommand::Register {
         user_id: id,
         display_name: "asker".into(),
+        preferences: Default::default(),
     };
     let m = CommandMeta::new(Actor::User(id), Utc::now());
     env.handler
@@ -62,6 +63,7 @@ fn post(author: Uuid, question_id: Uuid, title: &str) -> ContentCommand {
         body: "body".into(),
         tags: vec!["rust".into()],
         actor: Actor::User(author),
+        area_id: None,
     }
 }
 
@@ -153,6 +155,7 @@ async fn a_key_reused_for_another_request_is_refused_and_writes_nothing() {
             UserCommand::Register {
                 user_id: author,
                 display_name: "asker".into(),
+                preferences: Default::default(),
             },
             &NoServices,
             &CommandMeta::new(Actor::User(author), now),

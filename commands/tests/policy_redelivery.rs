@@ -22,8 +22,8 @@ use tektree_domain::events::{
     AnswerAccepted, AnswerSubmitted, CommentAdded, ContentVoted, QuestionPosted, UserRegistered,
 };
 use tektree_domain::{
-    level_for_xp, period_of, Actor, Event, EventEnvelope, EventMetadata, NewEvent, Profile,
-    QuotaRules, Subscription, Tier, VoteDirection, XpRules,
+    level_for_xp, period_of, Actor, Event, EventEnvelope, EventMetadata, GamificationRules,
+    NewEvent, Profile, QuotaRules, Subscription, Tier, VoteDirection, XpRules,
 };
 use tektree_event_store::{EventStore, SqliteStore};
 use uuid::Uuid;
@@ -50,6 +50,7 @@ fn xp_rules() -> XpRules {
         downvoted: -30,
         accepted_answer: 150,
         accepted_question: 20,
+        ..XpRules::default()
     }
 }
 
@@ -175,6 +176,7 @@ impl History {
                     let e = UserRegistered {
                         user_id: id,
                         display_name: format!("user{u}"),
+                        preferences: Default::default(),
                     };
                     h.push(id, Event::UserRegistered(e), 0);
                 }
@@ -198,6 +200,7 @@ impl History {
                         title: "t".into(),
                         body: String::new(),
                         tags,
+                        area_id: None,
                     };
                     h.push(id, Event::QuestionPosted(e), when);
                 }
@@ -215,6 +218,7 @@ impl History {
                         author_id: author,
                         body: "a".into(),
                         tags,
+                        area_id: None,
                     };
                     h.push(id, Event::AnswerSubmitted(e), when);
                 }
@@ -233,6 +237,7 @@ impl History {
                         author_id: author.map(user),
                         text: "c".into(),
                         tags,
+                        area_id: None,
                     };
                     h.push(id, Event::CommentAdded(e), when);
                 }
@@ -257,6 +262,8 @@ impl History {
                         previous,
                         content_author_id: author,
                         tags,
+                        area_id: None,
+                        on_answer: false,
                     };
                     let e = if up {
                         Event::ContentUpvoted(v)
@@ -282,6 +289,7 @@ impl History {
                         question_author_id: asker,
                         answer_author_id: answerer,
                         tags,
+                        area_id: None,
                     };
                     h.push(qid, Event::AnswerAccepted(e), 2);
                 }
@@ -318,8 +326,10 @@ impl Reference {
     fn fold(history: &History) -> Reference {
         let r = xp_rules();
         let mut out = Reference::default();
-        let mut award = |user: Option<Uuid>, source: Uuid, amount: i64| {
-            if let (Some(u), true) = (user, amount != 0) {
+        // `recorded`: the award is stored even at 0 XP, because it records an activity (the
+        // accepted answer of a self-accept, issue #6).
+        let mut award = |user: Option<Uuid>, source: Uuid, amount: i64, recorded: bool| {
+            if let (Some(u), true) = (user, amount != 0 || recorded) {
                 let p = out.profiles.entry(u).or_default();
                 p.xp += amount;
                 *p.awards.entry(source).or_default() += amount;
@@ -336,33 +346,35 @@ impl Reference {
             let period = period_of(env.occurred_at);
             match event {
                 Event::UserRegistered(e) => {
-                    award(Some(e.user_id), src, r.registration);
+                    award(Some(e.user_id), src, r.registration, false);
                     opened.push(e.user_id);
                 }
                 Event::QuestionPosted(e) => {
-                    award(e.author_id, src, r.question_posted);
+                    award(e.author_id, src, r.question_posted, false);
                     metered.extend(e.author_id.map(|u| (u, src, period)));
                 }
                 Event::AnswerSubmitted(e) => {
-                    award(e.author_id, src, r.answer_submitted);
+                    award(e.author_id, src, r.answer_submitted, false);
                     metered.extend(e.author_id.map(|u| (u, src, period)));
                 }
                 Event::CommentAdded(e) => {
-                    award(e.author_id, src, r.comment_added);
+                    award(e.author_id, src, r.comment_added, false);
                     metered.extend(e.author_id.map(|u| (u, src, period)));
                 }
                 Event::ContentUpvoted(e) => {
                     let before = e.previous.map(value).unwrap_or(0);
-                    award(e.content_author_id, src, r.upvoted - before);
+                    award(e.content_author_id, src, r.upvoted - before, false);
                 }
                 Event::ContentDownvoted(e) => {
                     let before = e.previous.map(value).unwrap_or(0);
-                    award(e.content_author_id, src, r.downvoted - before);
+                    award(e.content_author_id, src, r.downvoted - before, false);
                 }
                 Event::AnswerAccepted(e) => {
                     if e.question_author_id != e.answer_author_id {
-                        award(e.answer_author_id, src, r.accepted_answer);
-                        award(e.question_author_id, src, r.accepted_question);
+                        award(e.answer_author_id, src, r.accepted_answer, false);
+                        award(e.question_author_id, src, r.accepted_question, false);
+                    } else {
+                        award(e.answer_author_id, src, 0, true);
                     }
                 }
                 other => panic!("not a source event: {other:?}"),
@@ -444,7 +456,17 @@ impl Worker {
         let handler = CommandHandler::new(store.clone()).with_max_attempts(1);
         Worker {
             policies: [
-                Arc::new(Gamification::new(handler.clone(), xp_rules())),
+                // No goals: this property is about XP and metering; unlocking under redelivery is
+                // `commands/tests/achievements.rs`.
+                Arc::new(Gamification::new(
+                    handler.clone(),
+                    xp_rules(),
+                    GamificationRules {
+                        achievements: vec![],
+                        quests: vec![],
+                        streak_milestones: vec![],
+                    },
+                )),
                 Arc::new(Metering::new(handler, quota_rules())),
             ],
         }

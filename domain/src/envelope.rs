@@ -51,9 +51,10 @@ pub struct EventEnvelope {
     pub event_id: Uuid,
     /// Catalog name, e.g. `knowledge.question.posted`.
     pub event_type: String,
-    /// Payload schema version (currently 1 for every type).
+    /// Payload schema version (per type, see [`crate::events::CATALOG`]); older versions are
+    /// upcast on read ([`crate::upcast`]).
     pub event_version: u32,
-    /// `user`, `content`, `profile` or `subscription`.
+    /// `user`, `area`, `content`, `profile` or `subscription`.
     pub aggregate_type: String,
     /// The aggregate instance.
     pub aggregate_id: Uuid,
@@ -81,7 +82,7 @@ impl NewEvent {
         EventEnvelope {
             event_id: self.event_id,
             event_type: self.event.event_type().to_string(),
-            event_version: crate::events::EVENT_VERSION,
+            event_version: self.event.event_version(),
             aggregate_type: self.aggregate_type,
             aggregate_id: self.aggregate_id,
             sequence: self.sequence,
@@ -103,6 +104,21 @@ impl EventEnvelope {
     /// [`DecodeError`] for an unknown type, unsupported version or invalid payload.
     pub fn decode(&self) -> Result<Event, DecodeError> {
         Event::decode(&self.event_type, self.event_version, &self.payload)
+    }
+
+    /// This envelope with its payload upcast to the current version of its type (unchanged
+    /// when it is current). The relay publishes and `tektree-replay events` prints upcast
+    /// envelopes, so that consumers and operators only ever see current shapes.
+    ///
+    /// # Errors
+    /// [`DecodeError`] for an unknown type or unsupported version.
+    pub fn upcast(mut self) -> Result<EventEnvelope, DecodeError> {
+        let payload = std::mem::take(&mut self.payload);
+        let (version, payload) =
+            crate::upcast::upcast(&self.event_type, self.event_version, payload)?;
+        self.event_version = version;
+        self.payload = payload;
+        Ok(self)
     }
 
     /// Metadata to give events caused by this one (same correlation id, causation = this id).

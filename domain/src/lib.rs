@@ -8,24 +8,29 @@
 //! [`KnowledgeServices`] trait, which an adapter implements (see `tektree-commands`).
 //!
 //! Aggregate boundaries (see `docs/architecture.md`):
-//! - [`User`]: one per user id; registration.
-//! - [`Content`]: one per question or answer id; posting, comments, votes, accepting.
-//! - [`Profile`]: one per user id; the gamification profile (XP, level).
-//! - [`Subscription`]: one per user id; tier and usage metering.
+//! - [`User`]: one per user id; registration, profile, sessions, e-mail verification.
+//! - [`Area`]: one per knowledge area; groups content.
+//! - [`Content`]: one per question, answer, discussion, insight or resource id; posting,
+//!   comments, votes, likes, accepting.
+//! - [`Profile`]: one per user id; the gamification profile (XP, level, achievements).
+//! - [`Subscription`]: one per user id; tier, billing and usage metering.
 
 pub mod actor;
 pub mod aggregates;
 pub mod envelope;
 pub mod error;
 pub mod events;
+pub mod gamification;
 pub mod policy_rules;
 pub mod rules;
 pub mod services;
+pub mod upcast;
 
 pub use actor::Actor;
 pub use aggregates::snapshot::SnapshotVersion;
 pub use aggregates::subscription::period_of;
 pub use aggregates::{
+    area::{Area, AreaCommand},
     content::{Content, ContentCommand},
     profile::{Profile, ProfileCommand},
     subscription::{Subscription, SubscriptionCommand},
@@ -34,5 +39,6 @@ pub use aggregates::{
 pub use envelope::{EventEnvelope, EventMetadata, NewEvent};
 pub use error::DomainError;
 pub use events::{Event, VoteDirection};
+pub use gamification::GamificationRules;
 pub use rules::{level_for_xp, QuotaRules, Rules, Tier, XpRules};
 pub use services::{AnswerFacts, KnowledgeServices, NoServices, QuestionFacts};

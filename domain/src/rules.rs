@@ -2,8 +2,12 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Subscription tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+use crate::gamification::GamificationRules;
+
+/// Subscription tier, ordered Free < Pro < Team < Enterprise (an upgrade moves up).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     /// Opened on registration. Default limit 100 units/month.
@@ -49,6 +53,14 @@ pub struct XpRules {
     pub accepted_answer: i64,
     /// `knowledge.answer.accepted` → the question's author. Default 2 (0 for a self-accept).
     pub accepted_question: i64,
+    /// `knowledge.discussion.started` → its author. Default 3 (issue #6).
+    pub discussion_started: i64,
+    /// `knowledge.insight.shared` → its author. Default 3 (issue #6).
+    pub insight_shared: i64,
+    /// `knowledge.resource.uploaded` → its uploader. Default 3 (issue #6).
+    pub resource_uploaded: i64,
+    /// `knowledge.content.liked` → the content's author. Default 2 (issue #6).
+    pub liked: i64,
 }
 
 impl Default for XpRules {
@@ -62,6 +74,10 @@ impl Default for XpRules {
             downvoted: -2,
             accepted_answer: 15,
             accepted_question: 2,
+            discussion_started: 3,
+            insight_shared: 3,
+            resource_uploaded: 3,
+            liked: 2,
         }
     }
 }
@@ -104,7 +120,8 @@ impl QuotaRules {
     }
 }
 
-/// All configurable rules; the `[xp]` and `[quota]` tables of the config file.
+/// All configurable rules; the `[xp]`, `[quota]` and `[gamification]` tables of the config
+/// file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Rules {
@@ -112,6 +129,8 @@ pub struct Rules {
     pub xp: XpRules,
     /// Monthly limits per tier.
     pub quota: QuotaRules,
+    /// Achievements, quests and streak milestones (default: `config/gamification.toml`).
+    pub gamification: GamificationRules,
 }
 
 /// Level for an XP total: `⌊√(max(xp, 0) / 100)⌋ + 1` (issue #2 §4).

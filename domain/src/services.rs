@@ -10,6 +10,8 @@ pub struct QuestionFacts {
     pub author_id: Option<Uuid>,
     /// The question's tags.
     pub tags: Vec<String>,
+    /// The question's area, if any.
+    pub area_id: Option<Uuid>,
 }
 
 /// What a command needs to know about an existing answer.
@@ -32,6 +34,8 @@ pub trait KnowledgeServices: Send + Sync {
     async fn answer(&self, id: Uuid) -> Result<Option<AnswerFacts>, String>;
     /// Whether a user with this id is registered.
     async fn user_exists(&self, id: Uuid) -> Result<bool, String>;
+    /// Whether an area with this id exists.
+    async fn area_exists(&self, id: Uuid) -> Result<bool, String>;
 }
 
 /// Services for aggregates that need none.

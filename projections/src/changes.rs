@@ -168,6 +168,9 @@ fn leaderboard(event: &Event) -> Vec<Change> {
             boards.push(board);
         }
     }
+    if let Some(area) = e.area_id {
+        boards.push(format!("area:{area}"));
+    }
     boards
         .into_iter()
         .map(|board| Change::Leaderboard {
@@ -194,6 +197,14 @@ fn quota(event: &Event) -> Vec<Change> {
         Event::QuotaExceeded(e) => vec![Change::QuotaExceeded {
             user_id: e.user_id,
             period: e.period.clone(),
+        }],
+        Event::SubscriptionUpgraded(e) | Event::SubscriptionDowngraded(e) => vec![Change::Tier {
+            user_id: e.user_id,
+            tier: e.to,
+        }],
+        Event::SubscriptionCancelled(e) => vec![Change::Tier {
+            user_id: e.user_id,
+            tier: Tier::Free,
         }],
         _ => vec![],
     }
@@ -222,6 +233,21 @@ fn content(event: &Event) -> Vec<Change> {
                 ..d(e.question_id)
             }),
         ],
+        Event::DiscussionStarted(e) => vec![Change::Content(ContentDelta {
+            kind: Some("discussion"),
+            author_id: e.author_id,
+            ..d(e.discussion_id)
+        })],
+        Event::InsightShared(e) => vec![Change::Content(ContentDelta {
+            kind: Some("insight"),
+            author_id: e.author_id,
+            ..d(e.insight_id)
+        })],
+        Event::ResourceUploaded(e) => vec![Change::Content(ContentDelta {
+            kind: Some("resource"),
+            author_id: e.author_id,
+            ..d(e.resource_id)
+        })],
         Event::CommentAdded(e) => vec![Change::Content(ContentDelta {
             comments: 1,
             ..d(e.content_id)
@@ -291,6 +317,8 @@ mod tests {
             previous,
             content_author_id: Some(Uuid::new_v4()),
             tags: vec!["rust".into()],
+            area_id: None,
+            on_answer: false,
         };
         if up {
             Event::ContentUpvoted(v)
@@ -337,6 +365,7 @@ mod tests {
             author_id: Some(author),
             body: "b".into(),
             tags: vec!["rust".into()],
+            area_id: None,
         });
         let env = envelope(&e, a);
         assert_eq!(
@@ -379,6 +408,7 @@ mod tests {
             title: "t".into(),
             body: String::new(),
             tags: vec![],
+            area_id: None,
         });
         let changes = all(&e, q);
         assert_eq!(changes.len(), 1);
@@ -399,6 +429,7 @@ mod tests {
             question_author_id: Some(qa),
             answer_author_id: Some(aa),
             tags: vec![],
+            area_id: None,
         });
         assert_eq!(
             all(&e, q),
@@ -436,6 +467,8 @@ mod tests {
             source_occurred_at: "2024-01-01T00:00:00Z".parse().unwrap(),
             tags: vec!["rust".into(), "sql".into(), "rust".into()],
             total_xp: 8,
+            activity: None,
+            area_id: None,
         });
         let env = envelope(&e, user);
         let boards: Vec<(String, i64)> = project("leaderboard", &env, &e)
@@ -544,6 +577,7 @@ mod tests {
             title: "t".into(),
             body: String::new(),
             tags: vec![],
+            area_id: None,
         });
         assert!(project("policy.gamification", &envelope(&q, user), &q).is_empty());
     }

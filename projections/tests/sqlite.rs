@@ -809,6 +809,7 @@ impl History {
                             title: "t".into(),
                             body: String::new(),
                             tags,
+                            area_id: None,
                         }),
                     );
                 }
@@ -829,6 +830,7 @@ impl History {
                             author_id: author,
                             body: String::new(),
                             tags,
+                            area_id: None,
                         }),
                     );
                 }
@@ -845,6 +847,7 @@ impl History {
                             author_id: author,
                             text: "c".into(),
                             tags,
+                            area_id: None,
                         }),
                     );
                 }
@@ -869,6 +872,8 @@ impl History {
                         previous,
                         content_author_id: author,
                         tags,
+                        area_id: None,
+                        on_answer: false,
                     };
                     h.push(
                         id,
@@ -899,6 +904,7 @@ impl History {
                             question_author_id: qauthor,
                             answer_author_id: aauthor,
                             tags,
+                            area_id: None,
                         }),
                     );
                 }
@@ -919,6 +925,8 @@ impl History {
                             source_occurred_at: WEEKS[week].parse().unwrap(),
                             tags: tags_of(tags),
                             total_xp: 0,
+                            activity: None,
+                            area_id: None,
                         }),
                     );
                 }

@@ -50,6 +50,7 @@ async fn build_history(app: &App) -> (Uuid, Uuid) {
         let cmd = UserCommand::Register {
             user_id: id,
             display_name: format!("user{i}"),
+            preferences: Default::default(),
         };
         app.handler
             .execute::<User>(id, cmd, &NoServices, &meta())
@@ -65,6 +66,7 @@ async fn build_history(app: &App) -> (Uuid, Uuid) {
         body: String::new(),
         tags: vec!["rome".into(), "sources".into()],
         actor: Actor::User(users[0]),
+        area_id: None,
     };
     app.handler
         .execute::<Content>(q, cmd, &app.knowledge, &meta())

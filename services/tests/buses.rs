@@ -27,6 +27,7 @@ async fn drive(app: &App) {
         let cmd = UserCommand::Register {
             user_id: id("user", u),
             display_name: format!("user{u}"),
+            preferences: Default::default(),
         };
         app.handler
             .execute::<User>(id("user", u), cmd, &NoServices, &meta())
@@ -41,6 +42,7 @@ async fn drive(app: &App) {
             body: String::new(),
             tags: vec![format!("t{q}"), "common".into()],
             actor: Actor::importer(),
+            area_id: None,
         };
         app.handler
             .execute::<Content>(id("q", q), cmd, &app.knowledge, &meta())

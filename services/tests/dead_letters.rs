@@ -45,6 +45,7 @@ async fn question(app: &App, author: Uuid) -> Uuid {
         body: String::new(),
         tags: vec![],
         actor: Actor::importer(),
+        area_id: None,
     };
     app.handler
         .execute::<Content>(q, cmd, &app.knowledge, &meta)
@@ -71,6 +72,7 @@ async fn scenario(bus: &str) {
     let reg = UserCommand::Register {
         user_id: author,
         display_name: "a".into(),
+        preferences: Default::default(),
     };
     app.handler
         .execute::<User>(author, reg, &NoServices, &meta)

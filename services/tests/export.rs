@@ -39,6 +39,7 @@ async fn exports_match_the_http_rows() {
         let cmd = UserCommand::Register {
             user_id: id,
             display_name: name.into(),
+            preferences: Default::default(),
         };
         let meta = CommandMeta::new(Actor::importer(), Utc::now());
         app.handler

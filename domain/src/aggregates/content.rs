@@ -18,8 +18,8 @@ use super::check_text;
 use crate::actor::Actor;
 use crate::error::DomainError;
 use crate::events::{
-    AnswerAccepted, AnswerSubmitted, CommentAdded, ContentVoted, Event, QuestionPosted,
-    VoteDirection,
+    AnswerAccepted, AnswerSubmitted, CommentAdded, ContentLiked, ContentVoted, DiscussionStarted,
+    Event, InsightShared, QuestionPosted, ResourceUploaded, VoteDirection,
 };
 use crate::services::KnowledgeServices;
 
@@ -39,6 +39,12 @@ pub enum ContentKind {
         /// The parent question.
         question_id: Uuid,
     },
+    /// A discussion (issue #6).
+    Discussion,
+    /// An insight (issue #6).
+    Insight,
+    /// A resource: metadata of an uploaded file (issue #6).
+    Resource,
 }
 
 /// State of one question or answer. Aggregate type `content`, id = post id.
@@ -54,6 +60,10 @@ pub struct Content {
     pub comments: BTreeSet<Uuid>,
     /// Current vote of each voter.
     pub votes: BTreeMap<Uuid, VoteDirection>,
+    /// The area, if any.
+    pub area_id: Option<Uuid>,
+    /// Users who liked it.
+    pub likes: BTreeSet<Uuid>,
 }
 
 /// Commands on [`Content`]. The `actor` is the principal issuing the command.
@@ -72,6 +82,76 @@ pub enum ContentCommand {
         body: String,
         /// Tags.
         tags: Vec<String>,
+        /// Area; must exist when given.
+        area_id: Option<Uuid>,
+        /// Issuer.
+        actor: Actor,
+    },
+    /// Start a discussion (rules as for `PostQuestion`).
+    StartDiscussion {
+        /// New discussion id (= aggregate id).
+        discussion_id: Uuid,
+        /// Author.
+        author_id: Option<Uuid>,
+        /// Title, 1..=300 characters.
+        title: String,
+        /// Body.
+        body: String,
+        /// Tags.
+        tags: Vec<String>,
+        /// Area; must exist when given.
+        area_id: Option<Uuid>,
+        /// Issuer.
+        actor: Actor,
+    },
+    /// Share an insight (rules as for `PostQuestion`; the body must not be empty).
+    ShareInsight {
+        /// New insight id (= aggregate id).
+        insight_id: Uuid,
+        /// Author.
+        author_id: Option<Uuid>,
+        /// Title, 1..=300 characters.
+        title: String,
+        /// Body, 1..=65,536 bytes.
+        body: String,
+        /// Tags.
+        tags: Vec<String>,
+        /// Area; must exist when given.
+        area_id: Option<Uuid>,
+        /// Issuer.
+        actor: Actor,
+    },
+    /// Record an uploaded resource's metadata and hash (the bytes live outside the store).
+    UploadResource {
+        /// New resource id (= aggregate id).
+        resource_id: Uuid,
+        /// Uploader.
+        author_id: Option<Uuid>,
+        /// Title, 1..=300 characters.
+        title: String,
+        /// File name, 1..=255 characters without `/` or `\\`.
+        file_name: String,
+        /// `type/subtype`, at most 127 characters.
+        media_type: String,
+        /// Size in bytes, 1..=5 GiB.
+        size_bytes: u64,
+        /// SHA-256, 64 hex digits (normalised to lower case).
+        sha256: String,
+        /// Where the bytes are, an `https://` or `s3://` URL of at most 2,000 characters.
+        storage_url: Option<String>,
+        /// Tags.
+        tags: Vec<String>,
+        /// Area; must exist when given.
+        area_id: Option<Uuid>,
+        /// Issuer.
+        actor: Actor,
+    },
+    /// Like existing content; once per user (a repeat is a no-op).
+    Like {
+        /// The liked content (= aggregate id).
+        content_id: Uuid,
+        /// Who likes it; a user actor may only like as themselves.
+        user_id: Uuid,
         /// Issuer.
         actor: Actor,
     },
@@ -140,6 +220,33 @@ impl Content {
         Ok(())
     }
 
+    /// Whether posting `kind` with these facts repeats what this aggregate already is.
+    fn is_repeat(
+        &self,
+        kind: ContentKind,
+        author_id: Option<Uuid>,
+        tags: &[String],
+        area_id: Option<Uuid>,
+    ) -> bool {
+        self.kind == Some(kind)
+            && self.author_id == author_id
+            && self.tags == tags
+            && self.area_id == area_id
+    }
+
+    fn posted(
+        &mut self,
+        kind: ContentKind,
+        author_id: Option<Uuid>,
+        tags: Vec<String>,
+        area_id: Option<Uuid>,
+    ) {
+        self.kind = Some(kind);
+        self.author_id = author_id;
+        self.tags = tags;
+        self.area_id = area_id;
+    }
+
     fn require_new(&self, id: Uuid) -> Result<(), DomainError> {
         if self.kind.is_some() {
             return Err(DomainError::Conflict(format!(
@@ -170,6 +277,69 @@ async fn check_author(
                 what: "user",
                 id: a,
             });
+        }
+    }
+    Ok(())
+}
+
+async fn check_area(
+    services: &dyn KnowledgeServices,
+    area_id: Option<Uuid>,
+) -> Result<(), DomainError> {
+    if let Some(id) = area_id {
+        if !lookup(services.area_exists(id).await)? {
+            return Err(DomainError::NotFound { what: "area", id });
+        }
+    }
+    Ok(())
+}
+
+/// Largest resource accepted: 5 GiB (the metadata only; the bytes live outside the store).
+pub const MAX_RESOURCE_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+
+fn check_resource(
+    file_name: &str,
+    media_type: &str,
+    size_bytes: u64,
+    sha256: &str,
+    storage_url: Option<&str>,
+) -> Result<(), DomainError> {
+    check_text("file_name", file_name, 1, 255)?;
+    if file_name.contains(['/', '\\']) {
+        return Err(DomainError::Invalid(
+            "file_name must not contain / or \\".into(),
+        ));
+    }
+    let mt_ok = media_type.len() <= 127
+        && media_type.split('/').count() == 2
+        && media_type.split('/').all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "!#$&-^_.+".contains(c))
+        });
+    if !mt_ok {
+        return Err(DomainError::Invalid(format!(
+            "media_type {media_type:?} must be type/subtype (RFC 6838)"
+        )));
+    }
+    if size_bytes == 0 || size_bytes > MAX_RESOURCE_BYTES {
+        return Err(DomainError::Invalid(format!(
+            "size_bytes must be 1..={MAX_RESOURCE_BYTES}"
+        )));
+    }
+    if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(DomainError::Invalid(
+            "sha256 must be 64 hexadecimal digits".into(),
+        ));
+    }
+    if let Some(u) = storage_url {
+        let ok = (u.starts_with("https://") || u.starts_with("s3://"))
+            && u.len() <= 2000
+            && !u.chars().any(char::is_whitespace);
+        if !ok {
+            return Err(DomainError::Invalid(
+                "storage_url must be an https:// or s3:// URL of at most 2,000 characters".into(),
+            ));
         }
     }
     Ok(())
@@ -217,26 +387,158 @@ impl Aggregate for Content {
                 title,
                 body,
                 tags,
+                area_id,
                 actor,
             } => {
                 check_text("title", &title, 1, 300)?;
                 check_text("body", &body, 0, 65_536)?;
                 let tags = normalise_tags(tags)?;
                 if let Some(ContentKind::Question { .. }) = self.kind {
-                    if self.author_id == author_id && self.tags == tags {
+                    if self.author_id == author_id && self.tags == tags && self.area_id == area_id {
                         return Ok(()); // identical repeat
                     }
                 }
                 self.require_new(question_id)?;
                 check_author(services, &actor, author_id).await?;
+                check_area(services, area_id).await?;
                 let e = QuestionPosted {
                     question_id,
                     author_id,
                     title,
                     body,
                     tags,
+                    area_id,
                 };
                 sink.write(Event::QuestionPosted(e), self).await;
+            }
+            ContentCommand::StartDiscussion {
+                discussion_id,
+                author_id,
+                title,
+                body,
+                tags,
+                area_id,
+                actor,
+            } => {
+                check_text("title", &title, 1, 300)?;
+                check_text("body", &body, 0, 65_536)?;
+                let tags = normalise_tags(tags)?;
+                if self.is_repeat(ContentKind::Discussion, author_id, &tags, area_id) {
+                    return Ok(());
+                }
+                self.require_new(discussion_id)?;
+                check_author(services, &actor, author_id).await?;
+                check_area(services, area_id).await?;
+                let e = DiscussionStarted {
+                    discussion_id,
+                    author_id,
+                    title,
+                    body,
+                    tags,
+                    area_id,
+                };
+                sink.write(Event::DiscussionStarted(e), self).await;
+            }
+            ContentCommand::ShareInsight {
+                insight_id,
+                author_id,
+                title,
+                body,
+                tags,
+                area_id,
+                actor,
+            } => {
+                check_text("title", &title, 1, 300)?;
+                check_text("body", &body, 1, 65_536)?;
+                let tags = normalise_tags(tags)?;
+                if self.is_repeat(ContentKind::Insight, author_id, &tags, area_id) {
+                    return Ok(());
+                }
+                self.require_new(insight_id)?;
+                check_author(services, &actor, author_id).await?;
+                check_area(services, area_id).await?;
+                let e = InsightShared {
+                    insight_id,
+                    author_id,
+                    title,
+                    body,
+                    tags,
+                    area_id,
+                };
+                sink.write(Event::InsightShared(e), self).await;
+            }
+            ContentCommand::UploadResource {
+                resource_id,
+                author_id,
+                title,
+                file_name,
+                media_type,
+                size_bytes,
+                sha256,
+                storage_url,
+                tags,
+                area_id,
+                actor,
+            } => {
+                check_text("title", &title, 1, 300)?;
+                check_resource(
+                    &file_name,
+                    &media_type,
+                    size_bytes,
+                    &sha256,
+                    storage_url.as_deref(),
+                )?;
+                let tags = normalise_tags(tags)?;
+                if self.is_repeat(ContentKind::Resource, author_id, &tags, area_id) {
+                    return Ok(());
+                }
+                self.require_new(resource_id)?;
+                check_author(services, &actor, author_id).await?;
+                check_area(services, area_id).await?;
+                let e = ResourceUploaded {
+                    resource_id,
+                    author_id,
+                    title,
+                    file_name,
+                    media_type,
+                    size_bytes,
+                    sha256: sha256.to_ascii_lowercase(),
+                    storage_url,
+                    tags,
+                    area_id,
+                };
+                sink.write(Event::ResourceUploaded(e), self).await;
+            }
+            ContentCommand::Like {
+                content_id,
+                user_id,
+                actor,
+            } => {
+                self.require_exists(content_id)?;
+                if let Actor::User(u) = actor {
+                    if u != user_id {
+                        return Err(DomainError::Forbidden(format!(
+                            "user {u} may not like as {user_id}"
+                        )));
+                    }
+                }
+                if self.likes.contains(&user_id) {
+                    return Ok(());
+                }
+                if !lookup(services.user_exists(user_id).await)? {
+                    return Err(DomainError::NotFound {
+                        what: "user",
+                        id: user_id,
+                    });
+                }
+                let e = ContentLiked {
+                    content_id,
+                    user_id,
+                    content_author_id: self.author_id,
+                    tags: self.tags.clone(),
+                    area_id: self.area_id,
+                };
+                sink.write(Event::ContentLiked(e), self).await;
             }
             ContentCommand::SubmitAnswer {
                 answer_id,
@@ -264,6 +566,7 @@ impl Aggregate for Content {
                     author_id,
                     body,
                     tags: question.tags,
+                    area_id: question.area_id,
                 };
                 sink.write(Event::AnswerSubmitted(e), self).await;
             }
@@ -286,6 +589,7 @@ impl Aggregate for Content {
                     author_id,
                     text,
                     tags: self.tags.clone(),
+                    area_id: self.area_id,
                 };
                 sink.write(Event::CommentAdded(e), self).await;
             }
@@ -319,6 +623,8 @@ impl Aggregate for Content {
                     previous,
                     content_author_id: self.author_id,
                     tags: self.tags.clone(),
+                    area_id: self.area_id,
+                    on_answer: matches!(self.kind, Some(ContentKind::Answer { .. })),
                 };
                 let e = match direction {
                     VoteDirection::Up => Event::ContentUpvoted(e),
@@ -338,13 +644,13 @@ impl Aggregate for Content {
                             id: question_id,
                         })
                     }
-                    Some(ContentKind::Answer { .. }) => {
+                    Some(ContentKind::Question { accepted_answer }) => *accepted_answer,
+                    Some(_) => {
                         return Err(DomainError::NotFound {
                             what: "question",
                             id: question_id,
                         })
                     }
-                    Some(ContentKind::Question { accepted_answer }) => *accepted_answer,
                 };
                 if let Actor::User(u) = actor {
                     if self.author_id != Some(u) {
@@ -379,6 +685,7 @@ impl Aggregate for Content {
                     question_author_id: self.author_id,
                     answer_author_id: answer.author_id,
                     tags: self.tags.clone(),
+                    area_id: self.area_id,
                 };
                 sink.write(Event::AnswerAccepted(e), self).await;
             }
@@ -394,6 +701,7 @@ impl Aggregate for Content {
                 });
                 self.author_id = e.author_id;
                 self.tags = e.tags;
+                self.area_id = e.area_id;
             }
             Event::AnswerSubmitted(e) => {
                 self.kind = Some(ContentKind::Answer {
@@ -401,6 +709,19 @@ impl Aggregate for Content {
                 });
                 self.author_id = e.author_id;
                 self.tags = e.tags;
+                self.area_id = e.area_id;
+            }
+            Event::DiscussionStarted(e) => {
+                self.posted(ContentKind::Discussion, e.author_id, e.tags, e.area_id)
+            }
+            Event::InsightShared(e) => {
+                self.posted(ContentKind::Insight, e.author_id, e.tags, e.area_id)
+            }
+            Event::ResourceUploaded(e) => {
+                self.posted(ContentKind::Resource, e.author_id, e.tags, e.area_id)
+            }
+            Event::ContentLiked(e) => {
+                self.likes.insert(e.user_id);
             }
             Event::CommentAdded(e) => {
                 self.comments.insert(e.comment_id);
@@ -435,6 +756,7 @@ mod tests {
         users: Vec<Uuid>,
         questions: HashMap<Uuid, QuestionFacts>,
         answers: HashMap<Uuid, AnswerFacts>,
+        areas: Vec<Uuid>,
     }
 
     #[async_trait]
@@ -447,6 +769,9 @@ mod tests {
         }
         async fn user_exists(&self, id: Uuid) -> Result<bool, String> {
             Ok(self.users.contains(&id))
+        }
+        async fn area_exists(&self, id: Uuid) -> Result<bool, String> {
+            Ok(self.areas.contains(&id))
         }
     }
 
@@ -473,6 +798,7 @@ mod tests {
             QuestionFacts {
                 author_id: Some(w.asker),
                 tags: vec!["rome".into()],
+                area_id: None,
             },
         );
         f.answers.insert(
@@ -492,6 +818,7 @@ mod tests {
             title: "Why?".into(),
             body: String::new(),
             tags: vec!["rome".into()],
+            area_id: None,
         })
     }
 
@@ -507,6 +834,7 @@ mod tests {
                 body: String::new(),
                 tags: vec![" Rome ".into(), "rome".into()],
                 actor: Actor::User(w.asker),
+                area_id: None,
             })
             .then_expect_events(vec![posted(&w)]);
         let err = TestFramework::<Content>::with(s.clone())
@@ -518,6 +846,7 @@ mod tests {
                 body: String::new(),
                 tags: vec![],
                 actor: Actor::User(w.answerer),
+                area_id: None,
             })
             .inspect_result()
             .unwrap_err();
@@ -532,6 +861,7 @@ mod tests {
                 body: String::new(),
                 tags: vec![],
                 actor: Actor::importer(),
+                area_id: None,
             })
             .inspect_result()
             .unwrap_err();
@@ -575,6 +905,7 @@ mod tests {
                 author_id: Some(w.answerer),
                 body: "b".into(),
                 tags: vec!["rome".into()],
+                area_id: None,
             })]);
     }
 
@@ -603,6 +934,8 @@ mod tests {
             previous: None,
             content_author_id: Some(w.asker),
             tags: vec!["rome".into()],
+            area_id: None,
+            on_answer: false,
         });
         let vote = |d| ContentCommand::Vote {
             content_id: w.q,
@@ -623,6 +956,8 @@ mod tests {
                 previous: Some(VoteDirection::Up),
                 content_author_id: Some(w.asker),
                 tags: vec!["rome".into()],
+                area_id: None,
+                on_answer: false,
             })]);
     }
 
@@ -640,6 +975,7 @@ mod tests {
             question_author_id: Some(w.asker),
             answer_author_id: Some(w.answerer),
             tags: vec!["rome".into()],
+            area_id: None,
         });
         let err = TestFramework::<Content>::with(s.clone())
             .given(vec![posted(&w)])
@@ -678,6 +1014,7 @@ mod tests {
                 title: "t".into(),
                 body: String::new(),
                 tags: vec![],
+                area_id: None,
             })])
             .when(ContentCommand::AcceptAnswer {
                 question_id: other_q,
@@ -687,5 +1024,124 @@ mod tests {
             .inspect_result()
             .unwrap_err();
         assert_eq!(err.code(), "conflict");
+    }
+
+    fn upload(w: &World, id: Uuid, sha256: &str, area_id: Option<Uuid>) -> ContentCommand {
+        ContentCommand::UploadResource {
+            resource_id: id,
+            author_id: Some(w.asker),
+            title: "Slides".into(),
+            file_name: "slides.pdf".into(),
+            media_type: "application/pdf".into(),
+            size_bytes: 1234,
+            sha256: sha256.into(),
+            storage_url: Some("s3://bucket/slides.pdf".into()),
+            tags: vec!["Talks".into()],
+            area_id,
+            actor: Actor::User(w.asker),
+        }
+    }
+
+    #[test]
+    fn a_resource_records_metadata_and_hash_and_needs_an_existing_area() {
+        let (w, f) = world();
+        let id = Uuid::new_v4();
+        let hash = "AB".repeat(32);
+        TestFramework::<Content>::with(f.clone())
+            .given_no_previous_events()
+            .when(upload(&w, id, &hash, None))
+            .then_expect_events(vec![Event::ResourceUploaded(ResourceUploaded {
+                resource_id: id,
+                author_id: Some(w.asker),
+                title: "Slides".into(),
+                file_name: "slides.pdf".into(),
+                media_type: "application/pdf".into(),
+                size_bytes: 1234,
+                sha256: "ab".repeat(32),
+                storage_url: Some("s3://bucket/slides.pdf".into()),
+                tags: vec!["talks".into()],
+                area_id: None,
+            })]);
+        let r = TestFramework::<Content>::with(f.clone())
+            .given_no_previous_events()
+            .when(upload(&w, id, "xyz", None))
+            .inspect_result();
+        assert_eq!(r.unwrap_err().code(), "invalid");
+        let missing = Uuid::new_v4();
+        let r = TestFramework::<Content>::with(f)
+            .given_no_previous_events()
+            .when(upload(&w, id, &hash, Some(missing)))
+            .inspect_result();
+        assert_eq!(r.unwrap_err().code(), "not_found.area");
+    }
+
+    #[test]
+    fn content_in_an_area_passes_the_area_on_and_a_like_counts_once() {
+        let (w, _) = world();
+        let area = Uuid::new_v4();
+        let f: Arc<dyn KnowledgeServices> = Arc::new(Facts {
+            users: vec![w.asker, w.answerer],
+            areas: vec![area],
+            ..Default::default()
+        });
+        let started = Event::DiscussionStarted(DiscussionStarted {
+            discussion_id: w.q,
+            author_id: Some(w.asker),
+            title: "Tabs or spaces?".into(),
+            body: String::new(),
+            tags: vec![],
+            area_id: Some(area),
+        });
+        TestFramework::<Content>::with(f.clone())
+            .given_no_previous_events()
+            .when(ContentCommand::StartDiscussion {
+                discussion_id: w.q,
+                author_id: Some(w.asker),
+                title: "Tabs or spaces?".into(),
+                body: String::new(),
+                tags: vec![],
+                area_id: Some(area),
+                actor: Actor::User(w.asker),
+            })
+            .then_expect_events(vec![started.clone()]);
+        let like = || ContentCommand::Like {
+            content_id: w.q,
+            user_id: w.answerer,
+            actor: Actor::User(w.answerer),
+        };
+        let liked = Event::ContentLiked(ContentLiked {
+            content_id: w.q,
+            user_id: w.answerer,
+            content_author_id: Some(w.asker),
+            tags: vec![],
+            area_id: Some(area),
+        });
+        TestFramework::<Content>::with(f.clone())
+            .given(vec![started.clone()])
+            .when(like())
+            .then_expect_events(vec![liked.clone()]);
+        TestFramework::<Content>::with(f.clone())
+            .given(vec![started.clone(), liked])
+            .when(like())
+            .then_expect_events(vec![]);
+        // Liking for someone else is forbidden; accepting on a discussion finds no question.
+        let r = TestFramework::<Content>::with(f.clone())
+            .given(vec![started.clone()])
+            .when(ContentCommand::Like {
+                content_id: w.q,
+                user_id: w.asker,
+                actor: Actor::User(w.answerer),
+            })
+            .inspect_result();
+        assert_eq!(r.unwrap_err().code(), "forbidden");
+        let r = TestFramework::<Content>::with(f)
+            .given(vec![started])
+            .when(ContentCommand::AcceptAnswer {
+                question_id: w.q,
+                answer_id: w.a,
+                actor: Actor::User(w.asker),
+            })
+            .inspect_result();
+        assert_eq!(r.unwrap_err().code(), "not_found.question");
     }
 }

@@ -1,10 +1,11 @@
-//! The four aggregates. Each is a cqrs-es [`cqrs_es::Aggregate`] over the shared [`crate::Event`]
+//! The five aggregates. Each is a cqrs-es [`cqrs_es::Aggregate`] over the shared [`crate::Event`]
 //! enum; `apply` ignores variants that belong to other aggregate types.
 //!
 //! A command that would change nothing (a repeated registration, comment, vote or award with the
 //! same data) succeeds with no events: that is what makes the importer and every policy
 //! idempotent.
 
+pub mod area;
 pub mod content;
 pub mod profile;
 pub mod snapshot;

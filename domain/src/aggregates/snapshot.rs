@@ -13,17 +13,25 @@ pub trait SnapshotVersion {
 }
 
 impl SnapshotVersion for super::user::User {
-    const SNAPSHOT_VERSION: u32 = 1;
+    // 2: profile fields, e-mail and preferences (issue #6).
+    const SNAPSHOT_VERSION: u32 = 2;
 }
 
 impl SnapshotVersion for super::content::Content {
-    const SNAPSHOT_VERSION: u32 = 1;
+    // 2: discussions, insights, resources, likes and areas (issue #6).
+    const SNAPSHOT_VERSION: u32 = 2;
 }
 
 impl SnapshotVersion for super::profile::Profile {
-    const SNAPSHOT_VERSION: u32 = 1;
+    // 2: `progress` (issue #6 achievements).
+    const SNAPSHOT_VERSION: u32 = 2;
 }
 
 impl SnapshotVersion for super::subscription::Subscription {
+    // 2: paid invoices and billing ids (issue #6).
+    const SNAPSHOT_VERSION: u32 = 2;
+}
+
+impl SnapshotVersion for super::area::Area {
     const SNAPSHOT_VERSION: u32 = 1;
 }

@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::DomainError;
-use crate::events::{Event, QuotaExceeded, SubscriptionCreated, UsageRecorded};
+use crate::events::{
+    Event, InvoicePaid, QuotaExceeded, SubscriptionCancelled, SubscriptionCreated,
+    SubscriptionTierChanged, UsageRecorded,
+};
 use crate::rules::{QuotaRules, Tier};
 
 /// One user's subscription. Aggregate type `subscription`, id = user id.
@@ -24,6 +27,10 @@ pub struct Subscription {
     pub exceeded: BTreeSet<String>,
     /// Source events already metered.
     pub metered: BTreeSet<Uuid>,
+    /// Invoices already recorded paid.
+    pub invoices: BTreeSet<String>,
+    /// The billing provider's id of the current paid subscription, if any.
+    pub polar_subscription_id: Option<String>,
 }
 
 /// Commands on [`Subscription`].
@@ -48,6 +55,36 @@ pub enum SubscriptionCommand {
         source_event_type: String,
         /// Its `occurred_at`.
         occurred_at: DateTime<Utc>,
+    },
+    /// Move to `tier` (from the billing provider). Emits `payment.subscription.upgraded` or
+    /// `.downgraded` by the order Free < Pro < Team < Enterprise; the tier in force is a
+    /// no-op. A subscription not yet opened counts as Free.
+    ChangeTier {
+        /// Subscriber (= aggregate id).
+        user_id: Uuid,
+        /// New tier.
+        tier: Tier,
+        /// The provider's subscription id.
+        polar_subscription_id: Option<String>,
+    },
+    /// End the paid subscription: back to Free (`payment.subscription.cancelled`). A no-op on
+    /// Free.
+    Cancel {
+        /// Subscriber (= aggregate id).
+        user_id: Uuid,
+        /// The provider's subscription id.
+        polar_subscription_id: Option<String>,
+    },
+    /// Record a paid invoice (`payment.invoice.paid`); a repeated `invoice_id` is a no-op.
+    RecordInvoicePaid {
+        /// Subscriber (= aggregate id).
+        user_id: Uuid,
+        /// The provider's order / invoice id, 1..=200 characters.
+        invoice_id: String,
+        /// Amount in the currency's minor unit.
+        amount_minor: u64,
+        /// ISO 4217 code (normalised to lower case; 3 letters).
+        currency: String,
     },
 }
 
@@ -119,6 +156,70 @@ impl Aggregate for Subscription {
                     }
                 }
             }
+            SubscriptionCommand::ChangeTier {
+                user_id,
+                tier,
+                polar_subscription_id,
+            } => {
+                let from = self.tier.unwrap_or_default();
+                let e = SubscriptionTierChanged {
+                    user_id,
+                    from,
+                    to: tier,
+                    polar_subscription_id,
+                };
+                match tier.cmp(&from) {
+                    std::cmp::Ordering::Equal => {}
+                    std::cmp::Ordering::Greater => {
+                        sink.write(Event::SubscriptionUpgraded(e), self).await
+                    }
+                    std::cmp::Ordering::Less => {
+                        sink.write(Event::SubscriptionDowngraded(e), self).await
+                    }
+                }
+            }
+            SubscriptionCommand::Cancel {
+                user_id,
+                polar_subscription_id,
+            } => {
+                let from = self.tier.unwrap_or_default();
+                if from != Tier::Free {
+                    let e = SubscriptionCancelled {
+                        user_id,
+                        from,
+                        polar_subscription_id,
+                    };
+                    sink.write(Event::SubscriptionCancelled(e), self).await;
+                }
+            }
+            SubscriptionCommand::RecordInvoicePaid {
+                user_id,
+                invoice_id,
+                amount_minor,
+                currency,
+            } => {
+                if invoice_id.is_empty() || invoice_id.chars().count() > 200 {
+                    return Err(DomainError::Invalid(
+                        "invoice_id must be 1..=200 characters".into(),
+                    ));
+                }
+                let currency = currency.to_ascii_lowercase();
+                if currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_lowercase()) {
+                    return Err(DomainError::Invalid(format!(
+                        "currency {currency:?} must be an ISO 4217 code"
+                    )));
+                }
+                if !self.invoices.contains(&invoice_id) {
+                    let e = InvoicePaid {
+                        user_id,
+                        invoice_id,
+                        amount_minor,
+                        currency,
+                        tier: self.tier.unwrap_or_default(),
+                    };
+                    sink.write(Event::InvoicePaid(e), self).await;
+                }
+            }
         }
         Ok(())
     }
@@ -132,6 +233,19 @@ impl Aggregate for Subscription {
             }
             Event::QuotaExceeded(e) => {
                 self.exceeded.insert(e.period);
+            }
+            Event::SubscriptionUpgraded(e) | Event::SubscriptionDowngraded(e) => {
+                self.tier = Some(e.to);
+                if e.polar_subscription_id.is_some() {
+                    self.polar_subscription_id = e.polar_subscription_id;
+                }
+            }
+            Event::SubscriptionCancelled(_) => {
+                self.tier = Some(Tier::Free);
+                self.polar_subscription_id = None;
+            }
+            Event::InvoicePaid(e) => {
+                self.invoices.insert(e.invoice_id);
             }
             _ => {}
         }
@@ -225,5 +339,94 @@ mod tests {
             period_of("2024-01-01T00:30:00+01:00".parse().unwrap()),
             "2023-12"
         );
+    }
+
+    #[test]
+    fn tier_changes_go_up_and_down_in_tier_order_and_cancel_returns_to_free() {
+        let u = Uuid::new_v4();
+        let created = Event::SubscriptionCreated(SubscriptionCreated {
+            user_id: u,
+            tier: Tier::Free,
+        });
+        let change = |tier| SubscriptionCommand::ChangeTier {
+            user_id: u,
+            tier,
+            polar_subscription_id: Some("sub_1".into()),
+        };
+        let changed = |from, to| SubscriptionTierChanged {
+            user_id: u,
+            from,
+            to,
+            polar_subscription_id: Some("sub_1".into()),
+        };
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given(vec![created.clone()])
+            .when(change(Tier::Team))
+            .then_expect_events(vec![Event::SubscriptionUpgraded(changed(
+                Tier::Free,
+                Tier::Team,
+            ))]);
+        let on_team = vec![
+            created.clone(),
+            Event::SubscriptionUpgraded(changed(Tier::Free, Tier::Team)),
+        ];
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given(on_team.clone())
+            .when(change(Tier::Pro))
+            .then_expect_events(vec![Event::SubscriptionDowngraded(changed(
+                Tier::Team,
+                Tier::Pro,
+            ))]);
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given(on_team.clone())
+            .when(change(Tier::Team))
+            .then_expect_events(vec![]);
+        let cancel = || SubscriptionCommand::Cancel {
+            user_id: u,
+            polar_subscription_id: None,
+        };
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given(on_team)
+            .when(cancel())
+            .then_expect_events(vec![Event::SubscriptionCancelled(SubscriptionCancelled {
+                user_id: u,
+                from: Tier::Team,
+                polar_subscription_id: None,
+            })]);
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given(vec![created])
+            .when(cancel())
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn an_invoice_is_recorded_once_and_bad_currency_is_refused() {
+        let u = Uuid::new_v4();
+        let pay = |currency: &str| SubscriptionCommand::RecordInvoicePaid {
+            user_id: u,
+            invoice_id: "ord_1".into(),
+            amount_minor: 1900,
+            currency: currency.into(),
+        };
+        let paid = Event::InvoicePaid(InvoicePaid {
+            user_id: u,
+            invoice_id: "ord_1".into(),
+            amount_minor: 1900,
+            currency: "usd".into(),
+            tier: Tier::Free,
+        });
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given_no_previous_events()
+            .when(pay("USD"))
+            .then_expect_events(vec![paid.clone()]);
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given(vec![paid])
+            .when(pay("usd"))
+            .then_expect_events(vec![]);
+        let r = TestFramework::<Subscription>::with(QuotaRules::default())
+            .given_no_previous_events()
+            .when(pay("dollars"))
+            .inspect_result();
+        assert_eq!(r.unwrap_err().code(), "invalid");
     }
 }

@@ -15,7 +15,8 @@
 //! There is no timer: a lone append is taken at once and committed alone. Batches form only
 //! from the writes that queue up while the previous transaction is in flight.
 //!
-//! Other writes (marking outbox records published, idempotency records, purges) are queued the
+//! Other writes (marking outbox records published, idempotency records, purges, snapshot
+//! saves) are queued the
 //! same way and share the batches, each in its own savepoint too.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -373,7 +374,7 @@ fn append_rows(conn: &Connection, body: AppendBody) -> AppendResult {
         let inserted = insert_event.execute(params![
             e.event_id.to_string(),
             e.event.event_type(),
-            tektree_domain::events::EVENT_VERSION,
+            e.event.event_version(),
             e.aggregate_type,
             agg_id,
             sequence,

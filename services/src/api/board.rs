@@ -1,15 +1,17 @@
-//! Leaderboard names: `all-time`, `weekly:YYYY-Www` (ISO-8601 week, UTC) or `tag:NAME`.
+//! Leaderboard names: `all-time`, `weekly:YYYY-Www` (ISO-8601 week, UTC), `tag:NAME` or
+//! `area:UUID` (issue #6).
 
 use chrono::{NaiveDate, Weekday};
 
 /// Validates a board name and returns its canonical form (tag names lower-cased, as tags are
-/// stored).
+/// stored; area ids in hyphenated lower case).
 ///
 /// # Errors
 /// A message naming the expected forms.
 pub fn parse_board(raw: &str) -> Result<String, String> {
-    let bad =
-        || format!("invalid board {raw:?}: expected `all-time`, `weekly:YYYY-Www` or `tag:NAME`");
+    let bad = || {
+        format!("invalid board {raw:?}: expected `all-time`, `weekly:YYYY-Www`, `tag:NAME` or `area:UUID`")
+    };
     if raw == "all-time" {
         return Ok(raw.to_string());
     }
@@ -41,6 +43,11 @@ pub fn parse_board(raw: &str) -> Result<String, String> {
         }
         return Ok(format!("tag:{tag}"));
     }
+    if let Some(area) = raw.strip_prefix("area:") {
+        let id = uuid::Uuid::parse_str(area)
+            .map_err(|_| format!("invalid board {raw:?}: an area board is `area:UUID`"))?;
+        return Ok(format!("area:{id}"));
+    }
     Err(bad())
 }
 
@@ -58,6 +65,10 @@ mod tests {
         assert_eq!(parse_board("tag:C#").unwrap(), "tag:c#");
         assert!(parse_board("tag:").is_err());
         assert!(parse_board("tag:a b").is_err());
+        let id = uuid::Uuid::new_v4();
+        let upper = format!("area:{}", id.to_string().to_uppercase());
+        assert_eq!(parse_board(&upper).unwrap(), format!("area:{id}"));
+        assert!(parse_board("area:rust").is_err());
         assert!(parse_board("alltime").is_err());
     }
 }

@@ -164,6 +164,9 @@ pub struct Planned {
 }
 
 /// What a phase does with one row.
+// `Send` is larger since issue #6 grew `ContentCommand` (resources); a step lives for one row
+// and is consumed at once, so boxing would only add an allocation per row.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     /// Send a command.
@@ -278,6 +281,7 @@ fn plan_user(row: &Row, ids: &SiteIds) -> Result<Step, String> {
             command: UserCommand::Register {
                 user_id,
                 display_name,
+                preferences: Default::default(),
             },
         },
         occurred_at,
@@ -305,6 +309,7 @@ fn plan_post(phase: Phase, row: &Row, ids: &SiteIds) -> Result<Step, String> {
                         body,
                         tags: parse_tags(row.get("Tags").unwrap_or_default()),
                         actor: Actor::importer(),
+                        area_id: None,
                     },
                 },
                 occurred_at,

@@ -179,7 +179,9 @@ pub fn plan(workload: &Workload) -> Result<Plan> {
                             .get(question_id)
                             .with_context(|| format!("accept on unknown question {question_id}"))?,
                     },
+                    other => bail!("the bench workload has no HTTP form for {other:?}"),
                 },
+                Cmd::User(_, other) => bail!("the bench workload has no HTTP form for {other:?}"),
             };
             requests.push(r);
         }

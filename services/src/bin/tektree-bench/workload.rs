@@ -151,6 +151,7 @@ pub fn generate(seed: u64, commands: u64) -> Workload {
                 let cmd = UserCommand::Register {
                     user_id: id,
                     display_name: format!("user{i}"),
+                    preferences: Default::default(),
                 };
                 (Cmd::User(id, cmd), tick(&mut rng))
             })
@@ -172,6 +173,7 @@ pub fn generate(seed: u64, commands: u64) -> Workload {
             body: text(&mut rng, 200, 2600),
             tags,
             actor: Actor::importer(),
+            area_id: None,
         };
         cmds.push((Cmd::Content(id, cmd), tick(&mut rng)));
     }
