@@ -5,6 +5,8 @@
 //! cached state and folds just the events after `v` ([`tektree_event_store::EventStore::load_after`]).
 //! Without it, each command on an aggregate with `n` events decodes all `n`; the hottest
 //! gamification profile of the bundled dump has 2,262 events, i.e. ~2.5 M decodes over its life.
+//! On a miss (first load in this process, eviction, capacity 0) the handler starts from the
+//! aggregate's persisted snapshot instead, when it has a usable one (see `handler`).
 
 use std::any::Any;
 use std::collections::HashMap;

@@ -8,6 +8,12 @@
 //! `expected_version` = the loaded version. When another writer appended first the store reports
 //! a conflict and the whole cycle is retried, at most [`CommandHandler::max_attempts`] times
 //! (default 5, issue #2 §1), then [`CommandError::Conflict`] is returned (HTTP 409).
+//!
+//! Loads start from the in-memory state cache or, on a miss, from the aggregate's stored
+//! snapshot when it has the aggregate's current `SNAPSHOT_VERSION` (issue #6); a command whose
+//! new version crosses a multiple of [`CommandHandler::with_snapshot_interval`] (default
+//! [`DEFAULT_SNAPSHOT_INTERVAL`]) saves a new snapshot after its commit, best effort. See
+//! [`LoadSource`] and the `Snapshots` section of `docs/architecture.md`.
 
 mod cache;
 mod error;
@@ -16,5 +22,7 @@ pub mod policies;
 mod services;
 
 pub use error::CommandError;
-pub use handler::{CommandHandler, CommandMeta, Outcome};
+pub use handler::{
+    CommandHandler, CommandMeta, LoadSource, Outcome, SnapshotCounts, DEFAULT_SNAPSHOT_INTERVAL,
+};
 pub use services::StoreServices;

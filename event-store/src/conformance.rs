@@ -26,7 +26,7 @@ use tektree_domain::events::UserRegistered;
 use tektree_domain::{Actor, Event, EventEnvelope, EventMetadata, NewEvent};
 use uuid::Uuid;
 
-use crate::{EventStore, IdempotencyKey, IdempotencyRecord, StoreError};
+use crate::{EventStore, IdempotencyKey, IdempotencyRecord, StoreError, StoredSnapshot};
 
 /// Aggregate type used by [`sample_event`].
 pub const SAMPLE_AGGREGATE_TYPE: &str = "user";
@@ -50,6 +50,7 @@ pub fn sample_event(aggregate_id: Uuid, sequence: u64) -> NewEvent {
         event: Event::UserRegistered(UserRegistered {
             user_id: aggregate_id,
             display_name: format!("Zoë \"#{sequence}\" \\ 🌳"),
+            preferences: Default::default(),
         }),
         metadata: EventMetadata {
             occurred_at: sample_occurred_at(),
@@ -80,6 +81,7 @@ pub async fn run_all(store: &dyn EventStore) {
     positions_strictly_increasing(store).await;
     outbox_contract(store).await;
     idempotency_records(store).await;
+    snapshots(store).await;
 }
 
 fn ok<T>(check: &str, what: &str, r: Result<T, StoreError>) -> T {
@@ -845,5 +847,168 @@ pub async fn idempotency_records(store: &dyn EventStore) {
         ),
         None,
         "conformance::{C}: a purged record is still returned"
+    );
+}
+
+/// A snapshot of `user`/`aggregate_id` at `version` with shape `snapshot_version`, taken at
+/// [`sample_occurred_at`] plus `version` nanoseconds (so a backend that loses nanoseconds
+/// fails the round trip), with a state holding non-ASCII text, JSON metacharacters, a key that
+/// is awkward in document stores, a float and an integer above `i64::MAX`.
+pub fn sample_snapshot(aggregate_id: Uuid, version: u64, snapshot_version: u32) -> StoredSnapshot {
+    StoredSnapshot {
+        aggregate_type: SAMPLE_AGGREGATE_TYPE.to_string(),
+        aggregate_id,
+        version,
+        snapshot_version,
+        state: serde_json::json!({
+            "display_name": format!("Zoë \"#{version}\" \\ 🌳"),
+            "$set.odd": [version, 0.5, null, true, u64::MAX],
+            "nested": { "empty": {}, "list": [] },
+        }),
+        taken_at: sample_occurred_at() + chrono::Duration::nanoseconds(version as i64),
+    }
+}
+
+/// Snapshots ([`EventStore::save_snapshot`] / [`EventStore::load_snapshot`]):
+/// - no snapshot loads as `None`; a saved one loads back exactly (every field);
+/// - one snapshot per aggregate: a save of a higher (or the same) `version` replaces it, a save
+///   of a lower `version` with the same `snapshot_version` is refused (`false`) and changes
+///   nothing;
+/// - a save with another `snapshot_version` replaces the stored one whatever its `version`
+///   (newer shape, and also an older one);
+/// - snapshots are keyed by aggregate type *and* id;
+/// - snapshots are not events: saving one changes neither the head nor the outbox.
+///
+/// # Panics
+/// On any violation or store error.
+pub async fn snapshots(store: &dyn EventStore) {
+    const C: &str = "snapshots";
+    let id = Uuid::new_v4();
+    let head0 = ok(C, "head", store.head().await);
+    let backlog0 = ok(C, "outbox_backlog", store.outbox_backlog().await);
+    let load = |aggregate_type: &'static str, id: Uuid| async move {
+        ok(
+            C,
+            "load_snapshot",
+            store.load_snapshot(aggregate_type, id).await,
+        )
+    };
+    assert_eq!(
+        load(SAMPLE_AGGREGATE_TYPE, id).await,
+        None,
+        "conformance::{C}: a snapshot of an aggregate that has none"
+    );
+
+    let first = sample_snapshot(id, 20, 1);
+    assert!(
+        ok(C, "save", store.save_snapshot(&first).await),
+        "conformance::{C}: the first save of an aggregate was refused"
+    );
+    assert_eq!(
+        load(SAMPLE_AGGREGATE_TYPE, id).await,
+        Some(first.clone()),
+        "conformance::{C}: the saved snapshot does not load back exactly"
+    );
+
+    // Never backwards within one snapshot_version.
+    let older = sample_snapshot(id, 10, 1);
+    assert!(
+        !ok(C, "save", store.save_snapshot(&older).await),
+        "conformance::{C}: a save at a lower version reported that it replaced the snapshot"
+    );
+    assert_eq!(
+        load(SAMPLE_AGGREGATE_TYPE, id).await,
+        Some(first.clone()),
+        "conformance::{C}: a save at a lower version moved the snapshot backwards"
+    );
+    let again = StoredSnapshot {
+        state: serde_json::json!({ "same": "version" }),
+        ..sample_snapshot(id, 20, 1)
+    };
+    assert!(
+        ok(C, "save", store.save_snapshot(&again).await),
+        "conformance::{C}: a save at the same version was refused"
+    );
+    let newer = sample_snapshot(id, 30, 1);
+    assert!(
+        ok(C, "save", store.save_snapshot(&newer).await),
+        "conformance::{C}: a save at a higher version was refused"
+    );
+    assert_eq!(
+        load(SAMPLE_AGGREGATE_TYPE, id).await,
+        Some(newer.clone()),
+        "conformance::{C}: a save at a higher version did not replace the snapshot"
+    );
+
+    // Another snapshot_version always replaces, even at a lower version: the stored one has a
+    // shape the writer cannot use.
+    let reshaped = sample_snapshot(id, 5, 2);
+    assert!(
+        ok(C, "save", store.save_snapshot(&reshaped).await),
+        "conformance::{C}: a save with a newer snapshot_version was refused"
+    );
+    assert_eq!(
+        load(SAMPLE_AGGREGATE_TYPE, id).await,
+        Some(reshaped.clone()),
+        "conformance::{C}: a newer snapshot_version did not replace the snapshot"
+    );
+    let rolled_back = sample_snapshot(id, 4, 1);
+    assert!(
+        ok(C, "save", store.save_snapshot(&rolled_back).await),
+        "conformance::{C}: a save with an older snapshot_version was refused"
+    );
+    assert_eq!(
+        load(SAMPLE_AGGREGATE_TYPE, id).await,
+        Some(rolled_back.clone()),
+        "conformance::{C}: an older snapshot_version did not replace the snapshot"
+    );
+
+    // Keyed by type and id.
+    assert_eq!(
+        load("content", id).await,
+        None,
+        "conformance::{C}: load_snapshot(\"content\", id) returned the user's snapshot"
+    );
+    assert_eq!(
+        load(SAMPLE_AGGREGATE_TYPE, Uuid::new_v4()).await,
+        None,
+        "conformance::{C}: an unknown aggregate has a snapshot"
+    );
+    let content = StoredSnapshot {
+        aggregate_type: "content".to_string(),
+        ..sample_snapshot(id, 1, 1)
+    };
+    let other = sample_snapshot(Uuid::new_v4(), 1, 1);
+    for s in [&content, &other] {
+        assert!(
+            ok(C, "save", store.save_snapshot(s).await),
+            "conformance::{C}: the first save of another aggregate was refused"
+        );
+    }
+    assert_eq!(
+        load("content", id).await,
+        Some(content),
+        "conformance::{C}: snapshot of content/id"
+    );
+    assert_eq!(
+        load(SAMPLE_AGGREGATE_TYPE, other.aggregate_id).await,
+        Some(other),
+        "conformance::{C}: snapshot of another user"
+    );
+    assert_eq!(
+        load(SAMPLE_AGGREGATE_TYPE, id).await,
+        Some(rolled_back),
+        "conformance::{C}: saves of other aggregates changed this one's snapshot"
+    );
+
+    assert_eq!(
+        ok(C, "head", store.head().await),
+        head0,
+        "conformance::{C}: saving snapshots changed the head"
+    );
+    assert_eq!(
+        ok(C, "outbox_backlog", store.outbox_backlog().await),
+        backlog0,
+        "conformance::{C}: saving snapshots changed the outbox"
     );
 }

@@ -11,6 +11,8 @@
 //! - Global `position` is assigned by the store, strictly increasing in commit order: a reader
 //!   that has seen position `p` never later sees a newly committed event with a position `≤ p`.
 //! - [`EventStore::outbox_pending`] returns unpublished outbox records in position order.
+//! - [`EventStore::save_snapshot`] keeps one [`StoredSnapshot`] per aggregate and never moves it
+//!   back to a lower `version` of the same `snapshot_version`.
 
 #![deny(missing_docs)]
 
@@ -39,6 +41,39 @@ pub struct Head {
     pub position: u64,
     /// Number of stored events.
     pub events: u64,
+}
+
+/// The folded state of one aggregate at one version, stored so that a load folds only the
+/// events after it (issue #6). One per aggregate (`aggregate_type`, `aggregate_id`).
+///
+/// The store treats `state` as opaque JSON; whoever reads it checks `snapshot_version` against
+/// the state shape it expects (the aggregate's `SnapshotVersion::SNAPSHOT_VERSION` in
+/// `tektree-domain`) and ignores a snapshot of another shape. A snapshot is a cache: deleting
+/// or ignoring it never changes what a load returns, only how many events it folds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSnapshot {
+    /// Aggregate type (`user`, `content`, `profile`, `subscription`).
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: Uuid,
+    /// Aggregate version folded into `state`: the sequence of the last event applied (≥ 1).
+    pub version: u64,
+    /// Shape version of `state` (the aggregate's `SNAPSHOT_VERSION` when it was taken).
+    pub snapshot_version: u32,
+    /// The folded state, as the aggregate's serde JSON form.
+    pub state: serde_json::Value,
+    /// When the snapshot was taken (writer's clock; stored with nanoseconds).
+    pub taken_at: DateTime<Utc>,
+}
+
+impl StoredSnapshot {
+    /// Whether saving `self` over the stored `current` replaces it: always when their
+    /// `snapshot_version`s differ (a stored snapshot of another shape is useless to the writer,
+    /// which would ignore it on load; this also lets a rolled-back build replace the snapshots of
+    /// a newer one), else only when `self.version >= current.version` (never backwards).
+    pub fn replaces(&self, current: &StoredSnapshot) -> bool {
+        self.snapshot_version != current.snapshot_version || self.version >= current.version
+    }
 }
 
 /// Append-only storage of domain events with a transactional outbox.
@@ -133,6 +168,32 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Number of outbox records not yet published.
     async fn outbox_backlog(&self) -> Result<u64, StoreError>;
+
+    /// The stored snapshot of `aggregate_type`/`aggregate_id`, if any (whatever its
+    /// `snapshot_version`: the caller decides whether it can use it).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] for storage failures and for a stored row that cannot be decoded
+    /// (callers treat snapshots as a cache and fall back to folding the events).
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Option<StoredSnapshot>, StoreError>;
+
+    /// Stores `snapshot` as its aggregate's one snapshot (insert or replace), unless the stored
+    /// one has the same `snapshot_version` and a higher `version` (see
+    /// [`StoredSnapshot::replaces`]); atomic against concurrent saves of the same aggregate.
+    /// Returns `true` when `snapshot` is now stored, `false` when the stored one was kept.
+    ///
+    /// Independent of appends: it is not part of any append's transaction, and the store does
+    /// not check `version` against the aggregate's events (the caller saves only states it
+    /// folded from committed events).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] for storage failures or a snapshot the backend cannot hold
+    /// (`version` above `i64::MAX`); nothing is written then.
+    async fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<bool, StoreError>;
 }
 
 /// The batch check every adapter makes before writing: `events` all belong to the aggregate

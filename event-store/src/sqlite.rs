@@ -2,8 +2,9 @@
 //!
 //! # Schema
 //!
-//! Only two tables (and their indexes) belong to this adapter; the same database file also holds
-//! read-model tables of other crates (prefixed `rm_` and `consumer_`), which it never touches.
+//! Only these tables (and their indexes) belong to this adapter; the same database file also
+//! holds read-model tables of other crates (prefixed `rm_` and `consumer_`), which it never
+//! touches.
 //!
 //! ```sql
 //! events(position INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE,
@@ -12,7 +13,18 @@
 //!        causation_id TEXT, actor TEXT, payload TEXT,
 //!        UNIQUE(aggregate_type, aggregate_id, sequence))
 //! outbox(position INTEGER PRIMARY KEY REFERENCES events(position), published_at TEXT NULL)
+//! idempotency(key TEXT PRIMARY KEY, …)            -- see crate::IdempotencyRecord
+//! snapshots(aggregate_type TEXT, aggregate_id TEXT, version INTEGER,
+//!           snapshot_version INTEGER, state TEXT, taken_at TEXT,
+//!           PRIMARY KEY(aggregate_type, aggregate_id))
 //! ```
+//!
+//! `snapshots` holds one [`StoredSnapshot`] per aggregate (`state` as compact JSON text). A save
+//! is one `INSERT … ON CONFLICT DO UPDATE … WHERE` upsert (the no-backwards rule of
+//! [`StoredSnapshot::replaces`] in SQL) queued on the writer thread like the other writes (its
+//! JSON is encoded on the caller's thread first). It is never part of an append's savepoint,
+//! so a failing save cannot fail an append; sharing the writer keeps it from contending with
+//! the writer for SQLite's database lock.
 //!
 //! Uuids are stored as lower-case hyphenated text, timestamps as RFC 3339 in UTC with exactly
 //! nine fractional digits (`2024-05-06T07:08:09.123456789Z`, fixed width, so text order is time
@@ -38,7 +50,7 @@
 //! load pays no latency. The batch sizes are recorded in the histogram
 //! `tektree_store_batch_appends` (through the `metrics` facade) and counted by
 //! [`SqliteStore::write_batches`] / [`SqliteStore::batched_appends`]. Other writes (outbox
-//! marks, idempotency records and purges) are queued on the same thread and share the batches
+//! marks, idempotency records and purges, snapshot saves) are queued on the same thread and share the batches
 //! in the same way, each in its own savepoint and answered after the `COMMIT`; they count
 //! toward the 256. Checking, and JSON-encoding payloads, happen on the caller's thread
 //! before queueing. As before group commit, a queued append whose caller stops waiting (its
@@ -68,7 +80,9 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Tran
 use tektree_domain::{Actor, EventEnvelope, NewEvent};
 use uuid::Uuid;
 
-use crate::{validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError};
+use crate::{
+    validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError, StoredSnapshot,
+};
 use writer::{AppendBody, PreparedEvent, Writer};
 
 /// How long a connection waits for a lock held by another connection or process.
@@ -116,6 +130,15 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at     INTEGER NOT NULL  -- µs since the Unix epoch
 );
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency(expires_at);
+CREATE TABLE IF NOT EXISTS snapshots (
+    aggregate_type   TEXT    NOT NULL,
+    aggregate_id     TEXT    NOT NULL,
+    version          INTEGER NOT NULL CHECK (version >= 0),
+    snapshot_version INTEGER NOT NULL CHECK (snapshot_version >= 0),
+    state            TEXT    NOT NULL, -- the folded state, compact JSON
+    taken_at         TEXT    NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
 ";
 
 /// [`EventStore`] on one SQLite database file (WAL mode, `synchronous=FULL`).
@@ -214,8 +237,8 @@ fn connect(path: &Path, flags: OpenFlags, reader: bool) -> Result<Connection, St
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file at `path` and creates the `events` and
-    /// `outbox` tables if they do not exist yet. Idempotent; safe to call from several processes
+    /// Opens (creating if needed) the database file at `path` and creates the `events`,
+    /// `outbox`, `idempotency` and `snapshots` tables if they do not exist yet. Idempotent; safe to call from several processes
     /// at once. Switches the file to WAL mode (a persistent property of the file).
     ///
     /// This is a blocking call (file I/O; it may wait up to 10 s for another process's lock).
@@ -265,8 +288,8 @@ impl SqliteStore {
 
     /// Number of write transactions (group commits) this store's writer has run since
     /// [`SqliteStore::open`], committed or rolled back; shared by all clones. Each carried one
-    /// or more writes: appends, outbox marks, idempotency records, purges (see the module docs
-    /// on group commit).
+    /// or more writes: appends, outbox marks, idempotency records, purges, snapshot saves (see
+    /// the module docs on group commit).
     pub fn write_batches(&self) -> u64 {
         self.inner.writer.stats.batches.load(Ordering::Relaxed)
     }
@@ -729,4 +752,98 @@ impl EventStore for SqliteStore {
         })
         .await
     }
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Option<StoredSnapshot>, StoreError> {
+        let aggregate_type = aggregate_type.to_string();
+        self.with_reader(move |conn| select_snapshot(conn, &aggregate_type, aggregate_id))
+            .await
+    }
+
+    /// See [`EventStore::save_snapshot`]: the state is encoded on the caller's thread, then one
+    /// upsert runs in its own savepoint of a group-commit batch on the writer thread.
+    async fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<bool, StoreError> {
+        let state = serde_json::to_string(&snapshot.state).map_err(backend)?;
+        let version = to_i64(snapshot.version, "snapshot version")?;
+        let row = (
+            snapshot.aggregate_type.clone(),
+            snapshot.aggregate_id.to_string(),
+            version,
+            i64::from(snapshot.snapshot_version),
+            state,
+            timestamp(&snapshot.taken_at),
+        );
+        self.with_writer(move |conn| {
+            let (aggregate_type, aggregate_id, version, snapshot_version, state, taken_at) = row;
+            let changed = conn
+                .prepare_cached(
+                    "INSERT INTO snapshots (aggregate_type, aggregate_id, version, \
+                     snapshot_version, state, taken_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
+                     version = excluded.version, snapshot_version = excluded.snapshot_version, \
+                     state = excluded.state, taken_at = excluded.taken_at \
+                     WHERE excluded.snapshot_version <> snapshots.snapshot_version \
+                     OR excluded.version >= snapshots.version",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        aggregate_type,
+                        aggregate_id,
+                        version,
+                        snapshot_version,
+                        state,
+                        taken_at
+                    ])
+                })
+                .map_err(backend)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+}
+
+/// The stored snapshot of `aggregate_type`/`aggregate_id`, decoded.
+fn select_snapshot(
+    conn: &Connection,
+    aggregate_type: &str,
+    aggregate_id: Uuid,
+) -> Result<Option<StoredSnapshot>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT version, snapshot_version, state, taken_at FROM snapshots \
+             WHERE aggregate_type = ?1 AND aggregate_id = ?2",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![aggregate_type, aggregate_id.to_string()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(backend)?;
+    let Some((version, snapshot_version, state, taken_at)) = row else {
+        return Ok(None);
+    };
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Backend(format!(
+            "snapshot of {aggregate_type}/{aggregate_id}: bad {what}: {e}"
+        ))
+    };
+    Ok(Some(StoredSnapshot {
+        aggregate_type: aggregate_type.to_string(),
+        aggregate_id,
+        version: u64::try_from(version).map_err(|e| corrupt("version", &e))?,
+        snapshot_version: u32::try_from(snapshot_version)
+            .map_err(|e| corrupt("snapshot_version", &e))?,
+        state: serde_json::from_str(&state).map_err(|e| corrupt("state", &e))?,
+        taken_at: DateTime::parse_from_rfc3339(&taken_at)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| corrupt("taken_at", &e))?,
+    }))
 }

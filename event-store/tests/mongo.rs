@@ -15,8 +15,8 @@ use futures::FutureExt;
 use mongodb::bson::{doc, Bson, Document};
 use tektree_event_store::conformance::{self, sample_event, sample_events, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::mongo::{
-    envelope_to_document, uuid_to_bson, MongoStore, EVENTS, OUTBOX, OUTBOX_INDEX, PENDING_INDEX,
-    POSITION_INDEX, SEQUENCE_INDEX,
+    envelope_to_document, snapshot_key_filter, uuid_to_bson, MongoStore, EVENTS, OUTBOX,
+    OUTBOX_INDEX, PENDING_INDEX, POSITION_INDEX, SEQUENCE_INDEX, SNAPSHOTS, SNAPSHOT_KEY_INDEX,
 };
 use tektree_event_store::{EventStore, StoreError};
 use uuid::Uuid;
@@ -151,6 +151,12 @@ async fn indexes_exist_and_serve_the_queries(store: &MongoStore) {
         .await
         .unwrap();
     assert!(names.iter().any(|n| n == OUTBOX_INDEX), "{names:?}");
+    let names = db
+        .collection::<Document>(SNAPSHOTS)
+        .list_index_names()
+        .await
+        .unwrap();
+    assert!(names.iter().any(|n| n == SNAPSHOT_KEY_INDEX), "{names:?}");
 
     let cases = [
         (
@@ -179,6 +185,11 @@ async fn indexes_exist_and_serve_the_queries(store: &MongoStore) {
             doc! { "find": OUTBOX, "filter": { "published": false, "position": { "$gt": 0_i64 } },
             "sort": { "published": 1, "position": 1 }, "limit": 10 },
             OUTBOX_INDEX,
+        ),
+        (
+            doc! { "find": SNAPSHOTS,
+            "filter": snapshot_key_filter("profile", Uuid::nil()), "limit": 1 },
+            SNAPSHOT_KEY_INDEX,
         ),
     ];
     for (command, index) in cases {

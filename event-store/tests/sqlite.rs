@@ -86,7 +86,7 @@ async fn conformance_concurrency_on_multi_thread_runtime() {
 }
 
 #[tokio::test]
-async fn open_is_idempotent_and_creates_only_events_outbox_and_idempotency() {
+async fn open_is_idempotent_and_creates_only_its_own_tables() {
     let (_dir, path) = temp_db();
     {
         // Another crate's read model already lives in the file.
@@ -128,6 +128,7 @@ async fn open_is_idempotent_and_creates_only_events_outbox_and_idempotency() {
         ("table", "idempotency"),
         ("table", "outbox"),
         ("table", "rm_users"),
+        ("table", "snapshots"),
     ]
     .iter()
     .map(|(t, n)| (t.to_string(), n.to_string()))
@@ -1167,4 +1168,116 @@ async fn other_writes_share_a_batch_with_appends_and_see_their_writes() {
         vec![2],
         "the mark in the batch saw position 1 written before it"
     );
+}
+
+/// Takes SQLite's write lock on a raw connection and queues an outbox mark behind it; returns
+/// once the writer has started that mark's batch (and blocks in `BEGIN IMMEDIATE`), so that the
+/// writes queued next all wait for the same following batch. Commit the returned connection's
+/// transaction to let the writer go on, then await the returned mark.
+async fn hold_the_writer<'a>(
+    store: &'a SqliteStore,
+    path: &Path,
+) -> (
+    Connection,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 'a>>,
+) {
+    let batches0 = store.write_batches();
+    let lock = Connection::open(path).expect("raw open");
+    lock.execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let mut blocker = store.outbox_mark_published(&[1]);
+    assert!(futures::poll!(&mut blocker).is_pending(), "blocker queued");
+    let mut polls = 0;
+    while store.write_batches() == batches0 {
+        polls += 1;
+        assert!(
+            polls < 10_000,
+            "the writer never started the blocker's batch"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    (lock, blocker)
+}
+
+#[tokio::test]
+async fn a_failing_snapshot_save_fails_alone_in_its_batch() {
+    let (_dir, path) = temp_db();
+    let store = SqliteStore::open(&path).expect("open");
+    let raw = Connection::open(&path).expect("raw open");
+    // Real SQLite fault injection: every snapshot write is refused.
+    raw.execute_batch(
+        "CREATE TRIGGER no_snapshots BEFORE INSERT ON snapshots \
+         BEGIN SELECT RAISE(ABORT, 'no snapshots here'); END;",
+    )
+    .expect("trigger");
+    let batches0 = store.write_batches();
+    let (lock, blocker) = hold_the_writer(&store, &path).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let snapshot = conformance::sample_snapshot(a, 1, 1);
+    let mut first = store.append(USER, a, 0, sample_events(a, 1, 1));
+    assert!(futures::poll!(&mut first).is_pending());
+    let mut save = store.save_snapshot(&snapshot);
+    assert!(futures::poll!(&mut save).is_pending());
+    let mut second = store.append(USER, b, 0, sample_events(b, 1, 1));
+    assert!(futures::poll!(&mut second).is_pending());
+    lock.execute_batch("COMMIT")
+        .expect("release the write lock");
+    blocker.await.expect("blocker");
+
+    let first = first.await.expect("the append before the save commits");
+    let second = second.await.expect("the append after the save commits");
+    match save.await {
+        Err(StoreError::Backend(m)) => assert!(m.contains("no snapshots here"), "{m}"),
+        other => panic!("the refused snapshot save gave {other:?}"),
+    }
+    assert_eq!(
+        store.write_batches() - batches0,
+        2,
+        "the blocker's batch, then one batch"
+    );
+    assert_eq!((first[0].position, second[0].position), (1, 2));
+    assert_eq!(raw_counts(&path), (2, 2));
+    assert_eq!(store.load_snapshot(USER, a).await.expect("load"), None);
+}
+
+#[tokio::test]
+async fn snapshots_are_json_text_rows_that_survive_reopen() {
+    let (_dir, path) = temp_db();
+    let id = Uuid::new_v4();
+    let snapshot = conformance::sample_snapshot(id, 20, 3);
+    {
+        let store = SqliteStore::open(&path).expect("open");
+        assert!(store.save_snapshot(&snapshot).await.expect("save"));
+    }
+    let store = SqliteStore::open(&path).expect("reopen");
+    assert_eq!(
+        store.load_snapshot(USER, id).await.expect("load"),
+        Some(snapshot.clone())
+    );
+    let raw = Connection::open(&path).expect("raw open");
+    let (version, shape, state, taken_at): (i64, i64, String, String) = raw
+        .query_row(
+            "SELECT version, snapshot_version, state, taken_at FROM snapshots \
+             WHERE aggregate_type = ?1 AND aggregate_id = ?2",
+            rusqlite::params![USER, id.to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .expect("row");
+    assert_eq!((version, shape), (20, 3));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&state).expect("JSON text"),
+        snapshot.state
+    );
+    assert!(!state.contains('\n'), "compact JSON");
+    assert_eq!(taken_at, "2024-05-06T07:08:09.123000020Z");
+    // A row another build wrote with a state that is not JSON is reported, not guessed.
+    raw.execute(
+        "UPDATE snapshots SET state = '{not json' WHERE aggregate_id = ?1",
+        [id.to_string()],
+    )
+    .expect("corrupt");
+    match store.load_snapshot(USER, id).await {
+        Err(StoreError::Backend(m)) => assert!(m.contains("state"), "{m}"),
+        other => panic!("a corrupt snapshot row gave {other:?}"),
+    }
 }

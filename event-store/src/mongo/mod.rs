@@ -12,8 +12,9 @@
 //! | `outbox` | event | `_id` = event id, `position` once sequenced, `published`, `published_at` |
 //! | `idempotency` | request with an `Idempotency-Key` | see [`record_to_document`]; written in the append's transaction; TTL index on `expires_at` |
 //! | `counters` | — | `{_id: "position", last}`: the last assigned position (written only by the sequencer) |
+//! | `snapshots` | aggregate with a snapshot | see [`snapshot_to_document`]; one upsert per save, outside any append's transaction (module `snapshots`) |
 //!
-//! Indexes: [`event_indexes`], [`outbox_indexes`] and [`idempotency_indexes`], created idempotently by `connect`.
+//! Indexes: [`event_indexes`], [`outbox_indexes`], [`idempotency_indexes`] and [`snapshot_indexes`], created idempotently by `connect`.
 //!
 //! # Positions: a post-commit sequencer
 //!
@@ -75,6 +76,7 @@ mod errors;
 mod idempotency;
 mod indexes;
 mod mapping;
+mod snapshots;
 mod txn;
 
 use std::collections::{HashMap, HashSet};
@@ -105,13 +107,20 @@ pub use mapping::{
     timestamp_to_bson, uuid_from_bson, uuid_to_bson, MappingError,
 };
 
+pub use snapshots::{
+    snapshot_from_document, snapshot_indexes, snapshot_key_filter, snapshot_save_filter,
+    snapshot_to_document, snapshot_update, SNAPSHOTS, SNAPSHOT_KEY_INDEX,
+};
+
 pub use idempotency::{
     idempotency_indexes, record_from_document, record_to_document, IDEMPOTENCY,
     IDEMPOTENCY_TTL_INDEX,
 };
 pub use txn::{run_transaction, transaction_options, RunError, TxError};
 
-use crate::{validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError};
+use crate::{
+    validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError, StoredSnapshot,
+};
 
 /// The events collection.
 pub const EVENTS: &str = "events";
@@ -159,6 +168,7 @@ struct Inner {
     outbox: Collection<Document>,
     counters: Collection<Document>,
     idempotency: Collection<Document>,
+    snapshots: Collection<Document>,
     /// Serialises this process's sequencer passes (cross-process: the counter document).
     sequencer: tokio::sync::Mutex<()>,
     /// Sequencer passes completed by this handle (to skip a pass when another did the work).
@@ -402,6 +412,11 @@ impl MongoStore {
         let outbox = db.collection::<Document>(OUTBOX);
         let counters = db.collection::<Document>(COUNTERS);
         let idempotency = db.collection::<Document>(IDEMPOTENCY);
+        let snapshots = db.collection::<Document>(SNAPSHOTS);
+        snapshots
+            .create_indexes(snapshot_indexes())
+            .await
+            .map_err(|e| backend("create indexes of snapshots", e))?;
         idempotency
             .create_indexes(idempotency_indexes())
             .await
@@ -435,6 +450,7 @@ impl MongoStore {
                 outbox,
                 counters,
                 idempotency,
+                snapshots,
                 sequencer: tokio::sync::Mutex::new(()),
                 passes: AtomicU64::new(0),
                 clock: CausalClock::default(),
@@ -1012,6 +1028,64 @@ impl EventStore for MongoStore {
             .await
             .map_err(|e| backend("count outbox backlog", e))?;
         Ok(n)
+    }
+
+    /// See [`EventStore::load_snapshot`]: one find on the unique key index (causally consistent,
+    /// so a handle reads its own saves).
+    async fn load_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Option<StoredSnapshot>, StoreError> {
+        let found = self
+            .find(
+                &self.inner.snapshots,
+                snapshot_key_filter(aggregate_type, aggregate_id),
+                None,
+                Some(1),
+                Some(doc! { "_id": 0 }),
+            )
+            .await?;
+        found
+            .first()
+            .map(|d| {
+                snapshot_from_document(d).map_err(|e| {
+                    backend(&format!("snapshot of {aggregate_type}/{aggregate_id}"), e)
+                })
+            })
+            .transpose()
+    }
+
+    /// See [`EventStore::save_snapshot`] and the module `snapshots`: one upsert whose filter
+    /// enforces [`StoredSnapshot::replaces`]; a duplicate key on the unique index means the
+    /// stored snapshot was kept (after one retry, for a concurrent first save).
+    async fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<bool, StoreError> {
+        let what = || {
+            format!(
+                "save snapshot of {}/{}",
+                snapshot.aggregate_type, snapshot.aggregate_id
+            )
+        };
+        let filter = snapshot_save_filter(snapshot).map_err(|e| backend(&what(), e))?;
+        let update = snapshot_update(snapshot).map_err(|e| backend(&what(), e))?;
+        for attempt in 1..=2 {
+            let mut session = self.session().await?;
+            let result = self
+                .inner
+                .snapshots
+                .update_one(filter.clone(), update.clone())
+                .upsert(true)
+                .session(&mut session)
+                .await;
+            self.inner.clock.observe(&session);
+            match result {
+                Ok(r) => return Ok(r.matched_count > 0 || r.upserted_id.is_some()),
+                Err(e) if code(&e) == Some(DUPLICATE_KEY) && attempt == 1 => continue,
+                Err(e) if code(&e) == Some(DUPLICATE_KEY) => return Ok(false),
+                Err(e) => return Err(backend(&what(), e)),
+            }
+        }
+        Ok(false)
     }
 }
 
