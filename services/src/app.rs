@@ -15,7 +15,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::api::security::Security;
+use crate::billing::Billing;
 use crate::config::{ConfigError, StoreUrl};
+use crate::live::{Live, Notifier};
 use crate::worker::{self, Consumer, WorkerConfig};
 
 /// [`open_bus`], retrying transport failures for up to `patience`.
@@ -75,6 +77,13 @@ pub struct App {
     /// [`Security::ephemeral`]; the `tektree` binary replaces it from its options with
     /// [`App::with_security`].
     pub security: Arc<Security>,
+    /// Live updates over WebSockets (issue #6, [`crate::live`]): `None` (the default of
+    /// [`App::open`]) until [`App::with_live`]; with it, the `live` consumer joins
+    /// [`App::consumers`] and `/ws/*` accept sockets.
+    pub live: Option<Arc<Live>>,
+    /// Polar billing (issue #6, [`crate::billing`]): disabled by [`App::open`] (its endpoints
+    /// answer 503 `billing_unconfigured`) until [`App::with_billing`].
+    pub billing: Billing,
 }
 
 impl App {
@@ -134,7 +143,16 @@ impl App {
             knowledge,
             rules,
             security: Arc::new(Security::ephemeral()),
+            live: None,
+            billing: Billing::disabled(),
         })
+    }
+
+    /// This application with Polar billing (issue #6; [`Billing::from_args`] or
+    /// [`Billing::new`]).
+    pub fn with_billing(mut self, billing: Billing) -> App {
+        self.billing = billing;
+        self
     }
 
     /// This application with the API secured by `security`.
@@ -143,18 +161,33 @@ impl App {
         self
     }
 
+    /// This application with live updates (issue #6): the `live` consumer publishes to
+    /// `live`'s fan-out and the `/ws/*` endpoints serve from it. Open `live` with the same bus
+    /// URL as the app ([`Live::open`]).
+    pub fn with_live(mut self, live: Live) -> App {
+        self.live = Some(Arc::new(live));
+        self
+    }
+
     /// The policies, by consumer name.
     pub fn policies(&self) -> Vec<Arc<dyn Policy>> {
         policies::all(&self.handler, &self.rules)
     }
 
-    /// Every consumer: the four projections and the two policies.
+    /// Every consumer: the four projections and the two policies, then `live` when the app
+    /// has [live updates](App::with_live).
     pub fn consumers(&self) -> Vec<Consumer> {
         let mut v: Vec<Consumer> = PROJECTIONS
             .iter()
             .map(|p| Consumer::Projection(p))
             .collect();
         v.extend(self.policies().into_iter().map(Consumer::Policy));
+        if let Some(live) = &self.live {
+            v.push(Consumer::Policy(Arc::new(Notifier::new(
+                live.clone(),
+                self.read_models.clone(),
+            ))));
+        }
         v
     }
 

@@ -7,8 +7,10 @@
 
 pub mod api;
 pub mod app;
+pub mod billing;
 pub mod config;
 pub mod export;
 pub mod import;
+pub mod live;
 pub mod replay;
 pub mod worker;

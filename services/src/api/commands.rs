@@ -267,6 +267,7 @@ pub async fn register(
     let cmd = UserCommand::Register {
         user_id,
         display_name: body.display_name,
+        preferences: Default::default(),
     };
     run::<User>(&app, user_id, cmd, &NoServices, &m, key.as_ref()).await
 }
@@ -297,6 +298,7 @@ pub async fn post_question(
         body: body.body,
         tags: body.tags,
         actor: caller.actor(),
+        area_id: None,
     };
     let m = meta(caller.actor(), correlation, now);
     run::<Content>(&app, question_id, cmd, &app.knowledge, &m, key.as_ref()).await

@@ -32,6 +32,10 @@
 //! | GET | `/v1/admin/dead-letters` | [`admin::dead_letters`] (moderator, admin) |
 //! | POST | `/v1/admin/dead-letters/{id}/redrive` | [`admin::redrive`] (admin) |
 //! | POST | `/v1/admin/projections/{name}/rebuild` | [`admin::rebuild`] (admin) |
+//! | POST | `/v1/subscriptions/{user}/checkout` | [`billing::routes::checkout`] (the user or an admin) |
+//! | POST | `/v1/webhooks/polar` | [`billing::routes::webhook`] (Polar's signature, no token) |
+//! | GET (WebSocket) | `/ws/notifications` | [`live::socket::notifications`] (token; `docs/live.md`) |
+//! | GET (WebSocket) | `/ws/leaderboard?board=` | [`live::socket::leaderboard`] (token; `docs/live.md`) |
 
 pub mod admin;
 pub mod auth;
@@ -60,6 +64,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::app::App;
+use crate::billing;
+use crate::live;
 
 /// Largest accepted request body: 64 KiB. Larger bodies are refused with 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -99,6 +105,13 @@ pub fn router(app: App) -> Router {
         .route("/v1/admin/projections/{name}/rebuild", post(admin::rebuild))
         .route("/healthz", get(status::healthz))
         .route("/metrics", get(metrics::metrics))
+        .route(
+            "/v1/subscriptions/{user}/checkout",
+            command(&state, billing::routes::checkout),
+        )
+        .route("/v1/webhooks/polar", post(billing::routes::webhook))
+        .route("/ws/notifications", get(live::socket::notifications))
+        .route("/ws/leaderboard", get(live::socket::leaderboard))
         .fallback(problem::route_not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -2,6 +2,8 @@
 //! values every read model must hold after importing it, and a snapshot of a finished run.
 #![allow(dead_code)]
 
+pub mod fake_polar;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
