@@ -117,7 +117,12 @@ pub fn load_rules(path: Option<&Path>) -> Result<Rules, ConfigError> {
         reason,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    toml::from_str(&text).map_err(|e| err(e.to_string()))
+    let rules: Rules = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    rules
+        .gamification
+        .validate()
+        .map_err(|e| err(format!("[gamification]: {e}")))?;
+    Ok(rules)
 }
 
 /// `url` with any user info (`user:password@`) replaced by `***@`, for logs and error

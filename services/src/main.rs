@@ -15,6 +15,8 @@ use tektree_services::config::{
     load_rules, redact_url, SecurityOptions, DEFAULT_BUS, DEFAULT_RATE_LIMIT, DEFAULT_STORE,
 };
 use tektree_services::export::{self, Format};
+use tektree_services::billing::{Billing, BillingArgs};
+use tektree_services::live::{Live, LiveConfig};
 use tektree_services::worker::WorkerConfig;
 use tektree_services::{api, import};
 use tokio::sync::watch;
@@ -34,7 +36,8 @@ struct Cli {
     /// Bus: `memory` (in-process), `redis://HOST:PORT` or `nats://HOST:PORT` (JetStream).
     #[arg(long, global = true, env = "TEKTREE_BUS", default_value = DEFAULT_BUS)]
     bus: String,
-    /// TOML file with `[xp]` and `[quota]` rules (docs/config.md); defaults per issue #2.
+    /// TOML file with `[xp]`, `[quota]` and `[gamification]` rules (docs/config.md); defaults
+    /// per issues #2 and #6 (`config/gamification.toml`).
     #[arg(long, global = true, env = "TEKTREE_RULES")]
     rules: Option<PathBuf>,
     #[command(flatten)]
@@ -121,19 +124,23 @@ enum Command {
         /// Site name for the import's ids (default: the directory name).
         #[arg(long, requires = "import")]
         site: Option<String>,
+        #[command(flatten)]
+        billing: BillingArgs,
     },
     /// Only the HTTP API.
     Api {
         /// Listen address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        #[command(flatten)]
+        billing: BillingArgs,
     },
     /// Only the outbox relay (needs a shared bus such as redis://).
     Relay,
     /// Projection and policy workers (needs a shared bus such as redis://).
     Worker {
         /// Run only this consumer (`xp`, `leaderboard`, `quota`, `content`,
-        /// `policy.gamification`, `policy.subscription`); default: all.
+        /// `policy.gamification`, `policy.subscription`, `live`); default: all.
         #[arg(long)]
         projection: Option<String>,
         /// Fault injection for tests: fail permanently on these event ids (comma-separated), so
@@ -264,11 +271,21 @@ async fn main() -> Result<()> {
     } else {
         app
     };
+    // Live updates (docs/live.md): the API instances push to WebSockets, the workers feed them;
+    // the fan-out follows the bus (in-process, Redis pub/sub or NATS core).
+    let app = match &cli.command {
+        Command::Serve { billing, .. } | Command::Api { billing, .. } => app
+            .with_live(live(&cli.bus).await?)
+            .with_billing(Billing::from_args(billing).context("configuring Polar billing")?),
+        Command::Worker { .. } => app.with_live(live(&cli.bus).await?),
+        _ => app,
+    };
     match cli.command {
         Command::Serve {
             listen,
             import: dump,
             site,
+            ..
         } => {
             let (_tx, rx) = shutdown_channel();
             let mut tasks = JoinSet::new();
@@ -289,7 +306,7 @@ async fn main() -> Result<()> {
             server.await??;
             tasks.shutdown().await;
         }
-        Command::Api { listen } => {
+        Command::Api { listen, .. } => {
             let (_tx, rx) = shutdown_channel();
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -311,7 +328,7 @@ async fn main() -> Result<()> {
             require_shared_bus(&app, "worker")?;
             let consumers = match projection {
                 Some(name) => vec![app.consumer(&name).with_context(|| {
-                    format!("unknown consumer {name:?}: expected xp, leaderboard, quota, content, policy.gamification or policy.subscription")
+                    format!("unknown consumer {name:?}: expected xp, leaderboard, quota, content, policy.gamification, policy.subscription or live")
                 })?],
                 None => app.consumers(),
             };
@@ -356,6 +373,13 @@ async fn main() -> Result<()> {
         Command::Token { .. } => {}
     }
     Ok(())
+}
+
+/// The live-update hub over `bus` (its fan-out channel follows the bus kind).
+async fn live(bus: &str) -> Result<Live> {
+    Live::open(bus, LiveConfig::default())
+        .await
+        .with_context(|| format!("opening the live-update fan-out on {}", redact_url(bus)))
 }
 
 /// `app` with the API secured by `options` (key, rate limits, CORS); logs where the key came

@@ -125,6 +125,12 @@ pub struct Claims {
     pub exp: u64,
     /// Issue time, seconds since the Unix epoch.
     pub iat: u64,
+    /// The user's e-mail address (OpenID Connect standard claim), if the issuer asserts one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Whether the issuer verified `email` (OpenID Connect standard claim).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub email_verified: bool,
 }
 
 /// The claims this API reads after `jsonwebtoken` checked the signature, `exp`, `nbf`, `iss`
@@ -136,6 +142,10 @@ struct VerifiedClaims {
     roles: Vec<Role>,
     #[serde(default)]
     iat: Option<u64>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    email_verified: Option<bool>,
 }
 
 /// The verification key: exactly one algorithm is accepted.
@@ -410,6 +420,8 @@ impl Authenticator {
             aud: self.audience.clone(),
             exp: iat.saturating_add(ttl_secs),
             iat,
+            email: None,
+            email_verified: false,
         }
     }
 
@@ -495,6 +507,7 @@ impl Authenticator {
         Ok(Principal {
             user: claims.sub,
             roles,
+            verified_email: claims.email.filter(|_| claims.email_verified == Some(true)),
         })
     }
 
@@ -547,7 +560,8 @@ mod tests {
             p,
             Principal {
                 user,
-                roles: vec![Role::User]
+                roles: vec![Role::User],
+                verified_email: None,
             }
         );
         let p = a

@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use tektree_commands::{CommandError, CommandMeta, Outcome};
+use tektree_domain::events::Preferences;
 use tektree_domain::{
     Actor, Content, ContentCommand, DomainError, Event, NoServices, User, UserCommand,
     VoteDirection,
@@ -45,6 +46,9 @@ pub struct RegisterBody {
     pub user_id: Option<Uuid>,
     /// Display name, 1..=100 characters.
     pub display_name: String,
+    /// Preferences; omitted fields take their defaults (issue #6).
+    #[serde(default)]
+    pub preferences: Option<Preferences>,
 }
 
 /// `POST /v1/questions` body.
@@ -60,6 +64,9 @@ pub struct QuestionBody {
     pub body: String,
     /// At most 10 tags (normalised to lower case).
     pub tags: Vec<String>,
+    /// The knowledge area; it must exist (404 `not_found.area`).
+    #[serde(default)]
+    pub area_id: Option<Uuid>,
 }
 
 /// `POST /v1/questions/{id}/answers` body.
@@ -171,7 +178,7 @@ impl IntoResponse for CommandResponse {
 }
 
 /// Metadata of a request's command: new command id, the request's correlation id, now.
-fn meta(actor: Actor, correlation: Correlation, now: DateTime<Utc>) -> CommandMeta {
+pub(crate) fn meta(actor: Actor, correlation: Correlation, now: DateTime<Utc>) -> CommandMeta {
     CommandMeta {
         command_id: Uuid::new_v4(),
         correlation_id: correlation.0,
@@ -182,7 +189,7 @@ fn meta(actor: Actor, correlation: Correlation, now: DateTime<Utc>) -> CommandMe
 
 /// Runs `command` on `A`/`id` (idempotently when the request has a `key`), logs and converts
 /// the result.
-async fn run<A>(
+pub(crate) async fn run<A>(
     app: &App,
     id: Uuid,
     command: A::Command,
@@ -225,7 +232,7 @@ where
 
 /// The stored response of `key`, if the key was used before (checked before the quota guard,
 /// so that a retry of a committed post is never refused).
-async fn replayed<A>(
+pub(crate) async fn replayed<A>(
     app: &App,
     key: Option<&IdempotencyKey>,
 ) -> Result<Option<CommandResponse>, Problem>
@@ -267,7 +274,7 @@ pub async fn register(
     let cmd = UserCommand::Register {
         user_id,
         display_name: body.display_name,
-        preferences: Default::default(),
+        preferences: body.preferences.unwrap_or_default(),
     };
     run::<User>(&app, user_id, cmd, &NoServices, &m, key.as_ref()).await
 }
@@ -297,8 +304,8 @@ pub async fn post_question(
         title: body.title,
         body: body.body,
         tags: body.tags,
+        area_id: body.area_id,
         actor: caller.actor(),
-        area_id: None,
     };
     let m = meta(caller.actor(), correlation, now);
     run::<Content>(&app, question_id, cmd, &app.knowledge, &m, key.as_ref()).await

@@ -31,6 +31,9 @@ pub struct Principal {
     pub user: Uuid,
     /// Roles (`roles` claim).
     pub roles: Vec<Role>,
+    /// The `email` claim when the token also carries `email_verified: true` (OpenID Connect
+    /// Core 1.0 §5.1 standard claims), else `None`. Read by `POST /v1/users/{id}/email/verify`.
+    pub verified_email: Option<String>,
 }
 
 impl Principal {
@@ -155,6 +158,7 @@ mod tests {
         let p = |roles: Vec<Role>| Principal {
             user: Uuid::new_v4(),
             roles,
+            verified_email: None,
         };
         let user = p(vec![Role::User]);
         let moderator = p(vec![Role::Moderator]);

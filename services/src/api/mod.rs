@@ -21,6 +21,15 @@
 //! | POST | `/v1/questions/{id}/accept` | [`commands::accept_answer`] |
 //! | POST | `/v1/content/{id}/comments` | [`commands::add_comment`] |
 //! | POST | `/v1/content/{id}/votes` | [`commands::vote`] |
+//! | PATCH | `/v1/users/{id}` | [`users::update_profile`] (the user or an admin) |
+//! | POST | `/v1/sessions` | [`users::open_session`] |
+//! | POST | `/v1/users/{id}/email/verify` | [`users::verify_email`] |
+//! | POST | `/v1/areas` | [`knowledge::create_area`] (moderator, admin) |
+//! | POST | `/v1/discussions` | [`knowledge::start_discussion`] |
+//! | POST | `/v1/insights` | [`knowledge::share_insight`] |
+//! | POST | `/v1/resources` | [`knowledge::upload_resource`] |
+//! | POST | `/v1/content/{id}/likes` | [`knowledge::like`] |
+//! | GET | `/v1/users/{id}/achievements` | [`achievements::user_achievements`] |
 //! | GET | `/v1/users/{id}/xp` | [`queries::user_xp`] |
 //! | GET | `/v1/users/{id}/quota` | [`queries::user_quota`] |
 //! | GET | `/v1/leaderboards/{board}` | [`queries::leaderboard`] |
@@ -37,6 +46,7 @@
 //! | GET (WebSocket) | `/ws/notifications` | [`live::socket::notifications`] (token; `docs/live.md`) |
 //! | GET (WebSocket) | `/ws/leaderboard?board=` | [`live::socket::leaderboard`] (token; `docs/live.md`) |
 
+pub mod achievements;
 pub mod admin;
 pub mod auth;
 pub mod board;
@@ -46,6 +56,7 @@ pub mod cors;
 pub mod extract;
 pub mod idempotency;
 pub mod identity;
+pub mod knowledge;
 pub mod metrics;
 pub mod problem;
 pub mod queries;
@@ -53,13 +64,14 @@ pub mod quota;
 pub mod ratelimit;
 pub mod security;
 pub mod status;
+pub mod users;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{get, patch, post, MethodRouter};
 use axum::Router;
 use tokio::net::TcpListener;
 
@@ -94,6 +106,24 @@ pub fn router(app: App) -> Router {
             command(&state, commands::add_comment),
         )
         .route("/v1/content/{id}/votes", command(&state, commands::vote))
+        .route(
+            "/v1/users/{id}",
+            guarded(&state, patch(users::update_profile)),
+        )
+        .route("/v1/sessions", command(&state, users::open_session))
+        .route(
+            "/v1/users/{id}/email/verify",
+            command(&state, users::verify_email),
+        )
+        .route("/v1/areas", command(&state, knowledge::create_area))
+        .route("/v1/discussions", command(&state, knowledge::start_discussion))
+        .route("/v1/insights", command(&state, knowledge::share_insight))
+        .route("/v1/resources", command(&state, knowledge::upload_resource))
+        .route("/v1/content/{id}/likes", command(&state, knowledge::like))
+        .route(
+            "/v1/users/{id}/achievements",
+            get(achievements::user_achievements),
+        )
         .route("/v1/users/{id}/xp", get(queries::user_xp))
         .route("/v1/users/{id}/quota", get(queries::user_quota))
         .route("/v1/leaderboards/{board}", get(queries::leaderboard))
@@ -132,7 +162,13 @@ where
     H: Handler<T, Arc<App>>,
     T: 'static,
 {
-    post(handler).route_layer(axum::middleware::from_fn_with_state(
+    guarded(state, post(handler))
+}
+
+/// `method_router` behind [`security::command_guard`] (for commands on other methods than
+/// POST, such as `PATCH /v1/users/{id}`).
+fn guarded(state: &Arc<App>, method_router: MethodRouter<Arc<App>>) -> MethodRouter<Arc<App>> {
+    method_router.route_layer(axum::middleware::from_fn_with_state(
         state.clone(),
         security::command_guard,
     ))

@@ -98,6 +98,7 @@ pub fn plan(workload: &Workload) -> Result<Plan> {
                     body: json(&RegisterBody {
                         user_id: Some(*id),
                         display_name: display_name.clone(),
+                        preferences: Default::default(),
                     })?,
                     caller: *id,
                 },
@@ -119,6 +120,7 @@ pub fn plan(workload: &Workload) -> Result<Plan> {
                                 title: title.clone(),
                                 body: body.clone(),
                                 tags: tags.clone(),
+                                area_id: None,
                             })?,
                             caller: author,
                         }
