@@ -269,9 +269,19 @@ async fn happy_path_updates_every_read_model() {
 
     h.settle().await;
 
-    // XP from the rules.
-    let asker_xp = xp.registration + xp.question_posted + xp.upvoted + xp.accepted_question;
-    let answerer_xp = xp.registration + xp.answer_submitted + 2 * xp.upvoted + xp.accepted_answer;
+    // XP from the rules, with the rewards of the achievements each reaches (issue #6): the
+    // asker's first question; the answerer's first answer and first accepted answer.
+    let asker_xp = xp.registration
+        + xp.question_posted
+        + xp.upvoted
+        + xp.accepted_question
+        + reward("first-question");
+    let answerer_xp = xp.registration
+        + xp.answer_submitted
+        + 2 * xp.upvoted
+        + xp.accepted_answer
+        + reward("first-answer")
+        + reward("first-accepted-answer");
     let commenter_xp = xp.registration + xp.comment_added;
     let r = h.get(&format!("/v1/users/{asker}/xp")).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
@@ -306,13 +316,22 @@ async fn happy_path_updates_every_read_model() {
     assert_eq!(r.json["entries"].as_array().unwrap().len(), 1);
     assert_eq!(r.json["entries"][0]["user_id"], asker.to_string());
 
-    // Tag board (tags are lower-cased; registration XP carries no tags).
+    // Tag board (tags are lower-cased; registration XP and achievement rewards carry no tags).
     let r = h.get("/v1/leaderboards/tag:Rust").await;
     assert_eq!(r.json["board"], "tag:rust");
     let entries = r.json["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 3);
-    assert_eq!(entries[0]["xp"], answerer_xp - xp.registration);
-    assert_eq!(entries[1]["xp"], asker_xp - xp.registration);
+    assert_eq!(
+        entries[0]["xp"],
+        answerer_xp
+            - xp.registration
+            - reward("first-answer")
+            - reward("first-accepted-answer")
+    );
+    assert_eq!(
+        entries[1]["xp"],
+        asker_xp - xp.registration - reward("first-question")
+    );
     assert_eq!(entries[2]["xp"], commenter_xp - xp.registration);
 
     // Rank queries.
@@ -495,7 +514,7 @@ async fn a_second_vote_replaces_the_first() {
     let r = vote("up").await;
     assert_eq!(r.event_types(), ["knowledge.content.upvoted"]);
     h.settle().await;
-    let base = xp.registration + xp.question_posted;
+    let base = xp.registration + xp.question_posted + reward("first-question");
     assert_eq!(
         h.get(&format!("/v1/users/{ada}/xp")).await.json["xp"],
         base + xp.upvoted
@@ -1047,4 +1066,15 @@ async fn serve_answers_over_tcp_and_shuts_down() {
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "ok"}));
     tx.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+/// The XP reward of achievement `id` in the default rules (configuration, `config/gamification.toml`).
+fn reward(id: &str) -> i64 {
+    Rules::default()
+        .gamification
+        .achievements
+        .iter()
+        .find(|g| g.id == id)
+        .unwrap_or_else(|| panic!("achievement {id} in the default rules"))
+        .xp_reward
 }
