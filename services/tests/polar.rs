@@ -924,3 +924,70 @@ async fn oversize_webhooks_are_refused() {
         (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
     );
 }
+
+/// The quota guard reads the `quota` read model, which trails a tier change; an upgrade must
+/// still lift a Free quota that is used up, at once (the guard asks the subscription aggregate
+/// before refusing).
+#[tokio::test]
+async fn an_upgrade_lifts_a_used_up_free_quota_at_once() {
+    let fake = FakePolar::start(TOKEN).await;
+    let b = breaker(5, 3, Duration::from_secs(3600));
+    let billing = Billing::new(config(&fake, TOKEN, &[SECRET], b)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rules = tektree_domain::Rules::default();
+    rules.quota.free = Some(2);
+    let mut security = Security::ephemeral();
+    security.rate_limiter = RateLimiter::disabled();
+    let app = App::open(
+        &format!("sqlite://{}", dir.path().join("tektree.db").display()),
+        "memory",
+        rules,
+    )
+    .await
+    .unwrap()
+    .with_security(security)
+    .with_billing(billing);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    app.spawn_pipeline(stopped, &mut tasks);
+    let h = H {
+        router: api::router(app.clone()),
+        app,
+        fake,
+        _dir: dir,
+    };
+    let user = h.register().await;
+    async fn post(h: &H, user: Uuid, n: u32) -> Resp {
+        let body = json!({"title": format!("Q{n}"), "body": "", "tags": []});
+        h.send(
+            "/v1/questions",
+            &[h.bearer(user, &[])],
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+    for n in 0..2 {
+        assert_eq!(post(&h, user, n).await.status, StatusCode::CREATED);
+        h.app.settle(Duration::from_secs(60)).await.unwrap();
+    }
+    let r = post(&h, user, 2).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.json);
+    assert_eq!(
+        r.json["type"]
+            .as_str()
+            .map(|t| t.ends_with("quota_exceeded")),
+        Some(true)
+    );
+
+    let body = fake_polar::subscription_event("subscription.created", "active", PRO, user);
+    let r = h
+        .deliver_signed(SECRET, &fake_polar::message_id(), &body)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    // No settle: the read model may still say Free; the guard must not refuse.
+    let r = post(&h, user, 3).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json);
+    h.app.settle(Duration::from_secs(60)).await.unwrap();
+    let _ = stop.send(true);
+    while tasks.join_next().await.is_some() {}
+}

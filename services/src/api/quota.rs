@@ -7,10 +7,12 @@
 //! two consumers (`GET /v1/projections`). Posts committed within that lag are not yet counted,
 //! and a caller can exceed the limit by at most the number of their posts still in flight. The
 //! metering itself (and `payment.quota.exceeded`) stays exact: it happens in the subscription
-//! aggregate.
+//! aggregate. Before refusing, the guard asks that aggregate for the current tier and usage, so
+//! a tier change the read model has not seen yet (an upgrade through Polar) lifts the quota at
+//! once (issue #6).
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
-use tektree_domain::{period_of, Content};
+use tektree_domain::{period_of, Content, Subscription};
 use uuid::Uuid;
 
 use super::problem::Problem;
@@ -67,15 +69,26 @@ pub async fn check(
     if row.used < limit || already_committed(app, what).await? {
         return Ok(());
     }
+    // The read model may trail a tier change (an upgrade through Polar, issue #6): before
+    // refusing, ask the subscription aggregate, which is authoritative. Only refusals pay for
+    // this load.
+    let (sub, _) = app.handler.load::<Subscription>(user).await?;
+    let tier = sub.tier.unwrap_or_default();
+    let used = sub.used_in(&period).max(row.used);
+    let Some(limit) = app.rules.quota.limit(tier) else {
+        return Ok(());
+    };
+    if used < limit {
+        return Ok(());
+    }
     metrics::counter!("tektree_quota_refusals_total").increment(1);
     Err(Problem::new(
         axum::http::StatusCode::TOO_MANY_REQUESTS,
         "quota_exceeded",
         "Quota exceeded",
         format!(
-            "user {user} used {} of {limit} units in {period} ({} tier); the quota resets at the start of the next UTC month",
-            row.used,
-            row.tier.as_str()
+            "user {user} used {used} of {limit} units in {period} ({} tier); the quota resets at the start of the next UTC month",
+            tier.as_str()
         ),
     )
     .with_retry_after(seconds_until_next_month(now)))
