@@ -169,6 +169,15 @@ impl App {
         self
     }
 
+    /// This application with aggregate snapshots every `interval` events (0 = off; default
+    /// [`tektree_commands::DEFAULT_SNAPSHOT_INTERVAL`]). Replaces the command handler (and the
+    /// lookups built on it); call it before cloning the app into tasks.
+    pub fn with_snapshot_interval(mut self, interval: u64) -> App {
+        self.handler = self.handler.clone().with_snapshot_interval(interval);
+        self.knowledge = Arc::new(StoreServices::new(self.handler.clone()));
+        self
+    }
+
     /// The policies, by consumer name.
     pub fn policies(&self) -> Vec<Arc<dyn Policy>> {
         policies::all(&self.handler, &self.rules)

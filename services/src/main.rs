@@ -11,11 +11,11 @@ use tektree_services::api::auth::{
     unix_now, Role, DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_LEEWAY_SECS, DEFAULT_TOKEN_TTL_SECS,
 };
 use tektree_services::app::App;
+use tektree_services::billing::{Billing, BillingArgs};
 use tektree_services::config::{
     load_rules, redact_url, SecurityOptions, DEFAULT_BUS, DEFAULT_RATE_LIMIT, DEFAULT_STORE,
 };
 use tektree_services::export::{self, Format};
-use tektree_services::billing::{Billing, BillingArgs};
 use tektree_services::live::{Live, LiveConfig};
 use tektree_services::worker::WorkerConfig;
 use tektree_services::{api, import};
@@ -40,6 +40,11 @@ struct Cli {
     /// per issues #2 and #6 (`config/gamification.toml`).
     #[arg(long, global = true, env = "TEKTREE_RULES")]
     rules: Option<PathBuf>,
+    /// Save an aggregate snapshot every N events (0 = never); loads then fold at most N−1
+    /// events after a restart (docs/architecture.md, "Snapshots").
+    #[arg(long, global = true, env = "TEKTREE_SNAPSHOT_INTERVAL",
+          default_value_t = tektree_commands::DEFAULT_SNAPSHOT_INTERVAL)]
+    snapshot_interval: u64,
     #[command(flatten)]
     security: SecurityArgs,
     #[command(subcommand)]
@@ -265,7 +270,8 @@ async fn main() -> Result<()> {
     let (store_shown, bus_shown) = (redact_url(&cli.store), redact_url(&cli.bus));
     let app = App::open_waiting(&cli.store, &cli.bus, rules, BUS_PATIENCE)
         .await
-        .with_context(|| format!("opening store {store_shown} and bus {bus_shown}"))?;
+        .with_context(|| format!("opening store {store_shown} and bus {bus_shown}"))?
+        .with_snapshot_interval(cli.snapshot_interval);
     let app = if matches!(cli.command, Command::Serve { .. } | Command::Api { .. }) {
         secure(app, &options, &cli.store).await?
     } else {
