@@ -6,6 +6,29 @@
 //! and the bus drops the ones it already has (every [`Bus`] deduplicates by position). The
 //! loop ([`run`]) retries failures with backoff and never skips a record.
 //!
+//! ## Upcasting (issue #6)
+//!
+//! The relay publishes every record **upcast** to the current version of its type
+//! ([`EventEnvelope::upcast`], `docs/event-catalog.md` "Versions and upcasters"): a
+//! `user.registered` stored at version 1 goes on the bus as version 2 with default
+//! `preferences`, so consumers only ever see current shapes. Only `event_version` and `payload`
+//! change; `position`, ids and everything else are the stored ones, and the outbox is read and
+//! marked exactly as without upcasting. The store is never rewritten. Upcasting is
+//! deterministic, so a record published again after a crash is the same message. Messages that
+//! builds before issue #6 already put on a durable bus keep their stored shape; consumers read
+//! them the same, because decoding upcasts too.
+//!
+//! A record this build cannot upcast — a type outside its catalog or an `event_version` newer
+//! than it knows, i.e. written by a newer build sharing the store — is **published unchanged**
+//! (stored type, version and payload) and marked like every other record: it is neither
+//! dropped, nor retried forever (which would stall the outbox behind it), nor "fixed" by
+//! guessing. Each such record is logged (`tracing` warn, with its position, type, version and
+//! the reason) and counted in [`METRIC_NOT_UPCAST`]. Consumers then treat it as they treat any
+//! undecodable event: the worker's decode fails, it retries `max_deliver` times and sets the
+//! event aside as a dead letter of its group (`tektree-replay dead-letters`), holding back later
+//! events of that aggregate only; once a build that knows the type/version runs, `tektree-replay
+//! redrive ID` applies it (decoding upcasts it then).
+//!
 //! Test-only fault hook: when the environment variable [`KILL_AFTER_PUBLISH_ENV`]
 //! (`TEKTREE_KILL_AFTER_PUBLISH=<n>`) is set, the process aborts in its `n`-th round that
 //! published something, right after the bus accepted the records and before they are marked
@@ -15,12 +38,16 @@
 //! Metrics (through the `metrics` facade; the process installs the exporter):
 //! - counter `tektree_relay_published_total`: outbox records published and marked;
 //! - gauge `tektree_relay_backlog`: outbox records not yet published, as last seen;
-//! - counter `tektree_relay_errors_total`: failed rounds.
+//! - counter `tektree_relay_errors_total`: failed rounds;
+//! - counter `tektree_relay_not_upcast_total`: records published unchanged because this build
+//!   cannot upcast them (see above).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use tektree_domain::events::catalog_entry;
+use tektree_domain::EventEnvelope;
 use tektree_event_store::{EventStore, StoreError};
 use tokio::sync::watch;
 
@@ -32,6 +59,9 @@ pub const METRIC_PUBLISHED: &str = "tektree_relay_published_total";
 pub const METRIC_BACKLOG: &str = "tektree_relay_backlog";
 /// Name of the counter of failed relay rounds.
 pub const METRIC_ERRORS: &str = "tektree_relay_errors_total";
+/// Name of the counter of outbox records published unchanged because this build cannot upcast
+/// them (unknown type or unsupported version; see the [module docs](self)).
+pub const METRIC_NOT_UPCAST: &str = "tektree_relay_not_upcast_total";
 
 /// First wait after a failed round; doubled after each further failure.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -110,8 +140,35 @@ impl Default for RelayConfig {
     }
 }
 
+/// `stored` as the relay publishes it: upcast to the current version of its type, or unchanged
+/// (logged and counted in [`METRIC_NOT_UPCAST`]) when this build cannot upcast it. See the
+/// [module docs](self).
+pub fn for_publishing(stored: EventEnvelope) -> EventEnvelope {
+    // Fast path: a record already at its type's current version is published as stored.
+    if catalog_entry(&stored.event_type).is_some_and(|e| e.version == stored.event_version) {
+        return stored;
+    }
+    match stored.clone().upcast() {
+        Ok(current) => current,
+        Err(e) => {
+            metrics::counter!(METRIC_NOT_UPCAST).increment(1);
+            tracing::warn!(
+                position = stored.position,
+                event_id = %stored.event_id,
+                event_type = %stored.event_type,
+                event_version = stored.event_version,
+                error = %e,
+                "outbox record published unchanged: this build cannot upcast it; consumers \
+                 will dead-letter it until a build that knows it re-drives it"
+            );
+            stored
+        }
+    }
+}
+
 /// One relay round: publishes up to `batch` of the oldest unpublished outbox records (in
-/// position order) to `bus`, then marks them published in `store`.
+/// position order) to `bus`, each upcast by [`for_publishing`], then marks them published in
+/// `store`.
 ///
 /// Returns how many records were published and marked (0 when the outbox is empty). Also
 /// increments the counter [`METRIC_PUBLISHED`] by that number.
@@ -129,9 +186,11 @@ pub async fn relay_once(
     if pending.is_empty() {
         return Ok(0);
     }
+    // Upcasting keeps every position, so the records marked below are exactly those read.
+    let positions: Vec<u64> = pending.iter().map(|e| e.position).collect();
+    let pending: Vec<EventEnvelope> = pending.into_iter().map(for_publishing).collect();
     bus.publish(&pending).await?;
     count_publish();
-    let positions: Vec<u64> = pending.iter().map(|e| e.position).collect();
     store.outbox_mark_published(&positions).await?;
     metrics::counter!(METRIC_PUBLISHED).increment(positions.len() as u64);
     tracing::trace!(

@@ -290,6 +290,47 @@ async fn relay_run_stops_when_the_shutdown_sender_is_dropped() {
         .unwrap();
 }
 
+/// What the relay publishes for each outbox record (stored v1 records with real SQLite rows:
+/// services/tests/upcasting.rs).
+#[test]
+fn relay_publishes_older_versions_upcast_and_what_it_cannot_upcast_unchanged() {
+    let id = Uuid::new_v4();
+    let current = sample_event(id, 1).into_envelope(7, chrono::Utc::now());
+    // Current version: published as stored.
+    assert_eq!(relay::for_publishing(current.clone()), current);
+
+    // `user.registered` v1, as builds before issue #6 stored it: published as v2 with default
+    // preferences; position, ids, times and actor as stored.
+    let mut v1 = current.clone();
+    v1.event_version = 1;
+    v1.payload = serde_json::json!({"user_id": id, "display_name": "Ada"});
+    let published = relay::for_publishing(v1.clone());
+    assert_eq!(published.event_version, 2);
+    assert_eq!(
+        published.payload,
+        serde_json::json!({"user_id": id, "display_name": "Ada", "preferences":
+            {"email_notifications": true, "weekly_digest": false, "language": "en",
+             "profile_public": true}})
+    );
+    assert_eq!(
+        EventEnvelope {
+            event_version: 1,
+            payload: v1.payload.clone(),
+            ..published.clone()
+        },
+        v1
+    );
+    published.decode().unwrap();
+
+    // A newer version or an unknown type (written by a newer build): published unchanged.
+    let mut newer = current.clone();
+    newer.event_version = 3;
+    assert_eq!(relay::for_publishing(newer.clone()), newer);
+    let mut unknown = current;
+    unknown.event_type = "user.deactivated".into();
+    assert_eq!(relay::for_publishing(unknown.clone()), unknown);
+}
+
 #[test]
 fn relay_config_defaults() {
     let cfg = RelayConfig::default();

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tektree_projections::PROJECTIONS;
 use tektree_services::app::App;
 use tektree_services::config::{load_rules, DEFAULT_BUS, DEFAULT_STORE};
-use tektree_services::replay::rebuild;
+use tektree_services::replay::{events, rebuild, EventForm, EventSelection};
 use uuid::Uuid;
 
 #[derive(Parser, Debug)]
@@ -66,7 +66,8 @@ enum Command {
         /// The dead letter's id (from `dead-letters`).
         id: String,
     },
-    /// Print events as JSON lines.
+    /// Print events as JSON lines, upcast to the current version of each type (as the relay
+    /// publishes them and consumers read them).
     Events {
         /// `TYPE/ID`, e.g. `content/5b0e…`: one aggregate's history.
         #[arg(long)]
@@ -77,6 +78,10 @@ enum Command {
         /// At most this many events (without --aggregate).
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Print the events exactly as stored (stored `event_version` and payload), without
+        /// upcasting older versions.
+        #[arg(long)]
+        stored: bool,
     },
 }
 
@@ -186,18 +191,27 @@ async fn main() -> Result<()> {
             aggregate,
             after,
             limit,
+            stored,
         } => {
-            let events = match aggregate {
+            let selection = match aggregate {
                 Some(a) => {
                     let (t, id) = a
                         .split_once('/')
                         .context("--aggregate takes TYPE/ID, e.g. content/<uuid>")?;
                     let id = Uuid::parse_str(id).with_context(|| format!("invalid id {id:?}"))?;
-                    app.store.load(t, id).await?
+                    EventSelection::Aggregate {
+                        aggregate_type: t.into(),
+                        aggregate_id: id,
+                    }
                 }
-                None => app.store.read_all(after, limit).await?,
+                None => EventSelection::After { after, limit },
             };
-            for e in events {
+            let form = if stored {
+                EventForm::Stored
+            } else {
+                EventForm::Upcast
+            };
+            for e in events(app.store.as_ref(), &selection, form).await? {
                 writeln!(out, "{}", serde_json::to_string(&e)?)?;
             }
         }

@@ -182,6 +182,27 @@ async fn rebuild_status_and_events_over_a_live_store() {
         events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
         [1, 2]
     );
+
+    // Events written by this build are current: upcast (the default) and `--stored` print
+    // the same lines, `user.registered` at version 2 with its preferences. (Stored older
+    // versions: services/tests/upcasting.rs.)
+    let limit = head.to_string();
+    let upcast = replay(&store, &["events", "--limit", &limit]);
+    assert_eq!(upcast.lines().count() as u64, head);
+    assert_eq!(
+        replay(&store, &["events", "--limit", &limit, "--stored"]),
+        upcast
+    );
+    let registered: Vec<tektree_domain::EventEnvelope> = upcast
+        .lines()
+        .map(|l| serde_json::from_str::<tektree_domain::EventEnvelope>(l).unwrap())
+        .filter(|e| e.event_type == "user.registered")
+        .collect();
+    assert_eq!(registered.len(), 5);
+    for e in &registered {
+        assert_eq!(e.event_version, 2);
+        assert_eq!(e.payload["preferences"]["language"], "en");
+    }
 }
 
 #[test]

@@ -231,6 +231,8 @@ impl App {
             let page = self.store.read_all(after, 1000).await?;
             let Some(last) = page.last() else { break };
             after = last.position;
+            // Upcast as the relay does, so consumers only ever see current shapes.
+            let page: Vec<_> = page.into_iter().map(relay::for_publishing).collect();
             self.bus.publish(&page).await?;
         }
         Ok(())

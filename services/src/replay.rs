@@ -1,13 +1,20 @@
-//! Rebuilding projections from the event store (used by `tektree-replay rebuild`).
+//! Rebuilding projections from the event store and reading its history (`tektree-replay rebuild`
+//! and `tektree-replay events`).
 //!
 //! [`rebuild`] replays the event store, in position order and in pages of [`PAGE`] events
 //! (constant memory), through a projection's change function into its read model, after
 //! resetting it. Because the projection is a pure function of each event and the read-model
 //! store applies changes under the same sequence guard as the live workers, the rebuilt read
 //! model equals the one built live.
+//!
+//! [`events`] reads stored events for `tektree-replay events`, upcast to the current versions
+//! of their types by default ([`EventForm::Upcast`]) or exactly as stored
+//! ([`EventForm::Stored`], `--stored`).
 
+use tektree_domain::EventEnvelope;
 use tektree_event_store::{EventStore, StoreError};
 use tektree_projections::{project, Change, EventKey, ReadModelError, ReadModelStore, PROJECTIONS};
+use uuid::Uuid;
 
 /// Events read and applied per transaction during a rebuild.
 pub const PAGE: usize = 1000;
@@ -69,4 +76,74 @@ pub async fn rebuild(
         progress(after);
     }
     Ok(count)
+}
+
+/// Which events [`events`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventSelection {
+    /// One aggregate's whole history, in sequence order (`events --aggregate TYPE/ID`).
+    Aggregate {
+        /// `user`, `area`, `content`, `profile` or `subscription`.
+        aggregate_type: String,
+        /// The aggregate instance.
+        aggregate_id: Uuid,
+    },
+    /// Up to `limit` events after global position `after`, in position order
+    /// (`events [--after POSITION] [--limit N]`).
+    After {
+        /// Start after this position (0 = from the first event).
+        after: u64,
+        /// At most this many.
+        limit: usize,
+    },
+}
+
+/// The form in which [`events`] returns envelopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventForm {
+    /// Upcast to the current version of each type ([`EventEnvelope::upcast`]), as the relay
+    /// publishes them and consumers decode them (the default of `tektree-replay events`).
+    #[default]
+    Upcast,
+    /// Exactly as stored: the stored `event_version` and payload (`events --stored`).
+    Stored,
+}
+
+/// The events of `selection` in `form` (`tektree-replay events`).
+///
+/// With [`EventForm::Upcast`], an envelope this build cannot upcast (a type outside its
+/// catalog or a version newer than it knows, written by a newer build) is returned as stored,
+/// with a `tracing` warning: an operator inspecting history sees every event, and its
+/// `event_version` tells it was not upcast. The relay publishes such events the same way.
+///
+/// # Errors
+/// [`ReplayError::Store`] when reading fails.
+pub async fn events(
+    store: &dyn EventStore,
+    selection: &EventSelection,
+    form: EventForm,
+) -> Result<Vec<EventEnvelope>, ReplayError> {
+    let stored = match selection {
+        EventSelection::Aggregate {
+            aggregate_type,
+            aggregate_id,
+        } => store.load(aggregate_type, *aggregate_id).await?,
+        EventSelection::After { after, limit } => store.read_all(*after, *limit).await?,
+    };
+    Ok(match form {
+        EventForm::Stored => stored,
+        EventForm::Upcast => stored.into_iter().map(upcast_or_stored).collect(),
+    })
+}
+
+/// `env` upcast, or unchanged (with a warning) when this build cannot upcast it.
+fn upcast_or_stored(env: EventEnvelope) -> EventEnvelope {
+    match env.clone().upcast() {
+        Ok(current) => current,
+        Err(e) => {
+            tracing::warn!(position = env.position, event_id = %env.event_id, error = %e,
+                "this build cannot upcast the event: shown as stored");
+            env
+        }
+    }
 }
