@@ -323,10 +323,7 @@ async fn happy_path_updates_every_read_model() {
     assert_eq!(entries.len(), 3);
     assert_eq!(
         entries[0]["xp"],
-        answerer_xp
-            - xp.registration
-            - reward("first-answer")
-            - reward("first-accepted-answer")
+        answerer_xp - xp.registration - reward("first-answer") - reward("first-accepted-answer")
     );
     assert_eq!(
         entries[1]["xp"],

@@ -116,7 +116,10 @@ pub fn router(app: App) -> Router {
             command(&state, users::verify_email),
         )
         .route("/v1/areas", command(&state, knowledge::create_area))
-        .route("/v1/discussions", command(&state, knowledge::start_discussion))
+        .route(
+            "/v1/discussions",
+            command(&state, knowledge::start_discussion),
+        )
         .route("/v1/insights", command(&state, knowledge::share_insight))
         .route("/v1/resources", command(&state, knowledge::upload_resource))
         .route("/v1/content/{id}/likes", command(&state, knowledge::like))

@@ -92,7 +92,13 @@ pub async fn update_profile(
         ));
     }
     let now = Utc::now();
-    let key = idem.key(Some(principal.user), "update_profile", &[user_id], &body, now);
+    let key = idem.key(
+        Some(principal.user),
+        "update_profile",
+        &[user_id],
+        &body,
+        now,
+    );
     let cmd = UserCommand::UpdateProfile(UserProfileUpdated {
         user_id,
         display_name: body.display_name,
