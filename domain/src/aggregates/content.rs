@@ -1144,4 +1144,39 @@ mod tests {
             .inspect_result();
         assert_eq!(r.unwrap_err().code(), "not_found.question");
     }
+
+    #[test]
+    fn an_insight_needs_a_body_and_an_identical_repeat_is_a_no_op() {
+        let (w, f) = world();
+        let share = |body: &str| ContentCommand::ShareInsight {
+            insight_id: w.q,
+            author_id: Some(w.asker),
+            title: "Cite sources".into(),
+            body: body.into(),
+            tags: vec!["Sources".into()],
+            area_id: None,
+            actor: Actor::User(w.asker),
+        };
+        let shared = Event::InsightShared(InsightShared {
+            insight_id: w.q,
+            author_id: Some(w.asker),
+            title: "Cite sources".into(),
+            body: "Livy over Wikipedia.".into(),
+            tags: vec!["sources".into()],
+            area_id: None,
+        });
+        TestFramework::<Content>::with(f.clone())
+            .given_no_previous_events()
+            .when(share("Livy over Wikipedia."))
+            .then_expect_events(vec![shared.clone()]);
+        TestFramework::<Content>::with(f.clone())
+            .given(vec![shared])
+            .when(share("Livy over Wikipedia."))
+            .then_expect_events(vec![]);
+        let r = TestFramework::<Content>::with(f)
+            .given_no_previous_events()
+            .when(share(""))
+            .inspect_result();
+        assert_eq!(r.unwrap_err().code(), "invalid");
+    }
 }

@@ -75,6 +75,11 @@ pub fn json_content_type(headers: &HeaderMap) -> bool {
 /// # Errors
 /// 400 `malformed_json` or 422 `invalid_body`.
 pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    // Syntax first: a body cut short is 400 `malformed_json` even when the part before the cut
+    // already names an unknown field (which the typed decode would report first as 422).
+    if let Err(rejection) = Json::<serde::de::IgnoredAny>::from_bytes(bytes) {
+        return Err(json_problem(rejection));
+    }
     match Json::<JsonObject<T>>::from_bytes(bytes) {
         Ok(Json(JsonObject(v))) => Ok(v),
         Err(JsonRejection::JsonSyntaxError(e))

@@ -1,15 +1,15 @@
-//! The quota guard: questions, answers and comments over the caller's monthly quota are
-//! refused with 429 before the command runs.
+//! The quota guard: questions, answers, comments, discussions, insights and resources over the
+//! caller's monthly quota are refused with 429 before the command runs.
 //!
-//! The guard reads the caller's row of the `quota` read model for the current UTC month. That
-//! row is written by the `quota` projection from `payment.usage.recorded` events, which the
-//! `policy.subscription` policy emits for each post; so it trails the store by the lag of those
-//! two consumers (`GET /v1/projections`). Posts committed within that lag are not yet counted,
-//! and a caller can exceed the limit by at most the number of their posts still in flight. The
-//! metering itself (and `payment.quota.exceeded`) stays exact: it happens in the subscription
-//! aggregate. Before refusing, the guard asks that aggregate for the current tier and usage, so
-//! a tier change the read model has not seen yet (an upgrade through Polar) lifts the quota at
-//! once (issue #6).
+//! The guard reads the caller's `subscription` aggregate (through the command handler's cache):
+//! its current tier — so an upgrade or a cancellation through Polar applies at once (issue #6) —
+//! and the units metered in the current UTC month. Metering is done by the
+//! `policy.subscription` policy for each committed post, so the count trails the store by that
+//! one consumer's lag (`GET /v1/projections`): posts committed within that lag are not yet
+//! counted, and a caller can exceed the limit by at most the number of their posts still in
+//! flight. The metering itself (and `payment.quota.exceeded`) stays exact. (Until issue #6 the
+//! guard read the `quota` read model, which also trailed the `quota` projection and, worse, kept
+//! a month's tier until the next usage: a cancelled Team user kept the Team limit.)
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use tektree_domain::{period_of, Content, Subscription};
@@ -48,11 +48,12 @@ pub fn seconds_until_next_month(now: DateTime<Utc>) -> u64 {
     ms.div_ceil(1000).max(1)
 }
 
-/// Refuses with 429 `quota_exceeded` (with `Retry-After`) when the caller's quota row for the
-/// month of `now` has a limit and `used >= limit`, unless `what` already exists (a repeat).
+/// Refuses with 429 `quota_exceeded` (with `Retry-After`) when the caller's subscription has a
+/// limit and the month of `now` has `used >= limit` metered units, unless `what` already exists
+/// (a repeat).
 ///
 /// # Errors
-/// The 429 problem, or 503 when the read models or the store fail.
+/// The 429 problem, or 503 when the store fails.
 pub async fn check(
     app: &App,
     user: Uuid,
@@ -60,25 +61,13 @@ pub async fn check(
     what: Metered,
 ) -> Result<(), Problem> {
     let period = period_of(now);
-    let Some(row) = app.read_models.quota(user, &period).await? else {
-        return Ok(());
-    };
-    let Some(limit) = row.limit else {
-        return Ok(());
-    };
-    if row.used < limit || already_committed(app, what).await? {
-        return Ok(());
-    }
-    // The read model may trail a tier change (an upgrade through Polar, issue #6): before
-    // refusing, ask the subscription aggregate, which is authoritative. Only refusals pay for
-    // this load.
     let (sub, _) = app.handler.load::<Subscription>(user).await?;
     let tier = sub.tier.unwrap_or_default();
-    let used = sub.used_in(&period).max(row.used);
     let Some(limit) = app.rules.quota.limit(tier) else {
         return Ok(());
     };
-    if used < limit {
+    let used = sub.used_in(&period);
+    if used < limit || already_committed(app, what).await? {
         return Ok(());
     }
     metrics::counter!("tektree_quota_refusals_total").increment(1);
