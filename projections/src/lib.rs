@@ -133,6 +133,11 @@ pub trait ReadModelStore: Send + Sync + 'static {
     /// Quota row of one user for `period` (`YYYY-MM`).
     async fn quota(&self, user_id: Uuid, period: &str) -> Result<Option<QuotaRow>, ReadModelError>;
 
+    /// The user's current subscription tier (`rm_tier`, written by the `quota` projection
+    /// from `payment.subscription.created` / `.upgraded` / `.downgraded` / `.cancelled`);
+    /// `None` before the subscription is opened.
+    async fn tier(&self, user_id: Uuid) -> Result<Option<tektree_domain::Tier>, ReadModelError>;
+
     /// Content row of one question or answer.
     async fn content(&self, content_id: Uuid) -> Result<Option<ContentRow>, ReadModelError>;
 

@@ -991,6 +991,18 @@ impl ReadModelStore for SqliteReadModels {
         .await
     }
 
+    async fn tier(&self, user_id: Uuid) -> Result<Option<Tier>, ReadModelError> {
+        self.run(false, move |conn| {
+            conn.prepare_cached("SELECT tier FROM rm_tier WHERE user_id = ?1")
+                .and_then(|mut s| {
+                    s.query_row(params![user_id.to_string()], |row| tier_at(row, 0))
+                        .optional()
+                })
+                .map_err(backend)
+        })
+        .await
+    }
+
     async fn content(&self, content_id: Uuid) -> Result<Option<ContentRow>, ReadModelError> {
         self.run(false, move |conn| {
             conn.prepare_cached(&format!(

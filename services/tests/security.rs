@@ -13,11 +13,10 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::Router;
-use chrono::DateTime;
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tektree_domain::{period_of, Rules, Tier};
+use tektree_domain::{Rules, Tier};
 use tektree_event_store::Head;
 use tektree_outbox::test_support::{RedisServer, REDIS_URL_ENV};
 use tektree_outbox::Delivery;
@@ -199,22 +198,19 @@ impl Harness {
         self.app.store.head().await.unwrap()
     }
 
-    /// Gives `user` a quota row of `tier` for the period of `now_us` (as the `quota`
-    /// projection would after a `payment.usage.recorded` of that tier).
-    async fn set_tier(&self, user: Uuid, tier: Tier, now_us: u64) {
-        let period = period_of(DateTime::from_timestamp_micros(now_us as i64).unwrap());
+    /// Gives `user` the subscription tier `tier` in the `quota` read model, as the `quota`
+    /// projection does for `payment.subscription.created` / `.upgraded` (the rate limiter's
+    /// source of the tier since issue #6).
+    async fn set_tier(&self, user: Uuid, tier: Tier) {
         let key = EventKey {
             aggregate_type: "subscription".into(),
             aggregate_id: user,
             sequence: 1,
             position: 1_000_000 + (user.as_u128() % 1_000_000) as u64,
         };
-        let change = Change::Usage {
+        let change = Change::Tier {
             user_id: user,
-            period,
             tier,
-            used: 1,
-            limit: None,
         };
         self.app
             .read_models
@@ -838,11 +834,11 @@ async fn rate_limit_boundaries(h: &Harness, clock: &ManualClock) {
     // Pro (from the read model): 166 at once; Enterprise: unlimited.
     clock.set(T0 + 7200 * S);
     let pro_user = Uuid::new_v4();
-    h.set_tier(pro_user, Tier::Pro, T0).await;
+    h.set_tier(pro_user, Tier::Pro).await;
     let pro = h.token(pro_user, &[]);
     assert_eq!(passes(h, &pro, &[], 1000).await, 166);
     let ent_user = Uuid::new_v4();
-    h.set_tier(ent_user, Tier::Enterprise, T0).await;
+    h.set_tier(ent_user, Tier::Enterprise).await;
     let ent = h.token(ent_user, &[]);
     assert_eq!(passes(h, &ent, &[], 300).await, 300);
 }
@@ -897,7 +893,7 @@ async fn the_tier_comes_from_the_read_model_never_from_headers() {
     assert_eq!(passes(&h, &claimed, &spoof, 100).await, 16);
     // The same user after the read model says Team: a fresh user of Team gets 833.
     let team_user = Uuid::new_v4();
-    h.set_tier(team_user, Tier::Team, T0).await;
+    h.set_tier(team_user, Tier::Team).await;
     let team = h.token(team_user, &[]);
     assert_eq!(
         passes(&h, &team, &[("x-tier", "free".into())], 2000).await,

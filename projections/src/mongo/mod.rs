@@ -633,6 +633,14 @@ impl ReadModelStore for MongoReadModels {
         .transpose()
     }
 
+    async fn tier(&self, user_id: Uuid) -> Result<Option<tektree_domain::Tier>, ReadModelError> {
+        Ok(self
+            .find_one(TIER, doc! { "_id": uuid_bson(user_id) })
+            .await?
+            .as_ref()
+            .and_then(tier_of))
+    }
+
     async fn content(&self, content_id: Uuid) -> Result<Option<ContentRow>, ReadModelError> {
         self.find_one(CONTENT, doc! { "_id": uuid_bson(content_id) })
             .await?

@@ -31,10 +31,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use axum::http::StatusCode;
-use chrono::{DateTime, Utc};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
-use tektree_domain::{period_of, Tier};
+use tektree_domain::Tier;
 use tektree_projections::ReadModelStore;
 use uuid::Uuid;
 
@@ -496,9 +495,11 @@ impl RateLimiter {
     }
 
     /// Counts one command request of `user` and refuses it when over the limit of the user's
-    /// tier. The tier is the `tier` of the user's row in the `quota` read model for the month
-    /// of the clock's time (the subscription's tier, written by the `quota` projection), Free
-    /// when there is no row; nothing the client sends is consulted.
+    /// tier. The tier is the user's current subscription tier in the `quota` read model
+    /// ([`ReadModelStore::tier`], written by the `quota` projection from the subscription's
+    /// created / upgraded / downgraded / cancelled events), Free when there is none; nothing the
+    /// client sends is consulted. (Before issue #6 it was the tier of the month's usage row,
+    /// which kept an old tier until the next metered post.)
     ///
     /// # Errors
     /// 429 `rate_limited` with `Retry-After`; 503 `read_models` or `rate_limit` when the read
@@ -514,12 +515,7 @@ impl RateLimiter {
             });
         };
         let now_us = self.clock.now_micros();
-        let now = DateTime::<Utc>::from_timestamp_micros(now_us as i64).unwrap_or_else(Utc::now);
-        let tier = read_models
-            .quota(user, &period_of(now))
-            .await?
-            .map(|row| row.tier)
-            .unwrap_or(Tier::Free);
+        let tier = read_models.tier(user).await?.unwrap_or(Tier::Free);
         let (Some(rule), Some(limit)) = (self.limits.rule(tier), self.limits.per_minute(tier))
         else {
             return Ok(Decision::Allowed {

@@ -7,7 +7,7 @@
 //!    `Content-Length` over it, or a longer (chunked) body, is refused with 413
 //!    `payload_too_large` before the token is looked at;
 //! 2. **authentication**: the bearer token is verified (401 `unauthenticated`);
-//! 3. **rate limit**: the caller's tier comes from the `quota` read model and one request is
+//! 3. **rate limit**: the caller's tier comes from the `quota` read model (`rm_tier`) and one request is
 //!    counted against the tier's bucket (429 `rate_limited` with `Retry-After`; issue #4).
 //!
 //! The handler then reads the already verified [`Principal`] from the request's extensions.
