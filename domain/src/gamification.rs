@@ -11,7 +11,7 @@
 //! [`Condition::AnswerScore`] (a score can fall again): counts and the longest run of active
 //! days only grow, so what is unlocked does not depend on the order in which a user's
 //! activities arrive. That is what lets the import be checked against values computed
-//! directly from the dump (`services/tests/achievements.rs`).
+//! directly from the dump (`services/tests/stackexchange.rs`).
 //!
 //! The default rules are `config/gamification.toml`, embedded at build time.
 

@@ -160,7 +160,14 @@ fn leaderboard(event: &Event) -> Vec<Change> {
     let Event::XpEarned(e) = event else {
         return vec![];
     };
-    let mut boards = vec!["all-time".to_string(), weekly_board(e.source_occurred_at)];
+    // An achievement's reward counts all-time only: which activity completes an achievement
+    // (and so the week of the reward) depends on the order in which the profile sees a user's
+    // activities, while a weekly board must not (a quest's reward is credited to the quest's
+    // own week, which is fixed by its condition).
+    let mut boards = vec!["all-time".to_string()];
+    if e.source_event_type != "gamification.achievement.unlocked" {
+        boards.push(weekly_board(e.source_occurred_at));
+    }
     for tag in &e.tags {
         let board = format!("tag:{tag}");
         // A repeated tag must not credit its board twice.
@@ -501,6 +508,50 @@ mod tests {
             }]
         );
         assert!(project("content", &env, &e).is_empty());
+    }
+
+    fn boards_of(e: &Event, user: Uuid) -> Vec<String> {
+        project("leaderboard", &envelope(e, user), e)
+            .into_iter()
+            .map(|c| match c {
+                Change::Leaderboard { board, .. } => board,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn area_boards_join_and_achievement_rewards_count_all_time_only() {
+        let (user, area) = (Uuid::new_v4(), Uuid::new_v4());
+        let earned = |source: &str, area_id| {
+            Event::XpEarned(XpEarned {
+                user_id: user,
+                amount: 5,
+                source_event_id: Uuid::new_v4(),
+                source_event_type: source.into(),
+                source_occurred_at: "2024-01-01T00:00:00Z".parse().unwrap(),
+                tags: vec![],
+                total_xp: 5,
+                activity: None,
+                area_id,
+            })
+        };
+        assert_eq!(
+            boards_of(&earned("knowledge.question.posted", Some(area)), user),
+            vec![
+                "all-time".to_string(),
+                "weekly:2024-W01".to_string(),
+                format!("area:{area}"),
+            ]
+        );
+        assert_eq!(
+            boards_of(&earned("gamification.achievement.unlocked", None), user),
+            vec!["all-time".to_string()]
+        );
+        assert_eq!(
+            boards_of(&earned("gamification.quest.completed", None), user),
+            vec!["all-time".to_string(), "weekly:2024-W01".to_string()]
+        );
     }
 
     #[test]

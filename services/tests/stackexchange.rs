@@ -6,13 +6,18 @@
 //! 1. Redis bus (a real `redis-server`), pipeline in-process, `import_stackexchange` + settle;
 //! 2. the same on NATS JetStream (a real `nats-server -js`);
 //! 3. in-process bus through `run_import_cli` (which runs and settles the pipeline itself);
-//! 4. a second `run_import_cli` over the store of run 3, reopened.
+//! 4. a second `run_import_cli` over the store of run 3, reopened;
+//!
+//! then every projection is rebuilt from the store of runs 3–4 into fresh read models.
 //!
 //! Expected values are computed from the XML by a small line-based parser (tests/common, not
-//! the importer's reader) and the XP rules of issue #2 §4.
+//! the importer's reader), the XP rules of issue #2 §4, and the achievements, weekly quest
+//! and streak milestones of issue #6 (their conditions evaluated by the test itself; only
+//! the XP rewards are read from the default rules, `config/gamification.toml`).
 
 mod common;
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -20,10 +25,13 @@ use std::time::Instant;
 use common::*;
 use tektree_domain::Rules;
 use tektree_outbox::test_support::{NatsServer, RedisServer};
+use tektree_projections::SqliteReadModels;
 use tektree_services::app::App;
 use tektree_services::import::{import_stackexchange, run_import_cli, ImportError, ImportOptions};
+use tektree_services::replay::rebuild;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------------
 // The runs.
@@ -34,7 +42,11 @@ struct Runs {
     nats: Result<Run, String>,
     memory: Result<Run, String>,
     second: Result<Run, String>,
+    /// Every read model's export after rebuilding it from the store of runs 3–4.
+    rebuilt: Result<Exports, String>,
 }
+
+type Exports = BTreeMap<&'static str, Vec<serde_json::Value>>;
 
 /// Import with the pipeline in-process on a shared bus (`redis://` or `nats://`).
 async fn bus_run(bus_url: &str, expected: &Expected) -> Result<Run, String> {
@@ -62,7 +74,13 @@ async fn bus_run(bus_url: &str, expected: &Expected) -> Result<Run, String> {
     collect(&app, result?, expected, elapsed).await
 }
 
-async fn memory_runs(expected: &Expected) -> (Result<Run, String>, Result<Run, String>) {
+async fn memory_runs(
+    expected: &Expected,
+) -> (
+    Result<Run, String>,
+    Result<Run, String>,
+    Result<Exports, String>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("sqlite://{}", dir.path().join("tektree.db").display());
     let first = async {
@@ -90,7 +108,28 @@ async fn memory_runs(expected: &Expected) -> (Result<Run, String>, Result<Run, S
         collect(&app, report, expected, started.elapsed()).await
     }
     .await;
-    (first, second)
+    // Replay: every projection rebuilt from that store into fresh read models, as
+    // `tektree-replay rebuild` does.
+    let rebuilt = async {
+        let app = App::open(&store, "memory", Rules::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let fresh =
+            SqliteReadModels::open(dir.path().join("rebuilt.db")).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        for (name, _) in MODELS {
+            rebuild(app.store.as_ref(), &fresh, name, |_| {})
+                .await
+                .map_err(|e| format!("rebuild {name}: {e}"))?;
+        }
+        eprintln!(
+            "rebuild of every projection: {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        exports(&fresh).await
+    }
+    .await;
+    (first, second, rebuilt)
 }
 
 fn runs() -> &'static Runs {
@@ -107,7 +146,7 @@ fn runs() -> &'static Runs {
             let redis = bus_run(&redis_server.url, &expected).await;
             let nats_server = NatsServer::start();
             let nats = bus_run(&nats_server.url, &expected).await;
-            let (memory, second) = memory_runs(&expected).await;
+            let (memory, second, rebuilt) = memory_runs(&expected).await;
             for (name, r) in [
                 ("redis", &redis),
                 ("nats", &nats),
@@ -129,6 +168,7 @@ fn runs() -> &'static Runs {
                 nats,
                 memory,
                 second,
+                rebuilt,
             }
         })
     })
@@ -161,8 +201,9 @@ fn assert_same_read_models(a: &Run, b: &Run, what: &str) {
     assert_eq!(a.report.kinds, b.report.kinds, "reports differ ({what})");
     // The store heads may differ: how often `gamification.level.up` fires depends on the order
     // in which the policy applies a user's awards (a downvote can drop a total below a level
-    // boundary that a later upvote crosses again), and that order depends on the bus. The read
-    // models, which are sums, do not.
+    // boundary that a later upvote crosses again), and that order varies from run to run (the
+    // importer sends 8 commands at once). The other read models, sums of awards that do not
+    // depend on the order, do not.
 }
 
 #[test]
@@ -179,6 +220,100 @@ fn import_with_nats_bus_gives_identical_read_models() {
     let (redis, nats) = (ok(&runs.redis, "redis"), ok(&runs.nats, "nats"));
     assert_matches_dump(nats, &runs.expected);
     assert_same_read_models(redis, nats, "redis run vs nats run");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Achievements, quests and streak milestones (issue #6).
+
+#[test]
+fn import_unlocks_exactly_the_goals_computed_from_the_dump() {
+    let runs = runs();
+    let x = &runs.expected;
+    eprintln!("goals reached on the dump: {}", x.goals.summary());
+    for (name, r) in [
+        ("redis", &runs.redis),
+        ("nats", &runs.nats),
+        ("memory", &runs.memory),
+    ] {
+        let run = ok(r, name);
+        // Each stored once (`goals` panics on a duplicate) and exactly the expected sets.
+        assert_goals_match_dump(run, x, name);
+        eprintln!("{name} run unlocked: {}", run.unlocks.goals(name).summary());
+    }
+}
+
+#[test]
+fn unlocks_are_identical_on_every_bus_and_a_second_import_adds_none() {
+    let runs = runs();
+    let memory = ok(&runs.memory, "memory").unlocks.goals("memory");
+    for (name, r) in [("redis", &runs.redis), ("nats", &runs.nats)] {
+        assert_eq!(ok(r, name).unlocks.goals(name), memory, "{name} vs memory");
+    }
+    // Same store: the second import stored no unlock event at all.
+    let (first, second) = (ok(&runs.memory, "memory"), ok(&runs.second, "second"));
+    assert_eq!(second.unlocks, first.unlocks);
+}
+
+/// The `weekly:*` boards hold the XP of each week's activity plus the rewards of the quests
+/// completed in that week. Which activity reaches a goal depends on the order in which the
+/// policy sees a user's activities — the store order, which the importer's concurrency (8
+/// commands in flight) varies from run to run. Achievement rewards therefore count all-time
+/// only, and a quest's reward lands in the quest's own week: the expected boards, computed from
+/// the dump with the acts in each run's store order, must not depend on that order.
+#[test]
+fn weekly_boards_match_the_dump_in_each_runs_order() {
+    let runs = runs();
+    let x = &runs.expected;
+    let file_order: HashMap<Uuid, u64> = (x.acts.iter().enumerate())
+        .map(|(i, (key, ..))| (*key, i as u64))
+        .collect();
+    let (goals, in_file_order) = x.in_order(&file_order);
+    assert_eq!(goals, x.goals);
+    for (name, r) in [
+        ("redis", &runs.redis),
+        ("nats", &runs.nats),
+        ("memory", &runs.memory),
+    ] {
+        let run = ok(r, name);
+        let (goals, want) = x.in_order(&run.positions);
+        assert_eq!(
+            goals, x.goals,
+            "{name}: the goals reached depend on the order"
+        );
+        let got = weekly_boards(run);
+        let diff: Vec<_> = (want.keys().chain(got.keys()))
+            .filter(|k| want.get(*k) != got.get(*k))
+            .map(|k| (k, want.get(k), got.get(k)))
+            .collect();
+        assert!(
+            diff.is_empty(),
+            "{name}: ((board, user), want, got): {diff:?}"
+        );
+        let moved = (want.iter())
+            .filter(|(k, v)| in_file_order.get(*k) != Some(*v))
+            .count();
+        assert_eq!(
+            moved, 0,
+            "{name}: weekly boards depend on the order of the run"
+        );
+    }
+}
+
+#[test]
+fn rebuild_from_the_store_gives_the_live_read_models() {
+    let runs = runs();
+    let live = &ok(&runs.second, "second").exports;
+    let rebuilt = runs
+        .rebuilt
+        .as_ref()
+        .unwrap_or_else(|e| panic!("rebuild failed: {e}"));
+    for (name, _) in MODELS {
+        assert_eq!(live[name].len(), rebuilt[name].len(), "{name}: row count");
+        assert!(
+            live[name] == rebuilt[name],
+            "{name}: rebuilt read model differs"
+        );
+    }
 }
 
 #[test]

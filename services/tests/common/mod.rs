@@ -4,12 +4,14 @@
 
 pub mod fake_polar;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
 use serde_json::Value;
-use tektree_projections::{ContentRow, LeaderboardRow, ReadModel, XpRow};
+use tektree_domain::{Event, GamificationRules};
+use tektree_projections::{ContentRow, LeaderboardRow, ReadModel, ReadModelStore, XpRow};
 use tektree_services::app::App;
 use tektree_services::import::{CommandKind, ImportReport};
 use uuid::Uuid;
@@ -62,6 +64,20 @@ pub fn num(a: &Attrs, k: &str) -> i64 {
     a.get(k).map(|v| v.parse().unwrap()).unwrap_or(0)
 }
 
+/// A `CreationDate` (`2011-10-11T19:42:20.713`, no zone) read as UTC, as the importer does.
+pub fn date(a: &Attrs) -> DateTime<Utc> {
+    let s = &a["CreationDate"];
+    NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .unwrap_or_else(|e| panic!("CreationDate {s:?}: {e}"))
+        .and_utc()
+}
+
+/// ISO week `YYYY-Www` of an instant (UTC), computed here with chrono.
+pub fn week(t: DateTime<Utc>) -> String {
+    let w = t.iso_week();
+    format!("{:04}-W{:02}", w.year(), w.week())
+}
+
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct ExpectedXp {
     pub xp: i64,
@@ -78,6 +94,223 @@ pub struct Expected {
     pub xp: BTreeMap<Uuid, ExpectedXp>,
     /// (accepted, rejected by reason, skipped) per kind.
     pub report: BTreeMap<CommandKind, (u64, BTreeMap<String, u64>, u64)>,
+    /// Achievements, weekly quests and streak milestones reached (issue #6).
+    pub goals: Goals,
+    /// What the gamification policy records on a profile, one entry per imported row that
+    /// records an activity: (row key, user, act, the row's `CreationDate`), phase by phase in
+    /// file order. The row key identifies the row's event (see [`Run::positions`]).
+    pub acts: Vec<(Uuid, Uuid, Act, DateTime<Utc>)>,
+    /// XP per `weekly:YYYY-Www` board and user, without the rewards of goals.
+    pub weekly_base: BTreeMap<(String, Uuid), i64>,
+}
+
+impl Expected {
+    /// The goals reached and the `weekly:*` boards (XP per board and user) when the policy sees
+    /// the acts in the order of `positions` (row key → store position of its event).
+    ///
+    /// The sets of goals do not depend on the order, but the act that reaches a goal does. Only
+    /// quest rewards are credited to a week (the quest's own week, whichever of its acts
+    /// completes it), so the boards do not depend on the order either; computing them in each
+    /// run's store order (the importer runs up to 8 commands at once) proves it.
+    pub fn in_order(
+        &self,
+        positions: &HashMap<Uuid, u64>,
+    ) -> (Goals, BTreeMap<(String, Uuid), i64>) {
+        let mut acts = self.acts.clone();
+        acts.sort_by_key(|(key, ..)| {
+            *positions
+                .get(key)
+                .unwrap_or_else(|| panic!("no stored event for row {key}"))
+        });
+        let acts: Vec<_> = acts.into_iter().map(|(_, u, a, t)| (u, a, t)).collect();
+        let (goals, rewards) = reach_goals(&acts, &GamificationRules::default());
+        let mut weekly = self.weekly_base.clone();
+        for (u, n, at, _) in rewards.into_iter().filter(|r| r.3) {
+            *weekly
+                .entry((format!("weekly:{}", week(at)), u))
+                .or_default() += n;
+        }
+        (goals, weekly)
+    }
+}
+
+/// Reached gamification goals (issue #6), as sets: (user, achievement id), (user, quest id,
+/// period) and (user, milestone days).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Goals {
+    pub achievements: BTreeSet<(Uuid, String)>,
+    pub quests: BTreeSet<(Uuid, String, String)>,
+    pub milestones: BTreeSet<(Uuid, u32)>,
+}
+
+impl Goals {
+    /// One line: users per achievement, quest completions, users per streak milestone.
+    pub fn summary(&self) -> String {
+        let mut per: BTreeMap<&str, usize> = ACHIEVEMENTS.iter().map(|a| (*a, 0)).collect();
+        for (_, a) in &self.achievements {
+            *per.entry(a.as_str()).or_default() += 1;
+        }
+        let mut line: Vec<String> = per.iter().map(|(a, n)| format!("{a} {n}")).collect();
+        let quest_users: BTreeSet<Uuid> = self.quests.iter().map(|q| q.0).collect();
+        line.push(format!(
+            "{QUEST} {} completions by {} users",
+            self.quests.len(),
+            quest_users.len()
+        ));
+        for m in MILESTONES {
+            let n = self.milestones.iter().filter(|x| x.1 == m).count();
+            line.push(format!("streak milestone {m} days {n}"));
+        }
+        line.join(", ")
+    }
+}
+
+/// The achievements of issue #6, whose conditions [`Progress::holds`] states independently of
+/// the domain's rule evaluation (only the XP rewards are read from the default rules).
+pub const ACHIEVEMENTS: [&str; 7] = [
+    "first-question",
+    "first-answer",
+    "first-accepted-answer",
+    "ten-answers",
+    "answer-score-10",
+    "streak-7",
+    "streak-30",
+];
+/// The weekly quest: at least 3 answers in one ISO week (of the answers' `CreationDate`).
+pub const QUEST: &str = "weekly-contributor";
+/// Streak milestones, in days.
+pub const MILESTONES: [u32; 3] = [7, 30, 100];
+
+/// What the gamification policy records on a profile for one imported row.
+#[derive(Debug, Clone, Copy)]
+pub enum Act {
+    Question,
+    Answer,
+    Comment,
+    /// An up (+1) or down (−1) vote on one of the user's answers.
+    Vote(Uuid, i64),
+    Accepted,
+}
+
+/// A user's progress, folded from their acts in the order the policy sees them.
+#[derive(Default)]
+struct Progress {
+    questions: u64,
+    answers: u64,
+    accepted: u64,
+    answers_per_week: BTreeMap<String, u64>,
+    scores: HashMap<Uuid, i64>,
+    best_score: i64,
+    days: BTreeSet<NaiveDate>,
+    longest: u32,
+}
+
+impl Progress {
+    fn record(&mut self, act: Act, at: DateTime<Utc>) {
+        match act {
+            Act::Question => self.questions += 1,
+            Act::Answer => {
+                self.answers += 1;
+                *self.answers_per_week.entry(week(at)).or_default() += 1;
+            }
+            Act::Comment => {}
+            Act::Vote(answer, delta) => {
+                let s = self.scores.entry(answer).or_default();
+                *s += delta;
+                self.best_score = self.best_score.max(*s);
+            }
+            Act::Accepted => self.accepted += 1,
+        }
+        // Only what the user wrote makes a day active; a new day may join two runs.
+        if matches!(act, Act::Question | Act::Answer | Act::Comment)
+            && self.days.insert(at.date_naive())
+        {
+            let (mut run, mut prev) = (0u32, None::<NaiveDate>);
+            for d in &self.days {
+                run = match prev {
+                    Some(p) if p.succ_opt() == Some(*d) => run + 1,
+                    _ => 1,
+                };
+                self.longest = self.longest.max(run);
+                prev = Some(*d);
+            }
+        }
+    }
+
+    fn holds(&self, achievement: &str) -> bool {
+        match achievement {
+            "first-question" => self.questions >= 1,
+            "first-answer" => self.answers >= 1,
+            "first-accepted-answer" => self.accepted >= 1,
+            "ten-answers" => self.answers >= 10,
+            "answer-score-10" => self.best_score >= 10,
+            "streak-7" => self.longest >= 7,
+            "streak-30" => self.longest >= 30,
+            other => panic!("no condition for achievement {other:?}"),
+        }
+    }
+}
+
+/// Folds `acts` (in the importer's order) per user: the goals reached, and for each the time
+/// of the act that reached it, with its XP reward from `rules` and whether the reward counts on
+/// the weekly board of that time (quests yes; achievements count all-time only, see the
+/// `leaderboard` projection).
+fn reach_goals(
+    acts: &[(Uuid, Act, DateTime<Utc>)],
+    rules: &GamificationRules,
+) -> (Goals, Vec<(Uuid, i64, DateTime<Utc>, bool)>) {
+    let reward = |id: &str| {
+        rules
+            .achievements
+            .iter()
+            .chain(&rules.quests)
+            .find(|g| g.id == id)
+            .unwrap_or_else(|| panic!("{id} is not in the default rules"))
+            .xp_reward
+    };
+    let mut ids: Vec<&str> = rules.achievements.iter().map(|g| g.id.as_str()).collect();
+    ids.sort_unstable();
+    let mut mine = ACHIEVEMENTS.to_vec();
+    mine.sort_unstable();
+    assert_eq!(
+        ids, mine,
+        "the default achievements changed: update the test"
+    );
+    let quests: Vec<&str> = rules.quests.iter().map(|g| g.id.as_str()).collect();
+    assert_eq!(
+        quests,
+        [QUEST],
+        "the default quests changed: update the test"
+    );
+    assert_eq!(
+        rules.streak_milestones, MILESTONES,
+        "default streak milestones"
+    );
+
+    let mut progress: HashMap<Uuid, Progress> = HashMap::new();
+    let mut goals = Goals::default();
+    let mut rewards = Vec::new();
+    for &(user, act, at) in acts {
+        let p = progress.entry(user).or_default();
+        p.record(act, at);
+        for a in ACHIEVEMENTS {
+            if p.holds(a) && goals.achievements.insert((user, a.to_string())) {
+                rewards.push((user, reward(a), at, false));
+            }
+        }
+        if matches!(act, Act::Answer)
+            && p.answers_per_week[&week(at)] >= 3
+            && goals.quests.insert((user, QUEST.to_string(), week(at)))
+        {
+            rewards.push((user, reward(QUEST), at, true));
+        }
+        for m in MILESTONES {
+            if p.longest >= m {
+                goals.milestones.insert((user, m));
+            }
+        }
+    }
+    (goals, rewards)
 }
 
 pub fn expected() -> Expected {
@@ -90,11 +323,20 @@ pub fn expected() -> Expected {
     let is_content = |p: &Attrs| matches!(p["PostTypeId"].as_str(), "1" | "2");
 
     let mut xp: BTreeMap<Uuid, ExpectedXp> = BTreeMap::new();
-    fn award(xp: &mut BTreeMap<Uuid, ExpectedXp>, u: Option<Uuid>, n: i64) {
+    let mut weekly: BTreeMap<(String, Uuid), i64> = BTreeMap::new();
+    // Every award (even 0 XP: a self-accept) is an entry on the board of its week.
+    let mut award = |u: Option<Uuid>, n: i64, at: DateTime<Utc>| {
         if let Some(u) = u {
             xp.entry(u).or_default().xp += n;
+            *weekly
+                .entry((format!("weekly:{}", week(at)), u))
+                .or_default() += n;
         }
-    }
+    };
+    // What the policy records on each profile, per import phase, in file order.
+    let (mut questions, mut answers, mut commented, mut voted, mut accepted) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut accepts_seen = BTreeSet::new();
     let mut report: BTreeMap<CommandKind, (u64, BTreeMap<String, u64>, u64)> = CommandKind::ALL
         .iter()
         .map(|k| (*k, Default::default()))
@@ -109,7 +351,7 @@ pub fn expected() -> Expected {
     };
 
     for u in &users {
-        award(&mut xp, Some(v5("user", &u["Id"])), 1);
+        award(Some(v5("user", &u["Id"])), 1, date(u));
         count(CommandKind::RegisterUser, None, false);
     }
     let mut content = BTreeMap::new();
@@ -123,13 +365,12 @@ pub fn expected() -> Expected {
                 continue;
             }
         };
-        award(&mut xp, owner(p), points);
+        award(owner(p), points, date(p));
         if let Some(u) = owner(p) {
-            let e = xp.get_mut(&u).unwrap();
             if kind == "question" {
-                e.questions += 1
+                questions.push((id, u, Act::Question, date(p)));
             } else {
-                e.answers += 1
+                answers.push((id, u, Act::Answer, date(p)));
             }
         }
         count(
@@ -163,7 +404,11 @@ pub fn expected() -> Expected {
             target.is_some_and(|p| is_content(p)),
             "comment on a missing post"
         );
-        award(&mut xp, c.get("UserId").map(|u| v5("user", u)), 1);
+        let author = c.get("UserId").map(|u| v5("user", u));
+        award(author, 1, date(c));
+        if let Some(u) = author {
+            commented.push((v5("comment", &c["Id"]), u, Act::Comment, date(c)));
+        }
         count(CommandKind::AddComment, None, false);
     }
     for v in &votes {
@@ -179,7 +424,13 @@ pub fn expected() -> Expected {
                     None => count(k, Some("not_found.content"), false),
                     Some(p) => {
                         assert!(is_content(p));
-                        award(&mut xp, owner(p), points);
+                        award(owner(p), points, date(v));
+                        // Each dump vote is its own voter: the score moves by exactly ±1.
+                        if let (Some(u), "2") = (owner(p), p["PostTypeId"].as_str()) {
+                            let delta = if t == "2" { 1 } else { -1 };
+                            let act = Act::Vote(v5("post", &p["Id"]), delta);
+                            voted.push((v5("vote", &v["Id"]), u, act, date(v)));
+                        }
                         let row = content.get_mut(&v5("post", &p["Id"])).unwrap();
                         if field == 0 {
                             row.upvotes += 1
@@ -194,14 +445,21 @@ pub fn expected() -> Expected {
                 None => count(CommandKind::AcceptAnswer, Some("not_found.answer"), false),
                 Some(a) => {
                     assert_eq!(a["PostTypeId"], "2");
+                    // One accept per question: a repeated or changed accept would be handled
+                    // differently by the content aggregate (the bundled dump has none).
+                    assert!(accepts_seen.insert(a["ParentId"].clone()), "second accept");
                     let q = by_id[a["ParentId"].as_str()];
                     let (asker, answerer) = (owner(q), owner(a));
                     if asker != answerer {
-                        award(&mut xp, answerer, 15);
-                        award(&mut xp, asker, 2);
+                        award(answerer, 15, date(v));
+                        award(asker, 2, date(v));
+                    } else {
+                        // A self-accept earns 0 XP but still records the accepted answer.
+                        award(answerer, 0, date(v));
                     }
                     if let Some(u) = answerer {
-                        xp.get_mut(&u).unwrap().accepted_answers += 1;
+                        let key = accept_key(v5("post", &a["Id"]));
+                        accepted.push((key, u, Act::Accepted, date(v)));
                     }
                     count(CommandKind::AcceptAnswer, None, false);
                 }
@@ -209,11 +467,35 @@ pub fn expected() -> Expected {
             _ => count(CommandKind::OtherVote, None, true),
         }
     }
+    // Achievements, quests and milestones (issue #6), with the acts in the order the importer
+    // sends the commands: phase by phase, each phase in file order. What is reached, and so
+    // the XP totals, do not depend on that order (counts and runs of days only grow; the votes
+    // on one answer, commands on one aggregate, are sent one at a time in Votes.xml order);
+    // the week a reward is credited to does (see `Expected::in_order`).
+    let acts: Vec<_> = [questions, answers, commented, voted, accepted].concat();
+    let in_file_order: Vec<_> = acts.iter().map(|(_, u, a, t)| (*u, *a, *t)).collect();
+    let (goals, rewards) = reach_goals(&in_file_order, &GamificationRules::default());
+    for (u, n, _, _) in rewards {
+        xp.entry(u).or_default().xp += n;
+    }
+    // Counters of the xp read model (from the content events).
+    for (_, u, act, _) in &acts {
+        let e = xp.entry(*u).or_default();
+        match act {
+            Act::Question => e.questions += 1,
+            Act::Answer => e.answers += 1,
+            Act::Accepted => e.accepted_answers += 1,
+            Act::Comment | Act::Vote(..) => {}
+        }
+    }
     Expected {
         users: users.iter().map(|u| v5("user", &u["Id"])).collect(),
         content,
         xp,
         report,
+        goals,
+        acts,
+        weekly_base: weekly,
     }
 }
 
@@ -235,6 +517,111 @@ pub struct Run {
     pub top: Vec<LeaderboardRow>,
     pub exports: BTreeMap<&'static str, Vec<Value>>,
     pub elapsed: Duration,
+    /// The stored unlock events (issue #6).
+    pub unlocks: Unlocks,
+    /// Store position of the event of each imported row that records an activity, by row key:
+    /// the question or answer (post), the comment, the vote (its voter), or [`accept_key`].
+    pub positions: HashMap<Uuid, u64>,
+}
+
+/// The stored `gamification.achievement.unlocked`, `gamification.quest.completed` and
+/// `gamification.streak.milestone` events of a run, in position order (duplicates kept).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Unlocks {
+    pub achievements: Vec<(Uuid, String)>,
+    pub quests: Vec<(Uuid, String, String)>,
+    pub milestones: Vec<(Uuid, u32)>,
+}
+
+impl Unlocks {
+    /// As sets; panics on the first goal stored twice for a user.
+    pub fn goals(&self, what: &str) -> Goals {
+        let mut g = Goals::default();
+        for a in &self.achievements {
+            assert!(
+                g.achievements.insert(a.clone()),
+                "{what}: {a:?} unlocked twice"
+            );
+        }
+        for q in &self.quests {
+            assert!(g.quests.insert(q.clone()), "{what}: {q:?} completed twice");
+        }
+        for m in &self.milestones {
+            assert!(
+                g.milestones.insert(*m),
+                "{what}: milestone {m:?} reached twice"
+            );
+        }
+        g
+    }
+}
+
+/// The row key of the accept of `answer` (the answer's own id is the key of its submission).
+pub fn accept_key(answer: Uuid) -> Uuid {
+    Uuid::new_v5(&answer, b"accepted")
+}
+
+/// Reads the whole store of `app`: its unlock events, and the positions of the events that
+/// record activities (see [`Run::positions`]).
+pub async fn read_store(app: &App) -> Result<(Unlocks, HashMap<Uuid, u64>), String> {
+    let mut u = Unlocks::default();
+    let mut positions = HashMap::new();
+    let mut after = 0;
+    loop {
+        let page = app
+            .store
+            .read_all(after, 1000)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        for env in &page {
+            let key = match env.decode().map_err(|e| e.to_string())? {
+                Event::QuestionPosted(e) => e.question_id,
+                Event::AnswerSubmitted(e) => e.answer_id,
+                Event::CommentAdded(e) => e.comment_id,
+                Event::ContentUpvoted(e) | Event::ContentDownvoted(e) => e.voter_id,
+                Event::AnswerAccepted(e) => accept_key(e.answer_id),
+                Event::AchievementUnlocked(a) => {
+                    u.achievements.push((a.user_id, a.achievement_id));
+                    continue;
+                }
+                Event::QuestCompleted(q) => {
+                    u.quests.push((q.user_id, q.quest_id, q.period));
+                    continue;
+                }
+                Event::StreakMilestone(m) => {
+                    u.milestones.push((m.user_id, m.days));
+                    continue;
+                }
+                _ => continue,
+            };
+            positions.insert(key, env.position);
+        }
+    }
+    Ok((u, positions))
+}
+
+/// Every read model's export, all pages.
+pub async fn exports(
+    rm: &dyn ReadModelStore,
+) -> Result<BTreeMap<&'static str, Vec<Value>>, String> {
+    let mut exports = BTreeMap::new();
+    for (name, model) in MODELS {
+        let mut rows = vec![];
+        loop {
+            let page = rm
+                .export(model, rows.len() as u64, 1000)
+                .await
+                .map_err(|e| e.to_string())?;
+            if page.is_empty() {
+                break;
+            }
+            rows.extend(page);
+        }
+        exports.insert(name, rows);
+    }
+    Ok(exports)
 }
 
 pub const MODELS: [(&str, ReadModel); 4] = [
@@ -264,22 +651,9 @@ pub async fn collect(
         .leaderboard("all-time", TOP, 0)
         .await
         .map_err(|x| e(&x))?;
-    let mut exports = BTreeMap::new();
-    for (name, model) in MODELS {
-        let mut rows = vec![];
-        loop {
-            let page = rm
-                .export(model, rows.len() as u64, 1000)
-                .await
-                .map_err(|x| e(&x))?;
-            if page.is_empty() {
-                break;
-            }
-            rows.extend(page);
-        }
-        exports.insert(name, rows);
-    }
+    let exports = exports(rm.as_ref()).await?;
     let head = app.store.head().await.map_err(|x| e(&x))?.position;
+    let (unlocks, positions) = read_store(app).await?;
     Ok(Run {
         report,
         head,
@@ -288,6 +662,8 @@ pub async fn collect(
         top,
         exports,
         elapsed,
+        unlocks,
+        positions,
     })
 }
 
@@ -354,4 +730,45 @@ pub fn assert_matches_dump(run: &Run, x: &Expected) {
         })
         .collect();
     assert_eq!(run.top, want);
+}
+
+/// The run's unlock events are exactly the goals the dump reaches, each stored once.
+pub fn assert_goals_match_dump(run: &Run, x: &Expected, what: &str) {
+    fn same<T: Ord + std::fmt::Debug>(what: &str, want: &BTreeSet<T>, got: &BTreeSet<T>) {
+        let missing: Vec<&T> = want.difference(got).collect();
+        let extra: Vec<&T> = got.difference(want).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{what}: missing {missing:?}; unexpected {extra:?}"
+        );
+    }
+    let got = run.unlocks.goals(what);
+    same(
+        &format!("{what}: achievements"),
+        &x.goals.achievements,
+        &got.achievements,
+    );
+    same(&format!("{what}: quests"), &x.goals.quests, &got.quests);
+    same(
+        &format!("{what}: milestones"),
+        &x.goals.milestones,
+        &got.milestones,
+    );
+}
+
+/// The `weekly:*` leaderboard entries of a run: XP per (board, user).
+pub fn weekly_boards(run: &Run) -> BTreeMap<(String, Uuid), i64> {
+    run.exports["leaderboard"]
+        .iter()
+        .filter(|r| {
+            r["board"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("weekly:"))
+        })
+        .map(|r| {
+            let board = r["board"].as_str().unwrap().to_string();
+            let user = r["user_id"].as_str().unwrap().parse().unwrap();
+            ((board, user), r["xp"].as_i64().unwrap())
+        })
+        .collect()
 }
