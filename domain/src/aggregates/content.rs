@@ -220,18 +220,35 @@ impl Content {
         Ok(())
     }
 
-    /// Whether posting `kind` with these facts repeats what this aggregate already is.
-    fn is_repeat(
+    /// The checks every new post (question, discussion, insight, resource) passes after its
+    /// own field checks: tags normalised, an identical repeat recognised (`None`: a no-op),
+    /// otherwise the id must be new, the author registered (and the actor themselves), the
+    /// area existing. Returns the normalised tags.
+    #[allow(clippy::too_many_arguments)]
+    async fn admit_post(
         &self,
-        kind: ContentKind,
+        services: &dyn KnowledgeServices,
+        kind: &ContentKind,
+        id: Uuid,
         author_id: Option<Uuid>,
-        tags: &[String],
+        tags: Vec<String>,
         area_id: Option<Uuid>,
-    ) -> bool {
-        self.kind == Some(kind)
-            && self.author_id == author_id
-            && self.tags == tags
-            && self.area_id == area_id
+        actor: &Actor,
+    ) -> Result<Option<Vec<String>>, DomainError> {
+        let tags = normalise_tags(tags)?;
+        // Same kind (a question's accepted answer does not matter), author, tags and area.
+        let same_kind = self
+            .kind
+            .as_ref()
+            .is_some_and(|k| std::mem::discriminant(k) == std::mem::discriminant(kind));
+        if same_kind && self.author_id == author_id && self.tags == tags && self.area_id == area_id
+        {
+            return Ok(None);
+        }
+        self.require_new(id)?;
+        check_author(services, actor, author_id).await?;
+        check_area(services, area_id).await?;
+        Ok(Some(tags))
     }
 
     fn posted(
@@ -392,15 +409,23 @@ impl Aggregate for Content {
             } => {
                 check_text("title", &title, 1, 300)?;
                 check_text("body", &body, 0, 65_536)?;
-                let tags = normalise_tags(tags)?;
-                if let Some(ContentKind::Question { .. }) = self.kind {
-                    if self.author_id == author_id && self.tags == tags && self.area_id == area_id {
-                        return Ok(()); // identical repeat
-                    }
-                }
-                self.require_new(question_id)?;
-                check_author(services, &actor, author_id).await?;
-                check_area(services, area_id).await?;
+                let kind = ContentKind::Question {
+                    accepted_answer: None,
+                };
+                let admitted = self
+                    .admit_post(
+                        services,
+                        &kind,
+                        question_id,
+                        author_id,
+                        tags,
+                        area_id,
+                        &actor,
+                    )
+                    .await?;
+                let Some(tags) = admitted else {
+                    return Ok(()); // identical repeat
+                };
                 let e = QuestionPosted {
                     question_id,
                     author_id,
@@ -422,13 +447,21 @@ impl Aggregate for Content {
             } => {
                 check_text("title", &title, 1, 300)?;
                 check_text("body", &body, 0, 65_536)?;
-                let tags = normalise_tags(tags)?;
-                if self.is_repeat(ContentKind::Discussion, author_id, &tags, area_id) {
+                let kind = ContentKind::Discussion;
+                let admitted = self
+                    .admit_post(
+                        services,
+                        &kind,
+                        discussion_id,
+                        author_id,
+                        tags,
+                        area_id,
+                        &actor,
+                    )
+                    .await?;
+                let Some(tags) = admitted else {
                     return Ok(());
-                }
-                self.require_new(discussion_id)?;
-                check_author(services, &actor, author_id).await?;
-                check_area(services, area_id).await?;
+                };
                 let e = DiscussionStarted {
                     discussion_id,
                     author_id,
@@ -450,13 +483,15 @@ impl Aggregate for Content {
             } => {
                 check_text("title", &title, 1, 300)?;
                 check_text("body", &body, 1, 65_536)?;
-                let tags = normalise_tags(tags)?;
-                if self.is_repeat(ContentKind::Insight, author_id, &tags, area_id) {
+                let kind = ContentKind::Insight;
+                let admitted = self
+                    .admit_post(
+                        services, &kind, insight_id, author_id, tags, area_id, &actor,
+                    )
+                    .await?;
+                let Some(tags) = admitted else {
                     return Ok(());
-                }
-                self.require_new(insight_id)?;
-                check_author(services, &actor, author_id).await?;
-                check_area(services, area_id).await?;
+                };
                 let e = InsightShared {
                     insight_id,
                     author_id,
@@ -488,13 +523,21 @@ impl Aggregate for Content {
                     &sha256,
                     storage_url.as_deref(),
                 )?;
-                let tags = normalise_tags(tags)?;
-                if self.is_repeat(ContentKind::Resource, author_id, &tags, area_id) {
+                let kind = ContentKind::Resource;
+                let admitted = self
+                    .admit_post(
+                        services,
+                        &kind,
+                        resource_id,
+                        author_id,
+                        tags,
+                        area_id,
+                        &actor,
+                    )
+                    .await?;
+                let Some(tags) = admitted else {
                     return Ok(());
-                }
-                self.require_new(resource_id)?;
-                check_author(services, &actor, author_id).await?;
-                check_area(services, area_id).await?;
+                };
                 let e = ResourceUploaded {
                     resource_id,
                     author_id,

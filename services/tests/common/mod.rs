@@ -125,10 +125,10 @@ impl Expected {
         let acts: Vec<_> = acts.into_iter().map(|(_, u, a, t)| (u, a, t)).collect();
         let (goals, rewards) = reach_goals(&acts, &GamificationRules::default());
         let mut weekly = self.weekly_base.clone();
-        for (u, n, at, _) in rewards.into_iter().filter(|r| r.3) {
+        for r in rewards.into_iter().filter(|r| r.weekly) {
             *weekly
-                .entry((format!("weekly:{}", week(at)), u))
-                .or_default() += n;
+                .entry((format!("weekly:{}", week(r.at)), r.user))
+                .or_default() += r.xp;
         }
         (goals, weekly)
     }
@@ -251,6 +251,19 @@ impl Progress {
     }
 }
 
+/// The XP reward of one reached goal.
+pub struct Reward {
+    /// The user.
+    pub user: Uuid,
+    /// XP.
+    pub xp: i64,
+    /// When the act that reached the goal happened.
+    pub at: DateTime<Utc>,
+    /// Whether it also counts on the weekly board of `at` (quests; achievements count all-time
+    /// only).
+    pub weekly: bool,
+}
+
 /// Folds `acts` (in the importer's order) per user: the goals reached, and for each the time
 /// of the act that reached it, with its XP reward from `rules` and whether the reward counts on
 /// the weekly board of that time (quests yes; achievements count all-time only, see the
@@ -258,7 +271,7 @@ impl Progress {
 fn reach_goals(
     acts: &[(Uuid, Act, DateTime<Utc>)],
     rules: &GamificationRules,
-) -> (Goals, Vec<(Uuid, i64, DateTime<Utc>, bool)>) {
+) -> (Goals, Vec<Reward>) {
     let reward = |id: &str| {
         rules
             .achievements
@@ -295,14 +308,24 @@ fn reach_goals(
         p.record(act, at);
         for a in ACHIEVEMENTS {
             if p.holds(a) && goals.achievements.insert((user, a.to_string())) {
-                rewards.push((user, reward(a), at, false));
+                rewards.push(Reward {
+                    user,
+                    xp: reward(a),
+                    at,
+                    weekly: false,
+                });
             }
         }
         if matches!(act, Act::Answer)
             && p.answers_per_week[&week(at)] >= 3
             && goals.quests.insert((user, QUEST.to_string(), week(at)))
         {
-            rewards.push((user, reward(QUEST), at, true));
+            rewards.push(Reward {
+                user,
+                xp: reward(QUEST),
+                at,
+                weekly: true,
+            });
         }
         for m in MILESTONES {
             if p.longest >= m {
@@ -475,8 +498,8 @@ pub fn expected() -> Expected {
     let acts: Vec<_> = [questions, answers, commented, voted, accepted].concat();
     let in_file_order: Vec<_> = acts.iter().map(|(_, u, a, t)| (*u, *a, *t)).collect();
     let (goals, rewards) = reach_goals(&in_file_order, &GamificationRules::default());
-    for (u, n, _, _) in rewards {
-        xp.entry(u).or_default().xp += n;
+    for r in rewards {
+        xp.entry(r.user).or_default().xp += r.xp;
     }
     // Counters of the xp read model (from the content events).
     for (_, u, act, _) in &acts {
