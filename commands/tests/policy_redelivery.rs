@@ -264,6 +264,7 @@ impl History {
                         tags,
                         area_id: None,
                         on_answer: false,
+                        score: None,
                     };
                     let e = if up {
                         Event::ContentUpvoted(v)

@@ -7,10 +7,11 @@
 //! redelivery (commands are idempotent by source event) and replay (projections read the
 //! stored unlock events; nothing is re-decided).
 //!
-//! Every condition is *monotone in the set of recorded activities* except
-//! [`Condition::AnswerScore`] (a score can fall again): counts and the longest run of active
-//! days only grow, so what is unlocked does not depend on the order in which a user's
-//! activities arrive. That is what lets the import be checked against values computed
+//! Every condition is *monotone in the set of recorded activities*: counts and the longest run
+//! of active days only grow, and [`Condition::AnswerScore`] reads the score each vote event
+//! carries (the content aggregate's count right after that vote), so the highest score seen is
+//! the highest the answer ever had once all its votes are recorded. What is unlocked therefore
+//! does not depend on the order in which a user's activities arrive. That is what lets the import be checked against values computed
 //! directly from the dump (`services/tests/stackexchange.rs`).
 //!
 //! The default rules are `config/gamification.toml`, embedded at build time.
@@ -193,9 +194,9 @@ pub struct Progress {
     pub counts: BTreeMap<String, u64>,
     /// Count per `"YYYY-Www/counter"`.
     pub weekly: BTreeMap<String, u64>,
-    /// Current score of each of the user's answers that was voted on.
+    /// Sum of the score changes seen per answer of the user (in arrival order).
     pub answer_scores: BTreeMap<Uuid, i64>,
-    /// Highest score any of the user's answers ever had.
+    /// Highest score any of the user's answers ever had (from the votes' `score`).
     pub best_answer_score: i64,
     /// UTC days on which the user authored content.
     pub active_days: BTreeSet<NaiveDate>,
@@ -228,11 +229,14 @@ impl Progress {
         if let Activity::AnswerVote {
             answer_id,
             score_delta,
+            score,
         } = activity
         {
             let s = self.answer_scores.entry(*answer_id).or_default();
             *s += score_delta;
-            self.best_answer_score = self.best_answer_score.max(*s);
+            // The score the content aggregate counted, when the vote carries it: exact whatever
+            // the order of arrival; else the running sum of the deltas seen so far.
+            self.best_answer_score = self.best_answer_score.max(score.unwrap_or(*s));
         }
         if activity.is_authored() {
             let day = at.date_naive();
@@ -354,6 +358,7 @@ mod tests {
             &Activity::AnswerVote {
                 answer_id: a,
                 score_delta: 1,
+                score: None,
             },
             at("2024-01-06"),
         );

@@ -109,6 +109,7 @@ pub fn xp_awards(rules: &XpRules, event: &Event) -> Vec<Award> {
             let activity = e.on_answer.then(|| Activity::AnswerVote {
                 answer_id: e.content_id,
                 score_delta: now.score() - e.previous.map(VoteDirection::score).unwrap_or(0),
+                score: e.score,
             });
             one(
                 e.content_author_id,
@@ -180,6 +181,7 @@ mod tests {
             tags: vec![],
             area_id: None,
             on_answer: true,
+            score: None,
         };
         let r = XpRules::default();
         assert_eq!(xp_awards(&r, &Event::ContentUpvoted(v(None)))[0].amount, 10);
@@ -192,7 +194,8 @@ mod tests {
             xp_awards(&r, &Event::ContentDownvoted(v(Some(VoteDirection::Up))))[0].activity,
             Some(Activity::AnswerVote {
                 answer_id: Uuid::nil(),
-                score_delta: -2
+                score_delta: -2,
+                score: None,
             })
         );
         assert_eq!(

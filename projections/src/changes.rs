@@ -326,6 +326,7 @@ mod tests {
             tags: vec!["rust".into()],
             area_id: None,
             on_answer: false,
+            score: None,
         };
         if up {
             Event::ContentUpvoted(v)

@@ -874,6 +874,7 @@ impl History {
                         tags,
                         area_id: None,
                         on_answer: false,
+                        score: None,
                     };
                     h.push(
                         id,

@@ -360,8 +360,11 @@ async fn happy_path_updates_every_read_model() {
     let asker_week: i64 = events
         .iter()
         .filter_map(|(_, ev)| match ev {
+            // Achievement rewards count all-time only (docs/gamification.md).
             Event::XpEarned(x)
-                if x.user_id == asker && weekly_board(x.source_occurred_at) == week =>
+                if x.user_id == asker
+                    && weekly_board(x.source_occurred_at) == week
+                    && x.source_event_type != "gamification.achievement.unlocked" =>
             {
                 Some(x.amount)
             }

@@ -64,6 +64,8 @@ pub struct Content {
     pub area_id: Option<Uuid>,
     /// Users who liked it.
     pub likes: BTreeSet<Uuid>,
+    /// Upvotes − downvotes of the current votes.
+    pub score: i64,
 }
 
 /// Commands on [`Content`]. The `actor` is the principal issuing the command.
@@ -668,6 +670,9 @@ impl Aggregate for Content {
                     tags: self.tags.clone(),
                     area_id: self.area_id,
                     on_answer: matches!(self.kind, Some(ContentKind::Answer { .. })),
+                    score: Some(
+                        self.score + direction.score() - previous.map_or(0, VoteDirection::score),
+                    ),
                 };
                 let e = match direction {
                     VoteDirection::Up => Event::ContentUpvoted(e),
@@ -770,10 +775,12 @@ impl Aggregate for Content {
                 self.comments.insert(e.comment_id);
             }
             Event::ContentUpvoted(e) => {
-                self.votes.insert(e.voter_id, VoteDirection::Up);
+                let before = self.votes.insert(e.voter_id, VoteDirection::Up);
+                self.score += 1 - before.map_or(0, VoteDirection::score);
             }
             Event::ContentDownvoted(e) => {
-                self.votes.insert(e.voter_id, VoteDirection::Down);
+                let before = self.votes.insert(e.voter_id, VoteDirection::Down);
+                self.score += -1 - before.map_or(0, VoteDirection::score);
             }
             Event::AnswerAccepted(e) => {
                 self.kind = Some(ContentKind::Question {
@@ -979,6 +986,7 @@ mod tests {
             tags: vec!["rome".into()],
             area_id: None,
             on_answer: false,
+            score: Some(1),
         });
         let vote = |d| ContentCommand::Vote {
             content_id: w.q,
@@ -1001,6 +1009,7 @@ mod tests {
                 tags: vec!["rome".into()],
                 area_id: None,
                 on_answer: false,
+                score: Some(-1), // the up vote replaced: 1 − 1 − 1
             })]);
     }
 

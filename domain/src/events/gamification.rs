@@ -31,12 +31,16 @@ pub enum Activity {
         answer_id: Uuid,
     },
     /// A vote on one of the recipient's answers changed its score by `score_delta`
-    /// (−2..=2: a vote replacing the opposite vote moves the score by 2).
+    /// (−2..=2: a vote replacing the opposite vote moves the score by 2) to `score`.
     AnswerVote {
         /// The answer.
         answer_id: Uuid,
         /// Score change.
         score_delta: i64,
+        /// The answer's score after the vote (the vote event's `score`); absent when the vote
+        /// event predates it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        score: Option<i64>,
     },
 }
 

@@ -189,6 +189,12 @@ pub struct ContentVoted {
     /// achievement). Absent (false) in events stored before issue #6.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub on_answer: bool,
+    /// The content's score (upvotes − downvotes) right after this vote, as the content
+    /// aggregate counted it. Absent in events stored before issue #6. With it, whether an
+    /// answer ever reached a score does not depend on the order in which the votes reach a
+    /// consumer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<i64>,
 }
 
 /// `knowledge.content.liked`: a user liked content (once per user and content). Aggregate:
