@@ -991,3 +991,67 @@ async fn an_upgrade_lifts_a_used_up_free_quota_at_once() {
     let _ = stop.send(true);
     while tasks.join_next().await.is_some() {}
 }
+
+/// Polar may deliver an older event after a newer one (a manual redelivery, or past its
+/// ordering window): a tier change or cancellation older (by the event's `timestamp`) than the
+/// last one applied changes nothing.
+#[tokio::test]
+async fn an_older_subscription_event_delivered_late_changes_nothing() {
+    let h = H::new().await;
+    let user = h.register().await;
+    let at = |kind: &str, status: &str, product: &str, ts: &str| -> Vec<u8> {
+        let mut v: Value =
+            serde_json::from_slice(&fake_polar::subscription_event(kind, status, product, user))
+                .unwrap();
+        v["timestamp"] = json!(ts);
+        v.to_string().into_bytes()
+    };
+    let newer = at(
+        "subscription.updated",
+        "active",
+        TEAM,
+        "2025-01-02T00:00:00Z",
+    );
+    let r = h
+        .deliver_signed(SECRET, &fake_polar::message_id(), &newer)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    assert_eq!(h.tier(user).await, Tier::Team);
+    let head = h.head().await;
+    for older in [
+        at(
+            "subscription.updated",
+            "active",
+            PRO,
+            "2025-01-01T00:00:00Z",
+        ),
+        at(
+            "subscription.canceled",
+            "canceled",
+            PRO,
+            "2025-01-01T12:00:00Z",
+        ),
+    ] {
+        let r = h
+            .deliver_signed(SECRET, &fake_polar::message_id(), &older)
+            .await;
+        assert_eq!((r.status, &r.json["events"]), (StatusCode::OK, &json!([])));
+    }
+    assert_eq!(h.tier(user).await, Tier::Team);
+    // Only the webhooks' dedupe records were written, no event.
+    assert_eq!(h.head().await, head);
+    let newest = at(
+        "subscription.updated",
+        "active",
+        PRO,
+        "2025-01-03T00:00:00Z",
+    );
+    let r = h
+        .deliver_signed(SECRET, &fake_polar::message_id(), &newest)
+        .await;
+    assert_eq!(
+        r.json["events"][0]["event_type"],
+        "payment.subscription.downgraded"
+    );
+    assert_eq!(h.tier(user).await, Tier::Pro);
+}

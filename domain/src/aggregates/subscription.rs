@@ -31,6 +31,9 @@ pub struct Subscription {
     pub invoices: BTreeSet<String>,
     /// The billing provider's id of the current paid subscription, if any.
     pub polar_subscription_id: Option<String>,
+    /// The newest Polar event `timestamp` that changed the tier; older tier changes and
+    /// cancellations are stale and ignored.
+    pub polar_event_at: Option<DateTime<Utc>>,
 }
 
 /// Commands on [`Subscription`].
@@ -58,7 +61,9 @@ pub enum SubscriptionCommand {
     },
     /// Move to `tier` (from the billing provider). Emits `payment.subscription.upgraded` or
     /// `.downgraded` by the order Free < Pro < Team < Enterprise; the tier in force is a
-    /// no-op. A subscription not yet opened counts as Free.
+    /// no-op. A subscription not yet opened counts as Free. A change whose `polar_event_at` is
+    /// older than that of the last tier change or cancellation is stale (a webhook delivered
+    /// out of order) and a no-op.
     ChangeTier {
         /// Subscriber (= aggregate id).
         user_id: Uuid,
@@ -66,14 +71,18 @@ pub enum SubscriptionCommand {
         tier: Tier,
         /// The provider's subscription id.
         polar_subscription_id: Option<String>,
+        /// The provider event's `timestamp`, if the change comes from one.
+        polar_event_at: Option<DateTime<Utc>>,
     },
     /// End the paid subscription: back to Free (`payment.subscription.cancelled`). A no-op on
-    /// Free.
+    /// Free, and when stale (as for `ChangeTier`).
     Cancel {
         /// Subscriber (= aggregate id).
         user_id: Uuid,
         /// The provider's subscription id.
         polar_subscription_id: Option<String>,
+        /// The provider event's `timestamp`, if the cancellation comes from one.
+        polar_event_at: Option<DateTime<Utc>>,
     },
     /// Record a paid invoice (`payment.invoice.paid`); a repeated `invoice_id` is a no-op.
     RecordInvoicePaid {
@@ -94,6 +103,11 @@ pub fn period_of(t: DateTime<Utc>) -> String {
 }
 
 impl Subscription {
+    /// Whether a provider event at `at` is older than the last one that changed the tier.
+    fn is_stale(&self, at: Option<DateTime<Utc>>) -> bool {
+        matches!((at, self.polar_event_at), (Some(at), Some(last)) if at < last)
+    }
+
     /// Units used in `period`.
     pub fn used_in(&self, period: &str) -> u64 {
         self.used.get(period).copied().unwrap_or(0)
@@ -160,13 +174,18 @@ impl Aggregate for Subscription {
                 user_id,
                 tier,
                 polar_subscription_id,
+                polar_event_at,
             } => {
+                if self.is_stale(polar_event_at) {
+                    return Ok(());
+                }
                 let from = self.tier.unwrap_or_default();
                 let e = SubscriptionTierChanged {
                     user_id,
                     from,
                     to: tier,
                     polar_subscription_id,
+                    polar_event_at,
                 };
                 match tier.cmp(&from) {
                     std::cmp::Ordering::Equal => {}
@@ -181,13 +200,15 @@ impl Aggregate for Subscription {
             SubscriptionCommand::Cancel {
                 user_id,
                 polar_subscription_id,
+                polar_event_at,
             } => {
                 let from = self.tier.unwrap_or_default();
-                if from != Tier::Free {
+                if from != Tier::Free && !self.is_stale(polar_event_at) {
                     let e = SubscriptionCancelled {
                         user_id,
                         from,
                         polar_subscription_id,
+                        polar_event_at,
                     };
                     sink.write(Event::SubscriptionCancelled(e), self).await;
                 }
@@ -239,10 +260,12 @@ impl Aggregate for Subscription {
                 if e.polar_subscription_id.is_some() {
                     self.polar_subscription_id = e.polar_subscription_id;
                 }
+                self.polar_event_at = self.polar_event_at.max(e.polar_event_at);
             }
-            Event::SubscriptionCancelled(_) => {
+            Event::SubscriptionCancelled(e) => {
                 self.tier = Some(Tier::Free);
                 self.polar_subscription_id = None;
+                self.polar_event_at = self.polar_event_at.max(e.polar_event_at);
             }
             Event::InvoicePaid(e) => {
                 self.invoices.insert(e.invoice_id);
@@ -352,12 +375,14 @@ mod tests {
             user_id: u,
             tier,
             polar_subscription_id: Some("sub_1".into()),
+            polar_event_at: None,
         };
         let changed = |from, to| SubscriptionTierChanged {
             user_id: u,
             from,
             to,
             polar_subscription_id: Some("sub_1".into()),
+            polar_event_at: None,
         };
         TestFramework::<Subscription>::with(QuotaRules::default())
             .given(vec![created.clone()])
@@ -384,6 +409,7 @@ mod tests {
         let cancel = || SubscriptionCommand::Cancel {
             user_id: u,
             polar_subscription_id: None,
+            polar_event_at: None,
         };
         TestFramework::<Subscription>::with(QuotaRules::default())
             .given(on_team)
@@ -392,6 +418,7 @@ mod tests {
                 user_id: u,
                 from: Tier::Team,
                 polar_subscription_id: None,
+                polar_event_at: None,
             })]);
         TestFramework::<Subscription>::with(QuotaRules::default())
             .given(vec![created])
@@ -428,5 +455,50 @@ mod tests {
             .when(pay("dollars"))
             .inspect_result();
         assert_eq!(r.unwrap_err().code(), "invalid");
+    }
+
+    #[test]
+    fn a_provider_event_older_than_the_last_tier_change_is_ignored() {
+        let u = Uuid::new_v4();
+        let t = |s: &str| Some(s.parse::<DateTime<Utc>>().unwrap());
+        let team_at_t2 = Event::SubscriptionUpgraded(SubscriptionTierChanged {
+            user_id: u,
+            from: Tier::Free,
+            to: Tier::Team,
+            polar_subscription_id: Some("sub_1".into()),
+            polar_event_at: t("2025-01-02T00:00:00Z"),
+        });
+        // An older `subscription.updated` (to Pro) and an older cancellation arrive late.
+        let change = |at| SubscriptionCommand::ChangeTier {
+            user_id: u,
+            tier: Tier::Pro,
+            polar_subscription_id: Some("sub_1".into()),
+            polar_event_at: at,
+        };
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given(vec![team_at_t2.clone()])
+            .when(change(t("2025-01-01T00:00:00Z")))
+            .then_expect_events(vec![]);
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given(vec![team_at_t2.clone()])
+            .when(SubscriptionCommand::Cancel {
+                user_id: u,
+                polar_subscription_id: Some("sub_1".into()),
+                polar_event_at: t("2025-01-01T00:00:00Z"),
+            })
+            .then_expect_events(vec![]);
+        // A newer one applies.
+        TestFramework::<Subscription>::with(QuotaRules::default())
+            .given(vec![team_at_t2])
+            .when(change(t("2025-01-03T00:00:00Z")))
+            .then_expect_events(vec![Event::SubscriptionDowngraded(
+                SubscriptionTierChanged {
+                    user_id: u,
+                    from: Tier::Team,
+                    to: Tier::Pro,
+                    polar_subscription_id: Some("sub_1".into()),
+                    polar_event_at: t("2025-01-03T00:00:00Z"),
+                },
+            )]);
     }
 }

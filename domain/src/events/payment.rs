@@ -1,5 +1,6 @@
 //! Payloads of the `payment.*` events (aggregate `subscription`).
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -29,6 +30,10 @@ pub struct SubscriptionTierChanged {
     /// The billing provider's subscription id (Polar), if the change came from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub polar_subscription_id: Option<String>,
+    /// The `timestamp` of the Polar webhook event that caused the change, if any: older events
+    /// delivered later are ignored (see `SubscriptionCommand::ChangeTier`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polar_event_at: Option<DateTime<Utc>>,
 }
 
 /// `payment.subscription.cancelled`: the paid subscription ended; the user is back on Free.
@@ -43,6 +48,9 @@ pub struct SubscriptionCancelled {
     /// The billing provider's subscription id, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub polar_subscription_id: Option<String>,
+    /// The `timestamp` of the Polar webhook event that caused it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polar_event_at: Option<DateTime<Utc>>,
 }
 
 /// `payment.invoice.paid`: an invoice (Polar order) was paid; once per `invoice_id`.

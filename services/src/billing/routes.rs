@@ -256,7 +256,12 @@ fn payload_problem(e: events::PayloadError) -> Problem {
 }
 
 /// The command of an action (`None` for [`BillingAction::Ignore`]).
-fn command(action: BillingAction) -> Option<(Uuid, SubscriptionCommand)> {
+/// The command `action` asks for; `event_at` is the webhook event's `timestamp` (tier changes
+/// and cancellations older than the last applied one are ignored by the aggregate).
+fn command(
+    action: BillingAction,
+    event_at: Option<DateTime<Utc>>,
+) -> Option<(Uuid, SubscriptionCommand)> {
     Some(match action {
         BillingAction::ChangeTier {
             user_id,
@@ -268,6 +273,7 @@ fn command(action: BillingAction) -> Option<(Uuid, SubscriptionCommand)> {
                 user_id,
                 tier,
                 polar_subscription_id: Some(polar_subscription_id),
+                polar_event_at: event_at,
             },
         ),
         BillingAction::Cancel {
@@ -278,6 +284,7 @@ fn command(action: BillingAction) -> Option<(Uuid, SubscriptionCommand)> {
             SubscriptionCommand::Cancel {
                 user_id,
                 polar_subscription_id: Some(polar_subscription_id),
+                polar_event_at: event_at,
             },
         ),
         BillingAction::InvoicePaid {
@@ -357,7 +364,7 @@ pub async fn webhook(
         BillingAction::Ignore { reason } => Some(reason.clone()),
         _ => None,
     };
-    let Some((user_id, cmd)) = command(action) else {
+    let Some((user_id, cmd)) = command(action, event.timestamp) else {
         count("ignored");
         tracing::info!(webhook_id = %verified.id, kind = %event.kind, "Polar webhook ignored");
         let resp = WebhookResponse {
