@@ -394,7 +394,7 @@ fn free_port() -> u16 {
 /// A free loopback port for a server that will be restarted on it: outside the kernel's
 /// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 by default), so that no
 /// outgoing connection — such as a client reconnecting while the server is down — can take
-/// it meanwhile. Falls back to [`free_port`] after 200 random tries.
+/// it meanwhile. Falls back to `free_port` (any free port) after 200 random tries.
 pub fn restartable_port() -> u16 {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
