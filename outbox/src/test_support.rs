@@ -10,142 +10,22 @@
 //! persistence on in a given directory, and [`RedisServer::stop`] / [`RedisServer::restart`]
 //! (same on [`NatsServer`]) stop it (SIGKILL or SIGTERM, see [`Stop`]) and start it again on the
 //! same port with the same data.
+//!
+//! The process plumbing (and the MongoDB server, [`MongoServer`]) is in the
+//! `tektree-test-servers` crate; its public items are re-exported here.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tempfile::TempDir;
-
-/// Why a server could not be started, stopped or restarted (the [`RedisServer::start`] and
-/// [`NatsServer::start`] of ordinary tests panic instead).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ServerError(String);
-
-/// How [`RedisServer::stop`] / [`NatsServer::stop`] stop a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
-    /// SIGKILL: a crash; the server gets no chance to flush anything.
-    Kill,
-    /// SIGTERM: a clean shutdown (SIGKILL after 10 s if it has not exited by then).
-    Term,
-}
-
-/// How long a SIGTERMed server gets to exit before it is SIGKILLed.
-const TERM_GRACE: Duration = Duration::from_secs(10);
-
-/// Where a server keeps its data.
-#[derive(Debug)]
-enum DataDir {
-    /// A temporary directory, removed with the server.
-    Temp(TempDir),
-    /// A directory the caller owns, kept.
-    Given(PathBuf),
-}
-
-impl DataDir {
-    fn path(&self) -> &Path {
-        match self {
-            DataDir::Temp(t) => t.path(),
-            DataDir::Given(p) => p,
-        }
-    }
-}
-
-/// Sends `how` to `child` and waits for it to exit.
-fn stop_child(child: &mut Child, how: Stop) -> Result<(), ServerError> {
-    if child
-        .try_wait()
-        .map_err(|e| ServerError(format!("checking the server process: {e}")))?
-        .is_some()
-    {
-        return Ok(());
-    }
-    if how == Stop::Term {
-        let sent = Command::new("kill")
-            .args(["-s", "TERM", &child.id().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|e| ServerError(format!("running kill -s TERM: {e}")))?;
-        if sent.success() {
-            let deadline = Instant::now() + TERM_GRACE;
-            while Instant::now() < deadline {
-                if child
-                    .try_wait()
-                    .map_err(|e| ServerError(format!("waiting for the server: {e}")))?
-                    .is_some()
-                {
-                    return Ok(());
-                }
-                std::thread::sleep(PROBE_EVERY);
-            }
-        }
-    }
-    let _ = child.kill();
-    child
-        .wait()
-        .map_err(|e| ServerError(format!("waiting for the server: {e}")))?;
-    Ok(())
-}
-
-/// `true` while `child` runs.
-fn running(child: &mut Option<Child>) -> bool {
-    child
-        .as_mut()
-        .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-}
-
-/// The `stop` of both servers: refuses a server this handle did not start (`port` is `None`),
-/// else stops `child` with `how` if it runs.
-fn stop_owned(
-    port: Option<u16>,
-    url: &str,
-    child: &mut Option<Child>,
-    how: Stop,
-) -> Result<(), ServerError> {
-    if port.is_none() {
-        return Err(ServerError(format!(
-            "the server at {url} was not started here"
-        )));
-    }
-    if let Some(mut c) = child.take() {
-        stop_child(&mut c, how)?;
-    }
-    Ok(())
-}
-
-/// The `restart` loop of both servers: up to [`START_ATTEMPTS`] calls of `launch` 200 ms apart.
-fn retry_launch(
-    name: &str,
-    port: u16,
-    mut launch: impl FnMut() -> Result<(), ServerError>,
-) -> Result<(), ServerError> {
-    let mut last_failure = String::new();
-    for _ in 0..START_ATTEMPTS {
-        match launch() {
-            Ok(()) => return Ok(()),
-            Err(e) => last_failure = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(ServerError(format!(
-        "{name} did not restart on port {port} after {START_ATTEMPTS} attempts: {last_failure}"
-    )))
-}
-
-/// The `Drop` of both servers: SIGKILL and reap.
-fn kill(child: &mut Option<Child>) {
-    if let Some(c) = child {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
+use tektree_test_servers::process::{
+    free_port, is_executable, kill, retry_launch, running, stop_owned, DataDir, PROBE_EVERY,
+    RESTART_TIMEOUT, STARTUP_TIMEOUT, START_ATTEMPTS,
+};
+pub use tektree_test_servers::{restartable_port, MongoServer, ServerError, Stop};
 
 /// Environment variable naming an already running Redis (`redis://host:port`) to use instead
 /// of starting one.
@@ -154,15 +34,6 @@ pub const REDIS_URL_ENV: &str = "TEKTREE_TEST_REDIS_URL";
 /// Environment variable naming an already running NATS server with JetStream enabled
 /// (`nats://host:port`) to use instead of starting one.
 pub const NATS_URL_ENV: &str = "TEKTREE_TEST_NATS_URL";
-
-/// How long a started server gets to answer `PING`.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a restarted server gets: it may first have to load its data.
-const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
-/// Pause between readiness probes.
-const PROBE_EVERY: Duration = Duration::from_millis(20);
-/// Attempts to start a server (another process may take the free port first).
-const START_ATTEMPTS: usize = 5;
 
 /// A Redis server for one test: started on a free loopback port, without persistence, in a
 /// temporary directory, and killed when dropped — or, when `TEKTREE_TEST_REDIS_URL` is set,
@@ -381,38 +252,6 @@ pub fn unique_stream_key() -> String {
         NEXT.fetch_add(1, Ordering::Relaxed),
         uuid::Uuid::new_v4().simple()
     )
-}
-
-/// A loopback port that was free a moment ago (bound to port 0, then released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding a loopback port")
-        .port()
-}
-
-/// A free loopback port for a server that will be restarted on it: outside the kernel's
-/// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 by default), so that no
-/// outgoing connection — such as a client reconnecting while the server is down — can take
-/// it meanwhile. Falls back to `free_port` (any free port) after 200 random tries.
-pub fn restartable_port() -> u16 {
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .next()
-                .and_then(|p| p.parse::<u16>().ok())
-        })
-        .unwrap_or(32768);
-    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
-    for _ in 0..200 {
-        let r = uuid::Uuid::new_v4().as_u128();
-        let port = low + (r % u128::from(high - low)) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    free_port()
 }
 
 /// Waits until the server at `addr` answers `PING`, or `child` exits, or `timeout`.
@@ -710,11 +549,6 @@ fn find_nats_server() -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/sbin")])
         .map(|dir| dir.join("nats-server"))
         .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Waits until the NATS server at `addr` greets a TCP connection with an `INFO` announcing

@@ -13,7 +13,9 @@
 
 use tektree_domain::EventEnvelope;
 use tektree_event_store::{EventStore, StoreError};
-use tektree_projections::{project, Change, EventKey, ReadModelError, ReadModelStore, PROJECTIONS};
+use tektree_projections::{
+    project, ApplyOutcome, Change, EventKey, ReadModelError, ReadModelStore, PROJECTIONS,
+};
 use uuid::Uuid;
 
 /// Events read and applied per transaction during a rebuild.
@@ -39,13 +41,30 @@ pub enum ReplayError {
         /// Why.
         reason: String,
     },
+    /// The stored history breaks a guarantee of the event store, so a rebuild would silently
+    /// differ from live: a hole in the global positions (an event is missing), or an event
+    /// that the read model's sequence guard did not apply after the reset (its aggregate's
+    /// previous event comes later in position order, or it was already applied).
+    #[error("history broken at position {position}: {reason} (the read model is partially rebuilt; the store needs repair)")]
+    History {
+        /// Position of the offending event.
+        position: u64,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Resets `projection` and replays every stored event into it. Calls `progress(position)` after
 /// each page. Returns the number of events replayed.
 ///
+/// After the reset every event must be applied: positions must run `1, 2, 3, …` without a
+/// hole, and every `apply` outcome must be [`ApplyOutcome::Applied`] (a `Gap` or `Duplicate`
+/// means the stored history is out of per-aggregate order or holds an event twice). Either
+/// stops the rebuild with [`ReplayError::History`] rather than dropping the event silently.
+///
 /// # Errors
-/// [`ReplayError`]; the read model is then partially rebuilt — run the rebuild again.
+/// [`ReplayError`]; the read model is then partially rebuilt — run the rebuild again (after
+/// repairing the store for [`ReplayError::History`]).
 pub async fn rebuild(
     store: &dyn EventStore,
     read_models: &dyn ReadModelStore,
@@ -62,16 +81,39 @@ pub async fn rebuild(
     loop {
         let page = store.read_all(after, PAGE).await?;
         let Some(last) = page.last() else { break };
-        after = last.position;
         let mut items: Vec<(EventKey, Vec<Change>)> = Vec::with_capacity(page.len());
-        for env in &page {
+        for (i, env) in page.iter().enumerate() {
+            let want = after + 1 + i as u64;
+            if env.position != want {
+                return Err(ReplayError::History {
+                    position: env.position,
+                    reason: format!(
+                        "position {want} is missing (the next stored event is at {})",
+                        env.position
+                    ),
+                });
+            }
             let event = env.decode().map_err(|e| ReplayError::Decode {
                 position: env.position,
                 reason: e.to_string(),
             })?;
             items.push((EventKey::of(env), project(name, env, &event)));
         }
-        read_models.apply(name, &items).await?;
+        after = last.position;
+        let outcomes = read_models.apply(name, &items).await?;
+        if let Some((env, outcome)) = page
+            .iter()
+            .zip(&outcomes)
+            .find(|(_, o)| **o != ApplyOutcome::Applied)
+        {
+            return Err(ReplayError::History {
+                position: env.position,
+                reason: format!(
+                    "{}/{} sequence {} was not applied after the reset ({outcome:?})",
+                    env.aggregate_type, env.aggregate_id, env.sequence
+                ),
+            });
+        }
         count += page.len() as u64;
         progress(after);
     }

@@ -109,3 +109,68 @@ impl CausalClock {
         }
     }
 }
+
+/// What the server says it is (`buildInfo`): the MongoDB version it implements and, for
+/// SecantusDB, its own version. Checks that depend on mongod's query planner (for example "no
+/// in-memory `SORT` stage") are asserted only where [`ServerBuild::is_mongod`] holds; what
+/// every server must do (use the expected index) is asserted everywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerBuild {
+    /// `buildInfo.version`, e.g. `7.0.14` (SecantusDB reports the MongoDB version it speaks).
+    pub version: String,
+    /// `buildInfo.secantusVersion`, e.g. `0.7.0b3`, when the server is SecantusDB.
+    pub secantus: Option<String>,
+}
+
+impl ServerBuild {
+    /// Reads `buildInfo` from `client`.
+    ///
+    /// # Errors
+    /// The driver's error when the command fails.
+    pub async fn of(client: &Client) -> mongodb::error::Result<ServerBuild> {
+        let info = client
+            .database("admin")
+            .run_command(doc! { "buildInfo": 1 })
+            .await?;
+        Ok(ServerBuild::from_build_info(&info))
+    }
+
+    /// Reads a `buildInfo` reply.
+    pub fn from_build_info(info: &mongodb::bson::Document) -> ServerBuild {
+        ServerBuild {
+            version: info.get_str("version").unwrap_or("unknown").to_string(),
+            secantus: info.get_str("secantusVersion").ok().map(str::to_string),
+        }
+    }
+
+    /// `true` for a real `mongod` (anything that is not SecantusDB).
+    pub fn is_mongod(&self) -> bool {
+        self.secantus.is_none()
+    }
+}
+
+impl std::fmt::Display for ServerBuild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.secantus {
+            Some(s) => write!(f, "SecantusDB {s} (MongoDB {} wire)", self.version),
+            None => write!(f, "MongoDB {}", self.version),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_info_tells_secantus_from_mongod() {
+        let s = ServerBuild::from_build_info(
+            &doc! { "version": "8.2.11", "secantusVersion": "0.7.0b3" },
+        );
+        assert!(!s.is_mongod());
+        assert_eq!(s.to_string(), "SecantusDB 0.7.0b3 (MongoDB 8.2.11 wire)");
+        let m = ServerBuild::from_build_info(&doc! { "version": "7.0.14" });
+        assert!(m.is_mongod());
+        assert_eq!(m.to_string(), "MongoDB 7.0.14");
+    }
+}

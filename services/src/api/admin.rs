@@ -191,6 +191,7 @@ pub async fn rebuild(
         ReplayError::Store(s) => s.into(),
         ReplayError::ReadModels(r) => r.into(),
         e @ ReplayError::Decode { .. } => Problem::internal("decode", &e),
+        e @ ReplayError::History { .. } => Problem::internal("history", &e),
     })?;
     tracing::info!(projection = %name, events, "rebuild done");
     Ok(Json(RebuildResponse {
