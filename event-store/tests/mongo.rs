@@ -79,6 +79,9 @@ async fn mongodb_conformance() {
         conformance::concurrent_writers_on_one_aggregate(&other, 4, 3).await;
         crashed_appenders_are_sequenced_late_but_never_skipped(&store).await;
         positions_are_gap_free(&other).await;
+        unsequenceable_events_are_set_aside(&store).await;
+        an_append_larger_than_a_batch_is_sequenced_whole(&store, &other).await;
+        positions_are_gap_free(&store).await;
     })
     .await;
 }
@@ -488,4 +491,100 @@ async fn append_throughput() {
         );
     })
     .await;
+}
+
+/// Committed events that can never be sequenced (no outbox record; an `_id` that is not a
+/// UUID) are set aside with their reason and never block the queue; loading an aggregate whose
+/// history lost one reports it.
+async fn unsequenceable_events_are_set_aside(store: &MongoStore) {
+    let db = store.database();
+    let events = db.collection::<Document>(EVENTS);
+    let orphan = Uuid::new_v4();
+    let mut d = envelope_to_document(&sample_event(orphan, 1).into_envelope(0, chrono::Utc::now()))
+        .unwrap();
+    d.insert("pending", 1_i64);
+    events.insert_one(d).await.unwrap();
+    let mut bad =
+        envelope_to_document(&sample_event(Uuid::new_v4(), 1).into_envelope(0, chrono::Utc::now()))
+            .unwrap();
+    bad.insert("_id", "not-a-uuid");
+    bad.insert("pending", 2_i64);
+    events.insert_one(bad).await.unwrap();
+    db.collection::<Document>(OUTBOX)
+        .insert_one(doc! { "_id": "not-a-uuid", "published": false, "published_at": Bson::Null })
+        .await
+        .unwrap();
+
+    let id = Uuid::new_v4();
+    let started = Instant::now();
+    let envs = store
+        .append(SAMPLE_AGGREGATE_TYPE, id, 0, sample_events(id, 1, 1))
+        .await
+        .expect("an append after unsequenceable events");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let head = store.head().await.unwrap();
+    assert_eq!(envs[0].position, head.position);
+    for (filter, reason) in [
+        (doc! { "aggregate_id": uuid_to_bson(orphan) }, "outbox"),
+        (doc! { "_id": "not-a-uuid" }, "event_id"),
+    ] {
+        let d = events.find_one(filter).await.unwrap().unwrap();
+        assert!(
+            !d.contains_key("pending") && !d.contains_key("position"),
+            "{d}"
+        );
+        let why = d.get_str("unsequenced").unwrap();
+        assert!(why.starts_with(reason), "{why}");
+    }
+    match store.load(SAMPLE_AGGREGATE_TYPE, orphan).await {
+        Err(StoreError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("set aside"), "{reason}")
+        }
+        other => panic!("load of an aggregate with a set-aside event: {other:?}"),
+    }
+}
+
+/// An append of more events than one pass takes (1,300 > 512) is sequenced whole, at
+/// consecutive positions, while small appends run concurrently on both handles; the
+/// aggregate's next append comes after it.
+async fn an_append_larger_than_a_batch_is_sequenced_whole(a: &MongoStore, b: &MongoStore) {
+    let big = Uuid::new_v4();
+    let mut small = Vec::new();
+    for (w, store) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        small.push(tokio::spawn(async move {
+            for _ in 0..6 {
+                let id = Uuid::new_v4();
+                store
+                    .append(SAMPLE_AGGREGATE_TYPE, id, 0, sample_events(id, 1, 2))
+                    .await
+                    .unwrap_or_else(|e| panic!("small writer {w}: {e}"));
+            }
+        }));
+    }
+    let envs = a
+        .append(SAMPLE_AGGREGATE_TYPE, big, 0, sample_events(big, 1, 1300))
+        .await
+        .unwrap();
+    for t in small {
+        t.await.unwrap();
+    }
+    let first = envs[0].position;
+    let positions: Vec<u64> = envs.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (first..first + 1300).collect::<Vec<_>>());
+    let next = b
+        .append(
+            SAMPLE_AGGREGATE_TYPE,
+            big,
+            1300,
+            sample_events(big, 1301, 1),
+        )
+        .await
+        .unwrap();
+    assert!(next[0].position > first + 1299);
+    let loaded = b.load(SAMPLE_AGGREGATE_TYPE, big).await.unwrap();
+    assert_eq!(loaded.len(), 1301);
+    assert!(loaded.windows(2).all(|w| w[1].position > w[0].position));
 }

@@ -13,11 +13,13 @@ use super::indexes::{check_deployment, Deployment};
 /// Server error code `CommandNotFound` (a server before 4.4.2 answering `hello`).
 const COMMAND_NOT_FOUND: i32 = 59;
 
-/// Majority-acknowledged, journaled writes.
+/// Majority-acknowledged, journaled writes, waiting at most
+/// [`COMMIT_TIME_LIMIT`](super::txn::COMMIT_TIME_LIMIT) for the majority (`wtimeout`).
 pub(crate) fn majority() -> WriteConcern {
     WriteConcern::builder()
         .w(Acknowledgment::Majority)
         .journal(true)
+        .w_timeout(super::txn::COMMIT_TIME_LIMIT)
         .build()
 }
 

@@ -103,7 +103,7 @@ pub use sequencer::{
     batch_ids, Tip, MAX_APPEND_EVENTS, METRIC_PASS_LOST, METRIC_UNSEQUENCED, POSITION_LOG,
     SEQUENCE_BATCH,
 };
-pub use txn::{run_transaction, transaction_options, RunError, TxError};
+pub use txn::{run_transaction, transaction_options, RunError, TxError, COMMIT_TIME_LIMIT};
 
 use crate::{
     validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError, StoredSnapshot,

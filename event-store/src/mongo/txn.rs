@@ -38,11 +38,19 @@ pub enum RunError<E> {
     Failed(ErrorClass, mongodb::error::Error),
 }
 
-/// The options of every transaction: snapshot reads, majority-acknowledged journaled commits.
+/// How long the server may take to commit one transaction (`maxCommitTimeMS`); the majority
+/// write concern has the same `wtimeout` (see `client::majority`). Without a majority the
+/// commit then fails with a retryable "unknown commit result" instead of hanging, and the
+/// runner gives up after [`MAX_RETRY_TIME`](super::errors::MAX_RETRY_TIME).
+pub const COMMIT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The options of every transaction: snapshot reads, majority-acknowledged journaled commits
+/// within [`COMMIT_TIME_LIMIT`].
 pub fn transaction_options() -> TransactionOptions {
     TransactionOptions::builder()
         .read_concern(ReadConcern::snapshot())
         .write_concern(majority())
+        .max_commit_time(COMMIT_TIME_LIMIT)
         .build()
 }
 
