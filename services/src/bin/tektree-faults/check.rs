@@ -680,14 +680,18 @@ pub fn export(tektree: &Path, store: &str, model: &str) -> Result<Vec<Value>> {
         .collect()
 }
 
+/// The live read models, exported: model name (`xp`, `leaderboard`, `quota`, `content`) → rows.
+pub type Exports = BTreeMap<&'static str, Vec<Value>>;
+
 /// Rebuilds every projection of the copy at `copy_url` from its events and compares each read
-/// model with the live one (exported from `live_url`), row by row.
+/// model with the live one (exported from `live_url`), row by row. Returns the live exports
+/// (for the oracle, `oracle.rs`).
 pub async fn check_read_models(
     tektree: &Path,
     live_url: &str,
     copy_url: &str,
     mismatches: &mut Mismatches,
-) -> Result<()> {
+) -> Result<Exports> {
     let copy = App::open(copy_url, "memory", tektree_domain::Rules::default())
         .await
         .context("opening the copy of the store")?;
@@ -702,12 +706,14 @@ pub async fn check_read_models(
         .with_context(|| format!("rebuilding {name} on the copy"))?;
     }
     drop(copy);
+    let mut exports = Exports::new();
     for model in ["xp", "leaderboard", "quota", "content"] {
         let live = export(tektree, live_url, model)?;
         let rebuilt = export(tektree, copy_url, model)?;
         compare_rows(model, &live, &rebuilt, mismatches);
+        exports.insert(model, live);
     }
-    Ok(())
+    Ok(exports)
 }
 
 /// The identity of a row: every field that is a key of the model.

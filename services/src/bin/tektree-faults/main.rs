@@ -7,11 +7,14 @@
 //! projection. Then it lets the pipeline settle, re-drives the dead letters and checks the
 //! invariants: every command answered 2xx is stored exactly once where it was told, every
 //! aggregate is in order, every consumer applied every event exactly once, the dead letters held
-//! exactly the poison events, and every read model equals a fresh rebuild from a copy of the
-//! store. It prints one JSON summary line on stdout and exits 1 when anything mismatched.
+//! exactly the poison events, every read model equals a fresh rebuild from a copy of the store,
+//! and the `content`, `xp` and `leaderboard` read models hold what an independent oracle
+//! computes from the acknowledged commands alone (`oracle.rs`). It prints one JSON summary line
+//! on stdout and exits 1 when anything mismatched.
 
 mod check;
 mod faults;
+mod oracle;
 mod procs;
 mod rng;
 mod run;

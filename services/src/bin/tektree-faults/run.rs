@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::check::{self, Mismatches, Poison};
 use crate::faults::{self, BusServer, FaultCounts, FaultKind};
+use crate::oracle;
 use crate::procs::{Procs, Role};
 use crate::rng::Rng;
 use crate::workload::Workload;
@@ -562,7 +563,13 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
     let copy_path = cfg.dir.join("rebuild.db");
     check::copy_sqlite(&store_path, &copy_path)?;
     let copy_url = format!("sqlite://{}", copy_path.display());
-    check::check_read_models(&cfg.tektree, &store_url, &copy_url, &mut mismatches).await?;
+    let live =
+        check::check_read_models(&cfg.tektree, &store_url, &copy_url, &mut mismatches).await?;
+    let oracle = oracle::check(&records, &live, &mut mismatches);
+    log.line(format!(
+        "oracle: {} content rows, {} users ({} with XP not stated exactly), {} tag boards compared",
+        oracle.content, oracle.users, oracle.inexact_users, oracle.tag_boards
+    ));
     tokio::task::spawn_blocking(move || {
         let mut s = server.lock().expect("server");
         match &mut *s {

@@ -10,14 +10,16 @@
 //! `user_id`), an `Idempotency-Key`, `Authorization: Bearer <HS256 JWT>` and `X-User-Id`, so it
 //! can be retried as is: on a connection error, a timeout or a 5xx (the API was killed) the
 //! same request is sent again until it is answered. Commands only ever reference entities whose
-//! creation was answered 2xx. Every command answered 2xx is recorded with the events it
-//! returned.
+//! creation was answered 2xx. Every command answered 2xx is recorded with what it asked for
+//! ([`Act`]: who did what to which ids), the events it returned and when it was sent and
+//! answered; the read-model oracle (`oracle.rs`) computes the read models from these records.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -69,12 +71,89 @@ struct CommandResponse {
 pub struct Record {
     /// What it was.
     pub kind: Kind,
+    /// What it asked for.
+    pub act: Act,
     /// Aggregate type it ran on.
     pub aggregate_type: String,
     /// Aggregate id it ran on.
     pub aggregate_id: Uuid,
-    /// Events it returned (empty for an idempotent repeat).
+    /// Events it returned (empty for an idempotent repeat). Every attempt of a command carries
+    /// the same `Idempotency-Key`, so a retry of an attempt that committed gets that attempt's
+    /// events back, and nothing is appended twice.
     pub events: Vec<ReturnedEvent>,
+    /// When its first attempt was sent (no earlier than its events' `occurred_at`).
+    pub sent_at: DateTime<Utc>,
+    /// When its final answer arrived (no later than its events' `occurred_at`).
+    pub answered_at: DateTime<Utc>,
+}
+
+/// What a command asked for: who did what to which ids (all chosen by the workload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Act {
+    /// `user` registers.
+    Register {
+        /// The new user.
+        user: Uuid,
+    },
+    /// `author` posts `question` with `tags`.
+    Question {
+        /// The new question.
+        question: Uuid,
+        /// Its author.
+        author: Uuid,
+        /// Its tags, as sent.
+        tags: Vec<String>,
+    },
+    /// `author` answers `question` with `answer`.
+    Answer {
+        /// The new answer.
+        answer: Uuid,
+        /// The answered question.
+        question: Uuid,
+        /// Its author.
+        author: Uuid,
+    },
+    /// `author` comments on `content` (a question or an answer).
+    Comment {
+        /// The new comment.
+        comment: Uuid,
+        /// The commented question or answer.
+        content: Uuid,
+        /// Its author.
+        author: Uuid,
+    },
+    /// `voter` votes on `content`, up or down.
+    Vote {
+        /// The voted question or answer.
+        content: Uuid,
+        /// The voter.
+        voter: Uuid,
+        /// Up (else down).
+        up: bool,
+    },
+    /// `actor` (the question's author) accepts `answer` on `question`.
+    Accept {
+        /// The question.
+        question: Uuid,
+        /// The accepted answer.
+        answer: Uuid,
+        /// Who sent it.
+        actor: Uuid,
+    },
+}
+
+impl Act {
+    /// The kind of command.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Act::Register { .. } => Kind::Register,
+            Act::Question { .. } => Kind::Question,
+            Act::Answer { .. } => Kind::Answer,
+            Act::Comment { .. } => Kind::Comment,
+            Act::Vote { .. } => Kind::Vote,
+            Act::Accept { .. } => Kind::Accept,
+        }
+    }
 }
 
 /// Kinds of commands.
@@ -98,7 +177,7 @@ pub enum Kind {
 /// A command, planned: the request and what it changes in the [`World`] once answered 2xx.
 #[derive(Debug, Clone)]
 struct Planned {
-    kind: Kind,
+    act: Act,
     actor: Uuid,
     path: String,
     body: Value,
@@ -172,7 +251,7 @@ impl World {
         self.next_user += 1;
         self.registering += 1;
         Planned {
-            kind: Kind::Register,
+            act: Act::Register { user: id },
             actor: id,
             path: "/v1/users".into(),
             body: json!({"user_id": id, "display_name": format!("user {}", self.next_user)}),
@@ -188,7 +267,11 @@ impl World {
         rng.shuffle(&mut tags);
         tags.truncate(n);
         Planned {
-            kind: Kind::Question,
+            act: Act::Question {
+                question: id,
+                author,
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+            },
             actor: author,
             path: "/v1/questions".into(),
             body: json!({
@@ -223,7 +306,11 @@ impl World {
             let id = rng.uuid();
             self.next_post += 1;
             return Planned {
-                kind: Kind::Answer,
+                act: Act::Answer {
+                    answer: id,
+                    question: q,
+                    author,
+                },
                 actor: author,
                 path: format!("/v1/questions/{q}/answers"),
                 body: json!({"answer_id": id, "body": format!("Answer {}", self.next_post)}),
@@ -237,7 +324,11 @@ impl World {
             let c = self.content[rng.index(self.content.len())];
             let id = rng.uuid();
             return Planned {
-                kind: Kind::Comment,
+                act: Act::Comment {
+                    comment: id,
+                    content: c,
+                    author,
+                },
                 actor: author,
                 path: format!("/v1/content/{c}/comments"),
                 body: json!({"comment_id": id, "text": format!("Comment {}", rng.hex(6))}),
@@ -268,7 +359,7 @@ impl World {
         };
         self.votes.insert((voter, content), up);
         Planned {
-            kind: Kind::Vote,
+            act: Act::Vote { content, voter, up },
             actor: voter,
             path: format!("/v1/content/{content}/votes"),
             body: json!({"direction": if up { "up" } else { "down" }}),
@@ -296,7 +387,11 @@ impl World {
         q.accept_pending = true;
         let answer = q.answers[rng.index(q.answers.len())];
         Some(Planned {
-            kind: Kind::Accept,
+            act: Act::Accept {
+                question: q.id,
+                answer,
+                actor: q.author,
+            },
             actor: q.author,
             path: format!("/v1/questions/{}/accept", q.id),
             body: json!({"answer_id": answer}),
@@ -516,7 +611,9 @@ impl Workload {
     /// Sends `p` until it is answered; records it; returns its events when answered 2xx.
     async fn execute(&self, p: &Planned) -> Option<Vec<ReturnedEvent>> {
         self.stats.lock().expect("stats").sent += 1;
+        let sent_at = Utc::now();
         let result = self.send(p).await;
+        let answered_at = Utc::now();
         let ok = result.is_ok();
         self.world.lock().expect("world").settle(p, ok);
         self.completed.fetch_add(1, Ordering::SeqCst);
@@ -525,10 +622,13 @@ impl Workload {
                 self.stats.lock().expect("stats").ok += 1;
                 let events = resp.events.clone();
                 self.records.lock().expect("records").push(Record {
-                    kind: p.kind,
+                    kind: p.act.kind(),
+                    act: p.act.clone(),
                     aggregate_type: resp.aggregate_type,
                     aggregate_id: resp.aggregate_id,
                     events: resp.events,
+                    sent_at,
+                    answered_at,
                 });
                 Some(events)
             }
@@ -574,7 +674,7 @@ impl Workload {
         loop {
             if started.elapsed() > GIVE_UP_AFTER {
                 return Err(Refusal {
-                    kind: p.kind,
+                    kind: p.act.kind(),
                     status: 0,
                     detail: format!("never answered: {last_error}"),
                 });
@@ -606,7 +706,7 @@ impl Workload {
                             Ok(r) => return Ok(r),
                             Err(e) => {
                                 return Err(Refusal {
-                                    kind: p.kind,
+                                    kind: p.act.kind(),
                                     status: status.as_u16(),
                                     detail: format!("undecodable 2xx body ({e}): {text}"),
                                 })
@@ -618,7 +718,7 @@ impl Workload {
                     match status.as_u16() {
                         429 if problem.ends_with("quota_exceeded") => {
                             return Err(Refusal {
-                                kind: p.kind,
+                                kind: p.act.kind(),
                                 status: 429,
                                 detail: problem,
                             })
@@ -634,7 +734,7 @@ impl Workload {
                         s if s >= 500 => None,
                         s => {
                             return Err(Refusal {
-                                kind: p.kind,
+                                kind: p.act.kind(),
                                 status: s,
                                 detail: format!("{problem}: {}", truncate(&text, 300)),
                             })
