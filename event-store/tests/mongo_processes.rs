@@ -2,7 +2,9 @@
 //! (`tektree-store-writer`) append concurrently — each to aggregates of its own and all of them
 //! to one shared aggregate — while one is SIGSTOPped for 8 s, one is SIGKILLed, and one is held
 //! by a server failpoint for 8 s right after it inserted a position-log batch (its materializing
-//! `update` blocks). The others' appends must keep completing within the 5 s bound, and at the
+//! `update` blocks). The others' appends to their own aggregates must keep completing within the
+//! 5 s bound (the shared aggregate may wait for a transaction a dead writer left open on it,
+//! until the server's transaction lifetime ends), and at the
 //! end every acknowledged append is stored once at the position it was told, positions are
 //! `1..=head` without a hole, every aggregate is in sequence order, and nothing stays pending.
 
@@ -154,7 +156,17 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
         during > 0,
         "the steady writer made no progress while another was paused"
     );
-    let slowest = steady.iter().map(|a| a.latency).max().unwrap();
+    // Appends to its own aggregates stay within the bound. An append to the shared aggregate
+    // may wait for a transaction the killed or paused writer left open on that aggregate (its
+    // inserted sequence) until the server aborts it (transactionLifetimeLimitSeconds, 60 s by
+    // default): that is the append's own transaction, not position assignment, and it holds
+    // only that aggregate.
+    let slowest = steady
+        .iter()
+        .filter(|a| a.aggregate != shared)
+        .map(|a| a.latency)
+        .max()
+        .unwrap();
     assert!(slowest <= BOUND, "a steady append took {slowest:?}");
     // The blocked writer was held ~8 s once; its other appends stayed within the bound.
     let blocked = &results[3].0;
@@ -163,7 +175,11 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
         "the failpoint never held the blocked writer"
     );
     assert!(
-        blocked.iter().filter(|a| a.latency > BOUND).count() <= 3,
+        blocked
+            .iter()
+            .filter(|a| a.aggregate != shared && a.latency > BOUND)
+            .count()
+            <= 2,
         "the blocked writer's appends: {:?}",
         blocked.iter().map(|a| a.latency).collect::<Vec<_>>()
     );
