@@ -19,7 +19,7 @@
 //! as concurrent futures on the caller's task; adapters that do their I/O on other threads
 //! (SQLite via `spawn_blocking`, network drivers) therefore really race.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use tektree_domain::events::UserRegistered;
@@ -66,6 +66,42 @@ pub fn sample_events(aggregate_id: Uuid, first_sequence: u64, count: u64) -> Vec
     (0..count)
         .map(|i| sample_event(aggregate_id, first_sequence + i))
         .collect()
+}
+
+/// Reads the whole history and checks what every adapter guarantees of it: `read_all(0, ∞)`
+/// holds exactly positions `1..=head`, `head.events == head.position`, and every aggregate's
+/// sequences run `1, 2, 3, …` in position order. Returns the history.
+///
+/// # Panics
+/// When a guarantee is violated, with `context` in the message.
+pub async fn whole_history_is_gap_free_and_ordered(
+    store: &dyn EventStore,
+    context: &str,
+) -> Vec<EventEnvelope> {
+    let head = ok(context, "head", store.head().await);
+    assert_eq!(head.events, head.position, "{context}: head");
+    let all = ok(context, "read_all", store.read_all(0, usize::MAX).await);
+    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(
+        positions,
+        (1..=head.position).collect::<Vec<_>>(),
+        "{context}: positions are not 1..=head"
+    );
+    let mut last: HashMap<(String, Uuid), u64> = HashMap::new();
+    for e in &all {
+        let prev = last
+            .insert((e.aggregate_type.clone(), e.aggregate_id), e.sequence)
+            .unwrap_or(0);
+        assert_eq!(
+            e.sequence,
+            prev + 1,
+            "{context}: {}/{} out of sequence order at position {}",
+            e.aggregate_type,
+            e.aggregate_id,
+            e.position
+        );
+    }
+    all
 }
 
 /// Runs every check of this module in turn on `store`.

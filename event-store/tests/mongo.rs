@@ -17,8 +17,8 @@ use mongodb::bson::{doc, Bson, Document};
 use tektree_event_store::conformance::{self, sample_event, sample_events, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::mongo::{
     envelope_to_document, snapshot_key_filter, uuid_to_bson, MongoStore, ServerBuild, EVENTS,
-    OUTBOX, OUTBOX_INDEX, PENDING_INDEX, POSITION_INDEX, POSITION_LOG, SEQUENCE_INDEX, SNAPSHOTS,
-    SNAPSHOT_KEY_INDEX,
+    METRIC_UNSEQUENCED, OUTBOX, OUTBOX_INDEX, PENDING_INDEX, POSITION_INDEX, POSITION_LOG,
+    SEQUENCE_INDEX, SNAPSHOTS, SNAPSHOT_KEY_INDEX,
 };
 use tektree_event_store::{EventStore, StoreError};
 use tektree_test_servers::MongoServer;
@@ -86,13 +86,9 @@ async fn mongodb_conformance() {
     .await;
 }
 
-/// `read_all` from 0 returns exactly positions 1..=head, and head.events == head.position.
+/// The whole history is gap-free and in order (the shared check of `conformance`).
 async fn positions_are_gap_free(store: &MongoStore) {
-    let head = store.head().await.unwrap();
-    assert_eq!(head.events, head.position);
-    let all = store.read_all(0, usize::MAX).await.unwrap();
-    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
-    assert_eq!(positions, (1..=head.position).collect::<Vec<_>>());
+    conformance::whole_history_is_gap_free_and_ordered(store, "mongodb").await;
 }
 
 /// Stage names and index names of every winning plan in an explain reply.
@@ -381,6 +377,52 @@ async fn crashed_appenders_are_sequenced_late_but_never_skipped(store: &MongoSto
 /// `TEKTREE_BENCH_WRITERS` (default 4) concurrent writers, each `TEKTREE_BENCH_APPENDS`
 /// (default 20) appends of 2 events to its own aggregates, split over two handles (two
 /// connection pools, as two processes); then the same number of writers on ONE aggregate.
+/// A database written by a build before the position log (its `counters` document and events
+/// positioned 1..=3) is adopted: positions continue at 4, gap-free, from several handles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_position_counter_is_adopted() {
+    let server = server();
+    let uri = server.uri.clone();
+    with_database(&uri, "tektree_es_old", |uri, db| async move {
+        let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+        let d = client.database(&db);
+        let id = Uuid::new_v4();
+        for (i, e) in sample_events(id, 1, 3).into_iter().enumerate() {
+            let position = i as u64 + 1;
+            let event_id = e.event_id;
+            let doc = envelope_to_document(&e.into_envelope(position, chrono::Utc::now())).unwrap();
+            d.collection::<Document>(EVENTS)
+                .insert_one(doc)
+                .await
+                .unwrap();
+            d.collection::<Document>(OUTBOX)
+                .insert_one(
+                    doc! { "_id": uuid_to_bson(event_id), "position": position as i64,
+                    "published": true, "published_at": Bson::Null },
+                )
+                .await
+                .unwrap();
+        }
+        d.collection::<Document>("counters")
+            .insert_one(doc! { "_id": "position", "last": 3_i64 })
+            .await
+            .unwrap();
+        let (a, b) = (
+            MongoStore::connect(&uri, &db).await.unwrap(),
+            MongoStore::connect(&uri, &db).await.unwrap(),
+        );
+        assert_eq!(a.head().await.unwrap().position, 3);
+        let next = b
+            .append(SAMPLE_AGGREGATE_TYPE, id, 3, sample_events(id, 4, 2))
+            .await
+            .unwrap();
+        assert_eq!(next.iter().map(|e| e.position).collect::<Vec<_>>(), [4, 5]);
+        let all = conformance::whole_history_is_gap_free_and_ordered(&a, "adopted").await;
+        assert_eq!(all.len(), 5);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn append_throughput() {
     let server = server();
@@ -497,6 +539,11 @@ async fn append_throughput() {
 /// UUID) are set aside with their reason and never block the queue; loading an aggregate whose
 /// history lost one reports it.
 async fn unsequenceable_events_are_set_aside(store: &MongoStore) {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only metrics recorder of this test binary");
     let db = store.database();
     let events = db.collection::<Document>(EVENTS);
     let orphan = Uuid::new_v4();
@@ -536,6 +583,23 @@ async fn unsequenceable_events_are_set_aside(store: &MongoStore) {
         let why = d.get_str("unsequenced").unwrap();
         assert!(why.starts_with(reason), "{why}");
     }
+    let mut counted: Vec<String> = Vec::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if key.key().name() == METRIC_UNSEQUENCED {
+            let reason: Vec<String> = key.key().labels().map(|l| l.value().to_string()).collect();
+            assert!(
+                matches!(value, metrics_util::debugging::DebugValue::Counter(1)),
+                "{reason:?}: {value:?}"
+            );
+            counted.extend(reason);
+        }
+    }
+    counted.sort();
+    assert_eq!(
+        counted,
+        ["event_id", "outbox"],
+        "{METRIC_UNSEQUENCED} by reason"
+    );
     match store.load(SAMPLE_AGGREGATE_TYPE, orphan).await {
         Err(StoreError::Corrupt { reason, .. }) => {
             assert!(reason.contains("set aside"), "{reason}")

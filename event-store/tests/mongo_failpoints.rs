@@ -8,11 +8,19 @@
 #![cfg(feature = "mongodb")]
 
 use mongodb::bson::{doc, Bson, Document};
-use tektree_event_store::conformance::{sample_event, sample_events, SAMPLE_AGGREGATE_TYPE};
+use tektree_event_store::conformance::{self, sample_event, sample_events, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::mongo::{envelope_to_document, uuid_to_bson, MongoStore, EVENTS, OUTBOX};
 use tektree_event_store::EventStore;
 use tektree_test_servers::MongoServer;
 use uuid::Uuid;
+
+/// The one command name of a `failCommand` data document.
+fn failed_command(data: &Document) -> String {
+    data.get_array("failCommands").unwrap()[0]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
 
 /// Arms `failCommand` for the next `times` matching commands.
 async fn arm(store: &MongoStore, times: i32, data: Document) {
@@ -25,6 +33,50 @@ async fn arm(store: &MongoStore, times: i32, data: Document) {
         })
         .await
         .expect("configureFailPoint (the server needs --enable-test-commands)");
+}
+
+/// Sends `command` once from `probe` (a client without retryable reads or writes, so an armed
+/// failpoint shows as an error).
+async fn probe_outcome(probe: &mongodb::Client, command: &str) -> mongodb::error::Result<()> {
+    let coll = probe
+        .database("tektree_fp_probe")
+        .collection::<Document>("probe");
+    match command {
+        "insert" => coll.insert_one(doc! { "probe": 1 }).await.map(drop),
+        "find" => coll.find_one(doc! {}).await.map(drop),
+        "update" => coll
+            .update_one(doc! { "probe": 1 }, doc! { "$set": { "seen": true } })
+            .await
+            .map(drop),
+        "commitTransaction" => {
+            let mut s = probe.start_session().await?;
+            s.start_transaction().await?;
+            coll.insert_one(doc! { "probe": 2 }).session(&mut s).await?;
+            let committed = s.commit_transaction().await;
+            if committed.is_err() {
+                // A failed commit leaves the transaction open on the server: end it.
+                let _ = s.abort_transaction().await;
+            }
+            committed
+        }
+        other => panic!("no probe for {other}"),
+    }
+}
+
+/// Proves that the failpoint on `command` fired (was used up by the code under test): the
+/// probe must now succeed — while the failpoint is still armed it fails (checked at the start
+/// of the test). Then turns the failpoint off.
+async fn assert_fired_and_disarm(
+    store: &MongoStore,
+    probe: &mongodb::Client,
+    command: &str,
+    case: &str,
+) {
+    let outcome = probe_outcome(probe, command).await;
+    disarm(store).await;
+    if let Err(e) = outcome {
+        panic!("{case}: the failpoint on {command} never fired (a probe still hit it: {e})");
+    }
 }
 
 async fn disarm(store: &MongoStore) {
@@ -67,26 +119,20 @@ async fn stored_once(store: &MongoStore, case: &str, aggregate: Uuid, ids: &[Uui
         .await
         .unwrap();
     assert_eq!(unsequenced, 0, "{case}: events left without a position");
-    let head = store.head().await.unwrap();
-    let all = store.read_all(0, usize::MAX).await.unwrap();
-    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
-    assert_eq!(
-        positions,
-        (1..=head.position).collect::<Vec<_>>(),
-        "{case}: gap-free"
-    );
+    conformance::whole_history_is_gap_free_and_ordered(store, case).await;
 }
 
 /// Appends two events (then one more) to a fresh aggregate with the failpoint armed before
-/// the first append, and checks the outcome.
-async fn case(store: &MongoStore, name: &str, times: i32, data: Document) {
+/// the first append, proves the failpoint fired, and checks the outcome.
+async fn case(store: &MongoStore, probe: &mongodb::Client, name: &str, times: i32, data: Document) {
     let id = Uuid::new_v4();
+    let command = failed_command(&data);
     arm(store, times, data).await;
     let first = store
         .append(SAMPLE_AGGREGATE_TYPE, id, 0, sample_events(id, 1, 2))
         .await
         .unwrap_or_else(|e| panic!("{name}: append failed: {e}"));
-    disarm(store).await;
+    assert_fired_and_disarm(store, probe, &command, name).await;
     let second = store
         .append(SAMPLE_AGGREGATE_TYPE, id, 2, sample_events(id, 3, 1))
         .await
@@ -105,12 +151,42 @@ async fn every_transaction_error_path_ends_with_each_event_stored_once() {
     let server = MongoServer::start();
     let db = format!("tektree_fp_{}", std::process::id());
     let store = MongoStore::connect(&server.uri, &db).await.unwrap();
+    let sep = if server.uri.contains('?') { '&' } else { '?' };
+    let probe = mongodb::Client::with_uri_str(format!(
+        "{}{sep}retryWrites=false&retryReads=false",
+        server.uri
+    ))
+    .await
+    .unwrap();
+    // The probe's collection exists before any probe transaction (creating it inside one would
+    // hold the collection until that transaction ends).
+    probe
+        .database("tektree_fp_probe")
+        .collection::<Document>("probe")
+        .insert_one(doc! { "probe": 0 })
+        .await
+        .unwrap();
+    // The probe itself sees an armed failpoint (so a failpoint the code never hit is caught).
+    for command in ["insert", "find", "update", "commitTransaction"] {
+        arm(
+            &store,
+            1,
+            doc! { "failCommands": [command], "errorCode": 112 },
+        )
+        .await;
+        assert!(
+            probe_outcome(&probe, command).await.is_err(),
+            "probe of {command}"
+        );
+        disarm(&store).await;
+    }
     let transient = || vec![Bson::String("TransientTransactionError".into())];
     let unknown = || vec![Bson::String("UnknownTransactionCommitResult".into())];
 
     // The append's statements.
     case(
         &store,
+        &probe,
         "write conflict on the events insert",
         1,
         doc! { "failCommands": ["insert"], "errorCode": 112, "errorLabels": transient() },
@@ -118,6 +194,7 @@ async fn every_transaction_error_path_ends_with_each_event_stored_once() {
     .await;
     case(
         &store,
+        &probe,
         "transient error three times",
         3,
         doc! { "failCommands": ["insert"], "errorCode": 112, "errorLabels": transient() },
@@ -125,6 +202,7 @@ async fn every_transaction_error_path_ends_with_each_event_stored_once() {
     .await;
     case(
         &store,
+        &probe,
         "connection closed on the version check",
         1,
         doc! { "failCommands": ["find"], "closeConnection": true },
@@ -132,6 +210,7 @@ async fn every_transaction_error_path_ends_with_each_event_stored_once() {
     .await;
     case(
         &store,
+        &probe,
         "connection closed on the insert",
         1,
         doc! { "failCommands": ["insert"], "closeConnection": true },
@@ -140,6 +219,7 @@ async fn every_transaction_error_path_ends_with_each_event_stored_once() {
     // commitTransaction.
     case(
         &store,
+        &probe,
         "unknown commit result",
         1,
         doc! { "failCommands": ["commitTransaction"], "errorCode": 91, "errorLabels": unknown() },
@@ -147,15 +227,17 @@ async fn every_transaction_error_path_ends_with_each_event_stored_once() {
     .await;
     case(
         &store,
+        &probe,
         "unknown commit result twice",
         2,
         doc! { "failCommands": ["commitTransaction"], "errorCode": 189, "errorLabels": unknown() },
     )
     .await;
-    case(&store, "transient error at commit", 1,
+    case(&store, &probe, "transient error at commit", 1,
         doc! { "failCommands": ["commitTransaction"], "errorCode": 112, "errorLabels": transient() }).await;
     case(
         &store,
+        &probe,
         "connection closed at commit",
         1,
         doc! { "failCommands": ["commitTransaction"], "closeConnection": true },
@@ -164,6 +246,7 @@ async fn every_transaction_error_path_ends_with_each_event_stored_once() {
     // Position assignment: the materializing updates (only passes send `update`).
     case(
         &store,
+        &probe,
         "connection closed while materializing",
         1,
         doc! { "failCommands": ["update"], "closeConnection": true },
@@ -171,6 +254,7 @@ async fn every_transaction_error_path_ends_with_each_event_stored_once() {
     .await;
     case(
         &store,
+        &probe,
         "write conflict while materializing",
         2,
         doc! { "failCommands": ["update"], "errorCode": 112 },
@@ -207,10 +291,12 @@ async fn every_transaction_error_path_ends_with_each_event_stored_once() {
             .await
             .unwrap();
         let head = store.head().await.unwrap().position;
+        let command = failed_command(&data);
         arm(&store, 1, data).await;
         assert_eq!(store.sequence_pending().await.unwrap(), 1, "{name}");
-        disarm(&store).await;
+        assert_fired_and_disarm(&store, &probe, &command, name).await;
         stored_once(&store, name, id, &[new.event_id], head + 1).await;
     }
     let _ = store.database().drop().await;
+    let _ = probe.database("tektree_fp_probe").drop().await;
 }

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mongodb::bson::{doc, Document};
-use tektree_event_store::conformance::SAMPLE_AGGREGATE_TYPE;
+use tektree_event_store::conformance::{self, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::mongo::{MongoStore, EVENTS};
 use tektree_event_store::EventStore;
 use tektree_test_servers::{mongo_uri_with_database, MongoServer};
@@ -53,7 +53,8 @@ fn parse(line: &str, at: Instant) -> Option<Ack> {
 }
 
 fn writer(uri: &str, db: &str, app: &str, shared: Uuid, appends: usize) -> Child {
-    let uri = format!("{}&appName={app}", uri.trim_end_matches('&'));
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    let uri = format!("{uri}{sep}appName={app}");
     Command::new(env!("CARGO_BIN_EXE_tektree-store-writer"))
         .env("TEKTREE_WRITER_URI", uri)
         .env("TEKTREE_WRITER_DB", db)
@@ -97,11 +98,6 @@ fn signal(child: &Child, sig: &str) {
 async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() {
     let server = MongoServer::start();
     let db = format!("tektree_procs_{}", std::process::id());
-    let uri = if server.uri.contains('?') {
-        format!("{}&", server.uri)
-    } else {
-        format!("{}?", server.uri)
-    };
     let store = MongoStore::connect(&server.uri, &db).await.unwrap();
     let shared = Uuid::new_v4();
     // Block the materializing updates of "blocked" once its first batch is in the log.
@@ -119,7 +115,7 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
     let names = ["steady", "paused", "killed", "blocked"];
     let mut children: Vec<Child> = names
         .iter()
-        .map(|app| writer(&uri, &db, app, shared, 40))
+        .map(|app| writer(&server.uri, &db, app, shared, 40))
         .collect();
     let readers: Vec<_> = children.iter_mut().map(reader).collect();
 
@@ -186,14 +182,7 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
 
     // Everything the killed writer committed gets sequenced; then check the whole history.
     store.sequence_pending().await.unwrap();
-    let head = store.head().await.unwrap();
-    let all = store.read_all(0, usize::MAX).await.unwrap();
-    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
-    assert_eq!(
-        positions,
-        (1..=head.position).collect::<Vec<_>>(),
-        "gap-free"
-    );
+    let all = conformance::whole_history_is_gap_free_and_ordered(&store, "writers").await;
     let pending = store
         .database()
         .collection::<Document>(EVENTS)
@@ -201,11 +190,6 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
         .await
         .unwrap();
     assert_eq!(pending, 0, "events left without a position");
-    let mut last: HashMap<Uuid, u64> = HashMap::new();
-    for e in &all {
-        let prev = last.insert(e.aggregate_id, e.sequence).unwrap_or(0);
-        assert_eq!(e.sequence, prev + 1, "order of {}", e.aggregate_id);
-    }
     let by_id: HashMap<Uuid, &tektree_domain::EventEnvelope> =
         all.iter().map(|e| (e.event_id, e)).collect();
     let mut acked = HashSet::new();
