@@ -113,9 +113,59 @@ pub fn check_deployment(hello: &Document) -> Result<Deployment, String> {
     )
 }
 
+/// The event-store collections whose order guarantees need one shard: positions are assigned by
+/// the position log's unique `_id` and read back by ranges of the `events` and `outbox`
+/// position indexes; sharded, a unique index no longer spans the collection and a range read
+/// merges shards, so `read_all` could see positions out of order.
+pub const UNSHARDED: [&str; 3] = ["events", "outbox", "position_log"];
+
+/// Checks, for a sharded cluster, that none of [`UNSHARDED`] in database `db` is sharded, from
+/// the documents of `config.collections` (each `{_id: "<db>.<collection>", dropped?: bool}`).
+///
+/// # Errors
+/// A message naming the sharded collections and the requirement.
+pub fn check_unsharded(db: &str, config_collections: &[Document]) -> Result<(), String> {
+    let sharded: Vec<&str> = UNSHARDED
+        .iter()
+        .copied()
+        .filter(|c| {
+            let ns = format!("{db}.{c}");
+            config_collections.iter().any(|d| {
+                d.get_str("_id").is_ok_and(|id| id == ns) && !d.get_bool("dropped").unwrap_or(false)
+            })
+        })
+        .collect();
+    if sharded.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "collections {sharded:?} of database {db} are sharded: the event store needs events, \
+         outbox and position_log unsharded (on the primary shard), because positions must never \
+         appear out of order in read_all; unshard them (or use another database) — read models \
+         may be sharded (see docs/mongodb.md)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sharded_event_collections_are_refused_by_name() {
+        let d = |id: &str, dropped: bool| doc! { "_id": id, "dropped": dropped };
+        assert!(check_unsharded("tt", &[]).is_ok());
+        // Other databases, read models, and dropped entries do not count.
+        let fine = [
+            d("other.events", false),
+            d("tt.rm_xp", false),
+            d("tt.events", true),
+        ];
+        assert!(check_unsharded("tt", &fine).is_ok());
+        let err = check_unsharded("tt", &[d("tt.position_log", false), d("tt.outbox", false)])
+            .unwrap_err();
+        assert!(err.contains(r#"["outbox", "position_log"]"#), "{err}");
+        assert!(err.contains("database tt"), "{err}");
+    }
 
     fn spec(models: &[IndexModel], name: &str) -> (Document, bool, Option<Document>) {
         let m = models

@@ -82,8 +82,8 @@ pub use errors::{
     Retry, DUPLICATE_KEY, MAX_RETRY_TIME, MAX_TIME_MS_EXPIRED,
 };
 pub use indexes::{
-    check_deployment, event_indexes, index_model, outbox_indexes, Deployment, OUTBOX_INDEX,
-    PENDING_INDEX, POSITION_INDEX, SEQUENCE_INDEX,
+    check_deployment, check_unsharded, event_indexes, index_model, outbox_indexes, Deployment,
+    OUTBOX_INDEX, PENDING_INDEX, POSITION_INDEX, SEQUENCE_INDEX, UNSHARDED,
 };
 pub use mapping::{
     bson_to_json, envelope_from_document, envelope_to_document, json_to_bson, timestamp_from_bson,
@@ -280,6 +280,9 @@ impl MongoStore {
     /// same name but a different definition exists.
     pub async fn connect(uri: &str, db_name: &str) -> Result<Self, StoreError> {
         let (client, deployment) = connect_client(uri).await.map_err(StoreError::Backend)?;
+        if deployment == Deployment::Sharded {
+            refuse_sharded_event_collections(&client, db_name).await?;
+        }
         let db = client.database(db_name);
         let events = db.collection::<Document>(EVENTS);
         let outbox = db.collection::<Document>(OUTBOX);
@@ -695,6 +698,31 @@ impl MongoStore {
             .map_err(|e| backend("find pending events", e))?;
         Ok(found.is_some())
     }
+}
+
+/// On a sharded cluster: refuses a database whose [`UNSHARDED`] collections are sharded
+/// (see [`check_unsharded`]), reading `config.collections` through the router.
+async fn refuse_sharded_event_collections(client: &Client, db: &str) -> Result<(), StoreError> {
+    let ids: Vec<String> = UNSHARDED.iter().map(|c| format!("{db}.{c}")).collect();
+    let mut cursor = client
+        .database("config")
+        .collection::<Document>("collections")
+        .find(doc! { "_id": { "$in": ids } })
+        .await
+        .map_err(|e| backend("read config.collections", e))?;
+    let mut docs = Vec::new();
+    while cursor
+        .advance()
+        .await
+        .map_err(|e| backend("read config.collections", e))?
+    {
+        docs.push(
+            cursor
+                .deserialize_current()
+                .map_err(|e| backend("read config.collections", e))?,
+        );
+    }
+    check_unsharded(db, &docs).map_err(StoreError::Backend)
 }
 
 /// Makes the position counter of a database written before the position log (an older
