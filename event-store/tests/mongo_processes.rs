@@ -1,8 +1,8 @@
 //! Global positions on MongoDB stay live across processes (issue #11): writer processes
 //! (`tektree-store-writer`) append concurrently — each to aggregates of its own and all of them
 //! to one shared aggregate — while one is SIGSTOPped for 8 s, one is SIGKILLed, and one is held
-//! by a server failpoint for 8 s right after it inserted a position-log batch (its materializing
-//! `update` blocks). The others' appends to their own aggregates must keep completing within the
+//! by a server failpoint for 8 s right after it inserted the first position-log batch (its
+//! materializing `update` blocks; it starts alone, the others once that batch is in the log). The others' appends to their own aggregates must keep completing within the
 //! 5 s bound (the shared aggregate may wait for a transaction a dead writer left open on it,
 //! until the server's transaction lifetime ends), and at the
 //! end every acknowledged append is stored once at the position it was told, positions are
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use mongodb::bson::{doc, Document};
 use tektree_event_store::conformance::{self, SAMPLE_AGGREGATE_TYPE};
-use tektree_event_store::mongo::{MongoStore, EVENTS};
+use tektree_event_store::mongo::{MongoStore, EVENTS, POSITION_LOG};
 use tektree_event_store::EventStore;
 use tektree_test_servers::{mongo_uri_with_database, MongoServer};
 use uuid::Uuid;
@@ -100,7 +100,7 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
     let db = format!("tektree_procs_{}", std::process::id());
     let store = MongoStore::connect(&server.uri, &db).await.unwrap();
     let shared = Uuid::new_v4();
-    // Block the materializing updates of "blocked" once its first batch is in the log.
+    // Block the first materializing update of "blocked".
     let admin = store.database().client().database("admin");
     admin
         .run_command(doc! {
@@ -112,11 +112,22 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
         .await
         .expect("configureFailPoint (the server needs --enable-test-commands)");
 
+    // "blocked" starts alone, so its first pass is its own: the failpoint holds that pass's
+    // first materializing update, right after it inserted batch 1, for 8 s. The others start
+    // once batch 1 is in the log, find it unmaterialized, and must finish it themselves.
     let names = ["steady", "paused", "killed", "blocked"];
-    let mut children: Vec<Child> = names
+    let blocked = writer(&server.uri, &db, names[3], shared, 40);
+    let log = store.database().collection::<Document>(POSITION_LOG);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while log.count_documents(doc! {}).await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the blocked writer inserted no batch");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut children: Vec<Child> = names[..3]
         .iter()
         .map(|app| writer(&server.uri, &db, app, shared, 40))
         .collect();
+    children.push(blocked);
     let readers: Vec<_> = children.iter_mut().map(reader).collect();
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -168,7 +179,8 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
     let blocked = &results[3].0;
     assert!(
         blocked.iter().any(|a| a.latency >= Duration::from_secs(7)),
-        "the failpoint never held the blocked writer"
+        "the failpoint never held the blocked writer: {:?}",
+        blocked.iter().map(|a| a.latency).collect::<Vec<_>>()
     );
     assert!(
         blocked

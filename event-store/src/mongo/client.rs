@@ -53,6 +53,14 @@ pub async fn connect_client(uri: &str) -> Result<(Client, Deployment), String> {
             .run_command(doc! { "isMaster": 1 })
             .await
             .map_err(|e| format!("MongoDB isMaster: {e}"))?,
+        Err(e) if matches!(*e.kind, mongodb::error::ErrorKind::ServerSelection { .. }) => {
+            return Err(format!(
+                "MongoDB hello: {e} (no server answered as a usable member of the deployment \
+                 in the URI: check the address, and that the replica set is initiated \
+                 (rs.initiate()) under the name given in replicaSet=; for a one-node set \
+                 started with --replSet, directConnection=true reaches it even before that)"
+            ))
+        }
         Err(e) => return Err(format!("MongoDB hello: {e}")),
     };
     let deployment = check_deployment(&hello)?;

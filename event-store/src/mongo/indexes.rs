@@ -91,18 +91,48 @@ pub enum Deployment {
     Sharded,
 }
 
+/// The lowest wire version accepted: 13, MongoDB 5.0, the first to store field names that start
+/// with `$` or contain `.` (event payloads and read-model JSON may hold such keys; 4.4 and older
+/// refuse them on insert). Source: MongoDB 5.0 release notes, "Field names with periods and
+/// dollar signs"; wire versions per the driver specifications' `hello` command table.
+pub const MIN_WIRE_VERSION: i32 = 13;
+
 /// Checks a `hello` (or legacy `isMaster`) reply: transactions need a replica set (or a sharded
-/// cluster); a standalone server is refused.
+/// cluster), and payload keys need MongoDB 5.0 or later ([`MIN_WIRE_VERSION`], checked when the
+/// reply carries `maxWireVersion`).
 ///
 /// # Errors
-/// A message naming the replica-set requirement when the reply has neither `setName` nor
-/// `msg: "isdbgrid"`.
+/// A message naming what to do:
+/// - a replica-set member whose set is not initiated yet (`isreplicaset: true`, no `setName`:
+///   mongod started with `--replSet` before `rs.initiate()`);
+/// - a standalone server (neither `setName` nor `msg: "isdbgrid"`);
+/// - a server older than MongoDB 5.0.
 pub fn check_deployment(hello: &Document) -> Result<Deployment, String> {
+    let wire = match hello.get("maxWireVersion") {
+        Some(Bson::Int32(v)) => Some(i64::from(*v)),
+        Some(Bson::Int64(v)) => Some(*v),
+        _ => None,
+    };
+    if let Some(w) = wire.filter(|w| *w < i64::from(MIN_WIRE_VERSION)) {
+        return Err(format!(
+            "the MongoDB server speaks wire version {w}; TekTree needs MongoDB 5.0 or later \
+             (wire version {MIN_WIRE_VERSION}), because event payloads may hold field names that \
+             start with `$` or contain `.`, which older servers refuse"
+        ));
+    }
     if let Some(Bson::String(name)) = hello.get("setName") {
         return Ok(Deployment::ReplicaSet { name: name.clone() });
     }
     if matches!(hello.get("msg"), Some(Bson::String(m)) if m == "isdbgrid") {
         return Ok(Deployment::Sharded);
+    }
+    if hello.get_bool("isreplicaset").unwrap_or(false) {
+        return Err(
+            "the MongoDB server was started as a replica-set member but its replica set is not \
+             initiated (its hello reply says isreplicaset without a setName): run \
+             rs.initiate() once in mongosh (see docs/mongodb.md), then start TekTree again"
+                .to_string(),
+        );
     }
     Err(
         "the MongoDB server is a standalone server (its hello reply has no setName): \
@@ -238,5 +268,27 @@ mod tests {
             err.contains("standalone") && err.contains("replica set"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_uninitiated_replica_set_and_old_servers_are_named() {
+        // mongod 7 started with --replSet before rs.initiate() (its hello reply's shape).
+        let err = check_deployment(&doc! {
+            "isWritablePrimary": false, "secondary": false, "isreplicaset": true,
+            "info": "Does not have a valid replica set config", "maxWireVersion": 21,
+        })
+        .unwrap_err();
+        assert!(
+            err.contains("not initiated") && err.contains("rs.initiate()"),
+            "{err}"
+        );
+        // MongoDB 4.4 (wire version 9) is refused for `$`/dotted field names; 5.0 (13) passes.
+        let err = check_deployment(&doc! { "setName": "rs0", "maxWireVersion": 9 }).unwrap_err();
+        assert!(
+            err.contains("wire version 9") && err.contains("5.0"),
+            "{err}"
+        );
+        assert!(check_deployment(&doc! { "setName": "rs0", "maxWireVersion": 13 }).is_ok());
+        assert!(check_deployment(&doc! { "setName": "rs0", "maxWireVersion": 25_i64 }).is_ok());
     }
 }

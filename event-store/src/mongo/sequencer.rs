@@ -14,7 +14,10 @@
 //!    process) that read the same tip exactly one inserts batch `k`; the others get a duplicate
 //!    key and start again from the new tip;
 //! 4. **materialize** batch `k`: set `position` on its events and outbox records (removing
-//!    `pending`), in chunks, idempotently, then flag the batch `materialized`.
+//!    `pending`), in chunks, idempotently; read the chunk back and check that every document
+//!    carries its position (an update that reports success may still have skipped a document
+//!    under concurrent passes, as SecantusDB 0.7's was seen to do; the batch then stays
+//!    unflagged and is materialized again), then flag the batch `materialized`.
 //!
 //! No pass holds a lock or an open write transaction between steps, and nothing a pass writes
 //! is written by every appender: a process SIGKILLed or SIGSTOPped anywhere in a pass delays no
@@ -290,6 +293,24 @@ impl Inner {
             let unset = doc! { "_id": { "$in": list.clone() }, "position": { "$exists": false } };
             set_positions(&self.events, s, unset.clone(), &position, true).await?;
             set_positions(&self.outbox, s, unset, &position, false).await?;
+            for (coll, what) in [(&self.events, "events"), (&self.outbox, "outbox records")] {
+                let missing = unmaterialized(coll, s, chunk, first).await?;
+                if missing > 0 {
+                    tracing::warn!(
+                        batch = tip.number,
+                        missing,
+                        what,
+                        "materializing update skipped documents; materializing the batch again"
+                    );
+                    // The update reported success yet skipped documents (seen on SecantusDB
+                    // under concurrent passes): the batch stays unflagged, so the retried pass
+                    // (or any other) materializes it again before reading pending events.
+                    return Err(backend(
+                        "materialize positions",
+                        format!("batch {}: {missing} {what} left without a position", tip.number),
+                    ));
+                }
+            }
         }
         self.position_log
             .update_one(
@@ -550,6 +571,55 @@ async fn set_positions(
         .await
         .map_err(|e| backend("materialize positions", e))?;
     Ok(())
+}
+
+/// How many documents of `chunk` (ids in position order from `first`) in `coll` have no
+/// position yet. A document carrying a *different* position is a corrupt log (an event in two
+/// batches): [`StoreError::Corrupt`], never overwritten.
+async fn unmaterialized(
+    coll: &Collection<Document>,
+    s: &mut ClientSession,
+    chunk: &[Bson],
+    first: i64,
+) -> Result<usize, StoreError> {
+    let read = |e| backend("check materialized positions", e);
+    let docs = collect(
+        coll.find(doc! { "_id": { "$in": chunk.to_vec() } })
+            .projection(doc! { "_id": 1, "position": 1 })
+            .batch_size(MATERIALIZE_CHUNK as u32)
+            .session(&mut *s)
+            .await
+            .map_err(read)?,
+        s,
+    )
+    .await
+    .map_err(read)?;
+    let at: HashMap<Vec<u8>, i64> = docs
+        .iter()
+        .filter_map(|d| {
+            let p = super::mapping::get_u64(d, "position").ok()?;
+            Some((key_bytes(d.get("_id")?), p as i64))
+        })
+        .collect();
+    let mut missing = 0;
+    for (i, id) in chunk.iter().enumerate() {
+        let want = first + i as i64;
+        match at.get(&key_bytes(id)) {
+            None => missing += 1,
+            Some(&p) if p == want => {}
+            Some(&p) => {
+                return Err(StoreError::Corrupt {
+                    position: want as u64,
+                    reason: format!(
+                        "{} {id} of position {want} already carries position {p} \
+                         (an event in two position-log batches)",
+                        coll.name()
+                    ),
+                })
+            }
+        }
+    }
+    Ok(missing)
 }
 
 /// Drains a cursor of a session.
