@@ -25,7 +25,9 @@ use tektree_test_servers::process::{
     free_port, is_executable, kill, retry_launch, running, stop_owned, DataDir, PROBE_EVERY,
     RESTART_TIMEOUT, STARTUP_TIMEOUT, START_ATTEMPTS,
 };
-pub use tektree_test_servers::{restartable_port, MongoServer, ServerError, Stop};
+pub use tektree_test_servers::{
+    mongo_uri_with_database, restartable_port, MongoServer, ServerError, Stop,
+};
 
 /// Environment variable naming an already running Redis (`redis://host:port`) to use instead
 /// of starting one.

@@ -12,6 +12,7 @@ use tektree_services::app::App;
 use tektree_services::worker::{self, RedriveError};
 use uuid::Uuid;
 
+use crate::store::RunStore;
 use crate::workload::Record;
 
 /// Mismatch lines printed per category (all are counted).
@@ -297,8 +298,12 @@ pub fn guards(path: &Path) -> Result<HashMap<(String, String, Uuid), u64>> {
 
 /// Before the re-drive: each poison event is not applied by its group, and neither is any later
 /// event of its aggregate (the group's guard of the aggregate is exactly one below it).
-pub fn check_held_back(path: &Path, poison: &[Poison], mismatches: &mut Mismatches) -> Result<()> {
-    let g = guards(path)?;
+pub async fn check_held_back(
+    store: &RunStore,
+    poison: &[Poison],
+    mismatches: &mut Mismatches,
+) -> Result<()> {
+    let g = store.guards().await?;
     for p in poison {
         let got = g
             .get(&(p.group.clone(), p.aggregate_type.clone(), p.aggregate_id))
@@ -337,7 +342,7 @@ struct Stored {
 /// - the bus holds everything up to the head.
 pub async fn check_store(
     app: &App,
-    path: &Path,
+    store: &RunStore,
     records: &[Record],
     mismatches: &mut Mismatches,
 ) -> Result<u64> {
@@ -454,7 +459,7 @@ pub async fn check_store(
             }
         }
     }
-    let guards = guards(path)?;
+    let guards = store.guards().await?;
     for n in &names {
         for ((ty, id), (seq, _)) in &aggregates {
             let got = guards.get(&(n.clone(), ty.clone(), *id)).copied();

@@ -1,5 +1,6 @@
 //! Fault injection: SIGKILL + restart of the API, the relay or a worker, a worker armed to
-//! abort between a read-model commit and its acknowledgement, and a stop + restart of the bus
+//! abort between a read-model commit and its acknowledgement, a stop + restart of the bus
+//! server, and (on a MongoDB server the harness started) a SIGKILL + restart of the store's
 //! server.
 
 use std::sync::{Arc, Mutex};
@@ -8,43 +9,58 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use tektree_outbox::relay::KILL_AFTER_PUBLISH_ENV;
-use tektree_outbox::test_support::{NatsServer, RedisServer, ServerError, Stop};
+use tektree_outbox::test_support::{MongoServer, NatsServer, RedisServer, ServerError, Stop};
 use tektree_services::worker::KILL_AFTER_APPLY_ENV;
 
 use crate::procs::{Procs, Role};
 use crate::rng::Rng;
 
-/// The bus server of a run.
+/// A server process of a run, started with persistence.
 #[derive(Debug)]
-pub enum BusServer {
-    /// `redis-server` with `--appendonly yes --appendfsync always`.
+pub enum Server {
+    /// `redis-server` with `--appendonly yes --appendfsync always` (the bus).
     Redis(RedisServer),
-    /// `nats-server -js` with a file store.
+    /// `nats-server -js` with a file store (the bus).
     Nats(NatsServer),
+    /// `secantusd-py --sync-on-commit` (the store).
+    Mongo(MongoServer),
 }
 
-impl BusServer {
-    /// Its URL.
+impl Server {
+    /// Its URL (for MongoDB: the connection string without a database).
     pub fn url(&self) -> String {
         match self {
-            BusServer::Redis(s) => s.url.clone(),
-            BusServer::Nats(s) => s.url.clone(),
+            Server::Redis(s) => s.url.clone(),
+            Server::Nats(s) => s.url.clone(),
+            Server::Mongo(s) => s.uri.clone(),
         }
     }
 
-    fn stop(&mut self, how: Stop) -> Result<(), ServerError> {
+    /// Stops it (see [`Stop`]).
+    pub fn stop(&mut self, how: Stop) -> Result<(), ServerError> {
         match self {
-            BusServer::Redis(s) => s.stop(how),
-            BusServer::Nats(s) => s.stop(how),
+            Server::Redis(s) => s.stop(how),
+            Server::Nats(s) => s.stop(how),
+            Server::Mongo(s) => s.stop(how),
         }
     }
 
     fn restart(&mut self) -> Result<(), ServerError> {
         match self {
-            BusServer::Redis(s) => s.restart(),
-            BusServer::Nats(s) => s.restart(),
+            Server::Redis(s) => s.restart(),
+            Server::Nats(s) => s.restart(),
+            Server::Mongo(s) => s.restart(),
         }
     }
+}
+
+/// The servers a fault may stop: the bus, and the store's server when the harness started it.
+#[derive(Clone)]
+pub struct Servers {
+    /// The bus server.
+    pub bus: Arc<Mutex<Server>>,
+    /// The MongoDB server of the store, when the harness started one.
+    pub store: Option<Arc<Mutex<Server>>>,
 }
 
 /// Kinds of injected faults.
@@ -65,6 +81,16 @@ pub enum FaultKind {
     /// Stop the bus server (SIGKILL or SIGTERM), wait 1–4 s, start it again on the same port
     /// with the same data.
     BusRestart,
+    /// SIGKILL the store's MongoDB server, wait 1–4 s, start it again on the same port with
+    /// the same data directory (only when the harness started the server).
+    StoreRestart,
+}
+
+impl FaultKind {
+    /// Whether it stops a server for a while (one such outage at a time).
+    pub fn is_outage(self) -> bool {
+        matches!(self, FaultKind::BusRestart | FaultKind::StoreRestart)
+    }
 }
 
 const KINDS: [FaultKind; 6] = [
@@ -91,6 +117,8 @@ pub struct FaultCounts {
     pub relay_abort: u64,
     /// Bus server stops + restarts.
     pub bus_restart: u64,
+    /// Store server SIGKILLs + restarts.
+    pub store_restart: u64,
     /// Poison events.
     pub poison: u64,
 }
@@ -104,6 +132,7 @@ impl FaultCounts {
             + self.worker_abort
             + self.relay_abort
             + self.bus_restart
+            + self.store_restart
             + self.poison
     }
 
@@ -116,17 +145,22 @@ impl FaultCounts {
             worker_abort: self.worker_abort + o.worker_abort,
             relay_abort: self.relay_abort + o.relay_abort,
             bus_restart: self.bus_restart + o.bus_restart,
+            store_restart: self.store_restart + o.store_restart,
             poison: self.poison + o.poison,
         }
     }
 }
 
 /// `n` fault kinds: every kind once in a shuffled round, round after round, so that a run of at
-/// least six faults has each kind.
-pub fn plan(rng: &mut Rng, n: u64) -> Vec<FaultKind> {
+/// least six faults (seven with `store_server`) has each kind. `store_server`: the harness
+/// started the store's server, so [`FaultKind::StoreRestart`] is among the kinds.
+pub fn plan(rng: &mut Rng, n: u64, store_server: bool) -> Vec<FaultKind> {
     let mut out = Vec::new();
     while (out.len() as u64) < n {
-        let mut round = KINDS;
+        let mut round = KINDS.to_vec();
+        if store_server {
+            round.push(FaultKind::StoreRestart);
+        }
         rng.shuffle(&mut round);
         out.extend(round);
     }
@@ -138,7 +172,7 @@ pub fn plan(rng: &mut Rng, n: u64) -> Vec<FaultKind> {
 pub struct Injected {
     /// A line for the log.
     pub line: String,
-    /// For [`FaultKind::BusRestart`]: the outage, still going on. It ends (the server is
+    /// For an outage ([`FaultKind::is_outage`]): still going on. It ends (the server is
     /// restarted) when this task finishes; other faults may be injected meanwhile.
     pub outage: Option<tokio::task::JoinHandle<Result<String>>>,
 }
@@ -148,7 +182,7 @@ pub async fn inject(
     kind: FaultKind,
     rng: &mut Rng,
     procs: &Arc<Mutex<Procs>>,
-    server: &Arc<Mutex<BusServer>>,
+    servers: &Servers,
     counts: &Arc<Mutex<FaultCounts>>,
 ) -> Result<Injected> {
     let line = |line: String| Injected { line, outage: None };
@@ -198,42 +232,68 @@ pub async fn inject(
             } else {
                 Stop::Term
             };
-            let outage = Duration::from_millis(rng.between(1000, 4000));
-            let s = server.clone();
-            tokio::task::spawn_blocking(move || s.lock().expect("server").stop(how))
-                .await
-                .context("stopping the bus server")??;
-            let (server, counts) = (server.clone(), counts.clone());
-            let task = tokio::spawn(async move {
-                tokio::time::sleep(outage).await;
-                let mut attempts = 0;
-                loop {
-                    attempts += 1;
-                    let s = server.clone();
-                    match tokio::task::spawn_blocking(move || s.lock().expect("server").restart())
-                        .await
-                        .context("restarting the bus server")?
-                    {
-                        Ok(()) => break,
-                        Err(e) if attempts < 5 => {
-                            eprintln!("restarting the bus server failed ({e}); again");
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                counts.lock().expect("counts").bus_restart += 1;
-                Ok(format!(
-                    "bus server back after {:.1} s",
-                    outage.as_secs_f64()
-                ))
-            });
-            Ok(Injected {
-                line: format!(
-                    "bus server stopped ({how:?}) for {:.1} s",
-                    outage.as_secs_f64()
-                ),
-                outage: Some(task),
-            })
+            outage(rng, kind, &servers.bus, how, counts).await
         }
+        FaultKind::StoreRestart => match &servers.store {
+            Some(server) => outage(rng, kind, server, Stop::Kill, counts).await,
+            None => anyhow::bail!("no store server to restart"),
+        },
     }
+}
+
+/// Stops `server` (the bus's or the store's, as `kind` says) with `how`, and returns the
+/// outage: a task that starts it again on the same port with the same data after 1–4 s.
+async fn outage(
+    rng: &mut Rng,
+    kind: FaultKind,
+    server: &Arc<Mutex<Server>>,
+    how: Stop,
+    counts: &Arc<Mutex<FaultCounts>>,
+) -> Result<Injected> {
+    let what = if kind == FaultKind::StoreRestart {
+        "store"
+    } else {
+        "bus"
+    };
+    let outage = Duration::from_millis(rng.between(1000, 4000));
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.lock().expect("server").stop(how))
+        .await
+        .with_context(|| format!("stopping the {what} server"))??;
+    let (server, counts) = (server.clone(), counts.clone());
+    let task = tokio::spawn(async move {
+        tokio::time::sleep(outage).await;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let s = server.clone();
+            match tokio::task::spawn_blocking(move || s.lock().expect("server").restart())
+                .await
+                .with_context(|| format!("restarting the {what} server"))?
+            {
+                Ok(()) => break,
+                Err(e) if attempts < 5 => {
+                    eprintln!("restarting the {what} server failed ({e}); again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut c = counts.lock().expect("counts");
+        if kind == FaultKind::StoreRestart {
+            c.store_restart += 1;
+        } else {
+            c.bus_restart += 1;
+        }
+        Ok(format!(
+            "{what} server back after {:.1} s",
+            outage.as_secs_f64()
+        ))
+    });
+    Ok(Injected {
+        line: format!(
+            "{what} server stopped ({how:?}) for {:.1} s",
+            outage.as_secs_f64()
+        ),
+        outage: Some(task),
+    })
 }

@@ -18,6 +18,7 @@ mod oracle;
 mod procs;
 mod rng;
 mod run;
+mod store;
 mod workload;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use serde_json::json;
 
 use crate::faults::FaultCounts;
 use crate::run::{BusKind, RunConfig, RunReport};
+use crate::store::{parse_store, StoreSpec};
 
 /// Which buses to run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -66,6 +68,12 @@ struct Cli {
     /// Bus.
     #[arg(long, value_enum, default_value = "both")]
     bus: BusChoice,
+    /// Store: `sqlite` (a file in the run's directory), `mongodb` (a SecantusDB server the
+    /// harness starts with `--sync-on-commit`, and SIGKILLs and restarts as a fault), or a
+    /// `mongodb://HOST:PORT/?replicaSet=NAME` URI (a database per run on that server, left
+    /// there; no server faults).
+    #[arg(long, default_value = "sqlite", value_parser = parse_store)]
+    store: StoreSpec,
     /// Directory for the runs' stores, bus data and logs (kept). Default: a temporary
     /// directory, removed at the end (unless --keep and something failed).
     #[arg(long)]
@@ -79,6 +87,13 @@ struct Cli {
     /// Concurrent HTTP clients.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// `tektree api` processes; the clients send each request (and each retry) to the next
+    /// one, so a retried command may be answered by another API than its first attempt.
+    #[arg(long, default_value_t = 1)]
+    apis: usize,
+    /// `tektree relay` processes publishing from the same store to the same bus.
+    #[arg(long, default_value_t = 1)]
+    relays: usize,
     /// Commands started per second over all clients (0: as fast as the API answers). Spreads
     /// the small mode's faults over its workload.
     #[arg(long, default_value_t = 40.0)]
@@ -144,6 +159,9 @@ fn tektree_binary(given: Option<PathBuf>) -> Result<PathBuf> {
 fn run_json(r: &RunReport, seed: u64) -> serde_json::Value {
     json!({
         "bus": r.bus.name(),
+        "store": r.store,
+        "apis": r.processes.0,
+        "relays": r.processes.1,
         "seed": seed,
         "commands": r.commands,
         "ok": r.ok,
@@ -221,11 +239,14 @@ fn cli_runs(
         .iter()
         .map(|&bus| RunConfig {
             bus,
+            store: cli.store.clone(),
             seed,
             commands: cli.commands,
             faults,
             long: cli.long,
             clients: cli.clients.max(1),
+            apis: cli.apis.max(1),
+            relays: cli.relays.max(1),
             rate: cli.rate,
             tektree: tektree.to_path_buf(),
             dir: root.join(format!("{}-{seed}", bus.name())),
@@ -252,6 +273,7 @@ async fn run_all(configs: &[RunConfig], started: Instant) -> Result<bool> {
             .fold(FaultCounts::default(), |a, r| a.add(&r.faults));
         json!({
             "bus": "both",
+            "store": reports.first().map_or("", |r| r.store),
             "seed": seed,
             "commands": reports.iter().map(|r| r.commands).sum::<u64>(),
             "events": reports.iter().map(|r| r.events).sum::<u64>(),

@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tektree_domain::Rules;
-use tektree_outbox::test_support::{NatsServer, RedisServer};
+use tektree_outbox::test_support::{NatsServer, RedisServer, Stop};
 use tektree_services::app::App;
 use tokio::sync::watch;
 
 use crate::check::{self, Mismatches, Poison};
-use crate::faults::{self, BusServer, FaultCounts, FaultKind};
+use crate::faults::{self, FaultCounts, Server, Servers};
 use crate::oracle;
 use crate::procs::{Procs, Role};
 use crate::rng::Rng;
+use crate::store::{RunStore, StoreSpec};
 use crate::workload::Workload;
 
 /// Worker processes per consumer group: two for the groups with the most work, so that a
@@ -69,6 +70,8 @@ impl BusKind {
 pub struct RunConfig {
     /// Which bus.
     pub bus: BusKind,
+    /// Which store.
+    pub store: StoreSpec,
     /// Seed of the workload and the fault plan.
     pub seed: u64,
     /// Commands in all (small mode; ignored with `long`).
@@ -79,6 +82,10 @@ pub struct RunConfig {
     pub long: Option<Duration>,
     /// Concurrent HTTP clients.
     pub clients: usize,
+    /// `tektree api` processes (the clients spread their requests over them).
+    pub apis: usize,
+    /// `tektree relay` processes.
+    pub relays: usize,
     /// Commands started per second over all clients (0: no limit).
     pub rate: f64,
     /// The `tektree` binary.
@@ -94,6 +101,10 @@ pub struct RunConfig {
 pub struct RunReport {
     /// Which bus.
     pub bus: BusKind,
+    /// Which store (`sqlite`, `mongodb`).
+    pub store: &'static str,
+    /// `tektree api` and `tektree relay` processes.
+    pub processes: (usize, usize),
     /// Commands sent.
     pub commands: u64,
     /// Answered 2xx.
@@ -161,6 +172,15 @@ impl Log {
     }
 }
 
+/// `name` with the number `k` when there are several (`api`, or `api-1`, `api-2`).
+fn numbered(name: &str, k: usize, of: usize) -> String {
+    if of > 1 {
+        format!("{name}-{k}")
+    } else {
+        name.to_string()
+    }
+}
+
 /// Runs once on `cfg.bus`.
 pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
     let started = Instant::now();
@@ -187,17 +207,27 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
     // Servers and the store.
     let data = cfg.dir.join(format!("{}-data", cfg.bus.name()));
     let bus = cfg.bus;
-    let server = tokio::task::spawn_blocking(move || -> Result<BusServer> {
-        Ok(match bus {
-            BusKind::Redis => BusServer::Redis(RedisServer::start_persistent(data)?),
-            BusKind::Nats => BusServer::Nats(NatsServer::start_persistent(data)?),
+    let (spec, dir, tag) = (
+        cfg.store.clone(),
+        cfg.dir.clone(),
+        format!("{}_{}", cfg.bus.name(), cfg.seed),
+    );
+    let (server, store, store_server) =
+        tokio::task::spawn_blocking(move || -> Result<(Server, RunStore, Option<Server>)> {
+            let bus = match bus {
+                BusKind::Redis => Server::Redis(RedisServer::start_persistent(data)?),
+                BusKind::Nats => Server::Nats(NatsServer::start_persistent(data)?),
+            };
+            let (store, mongo) = RunStore::prepare(&spec, &dir, &tag)?;
+            Ok((bus, store, mongo.map(Server::Mongo)))
         })
-    })
-    .await??;
+        .await??;
     let bus_url = server.url();
-    let server = Arc::new(Mutex::new(server));
-    let store_path = cfg.dir.join("store.db");
-    let store_url = format!("sqlite://{}", store_path.display());
+    let servers = Servers {
+        bus: Arc::new(Mutex::new(server)),
+        store: store_server.map(|s| Arc::new(Mutex::new(s))),
+    };
+    let store_url = store.url();
     let app = App::open(&store_url, &bus_url, Rules::default())
         .await
         .context("opening the store and the bus")?;
@@ -205,9 +235,6 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
 
     // Processes.
     let secret = rng.hex(32);
-    // The API is restarted on its port: keep it out of the ephemeral range.
-    let api_port = tektree_outbox::test_support::restartable_port();
-    let base = format!("http://127.0.0.1:{api_port}");
     let procs = Procs::new(
         cfg.tektree.clone(),
         vec![
@@ -219,19 +246,28 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
         cfg.dir.join("logs"),
     )?;
     let procs = Arc::new(Mutex::new(procs));
+    let mut bases = Vec::new();
     {
         let mut p = procs.lock().expect("procs");
-        p.add(
-            "api",
-            Role::Api,
-            vec![
-                "api".into(),
-                "--listen".into(),
-                format!("127.0.0.1:{api_port}"),
-            ],
-            vec![("TEKTREE_JWT_HS256_SECRET".into(), secret.clone())],
-        )?;
-        p.add("relay", Role::Relay, vec!["relay".into()], vec![])?;
+        for k in 1..=cfg.apis.max(1) {
+            // An API is restarted on its port: keep it out of the ephemeral range.
+            let port = tektree_outbox::test_support::restartable_port();
+            bases.push(format!("http://127.0.0.1:{port}"));
+            p.add(
+                &numbered("api", k, cfg.apis),
+                Role::Api,
+                vec!["api".into(), "--listen".into(), format!("127.0.0.1:{port}")],
+                vec![("TEKTREE_JWT_HS256_SECRET".into(), secret.clone())],
+            )?;
+        }
+        for k in 1..=cfg.relays.max(1) {
+            p.add(
+                &numbered("relay", k, cfg.relays),
+                Role::Relay,
+                vec!["relay".into()],
+                vec![],
+            )?;
+        }
     }
     // Poison: 1–2 events, each for a random projection; those projections' workers start only
     // once the events are known, with `--fail-on`.
@@ -266,7 +302,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
         };
     start_workers(&|g| !poisoned.contains(g), &BTreeMap::new())?;
 
-    let workload = Arc::new(Workload::new(base, &secret, cfg.rate)?);
+    let workload = Arc::new(Workload::new(bases, &secret, cfg.rate)?);
     workload
         .wait_healthy(Duration::from_secs(120))
         .await
@@ -373,13 +409,13 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
             async move { workload.client(crng, limit).await },
         ));
     }
-    let plan = faults::plan(&mut rng, cfg.faults);
+    let plan = faults::plan(&mut rng, cfg.faults, servers.store.is_some());
     let mut frng = rng.fork(1_000);
     let last_fault = Arc::new(Mutex::new(Instant::now()));
     let injector = {
-        let (procs, server, counts, log, workload, last_fault) = (
+        let (procs, servers, counts, log, workload, last_fault) = (
             procs.clone(),
-            server.clone(),
+            servers.clone(),
             counts.clone(),
             log.clone(),
             workload.clone(),
@@ -413,9 +449,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
                     if let Some(task) = outage {
                         match task.await {
                             Ok(Ok(line)) => log.line(line),
-                            Ok(Err(e)) => {
-                                log.line(format!("the bus server did not come back: {e:#}"))
-                            }
+                            Ok(Err(e)) => log.line(format!("a server did not come back: {e:#}")),
                             Err(e) => log.line(format!("the outage task failed: {e}")),
                         }
                     }
@@ -435,11 +469,11 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                if kind == FaultKind::BusRestart {
+                if kind.is_outage() {
                     // One outage at a time.
                     end_outage(outage.take()).await;
                 }
-                match faults::inject(kind, &mut frng, &procs, &server, &counts).await {
+                match faults::inject(kind, &mut frng, &procs, &servers, &counts).await {
                     Ok(injected) => {
                         log.line(format!("fault {}: {}", i + 1, injected.line));
                         if injected.outage.is_some() {
@@ -520,7 +554,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
     }
     let dls = check::dead_letters(&app).await?;
     check::check_dead_letters(&dls, &poison, &mut mismatches);
-    check::check_held_back(&store_path, &poison, &mut mismatches)?;
+    check::check_held_back(&store, &poison, &mut mismatches).await?;
     let redriven = check::redrive_all(&app, &mut mismatches).await?;
     log.line(format!("re-drove {redriven} dead letter(s)"));
     match check::settle(
@@ -548,7 +582,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
         c.relay_abort = stats_p.relay_aborts;
     }
     let records = workload.records();
-    let events = check::check_store(&app, &store_path, &records, &mut mismatches).await?;
+    let events = check::check_store(&app, &store, &records, &mut mismatches).await?;
     let leftover = check::dead_letters(&app).await?;
     for d in &leftover {
         mismatches.add(
@@ -560,9 +594,7 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
         );
     }
     drop(app);
-    let copy_path = cfg.dir.join("rebuild.db");
-    check::copy_sqlite(&store_path, &copy_path)?;
-    let copy_url = format!("sqlite://{}", copy_path.display());
+    let copy_url = store.copy_for_rebuild(&cfg.dir).await?;
     let live =
         check::check_read_models(&cfg.tektree, &store_url, &copy_url, &mut mismatches).await?;
     let oracle = oracle::check(&records, &live, &mut mismatches);
@@ -570,12 +602,11 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
         "oracle: {} content rows, {} users ({} with XP not stated exactly), {} tag boards compared",
         oracle.content, oracle.users, oracle.inexact_users, oracle.tag_boards
     ));
-    tokio::task::spawn_blocking(move || {
-        let mut s = server.lock().expect("server");
-        match &mut *s {
-            BusServer::Redis(r) => r.stop(tektree_outbox::test_support::Stop::Term),
-            BusServer::Nats(n) => n.stop(tektree_outbox::test_support::Stop::Term),
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        for s in std::iter::once(&servers.bus).chain(servers.store.as_ref()) {
+            s.lock().expect("server").stop(Stop::Term)?;
         }
+        Ok(())
     })
     .await??;
 
@@ -598,6 +629,8 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
     }
     let report = RunReport {
         bus: cfg.bus,
+        store: cfg.store.name(),
+        processes: (cfg.apis.max(1), cfg.relays.max(1)),
         commands: stats.sent,
         ok: stats.ok,
         refused,

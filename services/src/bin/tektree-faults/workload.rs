@@ -469,7 +469,9 @@ pub struct Stats {
 /// The workload: world, records, counters, HTTP client.
 pub struct Workload {
     http: reqwest::Client,
-    base: String,
+    bases: Vec<String>,
+    /// Requests sent (picks the API of the next one, round robin).
+    sends: AtomicU64,
     key: EncodingKey,
     world: Mutex<World>,
     records: Mutex<Vec<Record>>,
@@ -490,10 +492,11 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// A workload against the API at `base` (`http://127.0.0.1:PORT`) signing tokens with the
-    /// HS256 `secret`, starting at most `rate` commands per second over all clients (0: no
-    /// limit).
-    pub fn new(base: String, secret: &str, rate: f64) -> anyhow::Result<Workload> {
+    /// A workload against the APIs at `bases` (`http://127.0.0.1:PORT`; each request, retries
+    /// included, goes to the next one, round robin) signing tokens with the HS256 `secret`,
+    /// starting at most `rate` commands per second over all clients (0: no limit).
+    pub fn new(bases: Vec<String>, secret: &str, rate: f64) -> anyhow::Result<Workload> {
+        anyhow::ensure!(!bases.is_empty(), "no API to send to");
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(REQUEST_TIMEOUT)
@@ -502,7 +505,8 @@ impl Workload {
             .build()?;
         Ok(Workload {
             http,
-            base,
+            bases,
+            sends: AtomicU64::new(0),
             key: EncodingKey::from_secret(secret.as_bytes()),
             world: Mutex::new(World::default()),
             records: Mutex::new(Vec::new()),
@@ -517,20 +521,29 @@ impl Workload {
         })
     }
 
-    /// Waits until `GET /healthz` answers 200 (up to `timeout`).
+    /// Waits until `GET /healthz` answers 200 on every API (up to `timeout` in all).
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/healthz", self.base)).send().await {
-                if r.status().is_success() {
-                    return Ok(());
+        for base in &self.bases {
+            loop {
+                if let Ok(r) = self.http.get(format!("{base}/healthz")).send().await {
+                    if r.status().is_success() {
+                        break;
+                    }
                 }
+                if Instant::now() >= deadline {
+                    anyhow::bail!("the API at {base} did not become healthy");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            if Instant::now() >= deadline {
-                anyhow::bail!("the API at {} did not become healthy", self.base);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        Ok(())
+    }
+
+    /// The API of the next request.
+    fn base(&self) -> &str {
+        let n = self.sends.fetch_add(1, Ordering::Relaxed) as usize;
+        &self.bases[n % self.bases.len()]
     }
 
     /// The warm-up, sequential: registers 3 hot and `base_users` ordinary users, the 3 hot
@@ -681,7 +694,7 @@ impl Workload {
             }
             let answer = self
                 .http
-                .post(format!("{}{}", self.base, p.path))
+                .post(format!("{}{}", self.base(), p.path))
                 .bearer_auth(self.token(p.actor))
                 .header("X-User-Id", p.actor.to_string())
                 .header("Idempotency-Key", &idempotency_key)
