@@ -14,7 +14,8 @@ fn quick_run_prints_one_json_line_per_scenario() {
         .arg("--quick")
         .arg("--workdir")
         .arg(dir.path())
-        // The MongoDB line must be the documented skip, whatever the environment.
+        // The MongoDB rows run on a SecantusDB server the bench starts itself (scripts/test
+        // installs it), whatever the environment names.
         .env_remove("MONGODB_URI")
         .output()
         .expect("running tektree-bench");
@@ -99,10 +100,28 @@ fn quick_run_prints_one_json_line_per_scenario() {
             .unwrap_or_default();
         seen.insert(format!("{s}:{what}"));
     }
+    // The MongoDB rows are measured, never skipped, and name their server.
+    for s in ["append_mongodb", "relay_mongodb", "projection_mongodb"] {
+        let measured: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["scenario"] == s && l.get("skipped").is_none())
+            .collect();
+        assert!(!measured.is_empty(), "no measured {s} line in:\n{stdout}");
+        for l in measured {
+            assert!(
+                l["server"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with("SecantusDB")),
+                "{l}"
+            );
+        }
+    }
     for s in [
         "append",
         "append_paced",
         "append_mongodb",
+        "relay_mongodb",
+        "projection_mongodb",
         "policy",
         "relay",
         "projection",

@@ -16,8 +16,9 @@
 //! against a `tektree serve` child, with its RSS), `lag` (commit → visible in each read model at a fixed offered rate, in-process with the
 //! whole pipeline running), `growth` (append on an empty store and on a large one), `peers`
 //! (the append workload through cqrs-es with sqlite-es and postgres-es, a separate crate in
-//! `services/bench-peers` run as a child process; skipped with `--quick`); `mongodb` runs
-//! the append scenario on MongoDB when `MONGODB_URI` is set.
+//! `services/bench-peers` run as a child process; skipped with `--quick`); `mongodb`
+//! (`append_mongodb`, `relay_mongodb` to Redis Streams and `projection_mongodb`, module
+//! `mongo`, on the replica set named by `MONGODB_URI` or else on a throwaway SecantusDB).
 //!
 //! Progress goes to stderr; stdout holds only the JSON lines.
 
@@ -29,6 +30,7 @@ mod http;
 mod lag;
 mod limits;
 mod machine;
+mod mongo;
 mod peers;
 mod projection;
 mod queries;
@@ -130,6 +132,14 @@ struct Cli {
     /// Commands of the lag scenario per run (default 20,000; 100 with --quick).
     #[arg(long)]
     lag_commands: Option<u64>,
+    /// Commands of each `append_mongodb` run (16 clients), whose outbox `relay_mongodb` then
+    /// publishes (default 2,000; 40 with --quick).
+    #[arg(long)]
+    mongodb_commands: Option<u64>,
+    /// Stored events of the corpus each `projection_mongodb` run applies (default 5,000; 300
+    /// with --quick).
+    #[arg(long)]
+    mongodb_events: Option<u64>,
     /// Seed of the workloads.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -157,6 +167,8 @@ struct Sizes {
     fsync_samples: usize,
     lag_rate: f64,
     lag_commands: u64,
+    mongodb_commands: u64,
+    mongodb_events: u64,
 }
 
 impl Sizes {
@@ -197,6 +209,8 @@ impl Sizes {
                 .unwrap_or(if q { 200.0 } else { 10_000.0 })
                 .max(1.0),
             lag_commands: cli.lag_commands.unwrap_or(if q { 100 } else { 20_000 }),
+            mongodb_commands: cli.mongodb_commands.unwrap_or(if q { 40 } else { 2_000 }),
+            mongodb_events: cli.mongodb_events.unwrap_or(if q { 300 } else { 5_000 }),
         }
     }
 }
@@ -542,44 +556,40 @@ async fn scenario_lag(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) -> Re
     Ok(())
 }
 
-/// `mongodb://host/…?…` with the database `db` in place of the given one.
-fn mongo_url_with_db(uri: &str, db: &str) -> String {
-    let (scheme, rest) = uri.split_once("://").unwrap_or(("mongodb", uri));
-    let (hosts_path, query) = match rest.split_once('?') {
-        Some((a, q)) => (a, Some(q)),
-        None => (rest, None),
-    };
-    let hosts = hosts_path.split('/').next().unwrap_or(hosts_path);
-    match query {
-        Some(q) => format!("{scheme}://{hosts}/{db}?{q}"),
-        None => format!("{scheme}://{hosts}/{db}"),
-    }
-}
-
-/// The append scenario on MongoDB (16 clients), when `MONGODB_URI` is set.
-async fn scenario_mongodb(out: &mut Out, sizes: &Sizes, seed: u64) -> Result<()> {
-    let Some(uri) = std::env::var("MONGODB_URI").ok().filter(|u| !u.is_empty()) else {
-        out.skipped("append_mongodb", "MONGODB_URI is not set");
+/// The MongoDB rows (module `mongo`): on `MONGODB_URI` or a throwaway SecantusDB, with a
+/// throwaway Redis (or `--redis`) for `relay_mongodb`. Without either server, `skipped` lines
+/// naming how to install SecantusDB.
+async fn scenario_mongodb(out: &mut Out, cli: &Cli, sizes: &Sizes, dir: &Path) -> Result<()> {
+    let Some(dep) = mongo::deployment().await? else {
+        let reason = format!(
+            "MONGODB_URI is not set and secantusd-py is not installed: {}",
+            mongo::INSTALL_HINT
+        );
+        for s in ["append_mongodb", "relay_mongodb", "projection_mongodb"] {
+            out.skipped(s, &reason);
+        }
         return Ok(());
     };
-    let work = workload::generate(seed, sizes.commands);
-    let mut cmds = Vec::new();
-    let mut lat = Latencies::default();
-    let mut n = 0;
-    for run in 0..sizes.runs {
-        let url = mongo_url_with_db(&uri, &format!("tektree_bench_{}_{run}", std::process::id()));
-        let app = App::open(&url, "memory", Rules::default()).await?;
-        let done = append::execute(&app, &work, 16).await?;
-        cmds.push(rate(done.commands, done.elapsed.as_secs_f64()));
-        n = done.commands;
-        lat.extend(done.latencies);
+    let mut servers: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    let redis = server_url(cli.redis.as_deref(), BusKind::Redis, &mut servers).await;
+    if let Err(e) = mongo::append_and_relay(
+        out,
+        &dep,
+        sizes.runs,
+        sizes.mongodb_commands,
+        cli.seed,
+        &redis,
+    )
+    .await
+    {
+        out.error("append_mongodb", &e);
     }
-    let base = with_latencies(
-        json!({"scenario": "append_mongodb", "store": "mongodb", "clients": 16,
-               "unit": "commands/s", "n": n, "note": "databases tektree_bench_<pid>_<run> are left on the server"}),
-        &lat,
-    );
-    out.metric("append_mongodb_c16", base, &cmds);
+    drop(servers);
+    if let Err(e) =
+        mongo::projections(out, &dep, sizes.runs, sizes.mongodb_events, cli.seed, dir).await
+    {
+        out.error("projection_mongodb", &e);
+    }
     Ok(())
 }
 
@@ -645,12 +655,9 @@ async fn scenarios_on_corpus(
             .await;
             match result {
                 Ok(()) => {
-                    let total = (split.read_s + split.publish_s + split.mark_s).max(1e-9);
-                    let share = |x: f64| (x / total * 1000.0).round() / 1000.0;
                     let mut base = json!({"scenario": scenario, "bus": kind.name(),
                         "unit": "events/s", "n": n, "batch": 500,
-                        "time_share": {"read_outbox": share(split.read_s),
-                            "publish": share(split.publish_s), "mark_published": share(split.mark_s)}});
+                        "time_share": split.shares()});
                     if kind == BusKind::Redis {
                         base["target"] = json!(200000);
                     }
@@ -877,17 +884,18 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             out.error("append", &e);
         }
     }
-    if want("mongodb") {
-        if let Err(e) = scenario_mongodb(&mut out, &sizes, cli.seed).await {
-            out.error("append_mongodb", &e);
-        }
-    }
     if ["relay", "projection", "replay", "limits", "growth"]
         .iter()
         .any(|s| want(s))
     {
         if let Err(e) = scenarios_on_corpus(&mut out, &cli, &sizes, &want, &dir).await {
             out.error("corpus", &e);
+        }
+    }
+    // After the SQLite append, relay and projection rows: its ratio lines compare with them.
+    if want("mongodb") {
+        if let Err(e) = scenario_mongodb(&mut out, &cli, &sizes, &dir).await {
+            out.error("append_mongodb", &e);
         }
     }
     if want("queries") {
@@ -1013,19 +1021,5 @@ fn main() -> ExitCode {
             eprintln!("tektree-bench: {e:#}");
             ExitCode::from(2)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mongo_urls_get_the_bench_database() {
-        assert_eq!(
-            mongo_url_with_db("mongodb://localhost:27017/?replicaSet=rs0", "b"),
-            "mongodb://localhost:27017/b?replicaSet=rs0"
-        );
-        assert_eq!(mongo_url_with_db("mongodb://h/prod", "b"), "mongodb://h/b");
     }
 }

@@ -2,7 +2,8 @@
 //! one projection's consumer group the way a worker does it — `next_batch` of the workers'
 //! default 256, `worker::process` (change function + one guarded read-model transaction with
 //! `synchronous=FULL`), acknowledge — into a fresh SQLite read-model file, until every event
-//! is applied.
+//! is applied. [`run_into`] does the same into any read-model store (the MongoDB row,
+//! `crate::mongo`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use tektree_domain::EventEnvelope;
 use tektree_outbox::{Bus, MemoryBus, SubscriptionOptions};
-use tektree_projections::SqliteReadModels;
+use tektree_projections::{ReadModelStore, SqliteReadModels};
 use tektree_services::app::App;
 use tektree_services::worker::{self, Consumer, Processed, WorkerConfig};
 
@@ -30,12 +31,32 @@ pub async fn run_once(
 ) -> Result<(u64, f64)> {
     let path = dir.join(format!("projection-{name}.db"));
     remove_db(&path);
+    let read_models = Arc::new(SqliteReadModels::open(&path)?);
+    let applied = run_into(app, events, name, read_models).await;
+    remove_db(&path);
+    applied
+}
+
+/// Applies `events` to projection `name` in `read_models` (empty, or at least without this
+/// projection's checkpoint) as the worker does; `(events, seconds)` of the consuming part
+/// (publishing to the in-process bus is not timed). `app` provides everything but the read
+/// models and the bus. Any store: the SQLite file of [`run_once`] or a MongoDB database
+/// (`crate::mongo`).
+///
+/// # Errors
+/// Read-model or bus failures, or an event the worker would not acknowledge.
+pub async fn run_into(
+    app: &App,
+    events: &[EventEnvelope],
+    name: &'static str,
+    read_models: Arc<dyn ReadModelStore>,
+) -> Result<(u64, f64)> {
     let bus = Arc::new(MemoryBus::new());
     for chunk in events.chunks(1000) {
         bus.publish(chunk).await?;
     }
     let app = App {
-        read_models: Arc::new(SqliteReadModels::open(&path)?),
+        read_models,
         bus: bus.clone(),
         ..app.clone()
     };
@@ -66,10 +87,7 @@ pub async fn run_once(
         done += ack.len() as u64;
         sub.ack(&ack).await?;
     }
-    let secs = started.elapsed().as_secs_f64();
-    drop(app);
-    remove_db(&path);
-    Ok((done, secs))
+    Ok((done, started.elapsed().as_secs_f64()))
 }
 
 /// Events/s of decoding and the change function alone (no store), for the same events: how

@@ -1,12 +1,14 @@
 //! Scenario 2, **relay**: the corpus's outbox published to Redis Streams and to NATS JetStream
 //! by `relay_once` rounds of the relay's default batch (500), each round publishing and then
 //! marking its records in the SQLite store (`synchronous=FULL`), until the outbox is empty.
+//! [`relay_all`] does the same for any store (the MongoDB row, `crate::mongo`).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use serde_json::{json, Value};
 use tektree_event_store::{EventStore, SqliteStore};
 use tektree_outbox::relay::relay_once;
 use tektree_outbox::test_support::{unique_nats_names, unique_stream_key};
@@ -48,7 +50,27 @@ pub async fn run_once(
 ) -> Result<(u64, f64, Split)> {
     let copy = dir.join(format!("relay-{}.db", kind.name()));
     copy_db(corpus, &copy)?;
-    let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(&copy)?);
+    let store = SqliteStore::open(&copy)?;
+    let relayed = relay_all(&store, kind, url, breakdown).await;
+    drop(store);
+    remove_db(&copy);
+    relayed
+}
+
+/// Relays everything pending in `store`'s outbox to a fresh stream on the bus at `url`, in
+/// rounds of the relay's default batch until the outbox is empty, then deletes the stream;
+/// `(events, seconds, split)`. With `breakdown`, the rounds are `relay_once`'s steps timed
+/// one by one (the split is empty otherwise). Any store: the SQLite copy of [`run_once`] or
+/// the MongoDB store the `append_mongodb` runs filled.
+///
+/// # Errors
+/// Store or bus failures.
+pub async fn relay_all(
+    store: &dyn EventStore,
+    kind: BusKind,
+    url: &str,
+    breakdown: bool,
+) -> Result<(u64, f64, Split)> {
     let (bus, cleanup): (Arc<dyn Bus>, Cleanup) = match kind {
         BusKind::Redis => {
             let key = format!("tektree-bench:{}", unique_stream_key());
@@ -68,9 +90,9 @@ pub async fn run_once(
     let mut split = Split::default();
     loop {
         let n = if breakdown {
-            split.round(store.as_ref(), bus.as_ref(), batch).await?
+            split.round(store, bus.as_ref(), batch).await?
         } else {
-            relay_once(store.as_ref(), bus.as_ref(), batch)
+            relay_once(store, bus.as_ref(), batch)
                 .await
                 .context("relay round")?
         };
@@ -81,9 +103,7 @@ pub async fn run_once(
     }
     let secs = started.elapsed().as_secs_f64();
     drop(bus);
-    drop(store);
     cleanup.run(url).await;
-    remove_db(&copy);
     Ok((count, secs, split))
 }
 
@@ -100,6 +120,28 @@ pub struct Split {
 }
 
 impl Split {
+    /// Adds `other`'s times to these.
+    pub fn add(&mut self, other: &Split) {
+        self.read_s += other.read_s;
+        self.publish_s += other.publish_s;
+        self.mark_s += other.mark_s;
+    }
+
+    /// Each step's share of their total, to three decimals: `{"read_outbox", "publish",
+    /// "mark_published"}` (all 0 when nothing was timed).
+    pub fn shares(&self) -> Value {
+        let total = self.read_s + self.publish_s + self.mark_s;
+        let share = |x: f64| {
+            if total > 0.0 {
+                (x / total * 1000.0).round() / 1000.0
+            } else {
+                0.0
+            }
+        };
+        json!({"read_outbox": share(self.read_s), "publish": share(self.publish_s),
+            "mark_published": share(self.mark_s)})
+    }
+
     async fn round(
         &mut self,
         store: &dyn EventStore,
@@ -152,5 +194,32 @@ impl Cleanup {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_add_up_and_survive_an_empty_split() {
+        let mut s = Split {
+            read_s: 1.0,
+            publish_s: 2.0,
+            mark_s: 1.0,
+        };
+        s.add(&Split {
+            read_s: 1.0,
+            publish_s: 0.0,
+            mark_s: 3.0,
+        });
+        assert_eq!(
+            s.shares(),
+            json!({"read_outbox": 0.25, "publish": 0.25, "mark_published": 0.5})
+        );
+        assert_eq!(
+            Split::default().shares(),
+            json!({"read_outbox": 0.0, "publish": 0.0, "mark_published": 0.0})
+        );
     }
 }
