@@ -141,14 +141,166 @@ pub trait ReadModelStore: Send + Sync + 'static {
     /// Content row of one question or answer.
     async fn content(&self, content_id: Uuid) -> Result<Option<ContentRow>, ReadModelError>;
 
-    /// Up to `limit` rows of `model` after `offset` in a stable key order, as JSON objects with
-    /// the HTTP field names (for `tektree export`).
+    /// Up to `limit` rows of `model` that follow `after` in the model's export order (from the
+    /// first row when `after` is `None`), as JSON objects with the HTTP field names (for
+    /// `tektree export`).
+    ///
+    /// **Keyset paging**: pass the previous page's [`ExportPage::next`] as `after` until it is
+    /// `None`. A page is an index range read that starts at the cursor's key (no rows are
+    /// skipped, no ranks counted), so a whole export reads each row once where the server stops
+    /// a range read at the limit (SQLite, MongoDB; see the MongoDB adapter for SecantusDB).
+    /// Export order, per model:
+    ///
+    /// | model | order (the cursor's key) |
+    /// |---|---|
+    /// | [`ReadModel::Xp`] | `user_id` |
+    /// | [`ReadModel::Leaderboard`] | `board`, then rank: `xp` descending, `user_id` ascending |
+    /// | [`ReadModel::Quota`] | `user_id`, `period` |
+    /// | [`ReadModel::Content`] | `content_id` |
+    ///
+    /// Ids order as their lower-case hyphenated text (equivalently their bytes, [`Uuid`]'s
+    /// `Ord`). Leaderboard ranks start at 1 on each board and continue from the cursor's rank
+    /// (no counting), so they equal [`rank`](Self::rank) when the board does not change while
+    /// it is exported. Each page is read from one snapshot; pages are not one snapshot
+    /// together: a row keyed by an id (xp, quota, content) is exported exactly once if it
+    /// exists during the whole export (with its values as of its page), whereas a leaderboard
+    /// entry whose XP changes between pages may be missed or exported twice, and the ranks
+    /// that follow may then differ by one from [`rank`](Self::rank).
+    ///
+    /// # Errors
+    /// [`ReadModelError::Invalid`] when `limit` is 0 (a page must make progress) or `after`
+    /// is a cursor of another model; [`ReadModelError::Backend`] when the backend fails.
     async fn export(
         &self,
         model: ReadModel,
-        offset: u64,
+        after: Option<&ExportCursor>,
         limit: u32,
-    ) -> Result<Vec<serde_json::Value>, ReadModelError>;
+    ) -> Result<ExportPage, ReadModelError>;
+}
+
+/// One page of [`ReadModelStore::export`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportPage {
+    /// The page's rows in export order, as JSON objects with the HTTP field names (the
+    /// [`XpRow`], [`LeaderboardRow`], [`QuotaRow`] or [`ContentRow`] serialisation); at most
+    /// the requested `limit`.
+    pub rows: Vec<serde_json::Value>,
+    /// The cursor of the last row, to pass as `after` for the next page; `None` when this is
+    /// the last page (fewer rows than the limit). A full page always has one, so a model whose
+    /// size is a multiple of the limit ends with an empty page.
+    pub next: Option<ExportCursor>,
+}
+
+/// Where an export page ended: the key of its last row in the model's export order (see
+/// [`ReadModelStore::export`]). Opaque: obtained from [`ExportPage::next`] only, valid for the
+/// model it came from on any adapter and any handle (it holds keys, not a server-side
+/// cursor, so it never expires).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportCursor(pub(crate) ExportKey);
+
+/// The key an [`ExportCursor`] holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ExportKey {
+    /// `rm_xp`: the user.
+    Xp { user_id: Uuid },
+    /// `rm_leaderboard`: the entry's board, XP and user, and its rank on the board.
+    Leaderboard {
+        board: String,
+        xp: i64,
+        user_id: Uuid,
+        rank: u64,
+    },
+    /// `rm_quota`: the user and period.
+    Quota { user_id: Uuid, period: String },
+    /// `rm_content`: the content.
+    Content { content_id: Uuid },
+}
+
+impl ExportCursor {
+    /// The read model whose export this cursor continues.
+    pub fn model(&self) -> ReadModel {
+        match self.0 {
+            ExportKey::Xp { .. } => ReadModel::Xp,
+            ExportKey::Leaderboard { .. } => ReadModel::Leaderboard,
+            ExportKey::Quota { .. } => ReadModel::Quota,
+            ExportKey::Content { .. } => ReadModel::Content,
+        }
+    }
+}
+
+/// The argument checks every adapter makes before an export reads: `limit ≥ 1` and a cursor
+/// of `model`. Returns the cursor's key.
+pub(crate) fn check_export(
+    model: ReadModel,
+    after: Option<&ExportCursor>,
+    limit: u32,
+) -> Result<Option<ExportKey>, ReadModelError> {
+    if limit == 0 {
+        return Err(ReadModelError::Invalid(
+            "export limit must be at least 1".into(),
+        ));
+    }
+    match after {
+        Some(c) if c.model() != model => Err(ReadModelError::Invalid(format!(
+            "an export cursor of {:?} cannot continue an export of {model:?}",
+            c.model()
+        ))),
+        other => Ok(other.map(|c| c.0.clone())),
+    }
+}
+
+/// The page of `rows` read with `limit`: their JSON and, when the page is full, the cursor of
+/// the last row (`key` gives a row's key).
+pub(crate) fn export_page<T: serde::Serialize>(
+    rows: Vec<T>,
+    limit: u32,
+    key: impl Fn(&T) -> ExportKey,
+) -> Result<ExportPage, ReadModelError> {
+    let next = if rows.len() >= limit as usize {
+        rows.last().map(|r| ExportCursor(key(r)))
+    } else {
+        None
+    };
+    let rows = rows
+        .into_iter()
+        .map(|r| {
+            serde_json::to_value(r)
+                .map_err(|e| ReadModelError::Backend(format!("export: serialise row: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(ExportPage { rows, next })
+}
+
+impl ExportKey {
+    /// The key of an xp row.
+    pub(crate) fn xp(r: &XpRow) -> Self {
+        ExportKey::Xp { user_id: r.user_id }
+    }
+
+    /// The key of a leaderboard row (with its rank).
+    pub(crate) fn leaderboard(r: &LeaderboardRow) -> Self {
+        ExportKey::Leaderboard {
+            board: r.board.clone(),
+            xp: r.xp,
+            user_id: r.user_id,
+            rank: r.rank,
+        }
+    }
+
+    /// The key of a quota row.
+    pub(crate) fn quota(r: &QuotaRow) -> Self {
+        ExportKey::Quota {
+            user_id: r.user_id,
+            period: r.period.clone(),
+        }
+    }
+
+    /// The key of a content row.
+    pub(crate) fn content(r: &ContentRow) -> Self {
+        ExportKey::Content {
+            content_id: r.content_id,
+        }
+    }
 }
 
 /// Converts a `u64` argument to the backends' signed 64-bit integers.

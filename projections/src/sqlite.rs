@@ -15,9 +15,9 @@ use tektree_domain::{level_for_xp, Tier};
 use uuid::Uuid;
 
 use crate::{
-    check_consumer, check_key, int, ApplyOutcome, Change, Checkpoint, ContentDelta, ContentRow,
-    EventKey, LeaderboardRow, QuotaRow, ReadModel, ReadModelError, ReadModelStore, XpRow,
-    PROJECTIONS,
+    check_consumer, check_export, check_key, export_page, int, ApplyOutcome, Change, Checkpoint,
+    ContentDelta, ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow,
+    QuotaRow, ReadModel, ReadModelError, ReadModelStore, XpRow, PROJECTIONS,
 };
 
 /// How long a statement waits for another connection's lock before failing with
@@ -96,10 +96,42 @@ CREATE TABLE IF NOT EXISTS consumer_applied (
 const SQL_PAGE: &str = "SELECT user_id, xp FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
     WHERE board = ?1 ORDER BY xp DESC, user_id ASC LIMIT ?2 OFFSET ?3";
 
-/// Every board's entries, ordered by board then rank, from the ranking index.
-const SQL_EXPORT_LEADERBOARD: &str = "SELECT board, user_id, xp
+/// Export of the leaderboard from its first entry: boards in name order, each in rank order,
+/// from the ranking index.
+const SQL_EXPORT_BOARDS: &str = "SELECT board, user_id, xp
     FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
-    ORDER BY board, xp DESC, user_id ASC LIMIT ?1 OFFSET ?2";
+    ORDER BY board, xp DESC, user_id ASC LIMIT ?1";
+
+/// Export after the entry `(board ?1, xp ?2, user_id ?3)`, first part: the board's entries
+/// with the same XP and a greater user id (one range of the ranking index).
+const SQL_EXPORT_TIES_AFTER: &str = "SELECT board, user_id, xp
+    FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+    WHERE board = ?1 AND xp = ?2 AND user_id > ?3
+    ORDER BY board, xp DESC, user_id ASC LIMIT ?4";
+
+/// Export after the entry `(board ?1, xp ?2, …)`, second part: the board's entries with less
+/// XP (one range of the ranking index).
+const SQL_EXPORT_BELOW: &str = "SELECT board, user_id, xp
+    FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+    WHERE board = ?1 AND xp < ?2
+    ORDER BY board, xp DESC, user_id ASC LIMIT ?3";
+
+/// Export after the entry `(board ?1, …)`, third part: the boards after it, from their first
+/// entries (one range of the ranking index).
+const SQL_EXPORT_BOARDS_AFTER: &str = "SELECT board, user_id, xp
+    FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+    WHERE board > ?1
+    ORDER BY board, xp DESC, user_id ASC LIMIT ?2";
+
+/// Export of `rm_xp` after user `?1` (`''` from the start: ids are 36-character UUID text),
+/// a range of the primary key.
+const SQL_EXPORT_XP: &str = "SELECT user_id, xp, questions, answers, accepted_answers
+    FROM rm_xp WHERE user_id > ?1 ORDER BY user_id LIMIT ?2";
+
+/// Export of `rm_quota` after `(user ?1, period ?2)` (`('', '')` from the start), a row-value
+/// range of the primary key.
+const SQL_EXPORT_QUOTA: &str = "SELECT user_id, period, tier, used, limit_units, exceeded
+    FROM rm_quota WHERE (user_id, period) > (?1, ?2) ORDER BY user_id, period LIMIT ?3";
 
 /// Entries of a board ahead of `(xp, user_id)`, counted on the ranking index (two range scans).
 const SQL_AHEAD: &str = "SELECT
@@ -217,10 +249,14 @@ const SQL_CONTENT_COLUMNS: &str = "content_id, kind, question_id, author_id, upv
 ///   id), counted with two range scans of the same index, never a scan of other boards.
 /// - [`ReadModelStore::quota`] returns `None` when the user has no row for the period, even if
 ///   `rm_tier` knows their tier (the caller can derive an empty period from its rules).
-/// - [`ReadModelStore::export`] pages each model in key order: `user_id` (xp),
-///   `(board, rank)` (leaderboard), `(user_id, period)` (quota), `content_id` (content).
-/// - Reads that take several statements (rank, export) run in one read transaction, so they
-///   see one snapshot.
+/// - [`ReadModelStore::export`] pages by key (keyset), never by offset: a page is
+///   `WHERE key > cursor ORDER BY key LIMIT n` on the primary key for `user_id` (xp),
+///   `(user_id, period)` (a row-value comparison; quota) and `content_id` (content); a
+///   leaderboard page reads up to three ranges of the ranking index (the cursor's board with
+///   equal XP and a greater user id, then with less XP, then the following boards) and takes
+///   ranks from the cursor, so every page costs its own rows only.
+/// - Reads that take several statements (rank, an export page) run in one read transaction,
+///   so they see one snapshot.
 ///
 /// A consumer's checkpoint only advances over positions it applied, so every consumer must
 /// apply every event (with no changes for the ones it ignores), as [`ReadModelStore::apply`]
@@ -758,72 +794,120 @@ fn ahead(conn: &Connection, board: &str, xp: i64, user_id: &str) -> rusqlite::Re
         .query_row(params![board, xp, user_id], |r| r.get(0))
 }
 
-fn export_rows(
+/// Export of `rm_content` after content `?1` (`''` from the start), a range of the primary
+/// key.
+fn sql_export_content() -> String {
+    format!(
+        "SELECT {SQL_CONTENT_COLUMNS} FROM rm_content WHERE content_id > ?1
+         ORDER BY content_id LIMIT ?2"
+    )
+}
+
+/// One export page of `model` after `after` (a cursor of `model`), in one read transaction.
+fn export_page_of(
     conn: &mut Connection,
     model: ReadModel,
-    offset: i64,
-    limit: i64,
-) -> Result<Vec<serde_json::Value>, ReadModelError> {
-    fn json<T: serde::Serialize>(rows: Vec<T>) -> Result<Vec<serde_json::Value>, ReadModelError> {
-        rows.into_iter()
-            .map(|r| serde_json::to_value(r).map_err(backend))
-            .collect()
-    }
+    after: Option<ExportKey>,
+    limit: u32,
+) -> Result<ExportPage, ReadModelError> {
     let tx = conn.transaction().map_err(backend)?;
-    let rows = match model {
-        ReadModel::Xp => json(
-            tx.prepare_cached(
-                "SELECT user_id, xp, questions, answers, accepted_answers FROM rm_xp
-                 ORDER BY user_id LIMIT ?1 OFFSET ?2",
-            )
-            .and_then(|mut s| s.query_map([limit, offset], xp_row)?.collect())
-            .map_err(backend)?,
-        )?,
-        ReadModel::Quota => json(
-            tx.prepare_cached(
-                "SELECT user_id, period, tier, used, limit_units, exceeded FROM rm_quota
-                 ORDER BY user_id, period LIMIT ?1 OFFSET ?2",
-            )
-            .and_then(|mut s| s.query_map([limit, offset], quota_row)?.collect())
-            .map_err(backend)?,
-        )?,
-        ReadModel::Content => json(
-            tx.prepare_cached(&format!(
-                "SELECT {SQL_CONTENT_COLUMNS} FROM rm_content
-                 ORDER BY content_id LIMIT ?1 OFFSET ?2"
-            ))
-            .and_then(|mut s| s.query_map([limit, offset], content_row)?.collect())
-            .map_err(backend)?,
-        )?,
-        ReadModel::Leaderboard => {
-            // Ordered by board, then rank; each board's first rank on the page is counted on
-            // the ranking index, the following ones are consecutive.
-            let page: Vec<(String, String, i64)> = tx
-                .prepare_cached(SQL_EXPORT_LEADERBOARD)
-                .and_then(|mut s| {
-                    s.query_map([limit, offset], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                        .collect()
-                })
+    let n = i64::from(limit);
+    let page = match (model, after) {
+        (ReadModel::Xp, after) => {
+            let user = match after {
+                Some(ExportKey::Xp { user_id }) => user_id.to_string(),
+                _ => String::new(),
+            };
+            let rows = tx
+                .prepare_cached(SQL_EXPORT_XP)
+                .and_then(|mut s| s.query_map(params![user, n], xp_row)?.collect())
                 .map_err(backend)?;
-            let mut rows = Vec::with_capacity(page.len());
-            let mut prev: Option<(String, u64)> = None;
-            for (board, user, xp) in page {
-                let rank = match &prev {
-                    Some((b, r)) if *b == board => r + 1,
-                    _ => ahead(&tx, &board, xp, &user).map_err(backend)? + 1,
-                };
-                rows.push(LeaderboardRow {
-                    board: board.clone(),
-                    rank,
-                    user_id: Uuid::parse_str(&user).map_err(backend)?,
-                    xp,
-                });
-                prev = Some((board, rank));
-            }
-            json(rows)?
+            export_page(rows, limit, ExportKey::xp)?
+        }
+        (ReadModel::Quota, after) => {
+            let (user, period) = match after {
+                Some(ExportKey::Quota { user_id, period }) => (user_id.to_string(), period),
+                _ => (String::new(), String::new()),
+            };
+            let rows = tx
+                .prepare_cached(SQL_EXPORT_QUOTA)
+                .and_then(|mut s| s.query_map(params![user, period, n], quota_row)?.collect())
+                .map_err(backend)?;
+            export_page(rows, limit, ExportKey::quota)?
+        }
+        (ReadModel::Content, after) => {
+            let content = match after {
+                Some(ExportKey::Content { content_id }) => content_id.to_string(),
+                _ => String::new(),
+            };
+            let rows = tx
+                .prepare_cached(&sql_export_content())
+                .and_then(|mut s| s.query_map(params![content, n], content_row)?.collect())
+                .map_err(backend)?;
+            export_page(rows, limit, ExportKey::content)?
+        }
+        (ReadModel::Leaderboard, after) => {
+            let rows = export_leaderboard(&tx, after, n).map_err(backend)?;
+            export_page(rows, limit, ExportKey::leaderboard)?
         }
     };
     tx.finish().map_err(backend)?;
+    Ok(page)
+}
+
+/// Up to `limit` leaderboard entries after `after` (a leaderboard key, or `None` from the
+/// start) in export order, each a range of the ranking index: the cursor's board with equal XP
+/// and a greater user id, then with less XP, then the following boards. Ranks continue from
+/// the cursor's and restart at 1 on each new board; nothing is counted.
+fn export_leaderboard(
+    tx: &Transaction<'_>,
+    after: Option<ExportKey>,
+    limit: i64,
+) -> rusqlite::Result<Vec<LeaderboardRow>> {
+    type Entry = (String, Uuid, i64);
+    let read = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<Vec<Entry>> {
+        tx.prepare_cached(sql)?
+            .query_map(p, |r| Ok((r.get(0)?, uuid_at(r, 1)?, r.get(2)?)))?
+            .collect()
+    };
+    let mut entries: Vec<Entry>;
+    let mut prev: Option<(String, u64)> = None;
+    match after {
+        Some(ExportKey::Leaderboard {
+            board,
+            xp,
+            user_id,
+            rank,
+        }) => {
+            let user = user_id.to_string();
+            entries = read(SQL_EXPORT_TIES_AFTER, &[&board, &xp, &user, &limit])?;
+            let left = |e: &Vec<Entry>| limit - e.len() as i64;
+            if left(&entries) > 0 {
+                let more = read(SQL_EXPORT_BELOW, &[&board, &xp, &left(&entries)])?;
+                entries.extend(more);
+            }
+            if left(&entries) > 0 {
+                let more = read(SQL_EXPORT_BOARDS_AFTER, &[&board, &left(&entries)])?;
+                entries.extend(more);
+            }
+            prev = Some((board, rank));
+        }
+        _ => entries = read(SQL_EXPORT_BOARDS, &[&limit])?,
+    }
+    let mut rows = Vec::with_capacity(entries.len());
+    for (board, user_id, xp) in entries {
+        let rank = match &prev {
+            Some((b, r)) if *b == board => r + 1,
+            _ => 1,
+        };
+        prev = Some((board.clone(), rank));
+        rows.push(LeaderboardRow {
+            board,
+            rank,
+            user_id,
+            xp,
+        });
+    }
     Ok(rows)
 }
 
@@ -1020,14 +1104,12 @@ impl ReadModelStore for SqliteReadModels {
     async fn export(
         &self,
         model: ReadModel,
-        offset: u64,
+        after: Option<&ExportCursor>,
         limit: u32,
-    ) -> Result<Vec<serde_json::Value>, ReadModelError> {
-        let offset = int(offset, "offset")?;
-        self.run(false, move |conn| {
-            export_rows(conn, model, offset, i64::from(limit))
-        })
-        .await
+    ) -> Result<ExportPage, ReadModelError> {
+        let after = check_export(model, after, limit)?;
+        self.run(false, move |conn| export_page_of(conn, model, after, limit))
+            .await
     }
 }
 
@@ -1076,9 +1158,48 @@ mod tests {
                 "{p}"
             );
         }
-        let p = plan(&conn, SQL_EXPORT_LEADERBOARD, 2);
-        assert!(!p.contains("TEMP B-TREE"), "{p}");
-        assert!(p.contains("COVERING INDEX rm_leaderboard_rank"), "{p}");
+        for (sql, n, range) in [
+            (
+                SQL_EXPORT_BOARDS,
+                1,
+                "SCAN rm_leaderboard USING COVERING INDEX",
+            ),
+            (SQL_EXPORT_TIES_AFTER, 4, "(board=? AND xp=? AND user_id>?)"),
+            (SQL_EXPORT_BELOW, 3, "(board=? AND xp<?)"),
+            (SQL_EXPORT_BOARDS_AFTER, 2, "(board>?)"),
+        ] {
+            let p = plan(&conn, sql, n);
+            assert!(!p.contains("TEMP B-TREE"), "{p}");
+            assert!(p.contains("COVERING INDEX rm_leaderboard_rank"), "{p}");
+            assert!(p.contains(range), "{p}");
+        }
+    }
+
+    #[test]
+    fn exports_read_a_primary_key_range_in_key_order() {
+        let (_dir, store) = store();
+        let conn = store.inner.reader.lock().unwrap();
+        for (sql, n, search) in [
+            (
+                SQL_EXPORT_XP.to_string(),
+                2,
+                "SEARCH rm_xp USING PRIMARY KEY (user_id>?)",
+            ),
+            (
+                SQL_EXPORT_QUOTA.to_string(),
+                3,
+                "SEARCH rm_quota USING PRIMARY KEY ((user_id,period)>(?,?))",
+            ),
+            (
+                sql_export_content(),
+                2,
+                "SEARCH rm_content USING PRIMARY KEY (content_id>?)",
+            ),
+        ] {
+            let p = plan(&conn, &sql, n);
+            assert!(!p.contains("TEMP B-TREE"), "{p}");
+            assert_eq!(p, search);
+        }
     }
 
     #[test]

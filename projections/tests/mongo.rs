@@ -2,7 +2,8 @@
 //! `docs/mongodb.md`), checked for equivalence with `SqliteReadModels`: the same sequence of
 //! `apply` calls (shuffled, duplicated, gapped, in random batches) must give the same outcomes,
 //! the same exports of every read model, the same checkpoints and the same point queries; then
-//! reset and rebuild, two concurrent handles, invalid arguments, and index-backed ranking.
+//! reset and rebuild, two concurrent handles, invalid arguments, export pages that end inside
+//! runs of equal XP and between boards, and index-backed ranking and export pages.
 //!
 //! Without `MONGODB_URI` each test starts its own SecantusDB (`secantusd-py`, installed by
 //! `scripts/test`); with neither it fails. Each run uses a fresh database
@@ -18,7 +19,9 @@ use mongodb::bson::{doc, Bson, Document};
 use serde_json::Value;
 use tektree_domain::Tier;
 use tektree_event_store::mongo::ServerBuild;
-use tektree_projections::mongo::{ahead_pipelines, page_query, uuid_bson, LEADERBOARD, RANK_INDEX};
+use tektree_projections::mongo::{
+    ahead_pipelines, export_queries, page_query, uuid_bson, EXPORT_INDEX, LEADERBOARD, RANK_INDEX,
+};
 use tektree_projections::{
     ApplyOutcome, Change, ContentDelta, EventKey, MongoReadModels, ReadModel, ReadModelError,
     ReadModelStore, SqliteReadModels, PROJECTIONS,
@@ -151,13 +154,25 @@ impl Pair {
 
 /// Every row of `model`, in pages of 7.
 async fn export(store: &dyn ReadModelStore, model: ReadModel) -> Vec<Value> {
+    export_in_pages(store, model, 7).await
+}
+
+/// Every row of `model`, in pages of `page`, each page after the previous one's cursor.
+async fn export_in_pages(store: &dyn ReadModelStore, model: ReadModel, page: u32) -> Vec<Value> {
     let mut rows = vec![];
+    let mut after = None;
     loop {
-        let got = store.export(model, rows.len() as u64, 7).await.unwrap();
-        let n = got.len();
-        rows.extend(got);
-        if n < 7 {
-            return rows;
+        let got = store.export(model, after.as_ref(), page).await.unwrap();
+        assert!(got.rows.len() <= page as usize);
+        assert_eq!(
+            got.next.is_some(),
+            got.rows.len() == page as usize,
+            "a cursor exactly when the page is full"
+        );
+        rows.extend(got.rows);
+        match got.next {
+            Some(cursor) => after = Some(cursor),
+            None => return rows,
         }
     }
 }
@@ -385,7 +400,9 @@ async fn mongodb_read_models_match_sqlite() {
         }
         pair.assert_same("after rebuild").await;
 
+        export_pages_continue_across_ties_and_boards(&pair).await;
         ranking_is_answered_from_the_index(&pair.mongo).await;
+        exports_are_answered_from_indexes(&pair.mongo).await;
         two_handles_apply_each_event_exactly_once(&pair.mongo, &uri, &db).await;
     })
     .await;
@@ -425,6 +442,123 @@ async fn invalid_arguments_agree(pair: &Pair) {
         pair.sqlite.leaderboard("all-time", 10, u64::MAX).await,
     ] {
         assert!(matches!(r, Err(ReadModelError::Invalid(_))));
+    }
+}
+
+/// Two boards after every other one (`~` sorts after letters), each with a run of equal XP:
+/// exported in pages of every size from 1 to 9 (so pages end inside each run, at the end of
+/// each board and between them), both stores give the rows and ranks computed here.
+async fn export_pages_continue_across_ties_and_boards(pair: &Pair) {
+    let entries: [(&str, u128, i64); 8] = [
+        ("~a", 7, 5),
+        ("~a", 2, 5),
+        ("~a", 4, 5),
+        ("~a", 1, 2),
+        ("~a", 3, 8),
+        ("~b", 6, 9),
+        ("~b", 5, 4),
+        ("~b", 2, 4),
+    ];
+    let items: Items = entries
+        .iter()
+        .enumerate()
+        .map(|(i, &(b, u, xp))| {
+            (
+                EventKey {
+                    aggregate_type: "profile".into(),
+                    aggregate_id: Uuid::from_u128(0x7000 + i as u128),
+                    sequence: 1,
+                    position: i as u64 + 1,
+                },
+                vec![Change::Leaderboard {
+                    board: b.into(),
+                    user_id: user(u),
+                    xp,
+                }],
+            )
+        })
+        .collect();
+    let out = pair.apply("leaderboard.pages", &items).await;
+    assert!(out.iter().all(|o| *o == ApplyOutcome::Applied));
+    let mut sorted = entries.to_vec();
+    sorted.sort_by_key(|&(b, u, xp)| (b, std::cmp::Reverse(xp), user(u)));
+    let mut expected = vec![];
+    for (i, &(b, u, xp)) in sorted.iter().enumerate() {
+        let rank = 1 + sorted[..i].iter().filter(|e| e.0 == b).count();
+        expected.push(serde_json::json!({"board": b, "rank": rank, "user_id": user(u), "xp": xp}));
+    }
+    let whole = export_in_pages(&pair.sqlite, ReadModel::Leaderboard, 10_000).await;
+    assert_eq!(
+        whole[whole.len() - expected.len()..],
+        expected[..],
+        "the two boards come last, ranked"
+    );
+    for page in 1..=9 {
+        for store in [&pair.mongo as &dyn ReadModelStore, &pair.sqlite] {
+            let rows = export_in_pages(store, ReadModel::Leaderboard, page).await;
+            assert_eq!(rows, whole, "pages of {page}");
+        }
+    }
+    // A cursor continues only its own model's export.
+    let page = pair
+        .mongo
+        .export(ReadModel::Leaderboard, None, 1)
+        .await
+        .unwrap();
+    let cursor = page.next.expect("a full page has a cursor");
+    for r in [
+        pair.mongo.export(ReadModel::Xp, Some(&cursor), 5).await,
+        pair.mongo.export(ReadModel::Leaderboard, None, 0).await,
+    ] {
+        assert!(matches!(r, Err(ReadModelError::Invalid(_))), "{r:?}");
+    }
+}
+
+/// Every range read of an export page, from the start and after a cursor from the middle of
+/// each model, is answered from an index of its collection: no collection scan (and, on
+/// mongod, no in-memory sort).
+async fn exports_are_answered_from_indexes(mongo: &MongoReadModels) {
+    let build = ServerBuild::of(mongo.database().client())
+        .await
+        .expect("buildInfo");
+    for (model, allowed) in [
+        (ReadModel::Xp, &[EXPORT_INDEX, "_id_"][..]),
+        (ReadModel::Content, &[EXPORT_INDEX, "_id_"][..]),
+        (ReadModel::Quota, &["user_period"][..]),
+        (ReadModel::Leaderboard, &[RANK_INDEX, "board_user"][..]),
+    ] {
+        let first = mongo.export(model, None, 2).await.unwrap();
+        let cursor = first.next.expect("the model has more than one page of 2");
+        let mut queries = export_queries(model, None).unwrap();
+        queries.extend(export_queries(model, Some(&cursor)).unwrap());
+        for q in queries {
+            let mut command = doc! {
+                "find": q.collection, "filter": q.filter, "sort": q.sort, "limit": 7_i64,
+            };
+            if let Some(p) = q.projection {
+                command.insert("projection", p);
+            }
+            let reply = mongo
+                .database()
+                .run_command(doc! { "explain": command.clone(), "verbosity": "queryPlanner" })
+                .await
+                .expect("explain");
+            let (stages, indexes) = plan_of(&reply);
+            assert!(
+                !stages.iter().any(|s| s == "COLLSCAN"),
+                "{build}: {command}: {stages:?}"
+            );
+            assert!(
+                !indexes.is_empty() && indexes.iter().all(|i| allowed.contains(&i.as_str())),
+                "{build}: {command}: {indexes:?}"
+            );
+            if build.is_mongod() {
+                assert!(
+                    !stages.iter().any(|s| s == "SORT"),
+                    "{build}: {command}: {stages:?}"
+                );
+            }
+        }
     }
 }
 

@@ -14,8 +14,9 @@ use tektree_domain::{
     level_for_xp, Actor, Event, EventEnvelope, EventMetadata, NewEvent, Tier, VoteDirection,
 };
 use tektree_projections::{
-    project, ApplyOutcome, Change, Checkpoint, ContentDelta, ContentRow, EventKey, LeaderboardRow,
-    QuotaRow, ReadModel, ReadModelError, ReadModelStore, SqliteReadModels, XpRow, PROJECTIONS,
+    project, ApplyOutcome, Change, Checkpoint, ContentDelta, ContentRow, EventKey, ExportPage,
+    LeaderboardRow, QuotaRow, ReadModel, ReadModelError, ReadModelStore, SqliteReadModels, XpRow,
+    PROJECTIONS,
 };
 use uuid::Uuid;
 
@@ -63,15 +64,25 @@ fn board(board: &str, user_id: Uuid, xp: i64) -> Change {
     }
 }
 
-/// Every row of `model`, read in pages of `page`.
+/// Every row of `model`, read in pages of `page`, each page after the previous one's cursor.
 async fn export_all(store: &SqliteReadModels, model: ReadModel, page: u32) -> Vec<Value> {
     let mut rows = vec![];
+    let mut after = None;
     loop {
-        let got = store.export(model, rows.len() as u64, page).await.unwrap();
-        let n = got.len();
-        rows.extend(got);
-        if n < page as usize {
-            return rows;
+        let got = store.export(model, after.as_ref(), page).await.unwrap();
+        assert!(got.rows.len() <= page as usize);
+        assert_eq!(
+            got.next.is_some(),
+            got.rows.len() == page as usize,
+            "a cursor exactly when the page is full"
+        );
+        rows.extend(got.rows);
+        match got.next {
+            Some(cursor) => {
+                assert_eq!(cursor.model(), model);
+                after = Some(cursor);
+            }
+            None => return rows,
         }
     }
 }
@@ -372,18 +383,98 @@ async fn leaderboard_pages_and_ranks_order_by_xp_then_user_id() {
         store.rank("tag:go", user(9)).await.unwrap().unwrap().rank,
         6
     );
-    // Export: boards in name order, then rank, with the HTTP field names.
-    let exported = export_all(&store, ReadModel::Leaderboard, 4).await;
-    assert_eq!(exported.len(), 12);
+    // Export: boards in name order, then rank, with the HTTP field names; the same in pages
+    // of every size, so that some page ends inside a run of equal XP (tag:go has 990, 990
+    // and 950, 950; tag:rust 50, 50 and 10, 10) and some exactly at the end of a board.
+    let mut go: Vec<(Uuid, i64)> = entries.iter().map(|&(u, x)| (user(u), 1000 - x)).collect();
+    go.sort_by_key(|&(u, x)| (std::cmp::Reverse(x), u));
+    let mut expected: Vec<Value> = go
+        .iter()
+        .enumerate()
+        .map(|(i, &(u, x))| json!({"board": "tag:go", "rank": i + 1, "user_id": u, "xp": x}))
+        .collect();
+    expected.extend(all.iter().map(|r| serde_json::to_value(r).unwrap()));
     assert_eq!(
-        exported[0],
+        expected[0],
         json!({"board": "tag:go", "rank": 1, "user_id": user(3), "xp": 1004})
     );
-    let rust: Vec<Value> = all
-        .iter()
-        .map(|r| serde_json::to_value(r).unwrap())
-        .collect();
-    assert_eq!(exported[6..].to_vec(), rust);
+    for page in 1..=13 {
+        assert_eq!(
+            export_all(&store, ReadModel::Leaderboard, page).await,
+            expected,
+            "pages of {page}"
+        );
+    }
+}
+
+/// Keyset pages of every size give the rows an independent fold gives, in key order: quota
+/// pages end between two periods of one user and between two users.
+#[tokio::test]
+async fn exports_in_pages_of_every_size_equal_the_rows_in_key_order() {
+    let (_dir, store) = open();
+    let periods = ["2024-04", "2024-05", "2024-06"];
+    let mut items = vec![];
+    let (mut xp_rows, mut quota_rows, mut content_rows) = (vec![], vec![], vec![]);
+    for (u, n) in [(9u128, 2), (3, 3), (6, 1)] {
+        let mut changes = vec![xp(user(u), u as i64)];
+        for (i, period) in periods.iter().enumerate().take(n) {
+            changes.push(Change::Usage {
+                user_id: user(u),
+                period: period.to_string(),
+                tier: Tier::Pro,
+                used: i as u64,
+                limit: Some(1000),
+            });
+            quota_rows.push(json!({"user_id": user(u), "period": period, "tier": "pro",
+                "used": i, "limit": 1000, "exceeded": false}));
+        }
+        changes.push(Change::Content(ContentDelta {
+            content_id: user(0x100 + u),
+            upvotes: 1,
+            ..Default::default()
+        }));
+        content_rows.push(json!({"content_id": user(0x100 + u), "kind": null,
+            "question_id": null, "author_id": null, "score": 1, "upvotes": 1, "downvotes": 0,
+            "answer_count": 0, "comment_count": 0, "accepted_answer_id": null}));
+        xp_rows.push(
+            json!({"user_id": user(u), "xp": u, "level": 1, "questions": 0,
+            "answers": 0, "accepted_answers": 0}),
+        );
+        items.push((key("profile", user(u), 1, items.len() as u64 + 1), changes));
+    }
+    store.apply("all", &items).await.unwrap();
+    let key_of = |v: &Value, f: &str| v[f].as_str().unwrap().to_string();
+    xp_rows.sort_by_key(|r| key_of(r, "user_id"));
+    content_rows.sort_by_key(|r| key_of(r, "content_id"));
+    quota_rows.sort_by_key(|r| (key_of(r, "user_id"), key_of(r, "period")));
+    let first = store.export(ReadModel::Content, None, 1).await.unwrap();
+    assert_eq!(first.rows, content_rows[..1]);
+    let cursor = first.next.expect("a full page has a cursor");
+    let rest = store
+        .export(ReadModel::Content, Some(&cursor), 10)
+        .await
+        .unwrap();
+    assert_eq!((rest.rows, rest.next), (content_rows[1..].to_vec(), None));
+    // A page must make progress, and a cursor only continues its own model.
+    for r in [
+        store.export(ReadModel::Content, None, 0).await,
+        store.export(ReadModel::Xp, Some(&cursor), 10).await,
+    ] {
+        assert!(matches!(r, Err(ReadModelError::Invalid(_))), "{r:?}");
+    }
+    for page in 1..=7 {
+        for (model, expected) in [
+            (ReadModel::Xp, &xp_rows),
+            (ReadModel::Quota, &quota_rows),
+            (ReadModel::Content, &content_rows),
+        ] {
+            assert_eq!(
+                &export_all(&store, model, page).await,
+                expected,
+                "{model:?} in pages of {page}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -477,26 +568,29 @@ async fn queries_return_the_http_rows() {
     assert_eq!(store.quota(a, "2024-06").await.unwrap(), None);
 
     assert_eq!(
-        store.export(ReadModel::Xp, 0, 10).await.unwrap(),
-        vec![
-            json!({"user_id": a, "xp": 450, "level": 3, "questions": 1, "answers": 2,
-                    "accepted_answers": 1})
-        ]
+        store.export(ReadModel::Xp, None, 10).await.unwrap(),
+        ExportPage {
+            rows: vec![
+                json!({"user_id": a, "xp": 450, "level": 3, "questions": 1, "answers": 2,
+                        "accepted_answers": 1})
+            ],
+            next: None,
+        }
     );
     assert_eq!(
-        store.export(ReadModel::Quota, 0, 10).await.unwrap(),
+        store.export(ReadModel::Quota, None, 10).await.unwrap().rows,
         vec![
             json!({"user_id": a, "period": "2024-05", "tier": "enterprise", "used": 7,
                     "limit": null, "exceeded": false})
         ]
     );
-    let content = store.export(ReadModel::Content, 0, 10).await.unwrap();
+    let content = store
+        .export(ReadModel::Content, None, 10)
+        .await
+        .unwrap()
+        .rows;
     assert_eq!(content[0], serde_json::to_value(&question).unwrap());
     assert_eq!(content[1]["kind"], json!("answer"));
-    assert_eq!(
-        store.export(ReadModel::Content, 1, 10).await.unwrap().len(),
-        1
-    );
 }
 
 #[tokio::test]

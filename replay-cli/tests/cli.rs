@@ -36,7 +36,7 @@ async fn exports(app: &App) -> Vec<Vec<serde_json::Value>> {
         ReadModel::Quota,
         ReadModel::Content,
     ] {
-        all.push(app.read_models.export(m, 0, 10_000).await.unwrap());
+        all.push(app.read_models.export(m, None, 10_000).await.unwrap().rows);
     }
     all
 }

@@ -35,6 +35,10 @@ pub enum ExportError {
     /// Writing the output failed.
     #[error("write: {0}")]
     Io(#[from] std::io::Error),
+    /// The read-model store returned the cursor it was given (a bug in its adapter): the
+    /// export stops instead of paging forever.
+    #[error("export cursor did not advance past {0}")]
+    Stuck(String),
 }
 
 /// CSV columns of each read model, in output order (the HTTP field names).
@@ -78,8 +82,9 @@ fn csv_field(v: Option<&serde_json::Value>) -> String {
     }
 }
 
-/// Writes every row of `model` to `out` in pages of 1,000 (constant memory). Returns the number
-/// of rows written.
+/// Writes every row of `model` to `out` in pages of 1,000 (constant memory), each page read
+/// after the previous one's cursor ([`ReadModelStore::export`]: keyset paging, so a whole
+/// export reads each row once). Returns the number of rows written.
 ///
 /// # Errors
 /// [`ExportError`] on read or write failure.
@@ -93,14 +98,12 @@ pub async fn export(
     if format == Format::Csv {
         writeln!(out, "{}", cols.join(","))?;
     }
-    let mut offset = 0u64;
+    let mut written = 0u64;
+    let mut after = None;
     loop {
-        let page = read_models.export(model, offset, 1000).await?;
-        if page.is_empty() {
-            break;
-        }
-        offset += page.len() as u64;
-        for row in &page {
+        let page = read_models.export(model, after.as_ref(), 1000).await?;
+        written += page.rows.len() as u64;
+        for row in &page.rows {
             match format {
                 Format::Jsonl => writeln!(out, "{row}")?,
                 Format::Csv => {
@@ -109,9 +112,17 @@ pub async fn export(
                 }
             }
         }
+        match page.next {
+            // A cursor that does not move would page forever: an adapter bug, said loudly.
+            Some(next) if after.as_ref() == Some(&next) => {
+                return Err(ExportError::Stuck(format!("{next:?}")))
+            }
+            Some(next) => after = Some(next),
+            None => break,
+        }
     }
     out.flush()?;
-    Ok(offset)
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ async fn exports(app: &App) -> Vec<Vec<serde_json::Value>> {
         ReadModel::Quota,
         ReadModel::Content,
     ] {
-        all.push(app.read_models.export(m, 0, 100_000).await.unwrap());
+        all.push(app.read_models.export(m, None, 100_000).await.unwrap().rows);
     }
     all
 }

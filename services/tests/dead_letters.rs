@@ -144,7 +144,7 @@ async fn scenario(bus: &str) {
         ReadModel::Quota,
         ReadModel::Content,
     ] {
-        live.push(app.read_models.export(m, 0, 10_000).await.unwrap());
+        live.push(app.read_models.export(m, None, 10_000).await.unwrap().rows);
     }
     for p in PROJECTIONS {
         rebuild(app.store.as_ref(), app.read_models.as_ref(), p, |_| {})
@@ -158,7 +158,7 @@ async fn scenario(bus: &str) {
         ReadModel::Quota,
         ReadModel::Content,
     ] {
-        rebuilt.push(app.read_models.export(m, 0, 10_000).await.unwrap());
+        rebuilt.push(app.read_models.export(m, None, 10_000).await.unwrap().rows);
     }
     assert_eq!(live, rebuilt, "{bus}");
 }

@@ -412,9 +412,10 @@ async fn pipeline_and_replay_see_stored_v1_users_as_v2() {
     // (d) A rebuild of `xp` from the store gives the live read model back.
     let live = app
         .read_models
-        .export(ReadModel::Xp, 0, 10_000)
+        .export(ReadModel::Xp, None, 10_000)
         .await
-        .unwrap();
+        .unwrap()
+        .rows;
     assert_eq!(live.len(), v1.len());
     let n = rebuild(app.store.as_ref(), app.read_models.as_ref(), "xp", |_| {})
         .await
@@ -422,9 +423,10 @@ async fn pipeline_and_replay_see_stored_v1_users_as_v2() {
     assert_eq!(n, head.position);
     assert_eq!(
         app.read_models
-            .export(ReadModel::Xp, 0, 10_000)
+            .export(ReadModel::Xp, None, 10_000)
             .await
-            .unwrap(),
+            .unwrap()
+            .rows,
         live
     );
 }

@@ -632,15 +632,17 @@ pub async fn exports(
     let mut exports = BTreeMap::new();
     for (name, model) in MODELS {
         let mut rows = vec![];
+        let mut after = None;
         loop {
             let page = rm
-                .export(model, rows.len() as u64, 1000)
+                .export(model, after.as_ref(), 1000)
                 .await
                 .map_err(|e| e.to_string())?;
-            if page.is_empty() {
-                break;
+            rows.extend(page.rows);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
             }
-            rows.extend(page);
         }
         exports.insert(name, rows);
     }
