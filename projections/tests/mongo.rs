@@ -11,11 +11,14 @@
 
 #![cfg(feature = "mongodb")]
 
+mod paging;
+
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
 use mongodb::bson::{doc, Bson, Document};
+use paging::export_in_pages;
 use serde_json::Value;
 use tektree_domain::Tier;
 use tektree_event_store::mongo::ServerBuild;
@@ -155,26 +158,6 @@ impl Pair {
 /// Every row of `model`, in pages of 7.
 async fn export(store: &dyn ReadModelStore, model: ReadModel) -> Vec<Value> {
     export_in_pages(store, model, 7).await
-}
-
-/// Every row of `model`, in pages of `page`, each page after the previous one's cursor.
-async fn export_in_pages(store: &dyn ReadModelStore, model: ReadModel, page: u32) -> Vec<Value> {
-    let mut rows = vec![];
-    let mut after = None;
-    loop {
-        let got = store.export(model, after.as_ref(), page).await.unwrap();
-        assert!(got.rows.len() <= page as usize);
-        assert_eq!(
-            got.next.is_some(),
-            got.rows.len() == page as usize,
-            "a cursor exactly when the page is full"
-        );
-        rows.extend(got.rows);
-        match got.next {
-            Some(cursor) => after = Some(cursor),
-            None => return rows,
-        }
-    }
 }
 
 /// One consumer's batch items.
@@ -538,12 +521,7 @@ async fn exports_are_answered_from_indexes(mongo: &MongoReadModels) {
             if let Some(p) = q.projection {
                 command.insert("projection", p);
             }
-            let reply = mongo
-                .database()
-                .run_command(doc! { "explain": command.clone(), "verbosity": "queryPlanner" })
-                .await
-                .expect("explain");
-            let (stages, indexes) = plan_of(&reply);
+            let (stages, indexes) = explain(mongo, &command).await;
             assert!(
                 !stages.iter().any(|s| s == "COLLSCAN"),
                 "{build}: {command}: {stages:?}"
@@ -560,6 +538,16 @@ async fn exports_are_answered_from_indexes(mongo: &MongoReadModels) {
             }
         }
     }
+}
+
+/// Stage and index names of the winning plans of `command`, explained (`queryPlanner`).
+async fn explain(mongo: &MongoReadModels, command: &Document) -> (Vec<String>, Vec<String>) {
+    let reply = mongo
+        .database()
+        .run_command(doc! { "explain": command.clone(), "verbosity": "queryPlanner" })
+        .await
+        .expect("explain");
+    plan_of(&reply)
 }
 
 /// Stage and index names of every winning plan in an explain reply.
@@ -609,12 +597,7 @@ async fn ranking_is_answered_from_the_index(mongo: &MongoReadModels) {
         });
     }
     for command in commands {
-        let reply = mongo
-            .database()
-            .run_command(doc! { "explain": command.clone(), "verbosity": "queryPlanner" })
-            .await
-            .expect("explain");
-        let (stages, indexes) = plan_of(&reply);
+        let (stages, indexes) = explain(mongo, &command).await;
         assert!(
             indexes.iter().any(|i| i == RANK_INDEX),
             "{command}: {indexes:?}"

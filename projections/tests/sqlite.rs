@@ -2,8 +2,11 @@
 //! the low-water checkpoint, leaderboard ordering, reset, and a property test that shuffled,
 //! duplicated and redelivered application equals a reference fold in position order.
 
+mod paging;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use paging::export_in_pages;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use tektree_domain::events::{
@@ -64,34 +67,11 @@ fn board(board: &str, user_id: Uuid, xp: i64) -> Change {
     }
 }
 
-/// Every row of `model`, read in pages of `page`, each page after the previous one's cursor.
-async fn export_all(store: &SqliteReadModels, model: ReadModel, page: u32) -> Vec<Value> {
-    let mut rows = vec![];
-    let mut after = None;
-    loop {
-        let got = store.export(model, after.as_ref(), page).await.unwrap();
-        assert!(got.rows.len() <= page as usize);
-        assert_eq!(
-            got.next.is_some(),
-            got.rows.len() == page as usize,
-            "a cursor exactly when the page is full"
-        );
-        rows.extend(got.rows);
-        match got.next {
-            Some(cursor) => {
-                assert_eq!(cursor.model(), model);
-                after = Some(cursor);
-            }
-            None => return rows,
-        }
-    }
-}
-
 /// Every read model and every checkpoint.
 async fn snapshot(store: &SqliteReadModels) -> (Vec<Vec<Value>>, Vec<Checkpoint>) {
     let mut models = vec![];
     for m in MODELS {
-        models.push(export_all(store, m, 3).await);
+        models.push(export_in_pages(store, m, 3).await);
     }
     (models, store.checkpoints().await.unwrap())
 }
@@ -400,7 +380,7 @@ async fn leaderboard_pages_and_ranks_order_by_xp_then_user_id() {
     );
     for page in 1..=13 {
         assert_eq!(
-            export_all(&store, ReadModel::Leaderboard, page).await,
+            export_in_pages(&store, ReadModel::Leaderboard, page).await,
             expected,
             "pages of {page}"
         );
@@ -469,7 +449,7 @@ async fn exports_in_pages_of_every_size_equal_the_rows_in_key_order() {
             (ReadModel::Content, &content_rows),
         ] {
             assert_eq!(
-                &export_all(&store, model, page).await,
+                &export_in_pages(&store, model, page).await,
                 expected,
                 "{model:?} in pages of {page}"
             );

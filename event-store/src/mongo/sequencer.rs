@@ -307,7 +307,10 @@ impl Inner {
                     // (or any other) materializes it again before reading pending events.
                     return Err(backend(
                         "materialize positions",
-                        format!("batch {}: {missing} {what} left without a position", tip.number),
+                        format!(
+                            "batch {}: {missing} {what} left without a position",
+                            tip.number
+                        ),
                     ));
                 }
             }
@@ -372,18 +375,9 @@ impl Inner {
         let ids: Vec<Bson> = rows.iter().filter_map(|d| d.get("_id").cloned()).collect();
         let mut with_outbox = HashSet::new();
         for chunk in ids.chunks(MATERIALIZE_CHUNK) {
-            let found = collect(
-                self.outbox
-                    .find(doc! { "_id": { "$in": chunk.to_vec() } })
-                    .projection(doc! { "_id": 1 })
-                    .batch_size(MATERIALIZE_CHUNK as u32)
-                    .session(&mut *s)
-                    .await
-                    .map_err(read)?,
-                s,
-            )
-            .await
-            .map_err(read)?;
+            let found = by_ids(&self.outbox, s, chunk, doc! { "_id": 1 })
+                .await
+                .map_err(read)?;
             with_outbox.extend(found.iter().filter_map(|d| d.get("_id")).map(key_bytes));
         }
         let mut out = PendingRead::default();
@@ -582,18 +576,9 @@ async fn unmaterialized(
     chunk: &[Bson],
     first: i64,
 ) -> Result<usize, StoreError> {
-    let read = |e| backend("check materialized positions", e);
-    let docs = collect(
-        coll.find(doc! { "_id": { "$in": chunk.to_vec() } })
-            .projection(doc! { "_id": 1, "position": 1 })
-            .batch_size(MATERIALIZE_CHUNK as u32)
-            .session(&mut *s)
-            .await
-            .map_err(read)?,
-        s,
-    )
-    .await
-    .map_err(read)?;
+    let docs = by_ids(coll, s, chunk, doc! { "_id": 1, "position": 1 })
+        .await
+        .map_err(|e| backend("check materialized positions", e))?;
     let at: HashMap<Vec<u8>, i64> = docs
         .iter()
         .filter_map(|d| {
@@ -620,6 +605,22 @@ async fn unmaterialized(
         }
     }
     Ok(missing)
+}
+
+/// The documents of `coll` with the ids `chunk` (at most [`MATERIALIZE_CHUNK`]), projected.
+async fn by_ids(
+    coll: &Collection<Document>,
+    s: &mut ClientSession,
+    chunk: &[Bson],
+    projection: Document,
+) -> Result<Vec<Document>, mongodb::error::Error> {
+    let cursor = coll
+        .find(doc! { "_id": { "$in": chunk.to_vec() } })
+        .projection(projection)
+        .batch_size(MATERIALIZE_CHUNK as u32)
+        .session(&mut *s)
+        .await?;
+    collect(cursor, s).await
 }
 
 /// Drains a cursor of a session.
