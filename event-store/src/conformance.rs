@@ -120,6 +120,30 @@ pub async fn run_all(store: &dyn EventStore) {
     snapshots(store).await;
 }
 
+/// Two handles of one store report the same [`crate::StoreIdentity`], at epoch 1 for a store
+/// never restored; a store created apart (`other`) has another `store_id`.
+///
+/// # Panics
+/// On any violation or store error.
+pub async fn identity_is_the_store_s(
+    store: &dyn EventStore,
+    second_handle: &dyn EventStore,
+    other: &dyn EventStore,
+) {
+    let check = "identity_is_the_store_s";
+    let a = ok(check, "identity", store.identity().await);
+    assert_eq!(a.epoch, 1, "conformance::{check}: a new store's epoch");
+    assert_ne!(
+        a.store_id,
+        Uuid::nil(),
+        "conformance::{check}: nil store id"
+    );
+    let b = ok(check, "identity", second_handle.identity().await);
+    assert_eq!(a, b, "conformance::{check}: two handles of one store");
+    let c = ok(check, "identity", other.identity().await);
+    assert_ne!(a.store_id, c.store_id, "conformance::{check}: two stores");
+}
+
 fn ok<T>(check: &str, what: &str, r: Result<T, StoreError>) -> T {
     r.unwrap_or_else(|e| panic!("conformance::{check}: {what} failed: {e}"))
 }

@@ -43,6 +43,25 @@ pub struct Head {
     pub events: u64,
 }
 
+/// Who a store is (issue #12): `store_id` is created with the store and never changes (a copy
+/// of the store, a backup, keeps it); `epoch` starts at 1 and is raised by a restore, so a
+/// store restored to an older point differs from the one that went on. A bus is bound to one
+/// store identity (`tektree_outbox::binding`), so that two stores, or a store and its older
+/// self, never share a bus silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreIdentity {
+    /// Random (v4) id made when the store was created.
+    pub store_id: Uuid,
+    /// 1 for a new store; raised by one on each restore.
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for StoreIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "store {} epoch {}", self.store_id, self.epoch)
+    }
+}
+
 /// The folded state of one aggregate at one version, stored so that a load folds only the
 /// events after it (issue #6). One per aggregate (`aggregate_type`, `aggregate_id`).
 ///
@@ -158,6 +177,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The current [`Head`].
     async fn head(&self) -> Result<Head, StoreError>;
+
+    /// This store's [`StoreIdentity`] (created with the store, read at open).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when it cannot be read.
+    async fn identity(&self) -> Result<StoreIdentity, StoreError>;
 
     /// Up to `limit` outbox records not yet marked published, in position order.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError>;

@@ -17,6 +17,8 @@
 //! snapshots(aggregate_type TEXT, aggregate_id TEXT, version INTEGER,
 //!           snapshot_version INTEGER, state TEXT, taken_at TEXT,
 //!           PRIMARY KEY(aggregate_type, aggregate_id))
+//! store_identity(id INTEGER PRIMARY KEY CHECK (id = 1), store_id TEXT, epoch INTEGER,
+//!                created_at TEXT)                 -- one row: crate::StoreIdentity
 //! ```
 //!
 //! `snapshots` holds one [`StoredSnapshot`] per aggregate (`state` as compact JSON text). A save
@@ -81,7 +83,8 @@ use tektree_domain::{Actor, EventEnvelope, NewEvent};
 use uuid::Uuid;
 
 use crate::{
-    validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError, StoredSnapshot,
+    validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError, StoreIdentity,
+    StoredSnapshot,
 };
 use writer::{AppendBody, PreparedEvent, Writer};
 
@@ -139,6 +142,12 @@ CREATE TABLE IF NOT EXISTS snapshots (
     taken_at         TEXT    NOT NULL,
     PRIMARY KEY (aggregate_type, aggregate_id)
 );
+CREATE TABLE IF NOT EXISTS store_identity (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    store_id   TEXT    NOT NULL,
+    epoch      INTEGER NOT NULL CHECK (epoch >= 1),
+    created_at TEXT    NOT NULL
+);
 ";
 
 /// [`EventStore`] on one SQLite database file (WAL mode, `synchronous=FULL`).
@@ -163,6 +172,23 @@ struct Inner {
     /// The group-commit writer thread owning the write connection.
     writer: Writer,
     readers: Mutex<Vec<Connection>>,
+    /// Read at open (it changes only by a restore, which replaces the file).
+    identity: StoreIdentity,
+}
+
+/// The `store_identity` row.
+fn read_identity(conn: &Connection) -> Result<StoreIdentity, StoreError> {
+    let (id, epoch): (String, i64) = conn
+        .query_row(
+            "SELECT store_id, epoch FROM store_identity WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(backend)?;
+    Ok(StoreIdentity {
+        store_id: Uuid::parse_str(&id).map_err(|e| backend(format!("store_id {id:?}: {e}")))?,
+        epoch: u64::try_from(epoch).map_err(backend)?,
+    })
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -238,7 +264,8 @@ fn connect(path: &Path, flags: OpenFlags, reader: bool) -> Result<Connection, St
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and creates the `events`,
-    /// `outbox`, `idempotency` and `snapshots` tables if they do not exist yet. Idempotent; safe to call from several processes
+    /// `outbox`, `idempotency`, `snapshots` and `store_identity` tables if they do not exist yet
+    /// (a new file gets a fresh [`StoreIdentity`], epoch 1). Idempotent; safe to call from several processes
     /// at once. Switches the file to WAL mode (a persistent property of the file).
     ///
     /// This is a blocking call (file I/O; it may wait up to 10 s for another process's lock).
@@ -268,8 +295,18 @@ impl SqliteStore {
         retry_busy(deadline, || {
             let tx = writer.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute_batch(SCHEMA)?;
+            // The identity is made once, with the store (a copy keeps it).
+            tx.execute(
+                "INSERT OR IGNORE INTO store_identity (id, store_id, epoch, created_at) \
+                 VALUES (1, ?1, 1, ?2)",
+                params![
+                    Uuid::new_v4().to_string(),
+                    Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true)
+                ],
+            )?;
             tx.commit()
         })?;
+        let identity = read_identity(&writer)?;
         let writer = Writer::spawn(writer)?;
         tracing::debug!(path = %path.display(), "opened sqlite event store");
         Ok(SqliteStore {
@@ -277,6 +314,7 @@ impl SqliteStore {
                 path,
                 writer,
                 readers: Mutex::new(Vec::new()),
+                identity,
             }),
         })
     }
@@ -695,6 +733,10 @@ impl EventStore for SqliteStore {
             })
         })
         .await
+    }
+
+    async fn identity(&self) -> Result<StoreIdentity, StoreError> {
+        Ok(self.inner.identity)
     }
 
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {

@@ -75,6 +75,11 @@ async fn mongodb_conformance() {
             .await
             .expect("second connect");
         assert_eq!(other.head().await.unwrap(), store.head().await.unwrap());
+        let elsewhere = MongoStore::connect(&uri, &format!("{db}_other"))
+            .await
+            .expect("another database");
+        conformance::identity_is_the_store_s(&store, &other, &elsewhere).await;
+        let _ = elsewhere.database().drop().await;
         two_handles_race(&store, &other).await;
         conformance::concurrent_writers_on_one_aggregate(&other, 4, 3).await;
         crashed_appenders_are_sequenced_late_but_never_skipped(&store).await;

@@ -120,7 +120,10 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
     let log = store.database().collection::<Document>(POSITION_LOG);
     let deadline = Instant::now() + Duration::from_secs(30);
     while log.count_documents(doc! {}).await.unwrap() == 0 {
-        assert!(Instant::now() < deadline, "the blocked writer inserted no batch");
+        assert!(
+            Instant::now() < deadline,
+            "the blocked writer inserted no batch"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut children: Vec<Child> = names[..3]

@@ -103,6 +103,9 @@ async fn open_is_idempotent_and_creates_only_its_own_tables() {
         .expect("append");
     let b = SqliteStore::open(&path).expect("second open");
     assert_eq!(b.load(USER, id).await.expect("load").len(), 2);
+    let (_other_dir, other_path) = temp_db();
+    let other = SqliteStore::open(&other_path).expect("another store");
+    conformance::identity_is_the_store_s(&a, &b, &other).await;
     drop((a, b));
 
     let conn = Connection::open(&path).expect("raw open");
@@ -129,6 +132,7 @@ async fn open_is_idempotent_and_creates_only_its_own_tables() {
         ("table", "outbox"),
         ("table", "rm_users"),
         ("table", "snapshots"),
+        ("table", "store_identity"),
     ]
     .iter()
     .map(|(t, n)| (t.to_string(), n.to_string()))

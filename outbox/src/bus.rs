@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tektree_domain::EventEnvelope;
+use tektree_event_store::StoreIdentity;
 
 /// Errors of a [`Bus`].
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,27 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Highest position published so far (0 if none).
     async fn last_published(&self) -> Result<u64, BusError>;
+
+    /// The store this bus is bound to (issue #12; see [`crate::binding`]), `None` while no
+    /// store has bound it.
+    ///
+    /// # Errors
+    /// [`BusError::Transport`]; [`BusError::Decode`] for a binding this build cannot read.
+    async fn bound_store(&self) -> Result<Option<StoreIdentity>, BusError>;
+
+    /// Binds the bus to `identity` if no store has bound it yet, atomically (of two processes
+    /// binding at once, one wins); returns the identity the bus is bound to afterwards —
+    /// `identity`, or the one bound before. Never replaces a binding.
+    ///
+    /// # Errors
+    /// [`BusError::Transport`].
+    async fn bind_store(&self, identity: &StoreIdentity) -> Result<StoreIdentity, BusError>;
+
+    /// The event at the highest published position (`None` when nothing is published).
+    ///
+    /// # Errors
+    /// [`BusError::Transport`]; [`BusError::Decode`] when that message is not an envelope.
+    async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError>;
 
     /// Sets `delivery` aside as a dead letter of `group` with `reason`. The caller then
     /// acknowledges the delivery. Durable as the bus itself (in-process: lost with the process).

@@ -25,6 +25,8 @@ use tektree_domain::{Actor, EventEnvelope};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use tektree_event_store::{EventStore, SqliteStore, StoreIdentity};
+
 use crate::bus::{Bus, Delivery, Subscription, SubscriptionOptions};
 
 /// `min_idle` used by the reclaim checks.
@@ -443,6 +445,103 @@ pub async fn publish_wakes_a_blocked_consumer(bus: Arc<dyn Bus>) {
     assert_eq!(positions(&got), vec![1], "conformance::{C}");
 }
 
+/// A bus records one store binding and never replaces it; `last_event` is the event at the
+/// highest published position.
+///
+/// # Panics
+/// On any violation or bus error.
+pub async fn store_binding_is_set_once(bus: Arc<dyn Bus>) {
+    const C: &str = "store_binding_is_set_once";
+    let a = StoreIdentity {
+        store_id: Uuid::from_u128(0xa),
+        epoch: 1,
+    };
+    let b = StoreIdentity {
+        store_id: Uuid::from_u128(0xb),
+        epoch: 1,
+    };
+    fn read<T>(r: Result<T, crate::BusError>) -> T {
+        r.unwrap_or_else(|e| panic!("conformance::{C}: {e}"))
+    }
+    assert_eq!(
+        read(bus.bound_store().await),
+        None,
+        "conformance::{C}: new bus"
+    );
+    assert_eq!(
+        read(bus.last_event().await),
+        None,
+        "conformance::{C}: empty bus"
+    );
+    assert_eq!(
+        read(bus.bind_store(&a).await),
+        a,
+        "conformance::{C}: first bind"
+    );
+    assert_eq!(
+        read(bus.bind_store(&b).await),
+        a,
+        "conformance::{C}: second bind"
+    );
+    assert_eq!(read(bus.bound_store().await), Some(a), "conformance::{C}");
+    publish(&bus, C, &envelopes([1, 2, 3])).await;
+    assert_eq!(
+        read(bus.last_event().await),
+        Some(envelope(3)),
+        "conformance::{C}: last event"
+    );
+}
+
+/// [`crate::binding::bind`] on a bus holding store A's events without a binding (an older
+/// build's): store B is refused (`UnboundEvents`), A binds it, then B is refused as a foreign
+/// store with both ids in the message, and A opens it again.
+///
+/// # Panics
+/// On any violation, or when temporary SQLite stores cannot be made.
+pub async fn a_bus_carries_one_store(bus: Arc<dyn Bus>) {
+    const C: &str = "a_bus_carries_one_store";
+    use crate::binding::{bind, BindError};
+    use tektree_event_store::conformance::{sample_events, SAMPLE_AGGREGATE_TYPE};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let a = SqliteStore::open(dir.path().join("a.db")).expect("store a");
+    let b = SqliteStore::open(dir.path().join("b.db")).expect("store b");
+    for store in [&a, &b] {
+        let id = Uuid::new_v4();
+        store
+            .append(SAMPLE_AGGREGATE_TYPE, id, 0, sample_events(id, 1, 3))
+            .await
+            .expect("append");
+    }
+    let published = a.read_all(0, 10).await.expect("read a");
+    publish(&bus, C, &published).await;
+    let ids = (a.identity().await.unwrap(), b.identity().await.unwrap());
+    match bind(&b, bus.as_ref()).await {
+        Err(BindError::UnboundEvents { last_published, .. }) => {
+            assert_eq!(last_published, 3, "conformance::{C}")
+        }
+        other => panic!("conformance::{C}: b on a's unbound events: {other:?}"),
+    }
+    assert_eq!(
+        bind(&a, bus.as_ref()).await.expect("a binds"),
+        ids.0,
+        "conformance::{C}"
+    );
+    match bind(&b, bus.as_ref()).await {
+        Err(e @ BindError::ForeignStore { .. }) => {
+            let text = e.to_string();
+            for id in [ids.0.store_id, ids.1.store_id] {
+                assert!(text.contains(&id.to_string()), "conformance::{C}: {text}");
+            }
+        }
+        other => panic!("conformance::{C}: b on a's bus: {other:?}"),
+    }
+    assert_eq!(
+        bind(&a, bus.as_ref()).await.expect("a again"),
+        ids.0,
+        "conformance::{C}"
+    );
+}
+
 /// Runs every check, each on a new bus from `new_bus`.
 pub async fn run_all<F, Fut>(mut new_bus: F)
 where
@@ -457,4 +556,6 @@ where
     own_pending_is_reclaimed_after_restart(new_bus().await).await;
     per_consumer_position_order(new_bus().await).await;
     publish_wakes_a_blocked_consumer(new_bus().await).await;
+    store_binding_is_set_once(new_bus().await).await;
+    a_bus_carries_one_store(new_bus().await).await;
 }

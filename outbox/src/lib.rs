@@ -16,6 +16,7 @@
 //!   Several consumers of one group may see an aggregate's events interleaved with each other;
 //!   consumers restore per-aggregate order with the sequence guard of the read-model store.
 
+pub mod binding;
 mod bus;
 pub mod conformance;
 mod memory;

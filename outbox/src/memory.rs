@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tektree_domain::EventEnvelope;
+use tektree_event_store::StoreIdentity;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -26,6 +27,7 @@ use crate::bus::{Bus, BusError, Delivery, Subscription, SubscriptionOptions};
 ///   (`XACK`, regardless of which consumer holds them).
 /// - A consumer blocked in `next_batch` wakes on publish, and also when one of its group's
 ///   pending entries becomes reclaimable.
+/// - The store binding ([`Bus::bind_store`]) lives with the bus, like the log.
 #[derive(Clone, Default)]
 pub struct MemoryBus {
     inner: Arc<Inner>,
@@ -47,6 +49,8 @@ struct State {
     /// Dead letters, oldest first, and the next dead-letter id.
     dead: Vec<crate::DeadLetter>,
     next_dead: u64,
+    /// The store this bus is bound to.
+    store: Option<StoreIdentity>,
 }
 
 #[derive(Default)]
@@ -130,6 +134,18 @@ impl Bus for MemoryBus {
 
     async fn last_published(&self) -> Result<u64, BusError> {
         Ok(self.lock().last_position())
+    }
+
+    async fn bound_store(&self) -> Result<Option<StoreIdentity>, BusError> {
+        Ok(self.lock().store)
+    }
+
+    async fn bind_store(&self, identity: &StoreIdentity) -> Result<StoreIdentity, BusError> {
+        Ok(*self.lock().store.get_or_insert(*identity))
+    }
+
+    async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
+        Ok(self.lock().log.last().cloned())
     }
 
     async fn dead_letter(

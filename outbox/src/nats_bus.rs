@@ -16,6 +16,7 @@ use async_nats::{Client, ConnectOptions, HeaderMap, ServerAddr};
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use tektree_domain::EventEnvelope;
+use tektree_event_store::StoreIdentity;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -47,6 +48,8 @@ pub const HEADER_GROUP: &str = "Tektree-Group";
 pub const HEADER_REASON: &str = "Tektree-Reason";
 /// Header of a dead letter: the delivery count when the group gave up.
 pub const HEADER_DELIVERY_COUNT: &str = "Tektree-Delivery-Count";
+/// Key of the store binding (a JSON [`StoreIdentity`]) in the bucket `<stream>_STORE`.
+pub const STORE_KEY: &str = "identity";
 /// JetStream's deduplication header.
 const HEADER_MSG_ID: &str = "Nats-Msg-Id";
 
@@ -81,7 +84,7 @@ const LISTING_EXPIRES: Duration = Duration::from_millis(100);
 /// deletion fail.
 const LISTING_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 
-/// A [`Bus`] on NATS JetStream (tested on nats-server 2.9; needs ≥ 2.9).
+/// A [`Bus`] on NATS JetStream (tested on nats-server 2.9.10 and 2.15.1; needs ≥ 2.9).
 ///
 /// Layout (details and the reasoning in `docs/nats.md`):
 /// - **One events stream** (default [`DEFAULT_NATS_STREAM`], subjects
@@ -109,6 +112,9 @@ const LISTING_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 /// store a position twice or out of order. On top, the `Nats-Msg-Id` window drops a
 /// republished event within [`DUPLICATE_WINDOW`]; an acknowledgement flagged duplicate counts
 /// as published.
+///
+/// **Store binding**: the key [`STORE_KEY`] of the key-value bucket `<stream>_STORE` holds the
+/// store identity the stream carries ([`Bus::bind_store`]; see [`crate::binding`]).
 ///
 /// **Consumer groups** are durable pull consumers, one per group, named after the group
 /// (characters other than `[A-Za-z0-9_-]`, e.g. `.`, replaced by `_`: `projection.xp` →
@@ -527,42 +533,87 @@ impl Shared {
     /// position found scanning back from there (messages without a position are skipped).
     async fn refresh(&self, state: &mut PublishState) -> Result<(), BusError> {
         let stream = self.get_stream(&self.stream).await?;
-        let info = stream.cached_info();
-        let last_seq = info.state.last_sequence;
-        let mut last_position = 0;
-        if info.state.messages > 0 {
-            let floor = info.state.first_sequence.max(1);
-            let mut seq = last_seq;
-            let mut scanned = 0;
-            while seq >= floor && scanned < MAX_SCAN_BACK {
-                match stream.get_raw_message(seq).await {
-                    Ok(message) => {
-                        if let Some(p) = stored_position(&message.headers, &message.payload) {
-                            last_position = p;
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
-                    Err(e) => return Err(transport("reading the stream's last message", e)),
-                }
-                seq -= 1;
-                scanned += 1;
-            }
-            if last_position == 0 {
-                tracing::warn!(
-                    stream = %self.stream,
-                    last_seq,
-                    scanned,
-                    "no event position found at the end of the stream"
-                );
-            }
-        }
+        let last_seq = stream.cached_info().state.last_sequence;
+        let last_position = self.last_positioned(&stream).await?.map_or(0, |(_, p)| p);
         *state = PublishState {
             last_position,
             last_seq,
             fresh: true,
         };
         Ok(())
+    }
+
+    /// The sequence and position of the last message of `stream` that carries a position,
+    /// scanning back from the stream's end (at most [`MAX_SCAN_BACK`] messages; messages
+    /// without a position are skipped); `None` for an empty stream.
+    async fn last_positioned(
+        &self,
+        stream: &stream::Stream,
+    ) -> Result<Option<(u64, u64)>, BusError> {
+        let info = stream.cached_info();
+        if info.state.messages == 0 {
+            return Ok(None);
+        }
+        let last_seq = info.state.last_sequence;
+        let floor = info.state.first_sequence.max(1);
+        let mut seq = last_seq;
+        let mut scanned = 0;
+        while seq >= floor && scanned < MAX_SCAN_BACK {
+            match stream.get_raw_message(seq).await {
+                Ok(message) => {
+                    if let Some(p) = stored_position(&message.headers, &message.payload) {
+                        return Ok(Some((seq, p)));
+                    }
+                }
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(transport("reading the stream's last message", e)),
+            }
+            seq -= 1;
+            scanned += 1;
+        }
+        tracing::warn!(
+            stream = %self.stream,
+            last_seq,
+            scanned,
+            "no event position found at the end of the stream"
+        );
+        Ok(None)
+    }
+
+    /// The name of the key-value bucket holding the store binding: the events stream's name
+    /// with `_STORE` appended (`TEKTREE_EVENTS_STORE`).
+    fn store_bucket_name(&self) -> String {
+        format!("{}_STORE", self.stream)
+    }
+
+    /// The key-value bucket holding the store binding (key [`STORE_KEY`]), created if missing.
+    ///
+    /// The bucket's stream is created here with the key-value layout (`KV_<bucket>`, subjects
+    /// `$KV.<bucket>.>`, one message per subject, rollups, direct gets) rather than with
+    /// `create_key_value`, whose account query this client cannot parse from nats-server
+    /// 2.9 (Debian 12's); the bucket is then opened as a key-value store.
+    async fn store_bucket(&self) -> Result<async_nats::jetstream::kv::Store, BusError> {
+        self.check_connected()?;
+        let bucket = self.store_bucket_name();
+        let config = stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            storage: StorageType::File,
+            discard: DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            ..Default::default()
+        };
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| transport("creating the store binding's bucket", e))?;
+        self.js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| transport("opening the store binding's bucket", e))
     }
 
     /// One publish round: sends the events of `events` above `state.last_position`, then
@@ -709,6 +760,55 @@ impl Bus for NatsBus {
         let mut state = shared.publish.lock().await;
         shared.refresh(&mut state).await?;
         Ok(state.last_position)
+    }
+
+    async fn bound_store(&self) -> Result<Option<StoreIdentity>, BusError> {
+        let kv = self.shared.store_bucket().await?;
+        let value = kv
+            .get(STORE_KEY)
+            .await
+            .map_err(|e| transport("reading the store binding", e))?;
+        value
+            .map(|v| {
+                serde_json::from_slice(&v).map_err(|e| BusError::Decode {
+                    id: format!("{}/{STORE_KEY}", self.shared.store_bucket_name()),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    async fn bind_store(&self, identity: &StoreIdentity) -> Result<StoreIdentity, BusError> {
+        let kv = self.shared.store_bucket().await?;
+        let body = serde_json::to_vec(identity)
+            .map_err(|e| BusError::Transport(format!("encode the store identity: {e}")))?;
+        match kv.create(STORE_KEY, body.into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(transport("binding the stream to its store", e)),
+        }
+        self.bound_store().await?.ok_or_else(|| {
+            BusError::Transport("the store binding vanished right after it was made".into())
+        })
+    }
+
+    async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
+        let shared = &self.shared;
+        shared.check_connected()?;
+        let stream = shared.get_stream(&shared.stream).await?;
+        let Some((seq, _)) = shared.last_positioned(&stream).await? else {
+            return Ok(None);
+        };
+        let message = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| transport("reading the stream's last event", e))?;
+        serde_json::from_slice(&message.payload)
+            .map(Some)
+            .map_err(|e| BusError::Decode {
+                id: seq.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     async fn dead_letter(

@@ -8,6 +8,7 @@ use redis::aio::MultiplexedConnection;
 use redis::streams::StreamPendingCountReply;
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, RedisError, Value};
 use tektree_domain::EventEnvelope;
+use tektree_event_store::StoreIdentity;
 use tokio::sync::Mutex;
 
 use crate::bus::{Bus, BusError, Delivery, Subscription, SubscriptionOptions};
@@ -32,6 +33,8 @@ const MAX_CLAIM_CALLS: usize = 4;
 /// `envelope`, holding the envelope JSON (the shape documented on [`EventEnvelope`]).
 /// [`Delivery::id`] is that entry id, e.g. `"42-0"`.
 ///
+/// - **Store binding.** The key [`RedisBus::store_key`] holds the store identity the stream
+///   carries ([`Bus::bind_store`], `SET NX`; see [`crate::binding`]).
 /// - **Dedup by position.** Redis refuses an `XADD` whose explicit id is not above the stream's
 ///   last generated id, so an event is stored at most once whoever publishes it;
 ///   [`Bus::publish`] skips what is already there and treats Redis' "equal or smaller than the
@@ -236,6 +239,63 @@ impl Bus for RedisBus {
         self.last_position().await
     }
 
+    async fn bound_store(&self) -> Result<Option<StoreIdentity>, BusError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.store_key());
+        let value: Option<String> = self
+            .exec(Req::Cmd(&cmd))
+            .await
+            .map_err(Failure::into_bus_error)?;
+        value
+            .map(|v| {
+                serde_json::from_str(&v).map_err(|e| BusError::Decode {
+                    id: self.store_key(),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    async fn bind_store(&self, identity: &StoreIdentity) -> Result<StoreIdentity, BusError> {
+        let body = serde_json::to_string(identity)
+            .map_err(|e| BusError::Transport(format!("encode the store identity: {e}")))?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.store_key()).arg(body).arg("NX");
+        let _: Option<String> = self
+            .exec(Req::Cmd(&cmd))
+            .await
+            .map_err(Failure::into_bus_error)?;
+        self.bound_store().await?.ok_or_else(|| {
+            BusError::Transport(format!("{} vanished right after SET NX", self.store_key()))
+        })
+    }
+
+    async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(&self.stream).arg("+").arg("-").arg("COUNT").arg(1);
+        let reply: redis::streams::StreamRangeReply = self
+            .exec(Req::Cmd(&cmd))
+            .await
+            .map_err(Failure::into_bus_error)?;
+        reply
+            .ids
+            .first()
+            .map(|entry| {
+                entry
+                    .map
+                    .get(FIELD)
+                    .and_then(|v| match v {
+                        Value::BulkString(b) => serde_json::from_slice(b).ok(),
+                        _ => None,
+                    })
+                    .ok_or_else(|| BusError::Decode {
+                        id: entry.id.clone(),
+                        reason: "entry without a valid envelope".into(),
+                    })
+            })
+            .transpose()
+    }
+
     async fn dead_letter(
         &self,
         group: &str,
@@ -321,6 +381,12 @@ impl RedisBus {
     /// `delivery_count`, `envelope`).
     pub fn dead_letter_key(&self) -> String {
         format!("{}:deadletter", self.stream)
+    }
+
+    /// The key holding the [`StoreIdentity`] the stream is bound to (`<stream>:store`, JSON
+    /// `{"store_id": "<uuid>", "epoch": n}`), set once with `SET NX`.
+    pub fn store_key(&self) -> String {
+        format!("{}:store", self.stream)
     }
 }
 

@@ -43,6 +43,16 @@ async fn memory_per_consumer_position_order() {
     conformance::per_consumer_position_order(bus()).await;
 }
 
+#[tokio::test]
+async fn memory_store_binding_is_set_once() {
+    conformance::store_binding_is_set_once(bus()).await;
+}
+
+#[tokio::test]
+async fn memory_bus_carries_one_store() {
+    conformance::a_bus_carries_one_store(bus()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_publish_wakes_a_blocked_consumer() {
     conformance::publish_wakes_a_blocked_consumer(bus()).await;

@@ -213,6 +213,21 @@ impl Bus for FlakyBus {
         self.inner.last_published().await
     }
 
+    async fn bound_store(&self) -> Result<Option<tektree_event_store::StoreIdentity>, BusError> {
+        self.inner.bound_store().await
+    }
+
+    async fn bind_store(
+        &self,
+        identity: &tektree_event_store::StoreIdentity,
+    ) -> Result<tektree_event_store::StoreIdentity, BusError> {
+        self.inner.bind_store(identity).await
+    }
+
+    async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
+        self.inner.last_event().await
+    }
+
     async fn dead_letter(
         &self,
         group: &str,

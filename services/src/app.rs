@@ -8,6 +8,7 @@ use tektree_commands::{CommandHandler, StoreServices};
 use tektree_domain::{KnowledgeServices, Rules};
 use tektree_event_store::mongo::MongoStore;
 use tektree_event_store::{EventStore, SqliteStore};
+use tektree_outbox::binding::{bind, BindError};
 use tektree_outbox::relay::{self, RelayConfig};
 use tektree_outbox::{open_bus, Bus, BusError};
 use tektree_projections::{MongoReadModels, ReadModelStore, SqliteReadModels, PROJECTIONS};
@@ -51,6 +52,10 @@ pub enum AppError {
     /// The bus could not be opened.
     #[error(transparent)]
     Bus(#[from] tektree_outbox::BusError),
+    /// The bus carries another store's events, or this store's from another epoch
+    /// ([`tektree_outbox::binding`]); nothing was published or consumed.
+    #[error(transparent)]
+    Binding(tektree_outbox::binding::BindError),
     /// Waiting for the pipeline to settle timed out.
     #[error("pipeline did not settle within {0:?}: {1}")]
     NotSettled(Duration, String),
@@ -88,10 +93,12 @@ pub struct App {
 
 impl App {
     /// Opens the store named by `store_url` (`sqlite://PATH` or `mongodb://…`) and the bus named
-    /// by `bus_url` (`memory`, `redis://…`, `nats://…`).
+    /// by `bus_url` (`memory`, `redis://…`, `nats://…`), and checks that the bus carries this
+    /// store's events, binding a new bus to the store ([`tektree_outbox::binding::bind`]).
     ///
     /// # Errors
-    /// [`AppError`] when either cannot be opened.
+    /// [`AppError`] when either cannot be opened; [`AppError::Binding`] when the bus belongs to
+    /// another store (or another epoch of this one).
     pub async fn open(store_url: &str, bus_url: &str, rules: Rules) -> Result<App, AppError> {
         App::open_waiting(store_url, bus_url, rules, Duration::ZERO).await
     }
@@ -132,6 +139,13 @@ impl App {
                 ),
             };
         let bus = open_bus_waiting(bus_url, bus_patience).await?;
+        bind(store.as_ref(), bus.as_ref())
+            .await
+            .map_err(|e| match e {
+                BindError::Bus(e) => AppError::Bus(e),
+                BindError::Store(e) => AppError::Store(e),
+                refused => AppError::Binding(refused),
+            })?;
         let handler = CommandHandler::new(store.clone());
         let knowledge: Arc<dyn KnowledgeServices> = Arc::new(StoreServices::new(handler.clone()));
         Ok(App {

@@ -13,6 +13,7 @@
 //! | `idempotency` | request with an `Idempotency-Key` | see [`record_to_document`]; written in the append's transaction; TTL index on `expires_at` |
 //! | `position_log` | sequencer batch | `_id` (batch number), `first`, `last`, `ids` (event ids in position order), `materialized` (module `sequencer`) |
 //! | `counters` | — | `{_id: "position", last}` of builds before the position log, adopted as batch 0 |
+//! | `store_identity` | — | `{_id: "identity", store_id, epoch, created_at}`: the [`StoreIdentity`], made by the first `connect` |
 //! | `snapshots` | aggregate with a snapshot | see [`snapshot_to_document`]; one upsert per save, outside any append's transaction (module `snapshots`) |
 //!
 //! Indexes: [`event_indexes`], [`outbox_indexes`], [`idempotency_indexes`] and [`snapshot_indexes`], created idempotently by `connect`.
@@ -106,9 +107,12 @@ pub use sequencer::{
 pub use txn::{run_transaction, transaction_options, RunError, TxError, COMMIT_TIME_LIMIT};
 
 use crate::{
-    validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError, StoredSnapshot,
+    validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError, StoreIdentity,
+    StoredSnapshot,
 };
 
+/// The store's identity: one document `{_id: "identity", store_id, epoch, created_at}`.
+pub const STORE_IDENTITY: &str = "store_identity";
 /// The events collection.
 pub const EVENTS: &str = "events";
 /// The outbox collection.
@@ -164,6 +168,8 @@ struct Inner {
     /// The highest position-log batch number this handle has seen (where tip searches start).
     tip_seen: std::sync::atomic::AtomicI64,
     clock: CausalClock,
+    /// Read at connect (a restore, which replaces the database, changes it).
+    identity: StoreIdentity,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -306,6 +312,7 @@ impl MongoStore {
             .await
             .map_err(|e| backend("create indexes of outbox", e))?;
         adopt_position_counter(&db, &position_log).await?;
+        let identity = identity_of(&db).await?;
         tracing::debug!(
             database = db_name,
             ?deployment,
@@ -324,6 +331,7 @@ impl MongoStore {
                 passes: AtomicU64::new(0),
                 tip_seen: std::sync::atomic::AtomicI64::new(0),
                 clock: CausalClock::default(),
+                identity,
             }),
         };
         store.sequence_pending().await?;
@@ -757,6 +765,34 @@ async fn adopt_position_counter(
     }
 }
 
+/// The store's identity: the [`STORE_IDENTITY`] document, made with a fresh id and epoch 1 by
+/// the first connect (several processes at once: one insert wins, all read it back).
+async fn identity_of(db: &Database) -> Result<StoreIdentity, StoreError> {
+    let coll = db.collection::<Document>(STORE_IDENTITY);
+    let made = coll
+        .insert_one(doc! {
+            "_id": "identity",
+            "store_id": uuid_to_bson(Uuid::new_v4()),
+            "epoch": 1_i64,
+            "created_at": Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true),
+        })
+        .await;
+    match made {
+        Ok(_) => {}
+        Err(e) if code(&e) == Some(DUPLICATE_KEY) => {}
+        Err(e) => return Err(backend("create the store identity", e)),
+    }
+    let d = coll
+        .find_one(doc! { "_id": "identity" })
+        .await
+        .map_err(|e| backend("read the store identity", e))?
+        .ok_or_else(|| backend("read the store identity", "missing"))?;
+    let store_id = uuid_from_bson("store_id", d.get("store_id").unwrap_or(&Bson::Null))
+        .map_err(|e| backend("read the store identity", e))?;
+    let epoch = mapping::get_u64(&d, "epoch").map_err(|e| backend("read the store identity", e))?;
+    Ok(StoreIdentity { store_id, epoch })
+}
+
 /// `limit` as a find limit (`None` = unlimited).
 fn find_limit(limit: usize) -> Option<i64> {
     i64::try_from(limit).ok()
@@ -911,6 +947,10 @@ impl EventStore for MongoStore {
     /// and events are never deleted, so the number of events equals the last position; events
     /// set aside as unsequenceable have no position and are not counted). One read of the
     /// log's tip.
+    async fn identity(&self) -> Result<StoreIdentity, StoreError> {
+        Ok(self.inner.identity)
+    }
+
     async fn head(&self) -> Result<Head, StoreError> {
         let last = self.tip().await?.watermark();
         Ok(Head {
