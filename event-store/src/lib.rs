@@ -10,6 +10,9 @@
 //!   aggregate's current version fails with [`StoreError::Conflict`] and writes nothing.
 //! - Global `position` is assigned by the store, strictly increasing in commit order: a reader
 //!   that has seen position `p` never later sees a newly committed event with a position `≤ p`.
+//!   One append's events get consecutive positions (SQLite: one transaction under the write
+//!   lock; MongoDB: a sequencer pass keeps each append together, checked across processes by
+//!   `tests/mongo_processes.rs`).
 //! - [`EventStore::outbox_pending`] returns unpublished outbox records in position order.
 //! - [`EventStore::save_snapshot`] keeps one [`StoredSnapshot`] per aggregate and never moves it
 //!   back to a lower `version` of the same `snapshot_version`.

@@ -101,8 +101,8 @@ pub use idempotency::{
     IDEMPOTENCY_TTL_INDEX,
 };
 pub use sequencer::{
-    batch_ids, Tip, MAX_APPEND_EVENTS, METRIC_PASS_LOST, METRIC_UNSEQUENCED, POSITION_LOG,
-    SEQUENCE_BATCH,
+    appends_together, batch_ids, Tip, MAX_APPEND_EVENTS, METRIC_PASS_LOST, METRIC_UNSEQUENCED,
+    POSITION_LOG, SEQUENCE_BATCH,
 };
 pub use txn::{run_transaction, transaction_options, RunError, TxError, COMMIT_TIME_LIMIT};
 

@@ -7,7 +7,8 @@
 //! 1. read the log's **tip** (its highest batch `k - 1`); if the tip is not yet
 //!    *materialized*, materialize it first (below);
 //! 2. in a read-only snapshot transaction, read up to [`SEQUENCE_BATCH`] pending events in
-//!    `pending` order and which of them have an outbox record; set aside (with an error log
+//!    `pending` order (each append's events then brought together, [`appends_together`], so an
+//!    append gets consecutive positions) and which of them have an outbox record; set aside (with an error log
 //!    and the metric [`METRIC_UNSEQUENCED`]) any that can never be sequenced;
 //! 3. **insert** batch `k` = `{_id: k, first: last(k-1) + 1, last, ids: [event ids in order]}`.
 //!    The insert is the whole decision: `_id` is unique, so of all the passes (in every
@@ -222,6 +223,29 @@ pub fn batch_ids(rows: &[Document], limit: usize) -> Option<Vec<Bson>> {
     )
 }
 
+/// `rows` (pending events in `pending` order) with each append's events brought together, so
+/// that an append gets consecutive positions: appends in the order of their first event, each
+/// append's events in their order. `pending` comes from each appender's clock, so two appends
+/// committed within microseconds of each other interleave in it (seen in `mongo_processes`: an
+/// event of another process's append between the events of one append). An aggregate keeps its
+/// order: its later append's keys are all above its earlier append's. An event without
+/// `pending_of` is an append of its own.
+pub fn appends_together(rows: Vec<Document>) -> Vec<Document> {
+    let mut order: Vec<Vec<u8>> = Vec::new();
+    let mut groups: HashMap<Vec<u8>, Vec<Document>> = HashMap::new();
+    for d in rows {
+        let key = key_bytes(d.get("pending_of").or(d.get("_id")).unwrap_or(&Bson::Null));
+        if !groups.contains_key(&key) {
+            order.push(key.clone());
+        }
+        groups.entry(key).or_default().push(d);
+    }
+    order
+        .into_iter()
+        .flat_map(|k| groups.remove(&k).unwrap_or_default())
+        .collect()
+}
+
 impl Inner {
     /// The log's tip (the empty tip when the log is empty), found by point reads of `_id`
     /// starting at the highest batch this handle has seen: gallop up (`+1, +2, +4, …`) while
@@ -372,6 +396,7 @@ impl Inner {
                 .map_err(read)?
             }
         };
+        let rows = appends_together(rows);
         let ids: Vec<Bson> = rows.iter().filter_map(|d| d.get("_id").cloned()).collect();
         let mut with_outbox = HashSet::new();
         for chunk in ids.chunks(MATERIALIZE_CHUNK) {
@@ -672,6 +697,26 @@ mod tests {
         assert_eq!(batch_ids(&rows, 2), None);
         let rows = vec![row(1, 1, 3), row(4, 4, 1), row(2, 1, 3)];
         assert_eq!(batch_ids(&rows, 3), None);
+    }
+
+    #[test]
+    fn an_append_gets_consecutive_positions_however_the_clocks_interleave() {
+        // Appends 1 (3 events) and 4 (2 events) interleave in `pending` order; 9 has no
+        // `pending_of` and counts as an append of its own.
+        let rows = vec![
+            row(1, 1, 3),
+            row(2, 1, 3),
+            row(4, 4, 2),
+            doc! { "_id": 9 },
+            row(3, 1, 3),
+            row(5, 4, 2),
+        ];
+        let ids: Vec<i32> = appends_together(rows)
+            .iter()
+            .map(|d| d.get_i32("_id").unwrap())
+            .collect();
+        assert_eq!(ids, [1, 2, 3, 4, 5, 9]);
+        assert!(appends_together(vec![]).is_empty());
     }
 
     #[test]
