@@ -534,7 +534,10 @@ impl Shared {
     async fn refresh(&self, state: &mut PublishState) -> Result<(), BusError> {
         let stream = self.get_stream(&self.stream).await?;
         let last_seq = stream.cached_info().state.last_sequence;
-        let last_position = self.last_positioned(&stream).await?.map_or(0, |(_, p)| p);
+        let last_position = self
+            .last_positioned(&stream)
+            .await?
+            .map_or(0, |(_, p, _)| p);
         *state = PublishState {
             last_position,
             last_seq,
@@ -543,13 +546,13 @@ impl Shared {
         Ok(())
     }
 
-    /// The sequence and position of the last message of `stream` that carries a position,
-    /// scanning back from the stream's end (at most [`MAX_SCAN_BACK`] messages; messages
-    /// without a position are skipped); `None` for an empty stream.
+    /// The sequence, position and payload of the last message of `stream` that carries a
+    /// position, scanning back from the stream's end (at most [`MAX_SCAN_BACK`] messages;
+    /// messages without a position are skipped); `None` for an empty stream.
     async fn last_positioned(
         &self,
         stream: &stream::Stream,
-    ) -> Result<Option<(u64, u64)>, BusError> {
+    ) -> Result<Option<(u64, u64, Vec<u8>)>, BusError> {
         let info = stream.cached_info();
         if info.state.messages == 0 {
             return Ok(None);
@@ -562,7 +565,7 @@ impl Shared {
             match stream.get_raw_message(seq).await {
                 Ok(message) => {
                     if let Some(p) = stored_position(&message.headers, &message.payload) {
-                        return Ok(Some((seq, p)));
+                        return Ok(Some((seq, p, message.payload.to_vec())));
                     }
                 }
                 Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
@@ -796,14 +799,10 @@ impl Bus for NatsBus {
         let shared = &self.shared;
         shared.check_connected()?;
         let stream = shared.get_stream(&shared.stream).await?;
-        let Some((seq, _)) = shared.last_positioned(&stream).await? else {
+        let Some((seq, _, payload)) = shared.last_positioned(&stream).await? else {
             return Ok(None);
         };
-        let message = stream
-            .get_raw_message(seq)
-            .await
-            .map_err(|e| transport("reading the stream's last event", e))?;
-        serde_json::from_slice(&message.payload)
+        serde_json::from_slice(&payload)
             .map(Some)
             .map_err(|e| BusError::Decode {
                 id: seq.to_string(),
