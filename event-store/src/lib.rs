@@ -181,11 +181,30 @@ pub trait EventStore: Send + Sync + 'static {
     /// The current [`Head`].
     async fn head(&self) -> Result<Head, StoreError>;
 
+    /// The highest committed position ([`Head::position`]) without counting the events, for
+    /// checks made often (the relay's check for a bus that lost events). The default reads
+    /// [`EventStore::head`]; adapters whose count is not free override it.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        Ok(self.head().await?.position)
+    }
+
     /// This store's [`StoreIdentity`] (created with the store, read at open).
     ///
     /// # Errors
     /// [`StoreError::Backend`] when it cannot be read.
     async fn identity(&self) -> Result<StoreIdentity, StoreError>;
+
+    /// Marks this store as restored (issue #12, `tektree restore`): sets its epoch to one more
+    /// than the greater of its own and `above` (pass the epoch a bus was bound to, so that the
+    /// new epoch is above every epoch that bus has seen); returns the new identity. The
+    /// `store_id` never changes.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn raise_epoch(&self, above: u64) -> Result<StoreIdentity, StoreError>;
 
     /// Up to `limit` outbox records not yet marked published, in position order.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError>;

@@ -172,8 +172,8 @@ struct Inner {
     /// The group-commit writer thread owning the write connection.
     writer: Writer,
     readers: Mutex<Vec<Connection>>,
-    /// Read at open (it changes only by a restore, which replaces the file).
-    identity: StoreIdentity,
+    /// Read at open; changed only by [`EventStore::raise_epoch`].
+    identity: Mutex<StoreIdentity>,
 }
 
 /// The `store_identity` row.
@@ -314,7 +314,7 @@ impl SqliteStore {
                 path,
                 writer,
                 readers: Mutex::new(Vec::new()),
-                identity,
+                identity: Mutex::new(identity),
             }),
         })
     }
@@ -735,8 +735,36 @@ impl EventStore for SqliteStore {
         .await
     }
 
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        self.with_reader(|conn| {
+            let position: i64 = conn
+                .query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
+                    r.get(0)
+                })
+                .map_err(backend)?;
+            u64::try_from(position).map_err(backend)
+        })
+        .await
+    }
+
     async fn identity(&self) -> Result<StoreIdentity, StoreError> {
-        Ok(self.inner.identity)
+        Ok(*lock(&self.inner.identity))
+    }
+
+    async fn raise_epoch(&self, above: u64) -> Result<StoreIdentity, StoreError> {
+        let above = to_i64(above, "epoch")?;
+        let raised = self
+            .with_writer(move |conn| {
+                conn.execute(
+                    "UPDATE store_identity SET epoch = MAX(epoch, ?1) + 1 WHERE id = 1",
+                    [above],
+                )
+                .map_err(backend)?;
+                read_identity(conn)
+            })
+            .await?;
+        *lock(&self.inner.identity) = raised;
+        Ok(raised)
     }
 
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {

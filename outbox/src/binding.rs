@@ -12,6 +12,16 @@
 //! A bus with no binding is bound by the first process that opens it: when it is empty, at
 //! once; when it already holds events (published by a build before store identities), only if
 //! its last event is this store's event at that position (same event id), else it is refused.
+//!
+//! A restore ([`EventStore::raise_epoch`], `tektree restore`) raises the store's epoch. A bus
+//! bound to an **earlier epoch** of the same store holds events the restored store may not
+//! have, at positions it will give to other events: the first process that opens the pair
+//! empties the bus and binds it to the new epoch ([`Bus::empty_and_rebind`], logged and counted
+//! in [`METRIC_BUS_EMPTIED`]); the relay then republishes from the store what the consumers
+//! have not applied ([`crate::recovery`]). A bus bound to a **later epoch** is refused: this
+//! store is an older copy. At the **same epoch**, the bus's last event must be this store's
+//! event at that position, else the store was copied back from an older point without a
+//! restore and is refused ([`BindError::Diverged`]).
 
 use tektree_event_store::{EventStore, StoreError, StoreIdentity};
 
@@ -20,6 +30,8 @@ use crate::bus::{Bus, BusError};
 /// Counter of refused bindings (label `reason`: `foreign_store`, `restored_store`,
 /// `unbound_events`). Each refusal is also logged at error level.
 pub const METRIC_BINDING_REFUSED: &str = "tektree_bus_binding_refusals_total";
+/// Counter of buses emptied and bound to a restored store's new epoch.
+pub const METRIC_BUS_EMPTIED: &str = "tektree_bus_emptied_for_restore_total";
 
 /// Why a bus and a store may not be used together.
 #[derive(Debug, thiserror::Error)]
@@ -38,18 +50,37 @@ pub enum BindError {
         /// This store's identity.
         ours: StoreIdentity,
     },
-    /// The bus carries this store's events from another epoch: the store was restored from a
-    /// backup (or the bus outlived a restore), so the bus may hold events the store no longer
-    /// has.
+    /// The bus carries this store's events from a later epoch: this store is an older copy
+    /// (taken before a restore).
     #[error(
-        "the bus is bound to {bound}, but this store is at epoch {}: it was restored from a \
-         backup, and the bus (and read models fed from it) may hold events the restored store \
-         no longer has. Nothing was published or consumed; see docs/operations.md",
+        "the bus is bound to {bound}, but this store is at epoch {}: it is an older copy of the \
+         store, from before a restore, and the bus (and the read models fed from it) hold events \
+         it does not have. Nothing was published or consumed. Use the current store; to go back \
+         to this copy on purpose, run `tektree --store <this store> restore` on it first (it \
+         raises the epoch; the bus is then emptied and refilled from it); see docs/operations.md",
         ours.epoch
     )]
     RestoredStore {
         /// The identity the bus is bound to.
         bound: StoreIdentity,
+        /// This store's identity.
+        ours: StoreIdentity,
+    },
+    /// The bus is bound to this store at this epoch, but holds events the store does not have:
+    /// the store was copied back from an older point without `tektree restore`.
+    #[error(
+        "the bus is bound to {ours} and holds its events up to position {last_published}, but \
+         {detail}: the store was copied back from an older point (a backup, a snapshot) without \
+         `tektree restore`, so its new events would take positions the bus already holds for \
+         other events. Nothing was published or consumed. Run `tektree --store <this store> \
+         restore` (it raises the epoch; the next start empties the bus and refills it from the \
+         store); see docs/operations.md"
+    )]
+    Diverged {
+        /// The bus's highest position.
+        last_published: u64,
+        /// What differs.
+        detail: String,
         /// This store's identity.
         ours: StoreIdentity,
     },
@@ -82,6 +113,7 @@ impl BindError {
             BindError::ForeignStore { .. } => Some("foreign_store"),
             BindError::RestoredStore { .. } => Some("restored_store"),
             BindError::UnboundEvents { .. } => Some("unbound_events"),
+            BindError::Diverged { .. } => Some("diverged"),
             BindError::Bus(_) | BindError::Store(_) => None,
         }
     }
@@ -107,52 +139,79 @@ pub async fn bind(store: &dyn EventStore, bus: &dyn Bus) -> Result<StoreIdentity
 
 async fn check(store: &dyn EventStore, bus: &dyn Bus) -> Result<StoreIdentity, BindError> {
     let ours = store.identity().await?;
-    let bound = match bus.bound_store().await? {
-        Some(bound) => bound,
-        None => {
-            let last = bus.last_published().await?;
-            if last > 0 {
-                check_unbound_events(store, bus, last, ours).await?;
-                tracing::info!(%ours, last, "binding a bus that holds this store's events");
+    // A binding replaced meanwhile by another process (emptying the bus for this epoch) is
+    // read again once.
+    for _ in 0..2 {
+        let bound = match bus.bound_store().await? {
+            Some(bound) => bound,
+            None => {
+                let last = bus.last_published().await?;
+                if last > 0 {
+                    if let Err(detail) = same_last_event(store, bus, last).await? {
+                        return Err(BindError::UnboundEvents {
+                            last_published: last,
+                            detail,
+                            ours,
+                        });
+                    }
+                    tracing::info!(%ours, last, "binding a bus that holds this store's events");
+                }
+                bus.bind_store(&ours).await?
             }
-            bus.bind_store(&ours).await?
+        };
+        if bound.store_id != ours.store_id {
+            return Err(BindError::ForeignStore { bound, ours });
         }
-    };
-    if bound.store_id != ours.store_id {
-        return Err(BindError::ForeignStore { bound, ours });
+        if bound.epoch > ours.epoch {
+            return Err(BindError::RestoredStore { bound, ours });
+        }
+        if bound.epoch < ours.epoch {
+            if !bus.empty_and_rebind(&bound, &ours).await? {
+                continue;
+            }
+            metrics::counter!(METRIC_BUS_EMPTIED).increment(1);
+            tracing::warn!(%bound, %ours,
+                "the store was restored: the bus held events of its earlier epoch, at positions \
+                 the restored store gives to other events; emptied it and bound it to the new \
+                 epoch (the relay republishes what the consumers have not applied)");
+            return Ok(ours);
+        }
+        let last = bus.last_published().await?;
+        if last > 0 {
+            if let Err(detail) = same_last_event(store, bus, last).await? {
+                return Err(BindError::Diverged {
+                    last_published: last,
+                    detail,
+                    ours,
+                });
+            }
+        }
+        return Ok(ours);
     }
-    if bound.epoch != ours.epoch {
-        return Err(BindError::RestoredStore { bound, ours });
-    }
-    Ok(ours)
+    Err(BindError::Bus(BusError::Transport(
+        "the bus's store binding kept changing while it was checked".into(),
+    )))
 }
 
-/// An unbound bus holding events up to `last`: its last event must be the store's event at
-/// that position.
-async fn check_unbound_events(
+/// `Ok(Err(detail))` unless the bus's last event (at `last`) is the store's event at `last`.
+async fn same_last_event(
     store: &dyn EventStore,
     bus: &dyn Bus,
     last: u64,
-    ours: StoreIdentity,
-) -> Result<(), BindError> {
-    let refuse = |detail: String| BindError::UnboundEvents {
-        last_published: last,
-        detail,
-        ours,
-    };
+) -> Result<Result<(), String>, BindError> {
     let Some(theirs) = bus.last_event().await? else {
-        return Err(refuse("its last event cannot be read".into()));
+        return Ok(Err("its last event cannot be read".into()));
     };
     let mine = store.read_all(last - 1, 1).await?;
-    match mine.first() {
+    Ok(match mine.first() {
         Some(e) if e.position == last && e.event_id == theirs.event_id => Ok(()),
-        Some(e) if e.position == last => Err(refuse(format!(
+        Some(e) if e.position == last => Err(format!(
             "its event at position {last} is {}, the store's is {}",
             theirs.event_id, e.event_id
-        ))),
-        _ => Err(refuse(format!(
-            "the store holds no event at position {last} (its event there is {})",
+        )),
+        _ => Err(format!(
+            "the store holds no event at position {last} (the bus's event there is {})",
             theirs.event_id
-        ))),
-    }
+        )),
+    })
 }

@@ -23,6 +23,15 @@ pub enum BusError {
     /// Not retryable: an operator must fix it.
     #[error("bus configuration: {0}")]
     Config(String),
+    /// [`Bus::publish_after`] refused: the bus ends at `last`, below the position it had to
+    /// hold (it lost events; see [`crate::recovery`]). Nothing was published.
+    #[error("the bus ends at position {last}, below the {floor} it must hold: it lost events")]
+    Behind {
+        /// The bus's last position.
+        last: u64,
+        /// The position it had to hold.
+        floor: u64,
+    },
     /// A message on the bus is not a valid envelope.
     #[error("undecodable bus message {id}: {reason}")]
     Decode {
@@ -86,13 +95,26 @@ pub struct DeadLetter {
 /// A publish/subscribe log with consumer groups.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes `events` (in ascending position order). Events whose position is not above the
-    /// highest already published are dropped. Returns once the bus has accepted them.
+    /// Publishes `events` (in ascending position order) if the bus holds every position up to
+    /// `floor` (its last position is `floor` or more), checked atomically with the publish, so
+    /// that events never land above a hole the broker made by losing data (the relay passes
+    /// the position before its first record; see [`crate::recovery`]). Events whose position is
+    /// not above the highest already published are dropped. Returns once the bus has accepted
+    /// them.
     ///
     /// # Errors
-    /// [`BusError::Transport`]; some prefix of `events` may have been published, which a retry
+    /// [`BusError::Behind`] (nothing published) when the bus ends below `floor`;
+    /// [`BusError::Transport`]: some prefix of `events` may have been published, which a retry
     /// deduplicates.
-    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), BusError>;
+    async fn publish_after(&self, floor: u64, events: &[EventEnvelope]) -> Result<(), BusError>;
+
+    /// [`Bus::publish_after`] with no floor.
+    ///
+    /// # Errors
+    /// [`BusError::Transport`].
+    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), BusError> {
+        self.publish_after(0, events).await
+    }
 
     /// Joins consumer group `options.group` as `options.consumer`, creating the group if needed.
     /// A new group starts at the beginning of the log.
@@ -118,6 +140,29 @@ pub trait Bus: Send + Sync + 'static {
     /// # Errors
     /// [`BusError::Transport`].
     async fn bind_store(&self, identity: &StoreIdentity) -> Result<StoreIdentity, BusError>;
+
+    /// For a store restored from a backup (its epoch raised, see [`crate::binding`]): if the
+    /// bus is bound to `from`, deletes every published event, consumer group and dead letter
+    /// and binds the bus to `to`; returns `false` (changing nothing) when the bus is not bound
+    /// to `from` (another process did it first). The events of `from`'s epoch must go: the
+    /// restored store gives their positions to other events.
+    ///
+    /// Redis does it atomically (one script); NATS deletes the streams, then replaces the
+    /// binding only if it is still `from` (a compare-and-set on its revision). The default
+    /// refuses, for buses that cannot empty themselves.
+    ///
+    /// # Errors
+    /// [`BusError::Transport`]; [`BusError::Config`] from the default.
+    async fn empty_and_rebind(
+        &self,
+        from: &StoreIdentity,
+        to: &StoreIdentity,
+    ) -> Result<bool, BusError> {
+        let _ = (from, to);
+        Err(BusError::Config(
+            "this bus cannot be emptied for a restored store".into(),
+        ))
+    }
 
     /// The event at the highest published position (`None` when nothing is published).
     ///

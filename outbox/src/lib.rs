@@ -21,6 +21,7 @@ mod bus;
 pub mod conformance;
 mod memory;
 mod nats_bus;
+pub mod recovery;
 mod redis_bus;
 pub mod relay;
 pub mod test_support;

@@ -102,10 +102,13 @@ impl std::fmt::Debug for MemoryBus {
 
 #[async_trait]
 impl Bus for MemoryBus {
-    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), BusError> {
+    async fn publish_after(&self, floor: u64, events: &[EventEnvelope]) -> Result<(), BusError> {
         let appended = {
             let mut state = self.lock();
             let mut last = state.last_position();
+            if last < floor {
+                return Err(BusError::Behind { last, floor });
+            }
             let before = state.log.len();
             for event in events {
                 if event.position > last {
@@ -146,6 +149,24 @@ impl Bus for MemoryBus {
 
     async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
         Ok(self.lock().log.last().cloned())
+    }
+
+    async fn empty_and_rebind(
+        &self,
+        from: &StoreIdentity,
+        to: &StoreIdentity,
+    ) -> Result<bool, BusError> {
+        let mut state = self.lock();
+        if state.store != Some(*from) {
+            return Ok(false);
+        }
+        state.log.clear();
+        state.dead.clear();
+        for group in state.groups.values_mut() {
+            *group = Group::default();
+        }
+        state.store = Some(*to);
+        Ok(true)
     }
 
     async fn dead_letter(

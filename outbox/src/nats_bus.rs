@@ -522,7 +522,12 @@ impl Shared {
                 } else {
                     StreamKind::DeadLetters
                 };
-                tracing::warn!(stream = name, "stream missing; recreating it");
+                tracing::warn!(
+                    stream = name,
+                    "stream missing (deleted, or the server lost its data); recreating it"
+                );
+                metrics::counter!(crate::recovery::METRIC_BUS_RECREATED, "what" => "stream")
+                    .increment(1);
                 self.ensure_stream(kind).await
             }
             Err(e) => Err(transport(&format!("reading the stream {name}"), e)),
@@ -710,7 +715,10 @@ impl Shared {
 
 #[async_trait]
 impl Bus for NatsBus {
-    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), BusError> {
+    /// See [`Bus::publish_after`]: the floor is checked against the stream's end as read
+    /// before the round, and each round expects that end (its last sequence), so a stream
+    /// deleted and recreated meanwhile fails the round, is read again and ends below the floor.
+    async fn publish_after(&self, floor: u64, events: &[EventEnvelope]) -> Result<(), BusError> {
         if events.is_empty() {
             return Ok(());
         }
@@ -720,6 +728,13 @@ impl Bus for NatsBus {
         for round in 0..MAX_PUBLISH_ROUNDS {
             if !state.fresh {
                 shared.refresh(&mut state).await?;
+            }
+            if state.last_position < floor {
+                state.fresh = false;
+                return Err(BusError::Behind {
+                    last: state.last_position,
+                    floor,
+                });
             }
             if events.iter().all(|e| e.position <= state.last_position) {
                 return Ok(());
@@ -793,6 +808,48 @@ impl Bus for NatsBus {
         self.bound_store().await?.ok_or_else(|| {
             BusError::Transport("the store binding vanished right after it was made".into())
         })
+    }
+
+    async fn empty_and_rebind(
+        &self,
+        from: &StoreIdentity,
+        to: &StoreIdentity,
+    ) -> Result<bool, BusError> {
+        let shared = &self.shared;
+        let kv = shared.store_bucket().await?;
+        let Some(entry) = kv
+            .entry(STORE_KEY)
+            .await
+            .map_err(|e| transport("reading the store binding", e))?
+        else {
+            return Ok(false);
+        };
+        if serde_json::from_slice::<StoreIdentity>(&entry.value)
+            .ok()
+            .as_ref()
+            != Some(from)
+        {
+            return Ok(false);
+        }
+        let mut state = shared.publish.lock().await;
+        for name in [&shared.stream, &shared.dl_stream] {
+            match shared.js.delete_stream(name.as_str()).await {
+                Ok(_) => {}
+                Err(e) if is_stream_not_found(&e.kind()) => {}
+                Err(e) => return Err(transport(&format!("deleting the stream {name}"), e)),
+            }
+        }
+        state.fresh = false;
+        let body = serde_json::to_vec(to)
+            .map_err(|e| BusError::Transport(format!("encode the store identity: {e}")))?;
+        // Only if nobody replaced the binding meanwhile (its revision is unchanged).
+        match kv.update(STORE_KEY, body.into(), entry.revision).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                Ok(false)
+            }
+            Err(e) => Err(transport("replacing the store binding", e)),
+        }
     }
 
     async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
@@ -911,11 +968,42 @@ impl NatsSubscription {
     ) -> Result<Vec<jetstream::Message>, BusError> {
         let consumer = self.consumer().await?;
         let result = fetch(&consumer, max, block).await;
-        if result.is_err() {
+        match &result {
             // The consumer may have been deleted: recreate it on the next call.
-            self.consumer = None;
+            Err(_) => self.consumer = None,
+            // A pull request to a consumer deleted with its stream just expires empty: look.
+            Ok(fetched) if fetched.is_empty() => self.check_consumer().await?,
+            Ok(_) => {}
         }
         result
+    }
+
+    /// Forgets the consumer (so that the next fetch recreates it, at the start of the stream)
+    /// when the server no longer has it: its stream was deleted, or the server lost its data.
+    async fn check_consumer(&mut self) -> Result<(), BusError> {
+        use async_nats::jetstream::context::ConsumerInfoErrorKind;
+        let stream = self.shared.get_stream(&self.shared.stream).await?;
+        match stream.consumer_info(&self.durable).await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+                ) =>
+            {
+                tracing::warn!(
+                    stream = %self.shared.stream,
+                    consumer = %self.durable,
+                    "durable consumer missing (its stream was deleted, or the server lost its \
+                     data); recreating it at the start of the stream"
+                );
+                metrics::counter!(crate::recovery::METRIC_BUS_RECREATED, "what" => "consumer")
+                    .increment(1);
+                self.consumer = None;
+                Ok(())
+            }
+            Err(e) => Err(transport("reading the consumer's info", e)),
+        }
     }
 
     /// Returns up to `max` buffered messages decoded, stopping before an undecodable one; an

@@ -35,10 +35,11 @@ const MAX_CLAIM_CALLS: usize = 4;
 ///
 /// - **Store binding.** The key [`RedisBus::store_key`] holds the store identity the stream
 ///   carries ([`Bus::bind_store`], `SET NX`; see [`crate::binding`]).
-/// - **Dedup by position.** Redis refuses an `XADD` whose explicit id is not above the stream's
-///   last generated id, so an event is stored at most once whoever publishes it;
-///   [`Bus::publish`] skips what is already there and treats Redis' "equal or smaller than the
-///   target stream top item" refusal (a concurrent publisher won) as already published.
+/// - **Dedup by position, no hole.** [`Bus::publish_after`] is one Lua script (`EVAL`, atomic
+///   in Redis): it reads the stream's last generated id, refuses with [`BusError::Behind`] when
+///   that is below the floor (the stream lost entries: `FLUSHALL`, a restart without
+///   persistence), and adds only the events above it, so an event is stored at most once
+///   whoever publishes it, and never above a hole.
 /// - **Consumer groups** are Redis consumer groups, created at id `0` (the start of the
 ///   stream) on first subscribe. `next_batch` is `XAUTOCLAIM` (pending entries idle for
 ///   `min_idle`) then `XREADGROUP … >`; `ack` is `XACK`.
@@ -144,79 +145,72 @@ impl RedisBus {
         }
     }
 
-    /// Appends the events of `events` above position `last` (believed to be the stream's last
-    /// position) in one MULTI/EXEC round trip, each with the explicit id `<position>-0`.
-    /// Events Redis refuses as "equal or smaller than the target stream top item" were
-    /// published meanwhile by someone else (`last` was stale) and count as published.
-    async fn append_after(&self, mut last: u64, events: &[EventEnvelope]) -> Result<(), BusError> {
-        let mut pipe = redis::pipe();
-        // MULTI/EXEC: no other publisher's XADD interleaves with ours, so Redis' refusals can
-        // only hit a prefix (what a concurrent publisher already added) and never leave a gap.
-        pipe.atomic().ignore_errors();
-        let mut sent = Vec::new();
+    /// One `EVAL` of [`PUBLISH_SCRIPT`]: reads the stream's last generated id, refuses when it
+    /// is below `floor`, and adds the events above it, each with the explicit id
+    /// `<position>-0` — atomically, so no other publisher (and no `FLUSHALL`) comes in between.
+    async fn publish_script(&self, floor: u64, events: &[EventEnvelope]) -> Result<(), BusError> {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(PUBLISH_SCRIPT)
+            .arg(1)
+            .arg(&self.stream)
+            .arg(floor)
+            .arg(FIELD);
         for event in events {
-            if event.position <= last {
-                continue;
-            }
-            last = event.position;
             let json = serde_json::to_vec(event).map_err(|e| {
                 BusError::Transport(format!(
                     "encoding the envelope at position {}: {e}",
                     event.position
                 ))
             })?;
-            pipe.cmd("XADD")
-                .arg(&self.stream)
-                .arg(format!("{}-0", event.position))
-                .arg(FIELD)
-                .arg(json);
-            sent.push(event.position);
+            eval.arg(event.position).arg(json);
         }
-        if sent.is_empty() {
-            return Ok(());
-        }
-        let results: Vec<Result<String, RedisError>> = self
-            .exec(Req::Pipe(&pipe))
+        let (added, last): (i64, i64) = self
+            .exec(Req::Cmd(&eval))
             .await
             .map_err(Failure::into_bus_error)?;
-        if results.len() != sent.len() {
-            return Err(BusError::Transport(format!(
-                "XADD transaction answered {} results for {} commands",
-                results.len(),
-                sent.len()
-            )));
+        let last = u64::try_from(last).unwrap_or(0);
+        if added < 0 {
+            return Err(BusError::Behind { last, floor });
         }
-        let mut raced = 0usize;
-        for (position, result) in sent.iter().zip(results) {
-            match result {
-                Ok(_) => {}
-                Err(e) if is_id_too_small(&e) => raced += 1,
-                Err(e) => {
-                    return Err(BusError::Transport(format!(
-                        "XADD of position {position}: {e}"
-                    )))
-                }
-            }
-        }
-        if raced > 0 {
-            tracing::debug!(
-                stream = %self.stream,
-                raced,
-                "events already published by a concurrent publisher; skipped"
-            );
-        }
+        tracing::trace!(stream = %self.stream, added, last, "published");
         Ok(())
     }
 }
 
+/// The publish script (see [`RedisBus::publish_script`]): `KEYS[1]` the stream; `ARGV[1]` the
+/// floor, `ARGV[2]` the entry field, then position/envelope pairs in ascending position order.
+/// Returns `{added, last}`, with `added = -1` when the stream ends below the floor. Positions
+/// stay below 2^53, exact in Lua's numbers.
+const PUBLISH_SCRIPT: &str = r"
+local last = 0
+local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
+if type(info) == 'table' and not info.err then
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last = tonumber(string.match(info[i + 1], '^(%d+)'))
+    end
+  end
+end
+if last < tonumber(ARGV[1]) then return {-1, last} end
+local added = 0
+for i = 3, #ARGV, 2 do
+  local p = tonumber(ARGV[i])
+  if p > last then
+    redis.call('XADD', KEYS[1], ARGV[i] .. '-0', ARGV[2], ARGV[i + 1])
+    last = p
+    added = added + 1
+  end
+end
+return {added, last}
+";
+
 #[async_trait]
 impl Bus for RedisBus {
-    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), BusError> {
+    async fn publish_after(&self, floor: u64, events: &[EventEnvelope]) -> Result<(), BusError> {
         if events.is_empty() {
             return Ok(());
         }
-        let last = self.last_position().await?;
-        self.append_after(last, events).await
+        self.publish_script(floor, events).await
     }
 
     async fn subscribe(
@@ -268,6 +262,45 @@ impl Bus for RedisBus {
         self.bound_store().await?.ok_or_else(|| {
             BusError::Transport(format!("{} vanished right after SET NX", self.store_key()))
         })
+    }
+
+    async fn empty_and_rebind(
+        &self,
+        from: &StoreIdentity,
+        to: &StoreIdentity,
+    ) -> Result<bool, BusError> {
+        let mut get = redis::cmd("GET");
+        get.arg(self.store_key());
+        let raw: Option<String> = self
+            .exec(Req::Cmd(&get))
+            .await
+            .map_err(Failure::into_bus_error)?;
+        let Some(raw) = raw else { return Ok(false) };
+        if serde_json::from_str::<StoreIdentity>(&raw).ok().as_ref() != Some(from) {
+            return Ok(false);
+        }
+        let body = serde_json::to_string(to)
+            .map_err(|e| BusError::Transport(format!("encode the store identity: {e}")))?;
+        // One script: nobody sees the stream emptied but the binding unchanged, or the reverse.
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+               redis.call('DEL', KEYS[2], KEYS[3]) \
+               redis.call('SET', KEYS[1], ARGV[2]) \
+               return 1 \
+             else return 0 end",
+        )
+        .arg(3)
+        .arg(self.store_key())
+        .arg(&self.stream)
+        .arg(self.dead_letter_key())
+        .arg(raw)
+        .arg(body);
+        let done: i64 = self
+            .exec(Req::Cmd(&eval))
+            .await
+            .map_err(Failure::into_bus_error)?;
+        Ok(done == 1)
     }
 
     async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
@@ -472,8 +505,11 @@ impl RedisSubscription {
                 tracing::warn!(
                     stream = %self.stream,
                     group = %self.options.group,
-                    "consumer group missing; recreating it at the start of the stream"
+                    "consumer group missing (the stream or the group was deleted, or Redis lost \
+                     its data); recreating it at the start of the stream"
                 );
+                metrics::counter!(crate::recovery::METRIC_BUS_RECREATED, "what" => "group")
+                    .increment(1);
                 self.ensure_group().await?;
                 self.exec(Req::Cmd(cmd), timeout)
                     .await
@@ -699,12 +735,6 @@ fn is_code(e: &RedisError, code: &str) -> bool {
     e.code() == Some(code) || e.to_string().contains(code)
 }
 
-/// `true` for XADD's refusal of an explicit id not above the stream's last generated id.
-fn is_id_too_small(e: &RedisError) -> bool {
-    e.to_string()
-        .contains("equal or smaller than the target stream top item")
-}
-
 /// The position of entry id `<ms>-<seq>` (its milliseconds part).
 fn id_position(id: &str) -> Option<u64> {
     let (ms, seq) = id.split_once('-')?;
@@ -901,16 +931,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stale_last_position_counts_refused_ids_as_published() {
+    async fn publish_is_refused_above_a_hole_and_skips_what_the_stream_holds() {
         let server = crate::test_support::RedisServer::start();
         let key = crate::test_support::unique_stream_key();
         let bus = RedisBus::with_stream(&server.url, &key).await.unwrap();
         let events = crate::conformance::envelopes;
         bus.publish(&events(1..=3)).await.unwrap();
-        // A publisher that read the stream's top before 1..=3 were added races with it.
-        bus.append_after(0, &events(1..=5)).await.unwrap();
-        bus.append_after(2, &events(3..=5)).await.unwrap();
+        // A publisher that thinks the stream ends lower publishes again what it holds.
+        bus.publish_after(0, &events(1..=5)).await.unwrap();
+        bus.publish_after(2, &events(3..=5)).await.unwrap();
         assert_eq!(bus.last_published().await.unwrap(), 5);
+        let refused = bus.publish_after(7, &events(8..=9)).await;
+        assert!(
+            matches!(refused, Err(BusError::Behind { last: 5, floor: 7 })),
+            "{refused:?}"
+        );
         let mut conn = open_connection(&bus.client).await.unwrap();
         let mut xrange = redis::cmd("XRANGE");
         xrange.arg(&key).arg("-").arg("+");

@@ -52,6 +52,7 @@ use tektree_event_store::{EventStore, StoreError};
 use tokio::sync::watch;
 
 use crate::bus::{Bus, BusError};
+use crate::recovery::{self, ConsumerCheckpoints};
 
 /// Name of the counter of published outbox records.
 pub const METRIC_PUBLISHED: &str = "tektree_relay_published_total";
@@ -69,6 +70,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The backlog gauge is refreshed from the store at most this often while busy.
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+/// While the outbox is empty, the bus is checked for lost events ([`recovery::check`]) at most
+/// this often.
+const BUS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Environment variable of the test-only fault hook (see the [module docs](self)).
 pub const KILL_AFTER_PUBLISH_ENV: &str = "TEKTREE_KILL_AFTER_PUBLISH";
@@ -111,13 +115,36 @@ pub enum RelayError {
     /// The bus failed to accept the events.
     #[error("relay: {0}")]
     Bus(#[from] BusError),
+    /// The bus ends below what the store marked published: the broker lost events
+    /// ([`crate::recovery`]). [`run`] recovers from it by republishing.
+    #[error(
+        "relay: the bus ends at position {bus_last}, but the store marked every event up to \
+         {published_through} published: the broker lost events"
+    )]
+    BusBehind {
+        /// The bus's last position.
+        bus_last: u64,
+        /// The store's published floor ([`crate::recovery::published_through`]).
+        published_through: u64,
+    },
+    /// While recovering a lost bus, the bus turned out to be bound to another store (or epoch)
+    /// ([`crate::binding::BindError`]'s text).
+    #[error("relay: {0}")]
+    Refused(String),
+    /// While recovering a lost bus, the consumers' checkpoints could not be read.
+    #[error("relay: reading the consumers' checkpoints: {0}")]
+    Consumers(String),
 }
 
 impl RelayError {
     /// `false` when retrying cannot help: a stored record is corrupt
-    /// ([`StoreError::Corrupt`]); the relay may not skip it, so it stops.
+    /// ([`StoreError::Corrupt`]; the relay may not skip it), or a lost bus was bound to another
+    /// store meanwhile ([`RelayError::Refused`]); the relay stops.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, RelayError::Store(StoreError::Corrupt { .. }))
+        !matches!(
+            self,
+            RelayError::Store(StoreError::Corrupt { .. }) | RelayError::Refused(_)
+        )
     }
 }
 
@@ -170,10 +197,15 @@ pub fn for_publishing(stored: EventEnvelope) -> EventEnvelope {
 /// position order) to `bus`, each upcast by [`for_publishing`], then marks them published in
 /// `store`.
 ///
+/// The bus must hold every record before the first one (all of them are marked published),
+/// which [`Bus::publish_after`] checks atomically with the publish: a bus that ends lower lost
+/// events, and publishing above the hole would hide it for good ([`crate::recovery`]).
+///
 /// Returns how many records were published and marked (0 when the outbox is empty). Also
 /// increments the counter [`METRIC_PUBLISHED`] by that number.
 ///
 /// # Errors
+/// [`RelayError::BusBehind`] when the bus lost events (nothing published; [`run`] recovers);
 /// [`RelayError::Store`] when reading or marking fails; [`RelayError::Bus`] when publishing
 /// fails. Either way nothing is marked that the bus has not accepted, so calling again is safe:
 /// records published but not marked are published again and dropped by the bus as duplicates.
@@ -183,13 +215,16 @@ pub async fn relay_once(
     batch: usize,
 ) -> Result<usize, RelayError> {
     let pending = store.outbox_pending(batch).await?;
-    if pending.is_empty() {
+    let Some(first) = pending.first() else {
         return Ok(0);
-    }
+    };
+    let floor = first.position.saturating_sub(1);
     // Upcasting keeps every position, so the records marked below are exactly those read.
     let positions: Vec<u64> = pending.iter().map(|e| e.position).collect();
     let pending: Vec<EventEnvelope> = pending.into_iter().map(for_publishing).collect();
-    bus.publish(&pending).await?;
+    bus.publish_after(floor, &pending)
+        .await
+        .map_err(|e| recovery::behind_error(e, floor))?;
     count_publish();
     store.outbox_mark_published(&positions).await?;
     metrics::counter!(METRIC_PUBLISHED).increment(positions.len() as u64);
@@ -212,25 +247,55 @@ pub async fn relay_once(
 /// [`EventStore::outbox_backlog`], at most once a second while busy; 0 when a round finds the
 /// outbox empty) and the counter [`METRIC_ERRORS`].
 ///
+/// A bus that lost events ([`RelayError::BusBehind`], from a round or from the check made once
+/// a second while the outbox is empty) is recovered with [`recovery::recover`], republishing
+/// from the lowest of `checkpoints` (everything after the bus's end when `None`).
+///
 /// # Errors
 /// Only for a failure retrying cannot fix ([`RelayError::is_retryable`] is `false`: a corrupt
-/// stored record, which the relay must not skip). Returns `Ok(())` on shutdown.
+/// stored record, which the relay must not skip, or a lost bus that another store bound
+/// meanwhile). Returns `Ok(())` on shutdown.
 pub async fn run(
     store: Arc<dyn EventStore>,
     bus: Arc<dyn Bus>,
     cfg: RelayConfig,
+    checkpoints: Option<Arc<dyn ConsumerCheckpoints>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RelayError> {
     let batch = cfg.batch.max(1);
     let mut backoff = BACKOFF_MIN;
     let mut backlog_at: Option<Instant> = None;
+    let mut bus_checked_at: Option<Instant> = None;
     tracing::info!(batch, idle_poll = ?cfg.idle_poll, "outbox relay started");
     loop {
         // `has_changed` fails once the sender is gone: nobody can ask for a shutdown any more.
         if *shutdown.borrow_and_update() || shutdown.has_changed().is_err() {
             break;
         }
-        let wait = match relay_once(store.as_ref(), bus.as_ref(), batch).await {
+        let mut round = relay_once(store.as_ref(), bus.as_ref(), batch).await;
+        if matches!(round, Ok(0)) && bus_checked_at.is_none_or(|at| at.elapsed() >= BUS_CHECK_EVERY)
+        {
+            bus_checked_at = Some(Instant::now());
+            round = recovery::check(store.as_ref(), bus.as_ref())
+                .await
+                .map(|()| 0);
+        }
+        if let Err(RelayError::BusBehind {
+            bus_last,
+            published_through,
+        }) = round
+        {
+            round = recovery::recover(
+                store.as_ref(),
+                bus.as_ref(),
+                checkpoints.as_deref(),
+                (bus_last, published_through),
+                batch,
+            )
+            .await
+            .map(|loss| loss.republished as usize);
+        }
+        let wait = match round {
             Ok(0) => {
                 backoff = BACKOFF_MIN;
                 metrics::gauge!(METRIC_BACKLOG).set(0.0);
@@ -250,7 +315,7 @@ pub async fn run(
             }
             Err(e) if !e.is_retryable() => {
                 metrics::counter!(METRIC_ERRORS).increment(1);
-                tracing::error!(error = %e, "outbox relay stopped: the record cannot be relayed");
+                tracing::error!(error = %e, "outbox relay stopped: retrying cannot help");
                 return Err(e);
             }
             Err(e) => {

@@ -714,7 +714,7 @@ async fn nats_relay_run_end_to_end() {
         batch: 4,
         idle_poll: Duration::from_millis(10),
     };
-    let relay = tokio::spawn(relay::run(store.clone(), bus.clone(), cfg, shutdown));
+    let relay = tokio::spawn(relay::run(store.clone(), bus.clone(), cfg, None, shutdown));
     // More events while the relay runs.
     committed.extend(append(store.as_ref(), 3, 2).await);
 

@@ -165,7 +165,7 @@ async fn relay_run_end_to_end_on_redis() {
         batch: 4,
         idle_poll: Duration::from_millis(10),
     };
-    let relay = tokio::spawn(relay::run(store.clone(), bus.clone(), cfg, shutdown));
+    let relay = tokio::spawn(relay::run(store.clone(), bus.clone(), cfg, None, shutdown));
     // More events while the relay runs.
     committed.extend(append(store.as_ref(), 3, 2).await);
 
@@ -190,16 +190,18 @@ struct FlakyBus {
 
 #[async_trait]
 impl Bus for FlakyBus {
-    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), BusError> {
+    async fn publish_after(&self, floor: u64, events: &[EventEnvelope]) -> Result<(), BusError> {
         if self
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
-            self.inner.publish(&events[..events.len() / 2]).await?;
+            self.inner
+                .publish_after(floor, &events[..events.len() / 2])
+                .await?;
             return Err(BusError::Transport("injected failure".into()));
         }
-        self.inner.publish(events).await
+        self.inner.publish_after(floor, events).await
     }
 
     async fn subscribe(
@@ -264,7 +266,13 @@ async fn relay_run_retries_failed_publishes_without_skipping() {
         batch: 4,
         idle_poll: Duration::from_millis(10),
     };
-    let relay = tokio::spawn(relay::run(store.clone(), flaky.clone(), cfg, shutdown));
+    let relay = tokio::spawn(relay::run(
+        store.clone(),
+        flaky.clone(),
+        cfg,
+        None,
+        shutdown,
+    ));
 
     let got = read_all(&flaky.inner, "g", committed.len()).await;
     let positions: Vec<u64> = got.iter().map(|d| d.envelope.position).collect();
@@ -295,6 +303,7 @@ async fn relay_run_stops_when_the_shutdown_sender_is_dropped() {
         store,
         Arc::new(MemoryBus::new()),
         RelayConfig::default(),
+        None,
         shutdown,
     ));
     drop(stop);

@@ -9,6 +9,7 @@ use tektree_domain::{KnowledgeServices, Rules};
 use tektree_event_store::mongo::MongoStore;
 use tektree_event_store::{EventStore, SqliteStore};
 use tektree_outbox::binding::{bind, BindError};
+use tektree_outbox::recovery::{self, ConsumerCheckpoints};
 use tektree_outbox::relay::{self, RelayConfig};
 use tektree_outbox::{open_bus, Bus, BusError};
 use tektree_projections::{MongoReadModels, ReadModelStore, SqliteReadModels, PROJECTIONS};
@@ -230,26 +231,39 @@ impl App {
         if !self.in_process_bus {
             return Ok(());
         }
-        let checkpoints = self.read_models.checkpoints().await?;
-        let mut from = u64::MAX;
-        for c in self.consumers() {
-            let cp = checkpoints
-                .iter()
-                .find(|k| k.name == c.name())
-                .map(|k| k.checkpoint)
-                .unwrap_or(0);
-            from = from.min(cp);
-        }
-        let mut after = if from == u64::MAX { 0 } else { from };
-        loop {
-            let page = self.store.read_all(after, 1000).await?;
-            let Some(last) = page.last() else { break };
-            after = last.position;
-            // Upcast as the relay does, so consumers only ever see current shapes.
-            let page: Vec<_> = page.into_iter().map(relay::for_publishing).collect();
-            self.bus.publish(&page).await?;
-        }
+        let from = self
+            .checkpoints()
+            .lowest_checkpoint()
+            .await
+            .map_err(|e| AppError::Store(tektree_event_store::StoreError::Backend(e)))?;
+        let head = self.store.head().await?.position;
+        recovery::republish(
+            self.store.as_ref(),
+            self.bus.as_ref(),
+            (from, 0),
+            head,
+            SEED_BATCH,
+        )
+        .await
+        .map_err(|e| match e {
+            relay::RelayError::Bus(e) => AppError::Bus(e),
+            relay::RelayError::Store(e) => AppError::Store(e),
+            other => AppError::Bus(BusError::Transport(other.to_string())),
+        })?;
         Ok(())
+    }
+
+    /// Where this app's consumers stand (the lowest of their checkpoints), for the relay's
+    /// recovery of a bus that lost events ([`recovery`]).
+    pub fn checkpoints(&self) -> Arc<dyn ConsumerCheckpoints> {
+        Arc::new(AppCheckpoints {
+            read_models: self.read_models.clone(),
+            consumers: self
+                .consumers()
+                .iter()
+                .map(|c| c.name().to_string())
+                .collect(),
+        })
     }
 
     /// Runs the relay and every consumer in this process until `shutdown` turns `true`
@@ -264,8 +278,10 @@ impl App {
     /// Spawns the outbox relay.
     pub fn spawn_relay(&self, shutdown: watch::Receiver<bool>, tasks: &mut JoinSet<()>) {
         let (store, bus) = (self.store.clone(), self.bus.clone());
+        let checkpoints = Some(self.checkpoints());
         tasks.spawn(async move {
-            if let Err(e) = relay::run(store, bus, RelayConfig::default(), shutdown).await {
+            let cfg = RelayConfig::default();
+            if let Err(e) = relay::run(store, bus, cfg, checkpoints, shutdown).await {
                 tracing::error!(error = %e, "relay stopped");
             }
         });
@@ -329,5 +345,39 @@ impl App {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Events read and published per page when seeding the in-process bus.
+const SEED_BATCH: usize = 1000;
+
+/// [`ConsumerCheckpoints`] of an app: the lowest checkpoint among its consumers and every
+/// consumer the read-model store has a checkpoint for (a consumer that never applied anything
+/// counts as 0).
+struct AppCheckpoints {
+    read_models: Arc<dyn ReadModelStore>,
+    consumers: Vec<String>,
+}
+
+#[async_trait::async_trait]
+impl ConsumerCheckpoints for AppCheckpoints {
+    async fn lowest_checkpoint(&self) -> Result<u64, String> {
+        let known = self
+            .read_models
+            .checkpoints()
+            .await
+            .map_err(|e| e.to_string())?;
+        let ours = self
+            .consumers
+            .iter()
+            .map(|name| {
+                known
+                    .iter()
+                    .find(|k| &k.name == name)
+                    .map_or(0, |k| k.checkpoint)
+            })
+            .min();
+        let theirs = known.iter().map(|k| k.checkpoint).min();
+        Ok(ours.into_iter().chain(theirs).min().unwrap_or(0))
     }
 }

@@ -552,8 +552,12 @@ mod tests {
 
     #[async_trait]
     impl Bus for FlakySubscribe {
-        async fn publish(&self, events: &[EventEnvelope]) -> Result<(), BusError> {
-            self.inner.publish(events).await
+        async fn publish_after(
+            &self,
+            floor: u64,
+            events: &[EventEnvelope],
+        ) -> Result<(), BusError> {
+            self.inner.publish_after(floor, events).await
         }
 
         async fn subscribe(

@@ -237,6 +237,7 @@ async fn relay_publishes_stored_v1_records_as_v2_and_marks_them() {
         store.clone(),
         Arc::new(bus.clone()),
         cfg,
+        None,
         shutdown,
     ));
     let got = read_bus(&bus, "test.observer", v1.len()).await;

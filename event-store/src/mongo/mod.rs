@@ -168,8 +168,8 @@ struct Inner {
     /// The highest position-log batch number this handle has seen (where tip searches start).
     tip_seen: std::sync::atomic::AtomicI64,
     clock: CausalClock,
-    /// Read at connect (a restore, which replaces the database, changes it).
-    identity: StoreIdentity,
+    /// Read at connect; changed only by [`EventStore::raise_epoch`].
+    identity: std::sync::Mutex<StoreIdentity>,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -331,7 +331,7 @@ impl MongoStore {
                 passes: AtomicU64::new(0),
                 tip_seen: std::sync::atomic::AtomicI64::new(0),
                 clock: CausalClock::default(),
-                identity,
+                identity: std::sync::Mutex::new(identity),
             }),
         };
         store.sequence_pending().await?;
@@ -793,6 +793,11 @@ async fn identity_of(db: &Database) -> Result<StoreIdentity, StoreError> {
     Ok(StoreIdentity { store_id, epoch })
 }
 
+/// `v` as a BSON 64-bit integer.
+fn to_bson_i64(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Backend(format!("{v} exceeds i64::MAX")))
+}
+
 /// `limit` as a find limit (`None` = unlimited).
 fn find_limit(limit: usize) -> Option<i64> {
     i64::try_from(limit).ok()
@@ -948,7 +953,38 @@ impl EventStore for MongoStore {
     /// set aside as unsequenceable have no position and are not counted). One read of the
     /// log's tip.
     async fn identity(&self) -> Result<StoreIdentity, StoreError> {
-        Ok(self.inner.identity)
+        Ok(*self
+            .inner
+            .identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// See [`EventStore::raise_epoch`]: a compare-and-set on the identity document's epoch,
+    /// retried while another process raises it at the same time.
+    async fn raise_epoch(&self, above: u64) -> Result<StoreIdentity, StoreError> {
+        let coll = self.inner.db.collection::<Document>(STORE_IDENTITY);
+        loop {
+            let current = identity_of(&self.inner.db).await?;
+            let epoch = current.epoch.max(above) + 1;
+            let (old, new) = (to_bson_i64(current.epoch)?, to_bson_i64(epoch)?);
+            let updated = coll
+                .update_one(
+                    doc! { "_id": "identity", "epoch": old },
+                    doc! { "$set": { "epoch": new } },
+                )
+                .await
+                .map_err(|e| backend("raise the store's epoch", e))?;
+            if updated.matched_count == 1 {
+                let raised = StoreIdentity { epoch, ..current };
+                *self
+                    .inner
+                    .identity
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = raised;
+                return Ok(raised);
+            }
+        }
     }
 
     async fn head(&self) -> Result<Head, StoreError> {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_polar;
+pub mod history;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
