@@ -121,7 +121,9 @@ pub async fn run_all(store: &dyn EventStore) {
 }
 
 /// Two handles of one store report the same [`crate::StoreIdentity`], at epoch 1 for a store
-/// never restored; a store created apart (`other`) has another `store_id`.
+/// never restored; a store created apart (`other`) has another `store_id`;
+/// [`EventStore::raise_epoch`] through either handle raises the epoch above the stored one and
+/// the one named (so the store is left at epoch 7).
 ///
 /// # Panics
 /// On any violation or store error.
@@ -142,6 +144,34 @@ pub async fn identity_is_the_store_s(
     assert_eq!(a, b, "conformance::{check}: two handles of one store");
     let c = ok(check, "identity", other.identity().await);
     assert_ne!(a.store_id, c.store_id, "conformance::{check}: two stores");
+    // A restore raises the epoch above the store's own and the one named, through any handle.
+    let raised = ok(check, "raise_epoch", store.raise_epoch(0).await);
+    assert_eq!(
+        (raised.store_id, raised.epoch),
+        (a.store_id, 2),
+        "conformance::{check}"
+    );
+    let raised = ok(check, "raise_epoch", second_handle.raise_epoch(5).await);
+    assert_eq!(
+        (raised.store_id, raised.epoch),
+        (a.store_id, 6),
+        "conformance::{check}"
+    );
+    let raised = ok(check, "raise_epoch", store.raise_epoch(3).await);
+    assert_eq!(
+        raised.epoch, 7,
+        "conformance::{check}: above the other handle's raise"
+    );
+    assert_eq!(
+        ok(check, "identity", store.identity().await),
+        raised,
+        "conformance::{check}: identity after a raise"
+    );
+    assert_eq!(
+        ok(check, "identity", other.identity().await),
+        c,
+        "conformance::{check}: another store is untouched"
+    );
 }
 
 fn ok<T>(check: &str, what: &str, r: Result<T, StoreError>) -> T {

@@ -35,6 +35,7 @@ pub use error::StoreError;
 pub use idempotency::{IdempotencyKey, IdempotencyRecord, MAX_KEY_BYTES};
 #[cfg(feature = "mongodb")]
 pub use mongo::MongoStore;
+pub use sqlite::backup as sqlite_backup;
 pub use sqlite::SqliteStore;
 
 /// The store's head: the highest committed position and the number of stored events.

@@ -69,6 +69,7 @@
 //! savepoint also rolls back the `sqlite_sequence` counter and rows are never deleted — they
 //! are gap-free (1, 2, 3, …). Readers use WAL snapshots and never block the writer.
 
+pub mod backup;
 mod writer;
 
 use std::path::{Path, PathBuf};

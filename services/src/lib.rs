@@ -13,4 +13,5 @@ pub mod export;
 pub mod import;
 pub mod live;
 pub mod replay;
+pub mod restore;
 pub mod worker;

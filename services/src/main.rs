@@ -18,7 +18,7 @@ use tektree_services::config::{
 use tektree_services::export::{self, Format};
 use tektree_services::live::{Live, LiveConfig};
 use tektree_services::worker::WorkerConfig;
-use tektree_services::{api, import};
+use tektree_services::{api, import, restore};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -172,6 +172,22 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_TOKEN_TTL_SECS, value_parser = clap::value_parser!(u64).range(1..))]
         ttl_secs: u64,
     },
+    /// Copy the SQLite store to a new file PATH, in one consistent step while other processes
+    /// go on writing (read models included). MongoDB stores are backed up with mongodump or a
+    /// storage snapshot (docs/operations.md).
+    Backup {
+        /// The backup file to create (never overwritten).
+        path: PathBuf,
+    },
+    /// Put a backup in place of the store (stop every process using it first) and raise the
+    /// store's epoch: the bus is emptied and refilled from the store, read models ahead of it
+    /// are rebuilt. Without --from, mark a store put back by other means (a file copy,
+    /// mongorestore, a snapshot) as restored.
+    Restore {
+        /// The SQLite backup file (made by `tektree backup`).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// Write a read model (`xp`, `leaderboard`, `quota`, `content`) to stdout or a file.
     Export {
         /// Read model.
@@ -263,6 +279,37 @@ async fn main() -> Result<()> {
             .context("`tektree token` signs HS256 tokens; with --jwt-rs256-public-key tokens come from the identity provider holding the private key")?;
         println!("{token}");
         return Ok(());
+    }
+    // Backup and restore work on the store before (and instead of) opening the app.
+    match &cli.command {
+        Command::Backup { path } => {
+            let report = restore::backup(&cli.store, path).await?;
+            println!(
+                "backed up {} (head {}) to {}",
+                report.identity,
+                report.head,
+                path.display()
+            );
+            return Ok(());
+        }
+        Command::Restore { from } => {
+            let rules = load_rules(cli.rules.as_deref())?;
+            let done = restore::restore(&cli.store, &cli.bus, from.as_deref(), rules).await?;
+            println!(
+                "restored: now {} (head {}); replaced {}; read models rebuilt: {}",
+                done.restored,
+                done.head,
+                done.replaced
+                    .map_or_else(|| "nothing".to_string(), |r| r.to_string()),
+                if done.rebuilt.is_empty() {
+                    "none".to_string()
+                } else {
+                    done.rebuilt.join(", ")
+                }
+            );
+            return Ok(());
+        }
+        _ => {}
     }
     // Install the Prometheus recorder before any worker records a metric.
     let _ = api::metrics::handle();
@@ -375,8 +422,8 @@ async fn main() -> Result<()> {
             };
             tracing::info!(rows = n, "exported");
         }
-        // Printed above, before the store was opened.
-        Command::Token { .. } => {}
+        // Done above, before the store was opened.
+        Command::Token { .. } | Command::Backup { .. } | Command::Restore { .. } => {}
     }
     Ok(())
 }

@@ -11,21 +11,32 @@ fn id(kind: &str, n: usize) -> Uuid {
     Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("test:{kind}:{n}").as_bytes())
 }
 
-/// A deterministic history: 6 users, 3 questions, 9 answers, comments, votes with
-/// replacements, accepts. Ids are fixed so that every bus run produces comparable rows.
-pub async fn drive(app: &App) {
-    let meta = || CommandMeta::new(Actor::importer(), "2024-01-07T12:00:00Z".parse().unwrap());
-    for u in 0..6 {
+/// The id of test user `n`.
+pub fn user(n: usize) -> Uuid {
+    id("user", n)
+}
+
+/// Registers the test users `users` (ids [`user`]).
+pub async fn register(app: &App, users: std::ops::Range<usize>) {
+    let meta = CommandMeta::new(Actor::importer(), "2024-01-07T12:00:00Z".parse().unwrap());
+    for u in users {
         let cmd = UserCommand::Register {
-            user_id: id("user", u),
+            user_id: user(u),
             display_name: format!("user{u}"),
             preferences: Default::default(),
         };
         app.handler
-            .execute::<User>(id("user", u), cmd, &NoServices, &meta())
+            .execute::<User>(user(u), cmd, &NoServices, &meta)
             .await
             .unwrap();
     }
+}
+
+/// A deterministic history: 6 users, 3 questions, 9 answers, comments, votes with
+/// replacements, accepts. Ids are fixed so that every bus run produces comparable rows.
+pub async fn drive(app: &App) {
+    let meta = || CommandMeta::new(Actor::importer(), "2024-01-07T12:00:00Z".parse().unwrap());
+    register(app, 0..6).await;
     for q in 0..3 {
         let cmd = ContentCommand::PostQuestion {
             question_id: id("q", q),
