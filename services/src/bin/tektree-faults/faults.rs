@@ -1,7 +1,7 @@
 //! Fault injection: SIGKILL + restart of the API, the relay or a worker, a worker armed to
 //! abort between a read-model commit and its acknowledgement, a stop + restart of the bus
-//! server, and (on a MongoDB server the harness started) a SIGKILL + restart of the store's
-//! server.
+//! server, a bus server that loses all its data and a store restored from a backup (issue #12),
+//! and (on a MongoDB server the harness started) a SIGKILL + restart of the store's server.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,6 +84,17 @@ pub enum FaultKind {
     /// SIGKILL the store's MongoDB server, wait 1–4 s, start it again on the same port with
     /// the same data directory (only when the harness started the server).
     StoreRestart,
+    /// The bus server loses all its data while running: Redis `FLUSHALL`, every NATS
+    /// JetStream stream deleted (events, dead letters, the store binding's bucket). The relay
+    /// must find the loss and republish what the consumers have not applied
+    /// (`tektree_outbox::recovery`).
+    BusWipe,
+    /// Every process stopped, the store backed up and restored from that backup (`tektree
+    /// backup` + `tektree restore --from`; on MongoDB `tektree restore` in place), every
+    /// process started again: the epoch rises, the bus is emptied and refilled from the store
+    /// (issue #12). The backup is taken with every process stopped, so no acknowledged command
+    /// is lost (the restore to an older point is `services/tests/restore.rs`).
+    Restore,
 }
 
 impl FaultKind {
@@ -93,13 +104,15 @@ impl FaultKind {
     }
 }
 
-const KINDS: [FaultKind; 6] = [
+const KINDS: [FaultKind; 8] = [
     FaultKind::ApiKill,
     FaultKind::RelayKill,
     FaultKind::WorkerKill,
     FaultKind::WorkerAbort,
     FaultKind::RelayAbort,
     FaultKind::BusRestart,
+    FaultKind::BusWipe,
+    FaultKind::Restore,
 ];
 
 /// Faults injected (and, for `worker_abort`, fired), by kind.
@@ -119,6 +132,10 @@ pub struct FaultCounts {
     pub bus_restart: u64,
     /// Store server SIGKILLs + restarts.
     pub store_restart: u64,
+    /// Bus servers that lost all their data.
+    pub bus_wipe: u64,
+    /// Store backups restored with every process stopped.
+    pub restore: u64,
     /// Poison events.
     pub poison: u64,
 }
@@ -133,6 +150,8 @@ impl FaultCounts {
             + self.relay_abort
             + self.bus_restart
             + self.store_restart
+            + self.bus_wipe
+            + self.restore
             + self.poison
     }
 
@@ -146,13 +165,15 @@ impl FaultCounts {
             relay_abort: self.relay_abort + o.relay_abort,
             bus_restart: self.bus_restart + o.bus_restart,
             store_restart: self.store_restart + o.store_restart,
+            bus_wipe: self.bus_wipe + o.bus_wipe,
+            restore: self.restore + o.restore,
             poison: self.poison + o.poison,
         }
     }
 }
 
 /// `n` fault kinds: every kind once in a shuffled round, round after round, so that a run of at
-/// least six faults (seven with `store_server`) has each kind. `store_server`: the harness
+/// least eight faults (nine with `store_server`) has each kind. `store_server`: the harness
 /// started the store's server, so [`FaultKind::StoreRestart`] is among the kinds.
 pub fn plan(rng: &mut Rng, n: u64, store_server: bool) -> Vec<FaultKind> {
     let mut out = Vec::new();
@@ -238,7 +259,58 @@ pub async fn inject(
             Some(server) => outage(rng, kind, server, Stop::Kill, counts).await,
             None => anyhow::bail!("no store server to restart"),
         },
+        FaultKind::Restore => {
+            let procs = procs.clone();
+            let said =
+                tokio::task::spawn_blocking(move || procs.lock().expect("procs").restore_all())
+                    .await
+                    .context("the restore task")??;
+            counts.lock().expect("counts").restore += 1;
+            Ok(line(format!(
+                "every process stopped, store restored: {said}; restarted"
+            )))
+        }
+        FaultKind::BusWipe => {
+            let url = servers.bus.lock().expect("server").url();
+            let what = wipe(&url).await?;
+            counts.lock().expect("counts").bus_wipe += 1;
+            Ok(line(format!("bus server lost its data: {what}")))
+        }
     }
+}
+
+/// Deletes everything the bus server at `url` holds; says what.
+async fn wipe(url: &str) -> Result<String> {
+    if url.starts_with("redis://") {
+        let client = redis::Client::open(url).context("redis url")?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .context("connecting to redis")?;
+        let () = redis::cmd("FLUSHALL")
+            .query_async(&mut conn)
+            .await
+            .context("FLUSHALL")?;
+        return Ok("FLUSHALL".into());
+    }
+    let client = async_nats::connect(url)
+        .await
+        .context("connecting to nats")?;
+    let js = async_nats::jetstream::new(client);
+    let mut names = Vec::new();
+    let mut list = js.stream_names();
+    while let Some(name) = futures::TryStreamExt::try_next(&mut list)
+        .await
+        .context("listing the streams")?
+    {
+        names.push(name);
+    }
+    for name in &names {
+        js.delete_stream(name)
+            .await
+            .with_context(|| format!("deleting the stream {name}"))?;
+    }
+    Ok(format!("streams {} deleted", names.join(", ")))
 }
 
 /// Stops `server` (the bus's or the store's, as `kind` says) with `how`, and returns the

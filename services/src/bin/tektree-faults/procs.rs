@@ -67,6 +67,8 @@ pub struct ProcStats {
     pub relay_aborts: u64,
     /// SIGKILLs sent by the harness.
     pub kills: u64,
+    /// Store restores made by the harness ([`Procs::restore_all`]).
+    pub restores: u64,
 }
 
 /// Every process of one run.
@@ -233,6 +235,59 @@ impl Procs {
             names.push(self.procs[i].name.clone());
         }
         Ok(names)
+    }
+
+    /// Restores the store while every process is stopped, then starts them again: SIGKILLs
+    /// them all, runs `tektree backup` to a new file beside the logs and `tektree restore
+    /// --from` it on a SQLite store (on MongoDB `tektree restore` in place, which only raises the
+    /// epoch), and restarts every process (without armed hooks). Returns what `tektree restore`
+    /// printed.
+    pub fn restore_all(&mut self) -> Result<String> {
+        for i in 0..self.procs.len() {
+            self.kill(i);
+            self.procs[i].once_env.clear();
+        }
+        self.stats.restores += 1;
+        let restored = if self.common.iter().any(|a| a.starts_with("sqlite://")) {
+            let backup = self
+                .logdir
+                .join(format!("backup-{}.db", self.stats.restores));
+            let backup = backup.to_string_lossy().to_string();
+            self.run(&["backup", &backup])?;
+            self.run(&["restore", "--from", &backup])
+        } else {
+            self.run(&["restore"])
+        };
+        for i in 0..self.procs.len() {
+            spawn(&self.exe, &self.common, &self.logdir, &mut self.procs[i])?;
+        }
+        self.last_disturbance = Instant::now();
+        restored
+    }
+
+    /// Runs `tektree <common> <args>` to its end; its stdout, or an error with its stderr.
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(&self.exe);
+        for k in SCRUBBED_ENV {
+            cmd.env_remove(k);
+        }
+        let out = cmd
+            .args(&self.common)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running tektree {}", args.join(" ")))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "tektree {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// SIGKILLs every process; none is restarted afterwards.

@@ -469,8 +469,13 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                if kind.is_outage() {
-                    // One outage at a time.
+                if kind.is_outage()
+                    || matches!(
+                        kind,
+                        faults::FaultKind::BusWipe | faults::FaultKind::Restore
+                    )
+                {
+                    // One outage at a time; a wipe and a restore need the servers up.
                     end_outage(outage.take()).await;
                 }
                 match faults::inject(kind, &mut frng, &procs, &servers, &counts).await {
