@@ -28,7 +28,7 @@ use tektree_event_store::{EventStore, StoreError, StoreIdentity};
 use crate::bus::{Bus, BusError};
 
 /// Counter of refused bindings (label `reason`: `foreign_store`, `restored_store`,
-/// `unbound_events`). Each refusal is also logged at error level.
+/// `unbound_events`, `diverged`). Each refusal is also logged at error level.
 pub const METRIC_BINDING_REFUSED: &str = "tektree_bus_binding_refusals_total";
 /// Counter of buses emptied and bound to a restored store's new epoch.
 pub const METRIC_BUS_EMPTIED: &str = "tektree_bus_emptied_for_restore_total";
@@ -123,8 +123,8 @@ impl BindError {
 /// docs); returns the store's identity.
 ///
 /// # Errors
-/// [`BindError::ForeignStore`], [`BindError::RestoredStore`] or [`BindError::UnboundEvents`]
-/// (each counted in [`METRIC_BINDING_REFUSED`] and logged); [`BindError::Bus`] /
+/// [`BindError::ForeignStore`], [`BindError::RestoredStore`], [`BindError::UnboundEvents`] or
+/// [`BindError::Diverged`] (each counted in [`METRIC_BINDING_REFUSED`] and logged); [`BindError::Bus`] /
 /// [`BindError::Store`] when either cannot be read.
 pub async fn bind(store: &dyn EventStore, bus: &dyn Bus) -> Result<StoreIdentity, BindError> {
     let outcome = check(store, bus).await;
@@ -147,7 +147,7 @@ async fn check(store: &dyn EventStore, bus: &dyn Bus) -> Result<StoreIdentity, B
             None => {
                 let last = bus.last_published().await?;
                 if last > 0 {
-                    if let Err(detail) = same_last_event(store, bus, last).await? {
+                    if let Err(detail) = same_last_event(store, bus).await? {
                         return Err(BindError::UnboundEvents {
                             last_published: last,
                             detail,
@@ -178,7 +178,7 @@ async fn check(store: &dyn EventStore, bus: &dyn Bus) -> Result<StoreIdentity, B
         }
         let last = bus.last_published().await?;
         if last > 0 {
-            if let Err(detail) = same_last_event(store, bus, last).await? {
+            if let Err(detail) = same_last_event(store, bus).await? {
                 return Err(BindError::Diverged {
                     last_published: last,
                     detail,
@@ -193,25 +193,124 @@ async fn check(store: &dyn EventStore, bus: &dyn Bus) -> Result<StoreIdentity, B
     )))
 }
 
-/// `Ok(Err(detail))` unless the bus's last event (at `last`) is the store's event at `last`.
+/// `Ok(Err(detail))` unless the bus's last event is the store's event at its position. The
+/// position is the one the event carries, so a relay publishing meanwhile cannot make a fresh
+/// read of the bus's end disagree with an older one.
 async fn same_last_event(
     store: &dyn EventStore,
     bus: &dyn Bus,
-    last: u64,
 ) -> Result<Result<(), String>, BindError> {
     let Some(theirs) = bus.last_event().await? else {
         return Ok(Err("its last event cannot be read".into()));
     };
-    let mine = store.read_all(last - 1, 1).await?;
+    let at = theirs.position;
+    let mine = store.read_all(at.saturating_sub(1), 1).await?;
     Ok(match mine.first() {
-        Some(e) if e.position == last && e.event_id == theirs.event_id => Ok(()),
-        Some(e) if e.position == last => Err(format!(
-            "its event at position {last} is {}, the store's is {}",
+        Some(e) if e.position == at && e.event_id == theirs.event_id => Ok(()),
+        Some(e) if e.position == at => Err(format!(
+            "its event at position {at} is {}, the store's is {}",
             theirs.event_id, e.event_id
         )),
         _ => Err(format!(
-            "the store holds no event at position {last} (the bus's event there is {})",
+            "the store holds no event at position {at} (the bus's event there is {})",
             theirs.event_id
         )),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use tektree_domain::EventEnvelope;
+    use tektree_event_store::conformance::{sample_events, SAMPLE_AGGREGATE_TYPE};
+    use tektree_event_store::SqliteStore;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::bus::{DeadLetter, Delivery, Subscription, SubscriptionOptions};
+    use crate::MemoryBus;
+
+    /// A bus whose `last_published` lags one event behind its `last_event`, as when a relay
+    /// publishes between the two reads.
+    struct RelayPublishesMeanwhile(MemoryBus);
+
+    #[async_trait]
+    impl Bus for RelayPublishesMeanwhile {
+        async fn publish_after(&self, floor: u64, e: &[EventEnvelope]) -> Result<(), BusError> {
+            self.0.publish_after(floor, e).await
+        }
+        async fn subscribe(
+            &self,
+            o: SubscriptionOptions,
+        ) -> Result<Box<dyn Subscription>, BusError> {
+            self.0.subscribe(o).await
+        }
+        async fn last_published(&self) -> Result<u64, BusError> {
+            Ok(self.0.last_published().await?.saturating_sub(1))
+        }
+        async fn bound_store(&self) -> Result<Option<StoreIdentity>, BusError> {
+            self.0.bound_store().await
+        }
+        async fn bind_store(&self, id: &StoreIdentity) -> Result<StoreIdentity, BusError> {
+            self.0.bind_store(id).await
+        }
+        async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
+            self.0.last_event().await
+        }
+        async fn dead_letter(&self, g: &str, d: &Delivery, r: &str) -> Result<(), BusError> {
+            self.0.dead_letter(g, d, r).await
+        }
+        async fn dead_letters(
+            &self,
+            g: Option<&str>,
+            n: usize,
+        ) -> Result<Vec<DeadLetter>, BusError> {
+            self.0.dead_letters(g, n).await
+        }
+        async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
+            self.0.remove_dead_letter(id).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relay_publishing_while_a_process_starts_is_no_divergence() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("s.db")).unwrap();
+        let id = Uuid::new_v4();
+        store
+            .append(SAMPLE_AGGREGATE_TYPE, id, 0, sample_events(id, 1, 3))
+            .await
+            .unwrap();
+        let bus = RelayPublishesMeanwhile(MemoryBus::new());
+        assert_eq!(bind(&store, &bus).await.unwrap().epoch, 1);
+        bus.publish(&store.read_all(0, 10).await.unwrap())
+            .await
+            .unwrap();
+        let bound = tokio::time::timeout(Duration::from_secs(10), bind(&store, &bus)).await;
+        assert!(matches!(bound, Ok(Ok(_))), "{bound:?}");
+        // A store that does not hold the bus's last event is refused.
+        let other = SqliteStore::open(dir.path().join("s.db")).unwrap();
+        let restored_by_hand = MemoryBus::new();
+        bind(&other, &restored_by_hand).await.unwrap();
+        let mut theirs = other.read_all(0, 10).await.unwrap();
+        theirs.push(EventEnvelope {
+            position: 4,
+            event_id: Uuid::new_v4(),
+            ..theirs[2].clone()
+        });
+        restored_by_hand.publish(&theirs).await.unwrap();
+        let refused = bind(&other, &restored_by_hand).await;
+        assert!(
+            matches!(
+                refused,
+                Err(BindError::Diverged {
+                    last_published: 4,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+    }
 }

@@ -1,8 +1,9 @@
 //! # tektree-outbox
 //!
 //! The bus port ([`Bus`], [`Subscription`]), its adapters ([`MemoryBus`] for the embedded
-//! single-process mode, [`RedisBus`] on Redis Streams, [`NatsBus`] on NATS JetStream), and the
-//! outbox [`relay`]. The [`conformance`] suite checks an adapter against the contract below;
+//! single-process mode, [`RedisBus`] on Redis Streams, [`NatsBus`] on NATS JetStream), the
+//! outbox [`relay`], the store [`binding`] of a bus and the [`recovery`] of a bus that lost
+//! events. The [`conformance`] suite checks an adapter against the contract below;
 //! [`test_support`] starts real servers for tests (also used by other crates' tests).
 //!
 //! Delivery contract every adapter gives:

@@ -181,13 +181,7 @@ async fn broker_loss<S>(what: &str, mut start: impl FnMut() -> (S, String)) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flushed_redis_or_a_deleted_nats_stream_loses_nothing() {
     tektree_services::api::metrics::handle();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_test_writer()
-        .try_init();
+    common::log_to_test_output();
     broker_loss("redis", || {
         let s = RedisServer::start();
         let url = s.url.clone();

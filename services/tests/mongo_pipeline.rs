@@ -155,13 +155,7 @@ fn counts(r: &ImportReport) -> String {
 async fn the_import_on_mongodb_gives_the_read_models_of_sqlite_on_redis_and_nats() {
     // Errors of the in-process relay and consumers (a task that stops logs why) reach the
     // test's output; RUST_LOG overrides the level.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_test_writer()
-        .try_init();
+    common::log_to_test_output();
     let dump = slice_of_dump(rows());
     let redis = RedisServer::start();
     let nats = NatsServer::start();

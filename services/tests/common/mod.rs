@@ -17,6 +17,18 @@ use tektree_services::app::App;
 use tektree_services::import::{CommandKind, ImportReport};
 use uuid::Uuid;
 
+/// Sends the test's `tracing` events (errors; `RUST_LOG` overrides) to the test's output, so
+/// that an in-process relay or consumer that fails says why.
+pub fn log_to_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// Site name of the bundled dump (its directory name).
 pub const SITE: &str = "history.meta";
 /// A bound against a stuck pipeline, not a speed assertion.
