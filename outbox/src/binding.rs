@@ -56,8 +56,9 @@ pub enum BindError {
         "the bus is bound to {bound}, but this store is at epoch {}: it is an older copy of the \
          store, from before a restore, and the bus (and the read models fed from it) hold events \
          it does not have. Nothing was published or consumed. Use the current store; to go back \
-         to this copy on purpose, run `tektree --store <this store> restore` on it first (it \
-         raises the epoch; the bus is then emptied and refilled from it); see docs/operations.md",
+         to this copy on purpose, run `tektree --store <this store> --bus <this bus> restore` \
+         on it first (it raises the epoch above the bus's; the bus is then emptied and refilled \
+         from it); see docs/operations.md",
         ours.epoch
     )]
     RestoredStore {
@@ -73,8 +74,8 @@ pub enum BindError {
          {detail}: the store was copied back from an older point (a backup, a snapshot) without \
          `tektree restore`, so its new events would take positions the bus already holds for \
          other events. Nothing was published or consumed. Run `tektree --store <this store> \
-         restore` (it raises the epoch; the next start empties the bus and refills it from the \
-         store); see docs/operations.md"
+         --bus <this bus> restore` (it raises the epoch; the next start empties the bus and \
+         refills it from the store); see docs/operations.md"
     )]
     Diverged {
         /// The bus's highest position.
