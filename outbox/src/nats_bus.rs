@@ -60,6 +60,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shortest `expires` of a pull request (a `block` below this, including zero, is rounded up:
 /// a call finding nothing then waits this long).
 const MIN_EXPIRES: Duration = Duration::from_millis(10);
+/// An idle subscription looks for its durable consumer (deleted with its stream?) at most this
+/// often.
+const CONSUMER_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Shortest `ack_wait` given to a consumer (a `min_idle` below this is rounded up).
 const MIN_ACK_WAIT: Duration = Duration::from_millis(10);
 /// At most this many publish rounds per [`Bus::publish`] when other publishers keep
@@ -767,6 +770,7 @@ impl Bus for NatsBus {
             consumer: None,
             buffered: VecDeque::new(),
             held: HashMap::new(),
+            consumer_checked: None,
         };
         sub.consumer().await?;
         Ok(Box::new(sub))
@@ -919,6 +923,8 @@ struct NatsSubscription {
     /// Messages returned (or reported undecodable) and not yet acknowledged, by
     /// [`Delivery::id`].
     held: HashMap<String, Held>,
+    /// When the consumer was last looked for after an empty fetch ([`CONSUMER_CHECK_EVERY`]).
+    consumer_checked: Option<Instant>,
 }
 
 /// A delivered message kept so it can be acknowledged.
@@ -971,8 +977,17 @@ impl NatsSubscription {
         match &result {
             // The consumer may have been deleted: recreate it on the next call.
             Err(_) => self.consumer = None,
-            // A pull request to a consumer deleted with its stream just expires empty: look.
-            Ok(fetched) if fetched.is_empty() => self.check_consumer().await?,
+            // A pull request to a consumer deleted with its stream just expires empty: look,
+            // at most once per CONSUMER_CHECK_EVERY (an idle worker fetches every ~200 ms).
+            Ok(fetched)
+                if fetched.is_empty()
+                    && self
+                        .consumer_checked
+                        .is_none_or(|at| at.elapsed() >= CONSUMER_CHECK_EVERY) =>
+            {
+                self.consumer_checked = Some(Instant::now());
+                self.check_consumer().await?;
+            }
             Ok(_) => {}
         }
         result
