@@ -542,6 +542,66 @@ pub async fn a_bus_carries_one_store(bus: Arc<dyn Bus>) {
     );
 }
 
+/// [`Bus::empty_and_rebind`]: a bus not bound to `from` (another process emptied it first)
+/// is left as it is; a bus bound to `from` loses its events and dead letters, is bound to `to`,
+/// and takes positions from 1 again.
+///
+/// # Panics
+/// On any violation or bus error.
+pub async fn emptying_for_a_restore(bus: Arc<dyn Bus>) {
+    const C: &str = "emptying_for_a_restore";
+    let id = |epoch| StoreIdentity {
+        store_id: Uuid::from_u128(0xe),
+        epoch,
+    };
+    fn read<T>(r: Result<T, crate::BusError>) -> T {
+        r.unwrap_or_else(|e| panic!("conformance::{C}: {e}"))
+    }
+    read(bus.bind_store(&id(1)).await);
+    publish(&bus, C, &envelopes([1, 2, 3])).await;
+    let delivery = Delivery {
+        id: "2".into(),
+        envelope: envelope(2),
+        delivery_count: 5,
+    };
+    read(bus.dead_letter("g", &delivery, "failed").await);
+    assert!(
+        !read(bus.empty_and_rebind(&id(2), &id(3)).await),
+        "conformance::{C}: emptied although bound to another epoch"
+    );
+    assert_eq!(read(bus.last_published().await), 3, "conformance::{C}");
+    assert_eq!(
+        read(bus.bound_store().await),
+        Some(id(1)),
+        "conformance::{C}"
+    );
+    assert!(
+        read(bus.empty_and_rebind(&id(1), &id(2)).await),
+        "conformance::{C}: not emptied"
+    );
+    assert_eq!(
+        read(bus.last_published().await),
+        0,
+        "conformance::{C}: events left"
+    );
+    assert_eq!(read(bus.last_event().await), None, "conformance::{C}");
+    assert!(
+        read(bus.dead_letters(None, 10).await).is_empty(),
+        "conformance::{C}: dead letters left"
+    );
+    assert_eq!(
+        read(bus.bound_store().await),
+        Some(id(2)),
+        "conformance::{C}"
+    );
+    publish(&bus, C, &envelopes([1, 2])).await;
+    assert_eq!(
+        read(bus.last_event().await),
+        Some(envelope(2)),
+        "conformance::{C}"
+    );
+}
+
 /// Runs every check, each on a new bus from `new_bus`.
 pub async fn run_all<F, Fut>(mut new_bus: F)
 where
@@ -558,4 +618,5 @@ where
     publish_wakes_a_blocked_consumer(new_bus().await).await;
     store_binding_is_set_once(new_bus().await).await;
     a_bus_carries_one_store(new_bus().await).await;
+    emptying_for_a_restore(new_bus().await).await;
 }

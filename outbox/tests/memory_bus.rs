@@ -49,6 +49,11 @@ async fn memory_store_binding_is_set_once() {
 }
 
 #[tokio::test]
+async fn memory_emptying_for_a_restore() {
+    conformance::emptying_for_a_restore(bus()).await;
+}
+
+#[tokio::test]
 async fn memory_bus_carries_one_store() {
     conformance::a_bus_carries_one_store(bus()).await;
 }

@@ -201,6 +201,40 @@ async fn read_models_ahead_of_the_restored_store_are_rebuilt() {
     assert_eq!(done.rebuilt, vec!["xp".to_string()]);
 }
 
+/// Policies that have applied more than the restored store holds cannot be rebuilt: the
+/// restore names them.
+#[tokio::test]
+async fn policies_ahead_of_the_restored_store_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = url(dir.path(), "t.db");
+    drop(
+        with_pipeline(&store, "memory", async |app: &App| {
+            register(app, 0..2).await
+        })
+        .await,
+    );
+    let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+    let changed = conn
+        .execute(
+            "UPDATE consumer_checkpoint SET applied = applied + 100 \
+             WHERE consumer = 'policy.gamification'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(conn);
+    let err = restore(&store, "memory", None, Rules::default())
+        .await
+        .unwrap_err();
+    match &err {
+        RestoreError::PoliciesAhead { policies, .. } => {
+            assert_eq!(policies, &vec!["policy.gamification".to_string()])
+        }
+        other => panic!("{other}"),
+    }
+    assert!(err.to_string().contains("tektree restore"), "{err}");
+}
+
 /// Bad input to backup and restore is refused with a clear error and changes nothing.
 #[tokio::test]
 async fn bad_backups_and_restores_change_nothing() {
