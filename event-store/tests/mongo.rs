@@ -491,6 +491,12 @@ async fn append_throughput() {
             lat,
             writers * appends * 2,
         );
+        // Every acknowledged append is stored once, at dense positions in one order.
+        let all = conformance::whole_history_is_gap_free_and_ordered(&a, "distinct").await;
+        assert_eq!(all.len(), writers * appends * 2, "events stored");
+        let aggregates: std::collections::HashSet<Uuid> =
+            all.iter().map(|e| e.aggregate_id).collect();
+        assert_eq!(aggregates.len(), writers * appends, "aggregates stored");
 
         let shared = Uuid::new_v4();
         let per_writer = (appends / 10).max(1);
@@ -541,6 +547,15 @@ async fn append_throughput() {
             lat,
             n,
         );
+        // The contended aggregate holds one event per acknowledged append, sequences 1..=n,
+        // at increasing positions.
+        let shared_events = b.load(SAMPLE_AGGREGATE_TYPE, shared).await.unwrap();
+        let sequences: Vec<u64> = shared_events.iter().map(|e| e.sequence).collect();
+        assert_eq!(sequences, (1..=n as u64).collect::<Vec<_>>());
+        assert!(shared_events
+            .windows(2)
+            .all(|w| w[0].position < w[1].position));
+        conformance::whole_history_is_gap_free_and_ordered(&b, "one aggregate").await;
     })
     .await;
 }

@@ -35,6 +35,12 @@ pub const SHORT_MIN_IDLE: Duration = Duration::from_millis(200);
 pub const DEADLINE: Duration = Duration::from_secs(15);
 /// `block` passed to [`Subscription::next_batch`] in polling loops.
 const POLL_BLOCK: Duration = Duration::from_millis(50);
+/// Shortest watch for acknowledged deliveries coming back in [`acked_deliveries_never_return`].
+pub const ACKED_WATCH: Duration = Duration::from_secs(3);
+/// `block` of the consumer that [`publish_wakes_a_blocked_consumer`] keeps waiting.
+pub const LONG_BLOCK: Duration = Duration::from_secs(10);
+/// Longest time from a publish to its arrival at a consumer blocked in `next_batch`.
+pub const WAKE_WITHIN: Duration = Duration::from_secs(2);
 
 /// A test envelope at `position`: event type `test.event`, aggregate `test`/a fixed id,
 /// `sequence` = `position`, actor `system:test`, fixed millisecond-precision timestamps, and a
@@ -251,8 +257,9 @@ pub async fn consumers_share_a_group(bus: Arc<dyn Bus>) {
     }
 }
 
-/// Acknowledged deliveries are never handed out again, even after `min_idle`; unacknowledged
-/// ones are, to another consumer of the group.
+/// Acknowledged deliveries are never handed out again, even after `min_idle`: the check watches
+/// until the bus has handed out an unacknowledged delivery again (to another consumer of the
+/// group), then as long again, and at least [`ACKED_WATCH`] (15 × [`SHORT_MIN_IDLE`]) in all.
 pub async fn acked_deliveries_never_return(bus: Arc<dyn Bus>) {
     const C: &str = "acked_deliveries_never_return";
     publish(&bus, C, &envelopes(1..=5)).await;
@@ -288,16 +295,41 @@ pub async fn acked_deliveries_never_return(bus: Arc<dyn Bus>) {
             d.delivery_count
         );
     }
-    // All acknowledged now: nothing returns, however long we keep polling (several min_idle).
-    let until = Instant::now() + SHORT_MIN_IDLE * 4;
-    while Instant::now() < until {
-        let extra = next(&mut second, C, 10, POLL_BLOCK).await;
-        assert!(
-            extra.is_empty(),
-            "conformance::{C}: acknowledged deliveries returned: {:?}",
-            positions(&extra)
-        );
+    // 1..=5 are acknowledged now. 6 is taken and left unacknowledged, and a third consumer
+    // watches until the bus hands 6 out again, then as long again, and at least ACKED_WATCH in
+    // all: the watch spans at least one redelivery by the bus, and nothing acknowledged may
+    // come back during it.
+    publish(&bus, C, &envelopes([6])).await;
+    let mut held = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    while held.is_empty() && Instant::now() < deadline {
+        held = next(&mut second, C, 10, POLL_BLOCK).await;
     }
+    assert_eq!(positions(&held), vec![6], "conformance::{C}: the new event");
+    let mut watcher = subscribe(&bus, C, "g", "watcher", SHORT_MIN_IDLE).await;
+    let started = Instant::now();
+    let mut until = started + DEADLINE;
+    let mut returned = None;
+    let mut seen = Vec::new();
+    while Instant::now() < until {
+        let batch = next(&mut watcher, C, 10, POLL_BLOCK).await;
+        ack(&mut watcher, C, &batch).await;
+        seen.extend(positions(&batch));
+        if returned.is_none() && seen.contains(&6) {
+            let after = started.elapsed();
+            returned = Some(after);
+            until = (Instant::now() + after).max(started + ACKED_WATCH);
+        }
+    }
+    assert!(
+        returned.is_some(),
+        "conformance::{C}: the unacknowledged 6 never returned within {DEADLINE:?}"
+    );
+    assert_eq!(
+        seen,
+        vec![6],
+        "conformance::{C}: only the unacknowledged event may return (it did after {returned:?})"
+    );
 }
 
 /// Deliveries a consumer took and never acknowledged (it "died") are handed to another
@@ -426,23 +458,34 @@ pub async fn per_consumer_position_order(bus: Arc<dyn Bus>) {
     );
 }
 
-/// A consumer blocked in `next_batch` receives an event published while it waits.
+/// A consumer blocked in `next_batch` is woken by a publish: the event reaches it within
+/// [`WAKE_WITHIN`] of the publish, while the consumer's `block` is [`LONG_BLOCK`], so a bus
+/// that answers only when the block runs out (or polls on a long period) fails. A bus may
+/// return empty early; the consumer then waits again.
 pub async fn publish_wakes_a_blocked_consumer(bus: Arc<dyn Bus>) {
     const C: &str = "publish_wakes_a_blocked_consumer";
     let mut sub = subscribe(&bus, C, "g", "c", Duration::from_secs(30)).await;
     let waiter = tokio::spawn(async move {
         let deadline = Instant::now() + DEADLINE;
         loop {
-            let got = next(&mut sub, C, 10, Duration::from_secs(5)).await;
+            let got = next(&mut sub, C, 10, LONG_BLOCK).await;
             if !got.is_empty() || Instant::now() >= deadline {
-                return got;
+                return (got, Instant::now());
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Long enough for the consumer to be waiting inside `next_batch`.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let published = Instant::now();
     publish(&bus, C, &envelopes([1])).await;
-    let got = waiter.await.expect("waiter task");
+    let (got, arrived) = waiter.await.expect("waiter task");
     assert_eq!(positions(&got), vec![1], "conformance::{C}");
+    let waited = arrived.duration_since(published);
+    assert!(
+        waited < WAKE_WITHIN,
+        "conformance::{C}: the event arrived {waited:?} after its publish; a blocked consumer \
+         must wake within {WAKE_WITHIN:?} (its block was {LONG_BLOCK:?})"
+    );
 }
 
 /// A bus records one store binding and never replaces it; `last_event` is the event at the

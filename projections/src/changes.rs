@@ -5,11 +5,67 @@ use tektree_domain::events::Event;
 use tektree_domain::{EventEnvelope, Tier};
 use uuid::Uuid;
 
-/// Names of the four projections; each is also its consumer group and checkpoint name.
-pub const PROJECTIONS: [&str; 4] = ["xp", "leaderboard", "quota", "content"];
+/// The four projections. Each one's [`name`](Projection::name) is also its consumer group,
+/// checkpoint and sequence-guard name. A new projection is a new variant here: the compiler
+/// then lists every `match` that must handle it ([`project`] first).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Projection {
+    /// `xp`: a user's XP, level, questions, answers and accepted answers.
+    Xp,
+    /// `leaderboard`: XP per user on the all-time, weekly, tag and area boards.
+    Leaderboard,
+    /// `quota`: usage per user and month against the tier's limit, and the current tier.
+    Quota,
+    /// `content`: per question / answer votes, score, answers, comments, accepted answer.
+    Content,
+}
 
-/// A projection name (one of [`PROJECTIONS`]).
-pub type ProjectionName = &'static str;
+impl Projection {
+    /// Every projection, in the order they are listed, run and reported.
+    pub const ALL: [Projection; 4] = [
+        Projection::Xp,
+        Projection::Leaderboard,
+        Projection::Quota,
+        Projection::Content,
+    ];
+
+    /// The name: `xp`, `leaderboard`, `quota` or `content`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Projection::Xp => "xp",
+            Projection::Leaderboard => "leaderboard",
+            Projection::Quota => "quota",
+            Projection::Content => "content",
+        }
+    }
+
+    /// The projection named `name`, if there is one (exact, case-sensitive).
+    pub fn from_name(name: &str) -> Option<Projection> {
+        Projection::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+impl std::fmt::Display for Projection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not a [`Projection`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown projection {0:?}: expected xp, leaderboard, quota or content")]
+pub struct UnknownProjection(pub String);
+
+impl std::str::FromStr for Projection {
+    type Err = UnknownProjection;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Projection::from_name(s).ok_or_else(|| UnknownProjection(s.to_owned()))
+    }
+}
 
 /// Counter deltas and facts for one content row.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -96,16 +152,14 @@ pub fn weekly_board(t: DateTime<Utc>) -> String {
     format!("weekly:{:04}-W{:02}", w.year(), w.week())
 }
 
-/// The changes projection `projection` makes for one event. Unknown projection names and
-/// events a projection ignores give no changes.
-pub fn project(projection: &str, envelope: &EventEnvelope, event: &Event) -> Vec<Change> {
+/// The changes `projection` makes for one event; none for events it ignores.
+pub fn project(projection: Projection, envelope: &EventEnvelope, event: &Event) -> Vec<Change> {
     let _ = envelope;
     match projection {
-        "xp" => xp(event),
-        "leaderboard" => leaderboard(event),
-        "quota" => quota(event),
-        "content" => content(event),
-        _ => vec![],
+        Projection::Xp => xp(event),
+        Projection::Leaderboard => leaderboard(event),
+        Projection::Quota => quota(event),
+        Projection::Content => content(event),
     }
 }
 
@@ -310,9 +364,9 @@ mod tests {
 
     fn all(event: &Event, aggregate_id: Uuid) -> Vec<(&'static str, Vec<Change>)> {
         let env = envelope(event, aggregate_id);
-        PROJECTIONS
-            .iter()
-            .map(|p| (*p, project(p, &env, event)))
+        Projection::ALL
+            .into_iter()
+            .map(|p| (p.name(), project(p, &env, event)))
             .filter(|(_, c)| !c.is_empty())
             .collect()
     }
@@ -377,7 +431,7 @@ mod tests {
         });
         let env = envelope(&e, a);
         assert_eq!(
-            project("content", &env, &e),
+            project(Projection::Content, &env, &e),
             vec![
                 Change::Content(ContentDelta {
                     content_id: a,
@@ -394,7 +448,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            project("xp", &env, &e),
+            project(Projection::Xp, &env, &e),
             vec![Change::Xp {
                 user_id: author,
                 xp: 0,
@@ -403,8 +457,8 @@ mod tests {
                 accepted_answers: 0
             }]
         );
-        assert!(project("leaderboard", &env, &e).is_empty());
-        assert!(project("quota", &env, &e).is_empty());
+        assert!(project(Projection::Leaderboard, &env, &e).is_empty());
+        assert!(project(Projection::Quota, &env, &e).is_empty());
     }
 
     #[test]
@@ -479,7 +533,7 @@ mod tests {
             area_id: None,
         });
         let env = envelope(&e, user);
-        let boards: Vec<(String, i64)> = project("leaderboard", &env, &e)
+        let boards: Vec<(String, i64)> = project(Projection::Leaderboard, &env, &e)
             .into_iter()
             .map(|c| match c {
                 Change::Leaderboard { board, user_id, xp } => {
@@ -499,7 +553,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            project("xp", &env, &e),
+            project(Projection::Xp, &env, &e),
             vec![Change::Xp {
                 user_id: user,
                 xp: -2,
@@ -508,11 +562,11 @@ mod tests {
                 accepted_answers: 0
             }]
         );
-        assert!(project("content", &env, &e).is_empty());
+        assert!(project(Projection::Content, &env, &e).is_empty());
     }
 
     fn boards_of(e: &Event, user: Uuid) -> Vec<String> {
-        project("leaderboard", &envelope(e, user), e)
+        project(Projection::Leaderboard, &envelope(e, user), e)
             .into_iter()
             .map(|c| match c {
                 Change::Leaderboard { board, .. } => board,
@@ -631,7 +685,28 @@ mod tests {
             tags: vec![],
             area_id: None,
         });
-        assert!(project("policy.gamification", &envelope(&q, user), &q).is_empty());
+        assert_eq!(
+            all(&q, user)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>(),
+            ["xp", "content"]
+        );
+    }
+
+    #[test]
+    fn projections_are_named_and_parsed_by_their_checkpoint_names() {
+        let names: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
+        assert_eq!(names, ["xp", "leaderboard", "quota", "content"]);
+        assert_eq!("quota".parse::<Projection>(), Ok(Projection::Quota));
+        assert_eq!(Projection::Leaderboard.to_string(), "leaderboard");
+        for bad in ["policy.gamification", "XP", "", "content "] {
+            assert_eq!(
+                bad.parse::<Projection>(),
+                Err(UnknownProjection(bad.into())),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ mod sqlite;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-pub use changes::{project, Change, ContentDelta, ProjectionName, PROJECTIONS};
+pub use changes::{project, Change, ContentDelta, Projection, UnknownProjection};
 pub use model::{Checkpoint, ContentRow, LeaderboardRow, QuotaRow, ReadModel, XpRow};
 #[cfg(feature = "mongodb")]
 pub use mongo::MongoReadModels;
@@ -105,9 +105,9 @@ pub trait ReadModelStore: Send + Sync + 'static {
         items: &[(EventKey, Vec<Change>)],
     ) -> Result<Vec<ApplyOutcome>, ReadModelError>;
 
-    /// Deletes the rows of read model `projection` (one of [`PROJECTIONS`]) together with its
-    /// guard and checkpoint, so that it can be rebuilt from position 1.
-    async fn reset(&self, projection: &str) -> Result<(), ReadModelError>;
+    /// Deletes the rows of read model `projection` together with its guard and checkpoint, so
+    /// that it can be rebuilt from position 1.
+    async fn reset(&self, projection: Projection) -> Result<(), ReadModelError>;
 
     /// Every consumer's checkpoint, sorted by name.
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ReadModelError>;

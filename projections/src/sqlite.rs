@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::{
     check_consumer, check_export, check_key, export_page, int, ApplyOutcome, Change, Checkpoint,
     ContentDelta, ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow,
-    QuotaRow, ReadModel, ReadModelError, ReadModelStore, XpRow, PROJECTIONS,
+    Projection, QuotaRow, ReadModel, ReadModelError, ReadModelStore, XpRow,
 };
 
 /// How long a statement waits for another connection's lock before failing with
@@ -930,19 +930,13 @@ impl ReadModelStore for SqliteReadModels {
         .await
     }
 
-    async fn reset(&self, projection: &str) -> Result<(), ReadModelError> {
+    async fn reset(&self, projection: Projection) -> Result<(), ReadModelError> {
         let tables: &[&str] = match projection {
-            "xp" => &["rm_xp"],
-            "leaderboard" => &["rm_leaderboard"],
-            "quota" => &["rm_quota", "rm_tier"],
-            "content" => &["rm_content"],
-            other => {
-                return Err(ReadModelError::Invalid(format!(
-                    "unknown projection {other:?}: expected one of {PROJECTIONS:?}"
-                )))
-            }
+            Projection::Xp => &["rm_xp"],
+            Projection::Leaderboard => &["rm_leaderboard"],
+            Projection::Quota => &["rm_quota", "rm_tier"],
+            Projection::Content => &["rm_content"],
         };
-        debug_assert!(PROJECTIONS.contains(&projection));
         let consumer = projection.to_string();
         self.run(true, move |conn| {
             let tx = conn

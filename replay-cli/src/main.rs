@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use tektree_projections::PROJECTIONS;
+use tektree_projections::Projection;
 use tektree_services::app::App;
 use tektree_services::config::{load_rules, DEFAULT_BUS, DEFAULT_STORE};
 use tektree_services::replay::{events, rebuild, EventForm, EventSelection};
@@ -38,7 +38,7 @@ enum Command {
     /// Reset a projection and rebuild it from the event store (not the bus).
     Rebuild {
         /// `xp`, `leaderboard`, `quota` or `content`.
-        projection: Option<String>,
+        projection: Option<Projection>,
         /// Rebuild all four.
         #[arg(long, conflicts_with = "projection")]
         all: bool,
@@ -104,8 +104,8 @@ async fn main() -> Result<()> {
             all,
             quiet,
         } => {
-            let names: Vec<String> = match (projection, all) {
-                (_, true) => PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            let names: Vec<Projection> = match (projection, all) {
+                (_, true) => Projection::ALL.into(),
                 (Some(p), false) => vec![p],
                 (None, false) => bail!("name a projection or pass --all"),
             };
@@ -122,8 +122,8 @@ async fn main() -> Result<()> {
                     )?
                     .progress_chars("=> "),
                 );
-                bar.set_prefix(name.clone());
-                let n = rebuild(app.store.as_ref(), app.read_models.as_ref(), &name, |p| {
+                bar.set_prefix(name.name());
+                let n = rebuild(app.store.as_ref(), app.read_models.as_ref(), name, |p| {
                     bar.set_position(p)
                 })
                 .await?;

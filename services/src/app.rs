@@ -12,7 +12,7 @@ use tektree_outbox::binding::{bind, BindError};
 use tektree_outbox::recovery::{self, ConsumerCheckpoints};
 use tektree_outbox::relay::{self, RelayConfig};
 use tektree_outbox::{open_bus, Bus, BusError};
-use tektree_projections::{MongoReadModels, ReadModelStore, SqliteReadModels, PROJECTIONS};
+use tektree_projections::{MongoReadModels, Projection, ReadModelStore, SqliteReadModels};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -201,10 +201,7 @@ impl App {
     /// Every consumer: the four projections and the two policies, then `live` when the app
     /// has [live updates](App::with_live).
     pub fn consumers(&self) -> Vec<Consumer> {
-        let mut v: Vec<Consumer> = PROJECTIONS
-            .iter()
-            .map(|p| Consumer::Projection(p))
-            .collect();
+        let mut v: Vec<Consumer> = Projection::ALL.map(Consumer::Projection).into();
         v.extend(self.policies().into_iter().map(Consumer::Policy));
         if let Some(live) = &self.live {
             v.push(Consumer::Policy(Arc::new(Notifier::new(

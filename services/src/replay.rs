@@ -14,7 +14,7 @@
 use tektree_domain::EventEnvelope;
 use tektree_event_store::{EventStore, StoreError};
 use tektree_projections::{
-    project, ApplyOutcome, Change, EventKey, ReadModelError, ReadModelStore, PROJECTIONS,
+    project, ApplyOutcome, Change, EventKey, Projection, ReadModelError, ReadModelStore,
 };
 use uuid::Uuid;
 
@@ -24,9 +24,6 @@ pub const PAGE: usize = 1000;
 /// Errors of [`rebuild`].
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
-    /// Not one of `xp`, `leaderboard`, `quota`, `content`.
-    #[error("unknown projection {0:?}: expected one of xp, leaderboard, quota, content")]
-    UnknownProjection(String),
     /// Reading the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -68,14 +65,11 @@ pub enum ReplayError {
 pub async fn rebuild(
     store: &dyn EventStore,
     read_models: &dyn ReadModelStore,
-    projection: &str,
+    projection: Projection,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, ReplayError> {
-    let name = PROJECTIONS
-        .iter()
-        .find(|p| **p == projection)
-        .ok_or_else(|| ReplayError::UnknownProjection(projection.into()))?;
-    read_models.reset(name).await?;
+    let name = projection.name();
+    read_models.reset(projection).await?;
     let mut after = 0u64;
     let mut count = 0u64;
     loop {
@@ -97,7 +91,7 @@ pub async fn rebuild(
                 position: env.position,
                 reason: e.to_string(),
             })?;
-            items.push((EventKey::of(env), project(name, env, &event)));
+            items.push((EventKey::of(env), project(projection, env, &event)));
         }
         after = last.position;
         let outcomes = read_models.apply(name, &items).await?;

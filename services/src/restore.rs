@@ -26,7 +26,7 @@ use tektree_event_store::mongo::MongoStore;
 use tektree_event_store::sqlite_backup::{self, BackupError, BackupReport};
 use tektree_event_store::{EventStore, SqliteStore, StoreError, StoreIdentity};
 use tektree_outbox::{open_bus, BusError};
-use tektree_projections::PROJECTIONS;
+use tektree_projections::Projection;
 
 use crate::app::{App, AppError};
 use crate::config::{ConfigError, StoreUrl};
@@ -172,13 +172,13 @@ pub async fn restore(
         if c.checkpoint <= head && c.applied <= head {
             continue;
         }
-        if PROJECTIONS.contains(&c.name.as_str()) {
+        if let Some(projection) = Projection::from_name(&c.name) {
             tracing::warn!(projection = %c.name, checkpoint = c.checkpoint, applied = c.applied, head,
                 "read model ahead of the restored store; rebuilding it");
             rebuild(
                 app.store.as_ref(),
                 app.read_models.as_ref(),
-                &c.name,
+                projection,
                 |_| {},
             )
             .await?;

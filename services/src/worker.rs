@@ -47,7 +47,7 @@ use std::time::Duration;
 use tektree_commands::policies::Policy;
 use tektree_commands::CommandError;
 use tektree_outbox::{BusError, Delivery, Subscription, SubscriptionOptions};
-use tektree_projections::{project, ApplyOutcome, Change, EventKey, ReadModelError};
+use tektree_projections::{project, ApplyOutcome, Change, EventKey, Projection, ReadModelError};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -56,8 +56,8 @@ use crate::app::App;
 /// A consumer: one projection or one policy. Its name is its consumer group and checkpoint.
 #[derive(Clone)]
 pub enum Consumer {
-    /// A projection by name (`xp`, `leaderboard`, `quota`, `content`).
-    Projection(&'static str),
+    /// A projection.
+    Projection(Projection),
     /// A policy.
     Policy(Arc<dyn Policy>),
 }
@@ -66,7 +66,7 @@ impl Consumer {
     /// Consumer-group / checkpoint name.
     pub fn name(&self) -> &str {
         match self {
-            Consumer::Projection(n) => n,
+            Consumer::Projection(p) => p.name(),
             Consumer::Policy(p) => p.name(),
         }
     }
@@ -435,7 +435,7 @@ pub async fn process(
             }
         };
         match consumer {
-            Consumer::Projection(p) => items.push((EventKey::of(env), project(p, env, &event))),
+            Consumer::Projection(p) => items.push((EventKey::of(env), project(*p, env, &event))),
             Consumer::Policy(policy) => {
                 let span = tracing::info_span!("policy", policy = name,
                     event_id = %env.event_id, correlation_id = %env.correlation_id,

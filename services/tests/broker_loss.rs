@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tektree_domain::Rules;
 use tektree_outbox::test_support::{NatsServer, RedisServer};
 use tektree_outbox::DEFAULT_NATS_STREAM;
-use tektree_projections::PROJECTIONS;
+use tektree_projections::Projection;
 use tektree_services::app::App;
 use tektree_services::replay::rebuild;
 use tektree_services::worker::WorkerConfig;
@@ -55,7 +55,7 @@ async fn assert_rebuild_equals_live(app: &App, bus: &str, what: &str) {
         live.values().all(|rows| !rows.is_empty()),
         "{bus} {what}: {live:?}"
     );
-    for p in PROJECTIONS {
+    for p in Projection::ALL {
         rebuild(app.store.as_ref(), app.read_models.as_ref(), p, |_| {})
             .await
             .unwrap();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tektree_domain::Rules;
 use tektree_outbox::test_support::{NatsServer, RedisServer};
-use tektree_projections::{ReadModel, PROJECTIONS};
+use tektree_projections::{Projection, ReadModel};
 use tektree_services::app::App;
 use tektree_services::replay::rebuild;
 use tokio::sync::watch;
@@ -39,7 +39,7 @@ async fn run(bus: &str) -> Vec<Vec<serde_json::Value>> {
     let _ = stop.send(true);
     while tasks.join_next().await.is_some() {}
     let live = exports(&app).await;
-    for p in PROJECTIONS {
+    for p in Projection::ALL {
         rebuild(app.store.as_ref(), app.read_models.as_ref(), p, |_| {})
             .await
             .unwrap();

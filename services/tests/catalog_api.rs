@@ -693,9 +693,14 @@ async fn replaying_the_store_rebuilds_the_same_read_models() {
     // 1. Into a fresh read-model store, as `tektree-replay rebuild` does.
     let fresh = SqliteReadModels::open(h.dir.path().join("rebuilt.db")).unwrap();
     for (name, _) in MODELS {
-        let n = tektree_services::replay::rebuild(h.app.store.as_ref(), &fresh, name, |_| {})
-            .await
-            .unwrap();
+        let n = tektree_services::replay::rebuild(
+            h.app.store.as_ref(),
+            &fresh,
+            name.parse().unwrap(),
+            |_| {},
+        )
+        .await
+        .unwrap();
         assert_eq!(n, stored, "{name}");
     }
     let rebuilt = H::exports(&fresh).await;

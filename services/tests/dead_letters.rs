@@ -11,7 +11,7 @@ use tektree_domain::{
     Actor, Content, ContentCommand, NoServices, Rules, User, UserCommand, VoteDirection,
 };
 use tektree_outbox::test_support::{NatsServer, RedisServer};
-use tektree_projections::{ReadModel, PROJECTIONS};
+use tektree_projections::{Projection, ReadModel};
 use tektree_services::app::App;
 use tektree_services::replay::rebuild;
 use tektree_services::worker::{self, Processed, WorkerConfig};
@@ -146,7 +146,7 @@ async fn scenario(bus: &str) {
     ] {
         live.push(app.read_models.export(m, None, 10_000).await.unwrap().rows);
     }
-    for p in PROJECTIONS {
+    for p in Projection::ALL {
         rebuild(app.store.as_ref(), app.read_models.as_ref(), p, |_| {})
             .await
             .unwrap();

@@ -3,12 +3,21 @@
 use std::process::Command;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
 use chrono::Utc;
+use http_body_util::BodyExt;
 use tektree_commands::CommandMeta;
 use tektree_domain::{Actor, NoServices, Rules, User, UserCommand};
+use tektree_services::api;
+use tektree_services::api::auth::Authenticator;
+use tektree_services::api::cors::CorsOrigins;
+use tektree_services::api::ratelimit::RateLimiter;
+use tektree_services::api::security::Security;
 use tektree_services::app::App;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tower::ServiceExt;
 use uuid::Uuid;
 
 fn export(store: &str, args: &[&str]) -> String {
@@ -52,7 +61,13 @@ async fn exports_match_the_http_rows() {
     let _ = stop.send(true);
     while tasks.join_next().await.is_some() {}
 
-    // JSON lines: each row equals the HTTP body of GET /v1/users/{id}/xp.
+    // JSON lines: each row is the body the API answers to GET /v1/users/{id}/xp (asked over
+    // the router), and holds the values written out here (registration earns 1 XP).
+    let router = api::router(app.clone().with_security(Security {
+        auth: Authenticator::ephemeral(),
+        rate_limiter: RateLimiter::disabled(),
+        cors: CorsOrigins::none(),
+    }));
     let jsonl = export(&store, &["xp", "--format", "jsonl"]);
     let rows: Vec<serde_json::Value> = jsonl
         .lines()
@@ -61,9 +76,27 @@ async fn exports_match_the_http_rows() {
     assert_eq!(rows.len(), 2);
     for row in &rows {
         let id: Uuid = row["user_id"].as_str().unwrap().parse().unwrap();
-        let http = app.read_models.user_xp(id).await.unwrap().unwrap();
-        assert_eq!(row, &serde_json::to_value(&http).unwrap());
-        assert_eq!(http.xp, 1, "registration earns 1 XP");
+        assert!(users.contains(&id), "{row}");
+        let resp = router
+            .clone()
+            .oneshot(
+                Request::get(format!("/v1/users/{id}/xp"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let http: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(row, &http, "export row vs HTTP body");
+        assert_eq!(
+            row,
+            &serde_json::json!({
+                "user_id": id.to_string(), "xp": 1, "level": 1,
+                "questions": 0, "answers": 0, "accepted_answers": 0
+            })
+        );
     }
 
     // CSV: header of the HTTP field names, one line per row, to a file.

@@ -21,7 +21,7 @@ use common::{dump_dir, exports, SETTLE, SITE};
 use tektree_domain::Rules;
 use tektree_event_store::conformance::whole_history_is_gap_free_and_ordered;
 use tektree_outbox::test_support::{NatsServer, RedisServer};
-use tektree_projections::PROJECTIONS;
+use tektree_projections::Projection;
 use tektree_services::app::App;
 use tektree_services::import::{import_stackexchange, ImportOptions, ImportReport};
 use tektree_services::replay::rebuild;
@@ -125,7 +125,7 @@ async fn import(store_url: &str, bus_url: &str, dump: &Path) -> (ImportReport, E
     whole_history_is_gap_free_and_ordered(app.store.as_ref(), store_url).await;
     let live = exports(app.read_models.as_ref()).await.unwrap();
     if store_url.starts_with("mongodb://") {
-        for p in PROJECTIONS {
+        for p in Projection::ALL {
             rebuild(app.store.as_ref(), app.read_models.as_ref(), p, |_| {})
                 .await
                 .unwrap_or_else(|e| panic!("rebuild {p}: {e}"));

@@ -161,7 +161,7 @@ fn killed_relay_and_workers_restart_to_identical_read_models() {
         assert_matches_dump(&live, &expected);
 
         // Rebuilding every projection from the store gives identical read models.
-        for name in tektree_projections::PROJECTIONS {
+        for name in tektree_projections::Projection::ALL {
             rebuild(app.store.as_ref(), app.read_models.as_ref(), name, |_| {})
                 .await
                 .unwrap();

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tektree_event_store::conformance::{sample_events, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::{EventStore, SqliteStore};
-use tektree_projections::SqliteReadModels;
+use tektree_projections::{Projection, SqliteReadModels};
 use tektree_services::replay::{rebuild, ReplayError};
 use uuid::Uuid;
 
@@ -41,7 +41,7 @@ fn sql(path: &Path, statements: &str) {
 async fn rebuild_xp(path: &Path, dir: &Path) -> Result<u64, ReplayError> {
     let store = SqliteStore::open(path).unwrap();
     let read_models = SqliteReadModels::open(dir.join("rm.db")).unwrap();
-    rebuild(&store, &read_models, "xp", |_| {}).await
+    rebuild(&store, &read_models, Projection::Xp, |_| {}).await
 }
 
 #[tokio::test]

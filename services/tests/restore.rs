@@ -14,7 +14,7 @@ use tektree_event_store::sqlite_backup::BackupError;
 use tektree_event_store::{EventStore, SqliteStore};
 use tektree_outbox::binding::BindError;
 use tektree_outbox::test_support::{NatsServer, RedisServer};
-use tektree_projections::PROJECTIONS;
+use tektree_projections::Projection;
 use tektree_services::app::{App, AppError};
 use tektree_services::replay::rebuild;
 use tektree_services::restore::{backup, restore, RestoreError};
@@ -133,7 +133,7 @@ async fn restore_while_the_bus_kept_everything(bus: &str) {
         "{bus}: lost by the restore"
     );
     let live = exports(app.read_models.as_ref()).await.unwrap();
-    for p in PROJECTIONS {
+    for p in Projection::ALL {
         rebuild(app.store.as_ref(), app.read_models.as_ref(), p, |_| {})
             .await
             .unwrap();

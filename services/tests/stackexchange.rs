@@ -118,7 +118,7 @@ async fn memory_runs(
             SqliteReadModels::open(dir.path().join("rebuilt.db")).map_err(|e| e.to_string())?;
         let started = Instant::now();
         for (name, _) in MODELS {
-            rebuild(app.store.as_ref(), &fresh, name, |_| {})
+            rebuild(app.store.as_ref(), &fresh, name.parse().unwrap(), |_| {})
                 .await
                 .map_err(|e| format!("rebuild {name}: {e}"))?;
         }

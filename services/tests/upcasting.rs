@@ -20,7 +20,7 @@ use tektree_domain::{
 use tektree_event_store::{EventStore, SqliteStore};
 use tektree_outbox::relay::{self, relay_once, RelayConfig};
 use tektree_outbox::{Bus, Delivery, MemoryBus, SubscriptionOptions};
-use tektree_projections::ReadModel;
+use tektree_projections::{Projection, ReadModel};
 use tektree_services::app::App;
 use tektree_services::replay::{events, rebuild, EventForm, EventSelection};
 use tektree_services::worker::Processed;
@@ -418,9 +418,14 @@ async fn pipeline_and_replay_see_stored_v1_users_as_v2() {
         .unwrap()
         .rows;
     assert_eq!(live.len(), v1.len());
-    let n = rebuild(app.store.as_ref(), app.read_models.as_ref(), "xp", |_| {})
-        .await
-        .unwrap();
+    let n = rebuild(
+        app.store.as_ref(),
+        app.read_models.as_ref(),
+        Projection::Xp,
+        |_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(n, head.position);
     assert_eq!(
         app.read_models

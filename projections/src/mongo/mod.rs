@@ -66,8 +66,8 @@ pub use plan::{plan_guards, GuardKey, Progress};
 
 use crate::{
     check_consumer, check_export, check_key, export_page, int, ApplyOutcome, Change, Checkpoint,
-    ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow, QuotaRow, ReadModel,
-    ReadModelError, ReadModelStore, XpRow, PROJECTIONS,
+    ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow, Projection,
+    QuotaRow, ReadModel, ReadModelError, ReadModelStore, XpRow,
 };
 use txn::TxError;
 
@@ -490,17 +490,12 @@ impl ReadModelStore for MongoReadModels {
         out
     }
 
-    async fn reset(&self, projection: &str) -> Result<(), ReadModelError> {
+    async fn reset(&self, projection: Projection) -> Result<(), ReadModelError> {
         let collections: &'static [&'static str] = match projection {
-            "xp" => &[XP],
-            "leaderboard" => &[LEADERBOARD],
-            "quota" => &[QUOTA, TIER],
-            "content" => &[CONTENT],
-            other => {
-                return Err(ReadModelError::Invalid(format!(
-                    "unknown projection {other:?}: expected one of {PROJECTIONS:?}"
-                )))
-            }
+            Projection::Xp => &[XP],
+            Projection::Leaderboard => &[LEADERBOARD],
+            Projection::Quota => &[QUOTA, TIER],
+            Projection::Content => &[CONTENT],
         };
         let consumer = projection.to_string();
         let mut s = self.session().await?;

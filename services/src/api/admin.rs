@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use tektree_domain::EventEnvelope;
-use tektree_projections::PROJECTIONS;
+use tektree_projections::{Projection, UnknownProjection};
 
 use super::extract::{ApiPath, ApiQuery};
 use super::identity::{Admin, Moderator};
@@ -173,21 +173,17 @@ pub async fn rebuild(
     Admin(admin): Admin,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<RebuildResponse>, Problem> {
-    if !PROJECTIONS.contains(&name.as_str()) {
-        return Err(Problem::not_found(format!(
-            "no projection {name:?}: expected xp, leaderboard, quota or content"
-        )));
-    }
-    let (store, read_models, projection) =
-        (app.store.clone(), app.read_models.clone(), name.clone());
+    let projection: Projection = name
+        .parse()
+        .map_err(|e: UnknownProjection| Problem::not_found(e.to_string()))?;
+    let (store, read_models) = (app.store.clone(), app.read_models.clone());
     tracing::info!(projection = %name, admin = %admin.user, "rebuild requested");
     let events = tokio::spawn(async move {
-        replay::rebuild(store.as_ref(), read_models.as_ref(), &projection, |_| {}).await
+        replay::rebuild(store.as_ref(), read_models.as_ref(), projection, |_| {}).await
     })
     .await
     .map_err(|e| Problem::internal("rebuild", &e))?
     .map_err(|e| match e {
-        ReplayError::UnknownProjection(_) => Problem::not_found(e.to_string()),
         ReplayError::Store(s) => s.into(),
         ReplayError::ReadModels(r) => r.into(),
         e @ ReplayError::Decode { .. } => Problem::internal("decode", &e),

@@ -31,7 +31,7 @@ use tektree_commands::policies::Policy;
 use tektree_commands::CommandError;
 use tektree_domain::{Event, EventEnvelope};
 use tektree_event_store::StoreError;
-use tektree_projections::{project, Change, ReadModelStore};
+use tektree_projections::{project, Change, Projection, ReadModelStore};
 use tokio::time::Instant;
 
 use super::message::{notifications, Notification, RANK_CHANGED};
@@ -79,7 +79,7 @@ impl Notifier {
         }
         let mut out = notifications(envelope, event, cfg.quota_warning_percent);
         if let Event::XpEarned(e) = event {
-            let boards: Vec<String> = project("leaderboard", envelope, event)
+            let boards: Vec<String> = project(Projection::Leaderboard, envelope, event)
                 .into_iter()
                 .filter_map(|c| match c {
                     Change::Leaderboard { board, .. } => Some(board),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tektree_domain::Rules;
-use tektree_projections::{ReadModelStore, PROJECTIONS};
+use tektree_projections::{Projection, ReadModelStore};
 use tektree_services::app::App;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -45,7 +45,7 @@ pub struct LagRun {
     pub elapsed: Duration,
     /// Latency of the appends themselves, from each command's due time to its commit.
     pub append_latencies: Latencies,
-    /// Per projection (in [`PROJECTIONS`] order): the lag of every committed command.
+    /// Per projection (in [`Projection::ALL`] order): the lag of every committed command.
     pub lags: Vec<Latencies>,
     /// Per projection: commands whose position the projection had not reached when the
     /// watcher gave up (after [`CATCH_UP_PATIENCE`]).
@@ -63,8 +63,8 @@ async fn watch_checkpoints(
     read_models: Arc<dyn ReadModelStore>,
     target: Arc<AtomicU64>,
 ) -> Result<Seen> {
-    let mut seen: Seen = vec![Vec::new(); PROJECTIONS.len()];
-    let mut last = vec![0u64; PROJECTIONS.len()];
+    let mut seen: Seen = vec![Vec::new(); Projection::ALL.len()];
+    let mut last = vec![0u64; Projection::ALL.len()];
     let mut deadline = None;
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -72,10 +72,10 @@ async fn watch_checkpoints(
         tick.tick().await;
         let checkpoints = read_models.checkpoints().await?;
         let now = Instant::now();
-        for (i, name) in PROJECTIONS.iter().enumerate() {
+        for (i, name) in Projection::ALL.iter().enumerate() {
             let cp = checkpoints
                 .iter()
-                .find(|c| c.name == *name)
+                .find(|c| c.name == name.name())
                 .map_or(0, |c| c.checkpoint);
             if cp > last[i] {
                 last[i] = cp;

@@ -54,7 +54,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 use tektree_domain::Rules;
 use tektree_outbox::test_support::{NatsServer, RedisServer};
-use tektree_projections::PROJECTIONS;
+use tektree_projections::Projection;
 use tektree_services::app::App;
 
 use crate::relay::BusKind;
@@ -501,9 +501,9 @@ async fn scenario_lag(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) -> Re
     let path = dir.join("lag.db");
     let mut achieved = Vec::new();
     let mut append_lat = Latencies::default();
-    let mut lags: Vec<Latencies> = vec![Latencies::default(); PROJECTIONS.len()];
-    let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); PROJECTIONS.len()];
-    let mut not_visible = vec![0u64; PROJECTIONS.len()];
+    let mut lags: Vec<Latencies> = vec![Latencies::default(); Projection::ALL.len()];
+    let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); Projection::ALL.len()];
+    let mut not_visible = vec![0u64; Projection::ALL.len()];
     let (mut refused, mut n) = (0, 0);
     for _ in 0..sizes.runs {
         let done = lag::run_once(&path, &work, sizes.lag_rate, PACED_IN_FLIGHT).await?;
@@ -522,7 +522,7 @@ async fn scenario_lag(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) -> Re
     }
     let achieved_median = round1(summarize(&achieved).median);
     let (append_p50, append_p99) = append_lat.p50_p99();
-    for (i, name) in PROJECTIONS.iter().enumerate() {
+    for (i, name) in Projection::ALL.iter().enumerate() {
         let mut base = with_latencies(
             json!({
                 "scenario": "lag",
@@ -669,7 +669,7 @@ async fn scenarios_on_corpus(
     }
 
     if want("projection") {
-        for name in PROJECTIONS {
+        for name in Projection::ALL {
             let mut rates = Vec::new();
             for _ in 0..sizes.runs {
                 let (count, secs) = projection::run_once(&c.app, &events, name, dir).await?;
@@ -688,12 +688,12 @@ async fn scenarios_on_corpus(
             let store = dir.join(format!("replay-{size}.db"));
             eprintln!("tektree-bench: replay: tiling the corpus to {size} events");
             let stored = tile::tile(&c.path, &store, size).await?;
-            for name in PROJECTIONS {
+            for name in Projection::ALL {
                 let mut rates = Vec::new();
                 let mut rss = Vec::new();
                 let mut n = 0;
                 for _ in 0..sizes.runs {
-                    let (count, secs, kib) = replay::run_once(&store, name).await?;
+                    let (count, secs, kib) = replay::run_once(&store, name.name()).await?;
                     n = count;
                     rates.push(rate(count, secs));
                     rss.push(kib as f64 / 1024.0);

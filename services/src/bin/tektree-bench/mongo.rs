@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tektree_domain::Rules;
 use tektree_event_store::mongo::{connect_client, ServerBuild};
 use tektree_outbox::test_support::MongoServer;
-use tektree_projections::{MongoReadModels, PROJECTIONS};
+use tektree_projections::{MongoReadModels, Projection};
 use tektree_services::app::App;
 
 use crate::relay::{self, BusKind};
@@ -289,7 +289,7 @@ pub async fn projections(
         "tektree-bench: projection_mongodb: {} events per run and projection",
         stored.len()
     );
-    for name in PROJECTIONS {
+    for name in Projection::ALL {
         let mut rates = Vec::new();
         for run in 0..runs {
             let db = database(&format!("p{run}_{name}"));

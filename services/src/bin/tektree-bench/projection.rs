@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use tektree_domain::EventEnvelope;
 use tektree_outbox::{Bus, MemoryBus, SubscriptionOptions};
-use tektree_projections::{ReadModelStore, SqliteReadModels};
+use tektree_projections::{Projection, ReadModelStore, SqliteReadModels};
 use tektree_services::app::App;
 use tektree_services::worker::{self, Consumer, Processed, WorkerConfig};
 
@@ -26,7 +26,7 @@ use crate::corpus::remove_db;
 pub async fn run_once(
     app: &App,
     events: &[EventEnvelope],
-    name: &'static str,
+    name: Projection,
     dir: &Path,
 ) -> Result<(u64, f64)> {
     let path = dir.join(format!("projection-{name}.db"));
@@ -48,7 +48,7 @@ pub async fn run_once(
 pub async fn run_into(
     app: &App,
     events: &[EventEnvelope],
-    name: &'static str,
+    name: Projection,
     read_models: Arc<dyn ReadModelStore>,
 ) -> Result<(u64, f64)> {
     let bus = Arc::new(MemoryBus::new());
@@ -63,7 +63,7 @@ pub async fn run_into(
     let consumer = Consumer::Projection(name);
     let cfg = WorkerConfig::default();
     let mut sub = bus
-        .subscribe(SubscriptionOptions::new(name, cfg.consumer.clone()))
+        .subscribe(SubscriptionOptions::new(name.name(), cfg.consumer.clone()))
         .await?;
     let total = events.len() as u64;
     let mut done = 0u64;
@@ -92,7 +92,7 @@ pub async fn run_into(
 
 /// Events/s of decoding and the change function alone (no store), for the same events: how
 /// much of a projection's time is its own CPU.
-pub fn change_functions_only(events: &[EventEnvelope], name: &str) -> f64 {
+pub fn change_functions_only(events: &[EventEnvelope], name: Projection) -> f64 {
     let started = Instant::now();
     let mut changes = 0usize;
     for env in events {

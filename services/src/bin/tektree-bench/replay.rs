@@ -25,7 +25,7 @@ pub async fn child(store: &Path, projection: &str) -> Result<Value> {
     let events = SqliteStore::open(store)?;
     let read_models = SqliteReadModels::open(store)?;
     let started = Instant::now();
-    let n = rebuild(&events, &read_models, projection, |_| {}).await?;
+    let n = rebuild(&events, &read_models, projection.parse()?, |_| {}).await?;
     let secs = started.elapsed().as_secs_f64();
     let head = events.head().await?.position;
     let checkpoint = read_models

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tektree_projections::PROJECTIONS;
+use tektree_projections::Projection;
 use tektree_services::app::App;
 use tektree_services::worker::{self, RedriveError};
 use uuid::Uuid;
@@ -700,7 +700,7 @@ pub async fn check_read_models(
     let copy = App::open(copy_url, "memory", tektree_domain::Rules::default())
         .await
         .context("opening the copy of the store")?;
-    for name in PROJECTIONS {
+    for name in Projection::ALL {
         tektree_services::replay::rebuild(
             copy.store.as_ref(),
             copy.read_models.as_ref(),

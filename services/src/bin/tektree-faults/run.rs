@@ -271,10 +271,9 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
     }
     // Poison: 1–2 events, each for a random projection; those projections' workers start only
     // once the events are known, with `--fail-on`.
+    let all = tektree_projections::Projection::ALL;
     let poison_groups: Vec<&str> = (0..rng.between(1, 2))
-        .map(|_| {
-            tektree_projections::PROJECTIONS[rng.index(tektree_projections::PROJECTIONS.len())]
-        })
+        .map(|_| all[rng.index(all.len())].name())
         .collect();
     let poisoned: HashSet<String> = poison_groups.iter().map(|s| s.to_string()).collect();
     let start_workers =
