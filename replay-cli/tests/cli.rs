@@ -149,7 +149,7 @@ async fn rebuild_status_and_events_over_a_live_store() {
     let want: Vec<String> = app
         .consumers()
         .iter()
-        .map(|c: &Consumer| c.name().to_string())
+        .map(|c: &std::sync::Arc<dyn Consumer>| c.name().to_string())
         .collect();
     assert_eq!(names, want);
     assert!(consumers

@@ -19,8 +19,9 @@ use tokio::task::JoinSet;
 use crate::api::security::Security;
 use crate::billing::Billing;
 use crate::config::{ConfigError, StoreUrl};
+use crate::consumer::{self, Consumer};
 use crate::live::{Live, Notifier};
-use crate::worker::{self, Consumer, WorkerConfig};
+use crate::worker::{self, WorkerConfig};
 
 /// [`open_bus`], retrying transport failures for up to `patience`.
 async fn open_bus_waiting(url: &str, patience: Duration) -> Result<Arc<dyn Bus>, BusError> {
@@ -200,20 +201,20 @@ impl App {
 
     /// Every consumer: the four projections and the two policies, then `live` when the app
     /// has [live updates](App::with_live).
-    pub fn consumers(&self) -> Vec<Consumer> {
-        let mut v: Vec<Consumer> = Projection::ALL.map(Consumer::Projection).into();
-        v.extend(self.policies().into_iter().map(Consumer::Policy));
+    pub fn consumers(&self) -> Vec<Arc<dyn Consumer>> {
+        let mut v: Vec<Arc<dyn Consumer>> = Projection::ALL.map(consumer::projection).into();
+        v.extend(self.policies().into_iter().map(consumer::policy));
         if let Some(live) = &self.live {
-            v.push(Consumer::Policy(Arc::new(Notifier::new(
+            v.push(Arc::new(Notifier::new(
                 live.clone(),
                 self.read_models.clone(),
-            ))));
+            )));
         }
         v
     }
 
     /// The consumer named `name` (`xp`, `policy.gamification`, …).
-    pub fn consumer(&self, name: &str) -> Option<Consumer> {
+    pub fn consumer(&self, name: &str) -> Option<Arc<dyn Consumer>> {
         self.consumers().into_iter().find(|c| c.name() == name)
     }
 
@@ -287,7 +288,7 @@ impl App {
     /// Spawns one consumer.
     pub fn spawn_consumer(
         &self,
-        consumer: Consumer,
+        consumer: Arc<dyn Consumer>,
         cfg: WorkerConfig,
         shutdown: watch::Receiver<bool>,
         tasks: &mut JoinSet<()>,

@@ -9,6 +9,7 @@ pub mod api;
 pub mod app;
 pub mod billing;
 pub mod config;
+pub mod consumer;
 pub mod export;
 pub mod import;
 pub mod live;

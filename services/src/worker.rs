@@ -1,12 +1,10 @@
-//! The consumer runtime shared by projection workers and policies.
+//! The runtime of every [`Consumer`] (projections, policies, the live feed).
 //!
 //! A worker joins its consumer group on the bus and loops: take a batch (reclaimed pending
 //! deliveries first, then new ones), merge it with deliveries it is holding back, and process
-//! them in position order:
-//! - a **projection** computes each event's changes ([`tektree_projections::project`]) and
-//!   applies the batch with its sequence guard and checkpoint in one read-model transaction;
-//! - a **policy** issues its (idempotent) commands for each event, then records the event in its
-//!   guard and checkpoint.
+//! them in position order: [`Consumer::handle`] each event (a projection computes its changes;
+//! a policy issues its idempotent commands; the live feed publishes its messages), then apply
+//! the batch's changes with the sequence guards and checkpoint in one read-model transaction.
 //!
 //! Deliveries are acknowledged only after that commit (`Applied` or `Duplicate`). A `Gap`
 //! (an earlier event of the same aggregate is not applied yet, e.g. it is with another worker of
@@ -44,33 +42,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tektree_commands::policies::Policy;
-use tektree_commands::CommandError;
 use tektree_outbox::{BusError, Delivery, Subscription, SubscriptionOptions};
-use tektree_projections::{project, ApplyOutcome, Change, EventKey, Projection, ReadModelError};
+use tektree_projections::{ApplyOutcome, Change, EventKey, ReadModelError};
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use crate::app::App;
-
-/// A consumer: one projection or one policy. Its name is its consumer group and checkpoint.
-#[derive(Clone)]
-pub enum Consumer {
-    /// A projection.
-    Projection(Projection),
-    /// A policy.
-    Policy(Arc<dyn Policy>),
-}
-
-impl Consumer {
-    /// Consumer-group / checkpoint name.
-    pub fn name(&self) -> &str {
-        match self {
-            Consumer::Projection(p) => p.name(),
-            Consumer::Policy(p) => p.name(),
-        }
-    }
-}
+pub use crate::consumer::Consumer;
+use crate::consumer::Failure;
 
 /// Tuning of one worker.
 #[derive(Debug, Clone)]
@@ -194,7 +172,7 @@ fn count_apply_commit(consumer: &str) {
 /// backoff, also while joining the group.
 pub async fn run(
     app: &App,
-    consumer: Consumer,
+    consumer: Arc<dyn Consumer>,
     cfg: WorkerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
@@ -251,7 +229,7 @@ pub async fn run(
             continue;
         }
         let deliveries: Vec<Delivery> = std::mem::take(&mut held).into_values().collect();
-        let results = match process(app, &consumer, &deliveries, &cfg.fail_on).await {
+        let results = match process(app, consumer.as_ref(), &deliveries, &cfg.fail_on).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(consumer = %name, error = %e, "processing failed; will retry");
@@ -410,7 +388,7 @@ impl From<ApplyOutcome> for Processed {
 /// [`ProcessError`] when the read-model store fails; nothing was applied.
 pub async fn process(
     app: &App,
-    consumer: &Consumer,
+    consumer: &dyn Consumer,
     deliveries: &[Delivery],
     fail_on: &[uuid::Uuid],
 ) -> Result<Vec<Processed>, ProcessError> {
@@ -434,26 +412,14 @@ pub async fn process(
                 continue;
             }
         };
-        match consumer {
-            Consumer::Projection(p) => items.push((EventKey::of(env), project(*p, env, &event))),
-            Consumer::Policy(policy) => {
-                let span = tracing::info_span!("policy", policy = name,
-                    event_id = %env.event_id, correlation_id = %env.correlation_id,
-                    causation_id = %env.causation_id);
-                match policy.react(env, &event).instrument(span).await {
-                    Ok(()) => items.push((EventKey::of(env), vec![])),
-                    Err(e @ (CommandError::Rejected(_) | CommandError::Decode { .. })) => {
-                        decided.push(Some(Processed::Poison(format!("policy command: {e}"))));
-                        continue;
-                    }
-                    Err(e) => {
-                        decided.push(Some(Processed::Transient(format!("policy command: {e}"))));
-                        continue;
-                    }
-                }
+        match consumer.handle(env, &event).await {
+            Ok(changes) => {
+                items.push((EventKey::of(env), changes));
+                decided.push(None);
             }
+            Err(Failure::Poison(reason)) => decided.push(Some(Processed::Poison(reason))),
+            Err(Failure::Transient(reason)) => decided.push(Some(Processed::Transient(reason))),
         }
-        decided.push(None);
     }
     let applied = app.read_models.apply(name, &items).await?;
     let mut applied = applied.into_iter();
@@ -513,7 +479,7 @@ pub async fn redrive(app: &App, id: &str) -> Result<Processed, RedriveError> {
         envelope: dead.envelope.clone(),
         delivery_count: dead.delivery_count,
     };
-    let result = process(app, &consumer, &[delivery], &[])
+    let result = process(app, consumer.as_ref(), &[delivery], &[])
         .await
         .map_err(|e| RedriveError::Backend(e.to_string()))?
         .remove(0);

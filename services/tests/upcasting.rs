@@ -315,7 +315,7 @@ async fn relay_publishes_records_it_cannot_upcast_unchanged_and_consumers_poison
     );
 
     let xp = app.consumer("xp").unwrap();
-    let outcome = tektree_services::worker::process(&app, &xp, &got, &[])
+    let outcome = tektree_services::worker::process(&app, xp.as_ref(), &got, &[])
         .await
         .unwrap();
     match &outcome[..] {

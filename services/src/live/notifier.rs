@@ -1,6 +1,6 @@
 //! The `live` consumer: committed events → [`Notification`]s → the fan-out.
 //!
-//! It runs in the worker runtime like the policies ([`Consumer::Policy`](crate::worker::Consumer)):
+//! It is a [`Consumer`] run by the worker runtime like the projections and policies:
 //! its own consumer group and checkpoint `live` on the bus, the same retries, and
 //! [`App::settle`](crate::app::App::settle) waits for it. For each event it
 //! 1. skips events recorded more than [`LiveConfig::max_age`](super::LiveConfig::max_age) ago
@@ -27,12 +27,11 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde_json::json;
-use tektree_commands::policies::Policy;
-use tektree_commands::CommandError;
 use tektree_domain::{Event, EventEnvelope};
-use tektree_event_store::StoreError;
 use tektree_projections::{project, Change, Projection, ReadModelStore};
 use tokio::time::Instant;
+
+use crate::consumer::{Consumer, Failure};
 
 use super::message::{notifications, Notification, RANK_CHANGED};
 use super::Live;
@@ -65,12 +64,12 @@ impl Notifier {
     /// The messages for `envelope`, ranks included (steps 1–3 of the module docs).
     ///
     /// # Errors
-    /// [`CommandError::Store`] when the read models fail (transient).
+    /// [`Failure::Transient`] when the read models fail.
     pub async fn messages(
         &self,
         envelope: &EventEnvelope,
         event: &Event,
-    ) -> Result<Vec<Notification>, CommandError> {
+    ) -> Result<Vec<Notification>, Failure> {
         let cfg = self.live.config();
         let age = chrono::Utc::now().signed_duration_since(envelope.recorded_at);
         if age.to_std().is_ok_and(|a| a > cfg.max_age) {
@@ -110,7 +109,7 @@ impl Notifier {
 
     /// Waits until the `leaderboard` checkpoint reaches `position`, for at most `rank_wait`
     /// (polling 5 ms doubling to 100 ms); `false` when it gave up.
-    async fn wait_for_leaderboard(&self, position: u64) -> Result<bool, CommandError> {
+    async fn wait_for_leaderboard(&self, position: u64) -> Result<bool, Failure> {
         if self.leaderboard_seen.load(Ordering::Relaxed) >= position {
             return Ok(true);
         }
@@ -147,27 +146,31 @@ impl Notifier {
     }
 }
 
-/// A read-model or fan-out failure, as the transient error the worker retries.
-fn transient(e: impl std::fmt::Display) -> CommandError {
-    CommandError::Store(StoreError::Backend(format!("live: {e}")))
+/// A read-model or fan-out failure: transient, the worker retries it.
+fn transient(e: impl std::fmt::Display) -> Failure {
+    Failure::Transient(format!("live: {e}"))
 }
 
 #[async_trait]
-impl Policy for Notifier {
-    fn name(&self) -> &'static str {
+impl Consumer for Notifier {
+    fn name(&self) -> &str {
         CONSUMER
     }
 
-    async fn react(&self, envelope: &EventEnvelope, event: &Event) -> Result<(), CommandError> {
+    async fn handle(
+        &self,
+        envelope: &EventEnvelope,
+        event: &Event,
+    ) -> Result<Vec<Change>, Failure> {
         let out = self.messages(envelope, event).await?;
         if out.is_empty() {
-            return Ok(());
+            return Ok(vec![]);
         }
         self.live.publish(&out).await.map_err(transient)?;
         for n in &out {
             metrics::counter!("tektree_live_published_total", "type" => n.kind.clone())
                 .increment(1);
         }
-        Ok(())
+        Ok(vec![])
     }
 }

@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use tektree_domain::{EventEnvelope, Rules};
 use tektree_outbox::Delivery;
 use tektree_services::app::App;
-use tektree_services::worker::{self, Consumer, Processed};
+use tektree_services::consumer::{self, Consumer};
+use tektree_services::worker::{self, Processed};
 
 use crate::append;
 use crate::workload;
@@ -47,7 +48,7 @@ pub async fn all_events(app: &App) -> Result<Vec<EventEnvelope>> {
 
 /// Runs `consumer` over the store until it has processed every stored event and the head no
 /// longer moves; `(events processed, seconds)`.
-async fn run_policy(app: &App, consumer: &Consumer) -> Result<(u64, f64)> {
+async fn run_policy(app: &App, consumer: &dyn Consumer) -> Result<(u64, f64)> {
     let started = Instant::now();
     let mut after = 0u64;
     let mut count = 0u64;
@@ -128,9 +129,9 @@ pub async fn build(dir: &Path, seed: u64, events: u64, clients: usize) -> Result
     );
     let mut tasks = tokio::task::JoinSet::new();
     for policy in app.policies() {
-        let (app, consumer) = (app.clone(), Consumer::Policy(policy));
+        let (app, consumer) = (app.clone(), consumer::policy(policy));
         tasks.spawn(async move {
-            let r = run_policy(&app, &consumer).await;
+            let r = run_policy(&app, consumer.as_ref()).await;
             (consumer.name().to_string(), r)
         });
     }
@@ -142,7 +143,7 @@ pub async fn build(dir: &Path, seed: u64, events: u64, clients: usize) -> Result
     }
     // A last pass each, now that both have stopped appending.
     for policy in app.policies() {
-        run_policy(&app, &Consumer::Policy(policy)).await?;
+        run_policy(&app, consumer::policy(policy).as_ref()).await?;
     }
     policies.sort_by(|a, b| a.0.cmp(&b.0));
     let head = app.store.head().await?;

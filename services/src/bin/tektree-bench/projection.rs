@@ -14,7 +14,7 @@ use tektree_domain::EventEnvelope;
 use tektree_outbox::{Bus, MemoryBus, SubscriptionOptions};
 use tektree_projections::{Projection, ReadModelStore, SqliteReadModels};
 use tektree_services::app::App;
-use tektree_services::worker::{self, Consumer, Processed, WorkerConfig};
+use tektree_services::worker::{self, Processed, WorkerConfig};
 
 use crate::corpus::remove_db;
 
@@ -60,7 +60,7 @@ pub async fn run_into(
         bus: bus.clone(),
         ..app.clone()
     };
-    let consumer = Consumer::Projection(name);
+    let consumer = name;
     let cfg = WorkerConfig::default();
     let mut sub = bus
         .subscribe(SubscriptionOptions::new(name.name(), cfg.consumer.clone()))
