@@ -16,11 +16,8 @@ use tektree_projections::{MongoReadModels, Projection, ReadModelStore, SqliteRea
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::api::security::Security;
-use crate::billing::Billing;
 use crate::config::{ConfigError, StoreUrl};
 use crate::consumer::{self, Consumer};
-use crate::live::{Live, Notifier};
 use crate::worker::{self, WorkerConfig};
 
 /// [`open_bus`], retrying transport failures for up to `patience`.
@@ -80,17 +77,9 @@ pub struct App {
     pub knowledge: Arc<dyn KnowledgeServices>,
     /// XP and quota rules.
     pub rules: Rules,
-    /// The HTTP API's authentication, rate limits and CORS (issue #4). [`App::open`] sets
-    /// [`Security::ephemeral`]; the `tektree` binary replaces it from its options with
-    /// [`App::with_security`].
-    pub security: Arc<Security>,
-    /// Live updates over WebSockets (issue #6, [`crate::live`]): `None` (the default of
-    /// [`App::open`]) until [`App::with_live`]; with it, the `live` consumer joins
-    /// [`App::consumers`] and `/ws/*` accept sockets.
-    pub live: Option<Arc<Live>>,
-    /// Polar billing (issue #6, [`crate::billing`]): disabled by [`App::open`] (its endpoints
-    /// answer 503 `billing_unconfigured`) until [`App::with_billing`].
-    pub billing: Billing,
+    /// Consumers beyond the projections and policies, added by [`App::with_consumer`] (the
+    /// `live` feed of the HTTP API's process, for one).
+    pub extra_consumers: Vec<Arc<dyn Consumer>>,
 }
 
 impl App {
@@ -158,30 +147,16 @@ impl App {
             handler,
             knowledge,
             rules,
-            security: Arc::new(Security::ephemeral()),
-            live: None,
-            billing: Billing::disabled(),
+            extra_consumers: Vec::new(),
         })
     }
 
-    /// This application with Polar billing (issue #6; [`Billing::from_args`] or
-    /// [`Billing::new`]).
-    pub fn with_billing(mut self, billing: Billing) -> App {
-        self.billing = billing;
-        self
-    }
-
-    /// This application with the API secured by `security`.
-    pub fn with_security(mut self, security: Security) -> App {
-        self.security = Arc::new(security);
-        self
-    }
-
-    /// This application with live updates (issue #6): the `live` consumer publishes to
-    /// `live`'s fan-out and the `/ws/*` endpoints serve from it. Open `live` with the same bus
-    /// URL as the app ([`Live::open`]).
-    pub fn with_live(mut self, live: Live) -> App {
-        self.live = Some(Arc::new(live));
+    /// This application with `consumer` run after the projections and policies (by
+    /// [`App::spawn_pipeline`], counted by [`App::settle`] and the checkpoints). A consumer
+    /// of the same name is replaced.
+    pub fn with_consumer(mut self, consumer: Arc<dyn Consumer>) -> App {
+        self.extra_consumers.retain(|c| c.name() != consumer.name());
+        self.extra_consumers.push(consumer);
         self
     }
 
@@ -199,17 +174,12 @@ impl App {
         policies::all(&self.handler, &self.rules)
     }
 
-    /// Every consumer: the four projections and the two policies, then `live` when the app
-    /// has [live updates](App::with_live).
+    /// Every consumer: the four projections and the two policies, then those added with
+    /// [`App::with_consumer`] (the `live` feed when the process serves live updates).
     pub fn consumers(&self) -> Vec<Arc<dyn Consumer>> {
         let mut v: Vec<Arc<dyn Consumer>> = Projection::ALL.map(consumer::projection).into();
         v.extend(self.policies().into_iter().map(consumer::policy));
-        if let Some(live) = &self.live {
-            v.push(Arc::new(Notifier::new(
-                live.clone(),
-                self.read_models.clone(),
-            )));
-        }
+        v.extend(self.extra_consumers.iter().cloned());
         v
     }
 

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -10,13 +11,15 @@ use tektree_projections::ReadModel;
 use tektree_services::api::auth::{
     unix_now, Role, DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_LEEWAY_SECS, DEFAULT_TOKEN_TTL_SECS,
 };
+use tektree_services::api::security::Security;
+use tektree_services::api::ApiState;
 use tektree_services::app::App;
 use tektree_services::billing::{Billing, BillingArgs};
 use tektree_services::config::{
     load_rules, redact_url, SecurityOptions, DEFAULT_BUS, DEFAULT_RATE_LIMIT, DEFAULT_STORE,
 };
 use tektree_services::export::{self, Format};
-use tektree_services::live::{Live, LiveConfig};
+use tektree_services::live::{Live, LiveConfig, Notifier};
 use tektree_services::worker::WorkerConfig;
 use tektree_services::{api, import, restore};
 use tokio::sync::watch;
@@ -319,19 +322,23 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("opening store {store_shown} and bus {bus_shown}"))?
         .with_snapshot_interval(cli.snapshot_interval);
-    let app = if matches!(cli.command, Command::Serve { .. } | Command::Api { .. }) {
-        secure(app, &options, &cli.store).await?
-    } else {
-        app
-    };
+    // The HTTP API's state (security, live updates, billing) for the processes that serve it.
     // Live updates (docs/live.md): the API instances push to WebSockets, the workers feed them;
     // the fan-out follows the bus (in-process, Redis pub/sub or NATS core).
-    let app = match &cli.command {
-        Command::Serve { billing, .. } | Command::Api { billing, .. } => app
-            .with_live(live(&cli.bus).await?)
-            .with_billing(Billing::from_args(billing).context("configuring Polar billing")?),
-        Command::Worker { .. } => app.with_live(live(&cli.bus).await?),
-        _ => app,
+    let (app, api) = match &cli.command {
+        Command::Serve { billing, .. } | Command::Api { billing, .. } => {
+            let state = ApiState::new(app)
+                .with_security(secure(&options, &cli.store).await?)
+                .with_live(live(&cli.bus).await?)
+                .with_billing(Billing::from_args(billing).context("configuring Polar billing")?);
+            (state.app.as_ref().clone(), Some(state))
+        }
+        Command::Worker { .. } => {
+            let live = Arc::new(live(&cli.bus).await?);
+            let notifier = Arc::new(Notifier::new(live, app.read_models.clone()));
+            (app.with_consumer(notifier), None)
+        }
+        _ => (app, None),
     };
     match cli.command {
         Command::Serve {
@@ -348,7 +355,8 @@ async fn main() -> Result<()> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             tracing::info!(%listen, store = %store_shown, bus = %bus_shown, "serving");
-            let server = tokio::spawn(api::serve(app.clone(), listener, wait(rx.clone())));
+            let state = api.context("the API state of `serve`")?;
+            let server = tokio::spawn(api::serve(state, listener, wait(rx.clone())));
             if let Some(dir) = dump {
                 let report =
                     import::import_with_pipeline_running(&app, &dir, site.as_deref()).await?;
@@ -365,7 +373,8 @@ async fn main() -> Result<()> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             tracing::info!(%listen, "serving API only");
-            api::serve(app, listener, wait(rx)).await?;
+            let state = api.context("the API state of `api`")?;
+            api::serve(state, listener, wait(rx)).await?;
         }
         Command::Relay => {
             require_shared_bus(&app, "relay")?;
@@ -435,9 +444,9 @@ async fn live(bus: &str) -> Result<Live> {
         .with_context(|| format!("opening the live-update fan-out on {}", redact_url(bus)))
 }
 
-/// `app` with the API secured by `options` (key, rate limits, CORS); logs where the key came
-/// from, never the key.
-async fn secure(app: App, options: &SecurityOptions, store: &str) -> Result<App> {
+/// The API's security from `options` (key, rate limits, CORS); logs where the key came from,
+/// never the key.
+async fn secure(options: &SecurityOptions, store: &str) -> Result<Security> {
     let (security, key_source) = options
         .security(store)
         .await
@@ -451,5 +460,5 @@ async fn secure(app: App, options: &SecurityOptions, store: &str) -> Result<App>
         cors_origins = ?security.cors.origins(),
         "API security"
     );
-    Ok(app.with_security(security))
+    Ok(security)
 }

@@ -17,6 +17,7 @@ use tektree_services::api::auth::Authenticator;
 use tektree_services::api::cors::CorsOrigins;
 use tektree_services::api::ratelimit::RateLimiter;
 use tektree_services::api::security::Security;
+use tektree_services::api::ApiState;
 use tektree_services::app::App;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -26,6 +27,7 @@ use uuid::Uuid;
 /// A router over a fresh store, optionally with the relay, projections and policies running.
 struct Harness {
     app: App,
+    state: ApiState,
     router: Router,
     pipeline: Option<(watch::Sender<bool>, JoinSet<()>)>,
     _dir: tempfile::TempDir,
@@ -37,12 +39,12 @@ impl Harness {
         let path = dir.path().join("tektree.db");
         let app = App::open(&format!("sqlite://{}", path.display()), "memory", rules)
             .await
-            .unwrap()
-            .with_security(Security {
-                auth: Authenticator::ephemeral(),
-                rate_limiter: RateLimiter::disabled(),
-                cors: CorsOrigins::none(),
-            });
+            .unwrap();
+        let state = ApiState::new(app.clone()).with_security(Security {
+            auth: Authenticator::ephemeral(),
+            rate_limiter: RateLimiter::disabled(),
+            cors: CorsOrigins::none(),
+        });
         let pipeline = if with_pipeline {
             app.seed_in_process_bus().await.unwrap();
             let (tx, rx) = watch::channel(false);
@@ -53,8 +55,9 @@ impl Harness {
             None
         };
         Harness {
-            router: api::router(app.clone()),
+            router: api::router(state.clone()),
             app,
+            state,
             pipeline,
             _dir: dir,
         }
@@ -112,7 +115,7 @@ impl Harness {
 
     /// `Authorization: Bearer <token for user>`.
     fn bearer(&self, user: Uuid) -> (&'static str, String) {
-        let token = self.app.security.auth.mint(user, &[], 3600).unwrap();
+        let token = self.state.security.auth.mint(user, &[], 3600).unwrap();
         ("authorization", format!("Bearer {token}"))
     }
 
@@ -1019,7 +1022,7 @@ async fn health_projections_and_metrics_on_an_empty_store() {
     );
 
     // A second router in the same process shares the recorder.
-    let other = api::router(h.app.clone());
+    let other = api::router(h.state.clone());
     let resp = other
         .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
         .await
@@ -1056,7 +1059,7 @@ async fn serve_answers_over_tcp_and_shuts_down() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::serve(app, listener, async {
+    let server = tokio::spawn(api::serve(ApiState::new(app), listener, async {
         let _ = rx.await;
     }));
     let r = reqwest::get(format!("http://{addr}/healthz"))

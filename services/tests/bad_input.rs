@@ -34,6 +34,7 @@ use tektree_services::api::commands::{
 use tektree_services::api::extract::ApiJson;
 use tektree_services::api::problem::{ProblemBody, PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE};
 use tektree_services::api::security::Security;
+use tektree_services::api::ApiState;
 use tektree_services::api::{self, BODY_LIMIT};
 use tektree_services::app::App;
 use tower::ServiceExt;
@@ -91,17 +92,15 @@ fn identity(user: Uuid) -> Vec<(&'static str, String)> {
 /// pipeline (so only commands write): tokens are verified with [`test_jwt_secret`] (default
 /// issuer `tektree` and audience `tektree-api`), with the default rate limits and no CORS. The
 /// one place to configure it.
-async fn open_app(dir: &Path) -> App {
+async fn open_app(dir: &Path) -> ApiState {
     let url = format!("sqlite://{}", dir.join("tektree.db").display());
     let auth = Authenticator::new(AuthConfig::new(JwtKey::Hs256(test_jwt_secret().to_vec())))
         .expect("the test secret is long enough");
-    App::open(&url, "memory", Rules::default())
-        .await
-        .unwrap()
-        .with_security(Security {
-            auth,
-            ..Security::ephemeral()
-        })
+    let app = App::open(&url, "memory", Rules::default()).await.unwrap();
+    ApiState::new(app).with_security(Security {
+        auth,
+        ..Security::ephemeral()
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -123,10 +122,10 @@ struct Resp {
 impl Harness {
     async fn new() -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let app = open_app(dir.path()).await;
+        let state = open_app(dir.path()).await;
         Harness {
-            router: api::router(app.clone()),
-            app,
+            router: api::router(state.clone()),
+            app: state.app.as_ref().clone(),
             _dir: dir,
         }
     }

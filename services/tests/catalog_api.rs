@@ -29,6 +29,7 @@ use tektree_services::api::auth::{unix_now, Authenticator, Role};
 use tektree_services::api::cors::CorsOrigins;
 use tektree_services::api::ratelimit::RateLimiter;
 use tektree_services::api::security::Security;
+use tektree_services::api::ApiState;
 use tektree_services::app::App;
 use tektree_services::billing::webhook::WebhookSecret;
 use tektree_services::billing::{Billing, BillingConfig, TierProducts};
@@ -142,6 +143,7 @@ impl Resp {
 /// The router over a fresh SQLite file with billing; the pipeline runs once started.
 struct H {
     app: App,
+    state: ApiState,
     router: Router,
     pipeline: Option<(watch::Sender<bool>, JoinSet<()>)>,
     dir: tempfile::TempDir,
@@ -166,7 +168,8 @@ impl H {
         billing.api_base = "http://127.0.0.1:9".into();
         let app = App::open(&format!("sqlite://{}", path.display()), "memory", rules())
             .await
-            .unwrap()
+            .unwrap();
+        let state = ApiState::new(app.clone())
             .with_security(Security {
                 auth: Authenticator::ephemeral(),
                 rate_limiter: RateLimiter::disabled(),
@@ -174,8 +177,9 @@ impl H {
             })
             .with_billing(Billing::new(billing).unwrap());
         H {
-            router: api::router(app.clone()),
+            router: api::router(state.clone()),
             app,
+            state,
             pipeline: None,
             dir,
         }
@@ -225,12 +229,12 @@ impl H {
     }
 
     fn token(&self, user: Uuid, roles: &[Role]) -> String {
-        self.app.security.auth.mint(user, roles, 3600).unwrap()
+        self.state.security.auth.mint(user, roles, 3600).unwrap()
     }
 
     /// A token carrying the OpenID Connect claims `email` and `email_verified`.
     fn email_token(&self, user: Uuid, email: &str, verified: bool) -> String {
-        let auth = &self.app.security.auth;
+        let auth = &self.state.security.auth;
         let mut claims = auth.claims(user, &[], unix_now(), 3600);
         claims.email = Some(email.into());
         claims.email_verified = verified;

@@ -14,6 +14,7 @@ use tektree_services::api::auth::Authenticator;
 use tektree_services::api::cors::CorsOrigins;
 use tektree_services::api::ratelimit::RateLimiter;
 use tektree_services::api::security::Security;
+use tektree_services::api::ApiState;
 use tektree_services::app::App;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -63,7 +64,7 @@ async fn exports_match_the_http_rows() {
 
     // JSON lines: each row is the body the API answers to GET /v1/users/{id}/xp (asked over
     // the router), and holds the values written out here (registration earns 1 XP).
-    let router = api::router(app.clone().with_security(Security {
+    let router = api::router(ApiState::new(app.clone()).with_security(Security {
         auth: Authenticator::ephemeral(),
         rate_limiter: RateLimiter::disabled(),
         cors: CorsOrigins::none(),

@@ -11,12 +11,14 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tektree_domain::Rules;
 use tektree_services::api;
+use tektree_services::api::ApiState;
 use tektree_services::app::App;
 use tower::ServiceExt;
 use uuid::Uuid;
 
 struct Api {
     app: App,
+    state: ApiState,
     router: Router,
 }
 
@@ -28,9 +30,11 @@ async fn open(path: &Path) -> Api {
     )
     .await
     .unwrap();
+    let state = ApiState::new(app.clone());
     Api {
-        router: api::router(app.clone()),
+        router: api::router(state.clone()),
         app,
+        state,
     }
 }
 
@@ -43,7 +47,7 @@ struct Resp {
 
 impl Api {
     fn token(&self, user: Uuid) -> String {
-        self.app.security.auth.mint(user, &[], 3600).unwrap()
+        self.state.security.auth.mint(user, &[], 3600).unwrap()
     }
 
     async fn post(&self, uri: &str, user: Uuid, key: Option<&str>, body: &Value) -> Resp {

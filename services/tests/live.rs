@@ -20,6 +20,7 @@ use tektree_services::api::auth::{AuthConfig, Authenticator, JwtKey};
 use tektree_services::api::cors::CorsOrigins;
 use tektree_services::api::ratelimit::RateLimiter;
 use tektree_services::api::security::Security;
+use tektree_services::api::ApiState;
 use tektree_services::app::App;
 use tektree_services::live::{Live, LiveConfig, Notification};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -46,7 +47,10 @@ enum Servers {
 
 /// One API instance.
 struct Instance {
+    /// The ports, with the `live` consumer.
     app: App,
+    /// The API's state (security, live updates) over `app`.
+    api: ApiState,
     addr: SocketAddr,
     server: JoinHandle<()>,
 }
@@ -119,28 +123,33 @@ async fn instance(
     rules: Rules,
     live: &LiveConfig,
 ) -> Instance {
-    let mut app = App::open(store, "memory", rules)
-        .await
-        .unwrap()
+    let mut app = App::open(store, "memory", rules).await.unwrap();
+    if bus_url != "memory" {
+        app.bus = bus;
+        app.in_process_bus = false;
+    }
+    let api = ApiState::new(app)
         .with_security(Security {
             auth: authenticator(),
             rate_limiter: RateLimiter::disabled(),
             cors: CorsOrigins::none(),
         })
         .with_live(Live::open(bus_url, live.clone()).await.unwrap());
-    if bus_url != "memory" {
-        app.bus = bus;
-        app.in_process_bus = false;
-    }
+    let app = api.app.as_ref().clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let served = app.clone();
+    let served = api.clone();
     let server = tokio::spawn(async move {
         api::serve(served, listener, std::future::pending())
             .await
             .unwrap();
     });
-    Instance { app, addr, server }
+    Instance {
+        app,
+        api,
+        addr,
+        server,
+    }
 }
 
 impl Cluster {
@@ -502,7 +511,7 @@ async fn handshakes_without_a_valid_token_are_refused_before_the_upgrade() {
         );
         assert!(!body["detail"].as_str().unwrap().contains(&good), "{why}");
     }
-    assert_eq!(i.app.live.as_ref().unwrap().sockets(), 0);
+    assert_eq!(i.api.live.as_ref().unwrap().sockets(), 0);
 
     let (status, _, body) =
         refusal(connect(i.addr, "/ws/leaderboard?board=weekly:nope", Some(&good)).await);
@@ -538,11 +547,11 @@ async fn handshakes_without_a_valid_token_are_refused_before_the_upgrade() {
     )
     .await
     .unwrap();
-    assert_eq!(i.app.live.as_ref().unwrap().sockets(), 2);
+    assert_eq!(i.api.live.as_ref().unwrap().sockets(), 2);
     drop((ws, ws2));
 
     // An instance without live updates refuses with 503 (after the token check).
-    let mut off = i.app.clone();
+    let mut off = i.api.clone();
     off.live = None;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -605,8 +614,8 @@ async fn a_slow_client_is_dropped_while_a_healthy_one_keeps_receiving() {
     let (mut slow, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
         .await
         .unwrap();
-    let live_b = c.b.app.live.clone().unwrap();
-    let live_a = c.a.app.live.clone().unwrap();
+    let live_b = c.b.api.live.clone().unwrap();
+    let live_a = c.a.api.live.clone().unwrap();
     assert_eq!(live_b.sockets(), 2);
 
     // Rounds of 4 messages (half the queue), each read by the healthy client before the next,

@@ -22,6 +22,7 @@ use tektree_services::api;
 use tektree_services::api::auth::Role;
 use tektree_services::api::ratelimit::RateLimiter;
 use tektree_services::api::security::Security;
+use tektree_services::api::ApiState;
 use tektree_services::app::App;
 use tektree_services::billing::breaker::{BreakerConfig, BreakerState};
 use tektree_services::billing::webhook::WebhookSecret;
@@ -68,6 +69,7 @@ impl Resp {
 
 struct H {
     app: App,
+    state: ApiState,
     router: Router,
     fake: FakePolar,
     _dir: tempfile::TempDir,
@@ -126,12 +128,14 @@ impl H {
             Default::default(),
         )
         .await
-        .unwrap()
-        .with_security(security)
-        .with_billing(billing);
+        .unwrap();
+        let state = ApiState::new(app.clone())
+            .with_security(security)
+            .with_billing(billing);
         H {
-            router: api::router(app.clone()),
+            router: api::router(state.clone()),
             app,
+            state,
             fake,
             _dir: dir,
         }
@@ -162,7 +166,7 @@ impl H {
     }
 
     fn bearer(&self, user: Uuid, roles: &[Role]) -> (&'static str, String) {
-        let token = self.app.security.auth.mint(user, roles, 3600).unwrap();
+        let token = self.state.security.auth.mint(user, roles, 3600).unwrap();
         ("authorization", format!("Bearer {token}"))
     }
 
@@ -224,7 +228,13 @@ impl H {
     }
 
     fn breaker_state(&self) -> BreakerState {
-        self.app.billing.service().unwrap().client.breaker().state()
+        self.state
+            .billing
+            .service()
+            .unwrap()
+            .client
+            .breaker()
+            .state()
     }
 
     /// Waits (polling) until the breaker's cool-down has passed. Bounded; asserts no duration.
@@ -944,15 +954,17 @@ async fn an_upgrade_lifts_a_used_up_free_quota_at_once() {
         rules,
     )
     .await
-    .unwrap()
-    .with_security(security)
-    .with_billing(billing);
+    .unwrap();
+    let state = ApiState::new(app.clone())
+        .with_security(security)
+        .with_billing(billing);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     app.spawn_pipeline(stopped, &mut tasks);
     let h = H {
-        router: api::router(app.clone()),
+        router: api::router(state.clone()),
         app,
+        state,
         fake,
         _dir: dir,
     };

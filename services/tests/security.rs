@@ -29,6 +29,7 @@ use tektree_services::api::ratelimit::{
     RedisBackend, Rule,
 };
 use tektree_services::api::security::Security;
+use tektree_services::api::ApiState;
 use tektree_services::app::App;
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -65,6 +66,7 @@ fn security(auth: Authenticator, rate_limiter: RateLimiter) -> Security {
 
 struct Harness {
     app: App,
+    state: ApiState,
     router: Router,
     _dir: tempfile::TempDir,
 }
@@ -111,13 +113,12 @@ impl Harness {
     async fn new(security: Security) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = format!("sqlite://{}", dir.path().join("t.db").display());
-        let app = App::open(&store, "memory", Rules::default())
-            .await
-            .unwrap()
-            .with_security(security);
+        let app = App::open(&store, "memory", Rules::default()).await.unwrap();
+        let state = ApiState::new(app.clone()).with_security(security);
         Harness {
-            router: api::router(app.clone()),
+            router: api::router(state.clone()),
             app,
+            state,
             _dir: dir,
         }
     }
@@ -182,7 +183,7 @@ impl Harness {
     }
 
     fn token(&self, user: Uuid, roles: &[Role]) -> String {
-        self.app.security.auth.mint(user, roles, 600).unwrap()
+        self.state.security.auth.mint(user, roles, 600).unwrap()
     }
 
     async fn register(&self, user: Uuid) -> String {
@@ -542,10 +543,10 @@ async fn rs256_accepts_only_tokens_signed_by_the_configured_key() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     // The verifier cannot mint; with the private key added it can.
-    assert!(h.app.security.auth.mint(user, &[], 60).is_err());
+    assert!(h.state.security.auth.mint(user, &[], 60).is_err());
     let minting = rs256().with_rs256_signing_key(RS_A_PRIVATE).unwrap();
     let token = minting.mint(user, &[], 60).unwrap();
-    assert_eq!(h.app.security.auth.verify(&token).unwrap().user, user);
+    assert_eq!(h.state.security.auth.verify(&token).unwrap().user, user);
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Caller identity, from the verified JWT (issue #4).
 //!
 //! Every extractor here reads `Authorization: Bearer <JWT>` and verifies it with the
-//! application's [`Authenticator`](super::auth::Authenticator) (`app.security.auth`); the
+//! application's [`Authenticator`](super::auth::Authenticator) (`ApiState::security`); the
 //! result is cached in the request's extensions, so several extractors (and the command guard
 //! of [`security`](super::security)) verify a token once per request. The `X-User-Id` header of
 //! the pre-JWT API is no longer read.
@@ -21,7 +21,7 @@ use tektree_domain::Actor;
 use uuid::Uuid;
 
 use super::auth::{AuthError, Role};
-use crate::app::App;
+use super::security::Security;
 
 /// The authenticated caller: the token's `sub` and its roles (sorted, without duplicates;
 /// `[User]` when the token carries none).
@@ -49,11 +49,11 @@ impl Principal {
     }
 
     /// Verifies the request's bearer token once (cached in the extensions).
-    async fn from_parts(parts: &mut Parts, app: &App) -> Result<Principal, AuthError> {
+    async fn from_parts(parts: &mut Parts, security: &Security) -> Result<Principal, AuthError> {
         if let Some(p) = parts.extensions.get::<Principal>() {
             return Ok(p.clone());
         }
-        let p = app.security.auth.authenticate(&parts.headers)?;
+        let p = security.auth.authenticate(&parts.headers)?;
         parts.extensions.insert(p.clone());
         Ok(p)
     }
@@ -75,14 +75,14 @@ impl Principal {
 
 impl<S> FromRequestParts<S> for Principal
 where
-    Arc<App>: FromRef<S>,
+    Arc<Security>: FromRef<S>,
     S: Send + Sync,
 {
     type Rejection = AuthError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let app = Arc::<App>::from_ref(state);
-        Principal::from_parts(parts, &app).await
+        let security = Arc::<Security>::from_ref(state);
+        Principal::from_parts(parts, &security).await
     }
 }
 
@@ -100,7 +100,7 @@ impl Caller {
 
 impl<S> FromRequestParts<S> for Caller
 where
-    Arc<App>: FromRef<S>,
+    Arc<Security>: FromRef<S>,
     S: Send + Sync,
 {
     type Rejection = AuthError;
@@ -119,7 +119,7 @@ pub struct Moderator(pub Principal);
 
 impl<S> FromRequestParts<S> for Moderator
 where
-    Arc<App>: FromRef<S>,
+    Arc<Security>: FromRef<S>,
     S: Send + Sync,
 {
     type Rejection = AuthError;
@@ -137,7 +137,7 @@ pub struct Admin(pub Principal);
 
 impl<S> FromRequestParts<S> for Admin
 where
-    Arc<App>: FromRef<S>,
+    Arc<Security>: FromRef<S>,
     S: Send + Sync,
 {
     type Rejection = AuthError;

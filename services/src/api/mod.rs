@@ -63,11 +63,11 @@ pub mod queries;
 pub mod quota;
 pub mod ratelimit;
 pub mod security;
+pub mod state;
 pub mod status;
 pub mod users;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
@@ -75,21 +75,20 @@ use axum::routing::{get, patch, post, MethodRouter};
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::app::App;
+pub use self::state::ApiState;
 use crate::billing;
 use crate::live;
 
 /// Largest accepted request body: 64 KiB. Larger bodies are refused with 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
-/// The API's router over `app`, secured by `app.security` (see [`security`]).
+/// The API's router over `state`, secured by `state.security` (see [`security`]).
 ///
 /// Installs the process-wide Prometheus recorder on first call (see [`metrics::handle`]), so
 /// that metrics recorded before the first scrape are kept.
-pub fn router(app: App) -> Router {
+pub fn router(state: ApiState) -> Router {
     let _ = metrics::handle();
-    let cors = app.security.cors.layer();
-    let state = Arc::new(app);
+    let cors = state.security.cors.layer();
     let router = Router::new()
         .route("/v1/users", command(&state, commands::register))
         .route("/v1/questions", command(&state, commands::post_question))
@@ -160,9 +159,9 @@ pub fn router(app: App) -> Router {
 
 /// `POST handler` behind [`security::command_guard`] (size → token → rate limit). Only the
 /// POST endpoint is guarded, so other methods still get 405.
-fn command<H, T>(state: &Arc<App>, handler: H) -> MethodRouter<Arc<App>>
+fn command<H, T>(state: &ApiState, handler: H) -> MethodRouter<ApiState>
 where
-    H: Handler<T, Arc<App>>,
+    H: Handler<T, ApiState>,
     T: 'static,
 {
     guarded(state, post(handler))
@@ -170,7 +169,7 @@ where
 
 /// `method_router` behind [`security::command_guard`] (for commands on other methods than
 /// POST, such as `PATCH /v1/users/{id}`).
-fn guarded(state: &Arc<App>, method_router: MethodRouter<Arc<App>>) -> MethodRouter<Arc<App>> {
+fn guarded(state: &ApiState, method_router: MethodRouter<ApiState>) -> MethodRouter<ApiState> {
     method_router.route_layer(axum::middleware::from_fn_with_state(
         state.clone(),
         security::command_guard,
@@ -183,7 +182,7 @@ fn guarded(state: &Arc<App>, method_router: MethodRouter<Arc<App>>) -> MethodRou
 /// # Errors
 /// I/O errors of the listener.
 pub async fn serve(
-    app: App,
+    state: ApiState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -191,8 +190,8 @@ pub async fn serve(
         tracing::info!(%addr, "HTTP API listening");
     }
     // Dropped (and so stopped) when serving ends.
-    let purger = tokio::spawn(idempotency::purge_forever(app.store.clone()));
-    let served = axum::serve(listener, router(app))
+    let purger = tokio::spawn(idempotency::purge_forever(state.app.store.clone()));
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await;
     purger.abort();

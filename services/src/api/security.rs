@@ -13,7 +13,6 @@
 //! The handler then reads the already verified [`Principal`] from the request's extensions.
 
 use std::fmt;
-use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -27,10 +26,10 @@ use super::cors::CorsOrigins;
 use super::identity::Principal;
 use super::problem::Problem;
 use super::ratelimit::{RateLimiter, RateLimits};
+use super::ApiState;
 use super::BODY_LIMIT;
-use crate::app::App;
 
-/// Authentication, rate limits and CORS of one API (held by [`App::security`]).
+/// Authentication, rate limits and CORS of one API (held by [`ApiState::security`](super::ApiState)).
 #[derive(Clone)]
 pub struct Security {
     /// Verifies bearer tokens.
@@ -53,8 +52,8 @@ impl fmt::Debug for Security {
 }
 
 impl Security {
-    /// The library default of [`App::open`]: HS256 with a random secret known only to this
-    /// value ([`Authenticator::ephemeral`]; mint tokens with `app.security.auth.mint(…)`),
+    /// The library default of [`ApiState::new`]: HS256 with a random secret known only to this
+    /// value ([`Authenticator::ephemeral`]; mint tokens with `state.security.auth.mint(…)`),
     /// issue #4's rate limits in memory, no CORS. The `tektree` binary replaces it from its
     /// options (docs/config.md).
     pub fn ephemeral() -> Self {
@@ -104,7 +103,7 @@ pub async fn read_body_limited(body: Body, limit: usize) -> Result<Bytes, Proble
 /// Middleware of the command routes: size, then authentication, then rate limit (module
 /// docs). Passes the request on with its body buffered and the [`Principal`] in its
 /// extensions.
-pub async fn command_guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+pub async fn command_guard(State(api): State<ApiState>, req: Request, next: Next) -> Response {
     let (mut parts, body) = req.into_parts();
     let declared = parts
         .headers
@@ -118,14 +117,14 @@ pub async fn command_guard(State(app): State<Arc<App>>, req: Request, next: Next
         Ok(b) => b,
         Err(p) => return p.into_response(),
     };
-    let principal = match app.security.auth.authenticate(&parts.headers) {
+    let principal = match api.security.auth.authenticate(&parts.headers) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    if let Err(p) = app
+    if let Err(p) = api
         .security
         .rate_limiter
-        .check(app.read_models.as_ref(), principal.user)
+        .check(api.app.read_models.as_ref(), principal.user)
         .await
     {
         return p.into_response();

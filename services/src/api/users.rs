@@ -26,6 +26,7 @@ use super::extract::{ApiJson, ApiPath};
 use super::idempotency::IdempotencyHeader;
 use super::identity::Principal;
 use super::problem::Problem;
+use super::security::Security;
 use crate::app::App;
 
 /// `PATCH /v1/users/{id}` body: the fields to change (absent = unchanged; at least one).
@@ -119,6 +120,7 @@ pub async fn update_profile(
 /// 401, 404 `not_found.user` for an unregistered caller.
 pub async fn open_session(
     State(app): State<Arc<App>>,
+    State(security): State<Arc<Security>>,
     principal: Principal,
     correlation: Correlation,
     idem: IdempotencyHeader,
@@ -126,7 +128,7 @@ pub async fn open_session(
 ) -> Result<CommandResponse, Problem> {
     let now = Utc::now();
     let key = idem.key(Some(principal.user), "open_session", &[], &body, now);
-    let auth = &app.security.auth;
+    let auth = &security.auth;
     let cmd = UserCommand::Authenticate {
         user_id: principal.user,
         method: format!("jwt_{:?}", auth.algorithm()).to_lowercase(),

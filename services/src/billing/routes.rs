@@ -30,7 +30,7 @@ use super::breaker::CallError;
 use super::client::{CheckoutCreate, PolarError};
 use super::events::{self, BillingAction, TIER_METADATA_KEY, USER_METADATA_KEY};
 use super::webhook::{self, WebhookError};
-use super::BillingService;
+use super::{Billing, BillingService};
 use crate::api::auth::Role;
 use crate::api::commands::CommittedEvent;
 use crate::api::correlation::Correlation;
@@ -59,8 +59,8 @@ fn unconfigured() -> Problem {
     )
 }
 
-fn service(app: &App) -> Result<&BillingService, Problem> {
-    app.billing.service().ok_or_else(unconfigured)
+fn service(billing: &Billing) -> Result<&BillingService, Problem> {
+    billing.service().ok_or_else(unconfigured)
 }
 
 /// Whole seconds, rounded up, at least 1 (for `Retry-After`).
@@ -147,6 +147,7 @@ fn upstream_problem(svc: &BillingService, e: CallError<PolarError>) -> Problem {
 /// and 502 `billing.upstream` with `Retry-After` when Polar fails.
 pub async fn checkout(
     State(app): State<Arc<App>>,
+    State(billing): State<Billing>,
     principal: Principal,
     ApiPath(user_id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<CheckoutBody>,
@@ -157,7 +158,7 @@ pub async fn checkout(
             principal.user
         )));
     }
-    let svc = service(&app)?;
+    let svc = service(&billing)?;
     let product = svc.config.products.product_for(body.tier).ok_or_else(|| {
         Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -335,11 +336,12 @@ pub fn dedupe_key(webhook_id: &str, body: &[u8], now: DateTime<Utc>) -> Idempote
 /// body); 503 `billing_unconfigured`, `store`.
 pub async fn webhook(
     State(app): State<Arc<App>>,
+    State(billing): State<Billing>,
     correlation: Correlation,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let svc = service(&app).map_err(refused)?;
+    let svc = service(&billing).map_err(refused)?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

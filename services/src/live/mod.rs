@@ -17,9 +17,11 @@
 //! - [`socket`]: the two endpoints (authentication before the upgrade, keep-alive, idle
 //!   timeout, board subscriptions).
 //!
-//! [`Live`] ties them together; an [`App`](crate::app::App) gets it with
-//! [`App::with_live`](crate::app::App::with_live), which also adds the `live` consumer to
-//! [`App::consumers`](crate::app::App::consumers).
+//! [`Live`] ties them together; the API gets it with
+//! [`ApiState::with_live`](crate::api::ApiState::with_live), which also adds the `live`
+//! consumer ([`Notifier`]) to the app's consumers; `tektree worker` adds the consumer alone
+//! ([`App::with_consumer`](crate::app::App::with_consumer)).
+
 
 pub mod fanout;
 pub mod hub;

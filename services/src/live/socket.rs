@@ -53,7 +53,8 @@ use crate::api::auth::AuthError;
 use crate::api::board::parse_board;
 use crate::api::identity::Principal;
 use crate::api::problem::Problem;
-use crate::app::App;
+use crate::api::security::Security;
+use crate::api::ApiState;
 
 /// Close code for a slow consumer and for an expired token (RFC 6455 "policy violation").
 pub const CLOSE_POLICY: u16 = 1008;
@@ -85,23 +86,23 @@ struct ClientFrame {
 /// `achievement.unlocked`, `quest.completed`, `streak.milestone`, `quota.warning` and
 /// `quota.exceeded` messages (module docs for the handshake and the socket's life).
 pub async fn notifications(
-    State(app): State<Arc<App>>,
+    State(api): State<ApiState>,
     headers: HeaderMap,
     query: Result<Query<WsParams>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    open(app, Endpoint::Notifications, headers, query, upgrade).await
+    open(api, Endpoint::Notifications, headers, query, upgrade).await
 }
 
 /// `GET /ws/leaderboard?board=NAME`: `rank.changed` of the followed boards (module docs; the
 /// `board` parameter is optional, boards can also be followed with `subscribe` frames).
 pub async fn leaderboard(
-    State(app): State<Arc<App>>,
+    State(api): State<ApiState>,
     headers: HeaderMap,
     query: Result<Query<WsParams>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    open(app, Endpoint::Leaderboard, headers, query, upgrade).await
+    open(api, Endpoint::Leaderboard, headers, query, upgrade).await
 }
 
 /// 503 `live_unavailable` with `Retry-After: 5`.
@@ -119,7 +120,7 @@ fn unavailable(detail: &str) -> Response {
 /// The token of the request: from `Authorization` (checked like every command's) or from
 /// `access_token`; never both.
 fn token(
-    app: &App,
+    security: &Security,
     headers: &HeaderMap,
     query_token: Option<&str>,
 ) -> Result<(String, Principal), AuthError> {
@@ -129,7 +130,7 @@ fn token(
             "send the token once: either `Authorization: Bearer` or `access_token`".into(),
         )),
         (true, None) => {
-            let principal = app.security.auth.authenticate(headers)?;
+            let principal = security.auth.authenticate(headers)?;
             // `authenticate` accepted exactly one `Bearer <token>` header.
             let value = headers
                 .get(header::AUTHORIZATION)
@@ -147,7 +148,7 @@ fn token(
             if t.is_empty() {
                 return Err(AuthError::Invalid("`access_token` is empty".into()));
             }
-            let principal = app.security.auth.verify(t)?;
+            let principal = security.auth.verify(t)?;
             Ok((t.to_string(), principal))
         }
         (false, None) => Err(AuthError::Missing),
@@ -156,7 +157,7 @@ fn token(
 
 /// The handshake checks of the module docs, then the upgrade.
 async fn open(
-    app: Arc<App>,
+    api: ApiState,
     endpoint: Endpoint,
     headers: HeaderMap,
     query: Result<Query<WsParams>, QueryRejection>,
@@ -164,14 +165,14 @@ async fn open(
 ) -> Response {
     let params = query.as_ref().ok().map(|Query(p)| p);
     let (token, principal) = match token(
-        &app,
+        &api.security,
         &headers,
         params.and_then(|p| p.access_token.as_deref()),
     ) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    let Some(live) = app.live.clone() else {
+    let Some(live) = api.live.clone() else {
         return unavailable("live updates are not enabled on this instance");
     };
     let params = match query {
@@ -219,7 +220,7 @@ async fn open(
             .subscribe(registration.id, b, cfg.max_boards.max(1));
     }
     let socket = Socket {
-        app,
+        security: api.security.clone(),
         live,
         endpoint,
         token,
@@ -246,7 +247,7 @@ enum End {
 
 /// One open socket.
 struct Socket {
-    app: Arc<App>,
+    security: Arc<Security>,
     live: Arc<Live>,
     endpoint: Endpoint,
     token: String,
@@ -271,7 +272,7 @@ impl Socket {
                 () = kicked.notified() => break End::Slow,
                 () = sleep_until(idle) => break End::Idle,
                 _ = ping.tick() => {
-                    if let Err(e) = self.app.security.auth.verify(&self.token) {
+                    if let Err(e) = self.security.auth.verify(&self.token) {
                         break End::Token(e);
                     }
                     Message::Ping(Bytes::new())
