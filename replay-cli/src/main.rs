@@ -7,9 +7,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tektree_projections::Projection;
-use tektree_services::app::App;
-use tektree_services::config::{load_rules, DEFAULT_BUS, DEFAULT_STORE};
-use tektree_services::replay::{events, rebuild, EventForm, EventSelection};
+use tektree_runtime::app::App;
+use tektree_runtime::config::{load_rules, DEFAULT_BUS, DEFAULT_STORE};
+use tektree_runtime::replay::{events, rebuild, EventForm, EventSelection};
 use uuid::Uuid;
 
 #[derive(Parser, Debug)]
@@ -184,7 +184,7 @@ async fn main() -> Result<()> {
             }
         }
         Command::Redrive { id } => {
-            let r = tektree_services::worker::redrive(&app, &id).await?;
+            let r = tektree_runtime::worker::redrive(&app, &id).await?;
             writeln!(out, "{{\"redriven\":\"{id}\",\"result\":\"{r:?}\"}}")?;
         }
         Command::Events {

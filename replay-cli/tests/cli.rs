@@ -8,8 +8,8 @@ use tektree_domain::{
     Actor, Content, ContentCommand, NoServices, Rules, User, UserCommand, VoteDirection,
 };
 use tektree_projections::ReadModel;
-use tektree_services::app::App;
-use tektree_services::worker::Consumer;
+use tektree_runtime::app::App;
+use tektree_runtime::worker::Consumer;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use uuid::Uuid;

@@ -22,7 +22,6 @@
 //! consumer ([`Notifier`]) to the app's consumers; `tektree worker` adds the consumer alone
 //! ([`App::with_consumer`](crate::app::App::with_consumer)).
 
-
 pub mod fanout;
 pub mod hub;
 pub mod message;
