@@ -31,6 +31,9 @@ pub enum CommandError {
         /// The scope-qualified key.
         key: String,
     },
+    /// A user's metered post over their monthly quota ([`crate::submit`]).
+    #[error(transparent)]
+    QuotaExceeded(#[from] crate::submit::QuotaExceeded),
     /// The event store failed.
     #[error(transparent)]
     Store(StoreError),
@@ -38,13 +41,14 @@ pub enum CommandError {
 
 impl CommandError {
     /// Stable reason code: the [`DomainError::code`] for rejections, else `conflict`,
-    /// `decode`, `idempotency_key_reused` or `store`.
+    /// `decode`, `idempotency_key_reused`, `quota_exceeded` or `store`.
     pub fn code(&self) -> String {
         match self {
             CommandError::Rejected(e) => e.code(),
             CommandError::Conflict { .. } => "conflict".into(),
             CommandError::Decode { .. } => "decode".into(),
             CommandError::IdempotencyKeyReused { .. } => "idempotency_key_reused".into(),
+            CommandError::QuotaExceeded(_) => "quota_exceeded".into(),
             CommandError::Store(_) => "store".into(),
         }
     }

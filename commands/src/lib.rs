@@ -20,9 +20,11 @@ mod error;
 mod handler;
 pub mod policies;
 mod services;
+pub mod submit;
 
 pub use error::CommandError;
 pub use handler::{
     CommandHandler, CommandMeta, LoadSource, Outcome, SnapshotCounts, DEFAULT_SNAPSHOT_INTERVAL,
 };
 pub use services::StoreServices;
+pub use submit::{Metered, Metering, QuotaExceeded};

@@ -1,7 +1,7 @@
 //! Issue #4 "Security": JWT authentication (HS256 and RS256; forged, expired, not-yet-valid,
 //! wrong-audience, wrong-issuer, `alg: none` and wrong-algorithm tokens), acting as another
-//! user, roles on the admin endpoints, the tier taken from the read model (spoofing headers has
-//! no effect), rate-limit boundaries on the in-memory and the Redis backend (a manual clock, no
+//! user, roles on the admin endpoints, the tier taken from the subscription aggregate (spoofing
+//! headers or a stale read model has no effect), rate-limit boundaries on the in-memory and the Redis backend (a manual clock, no
 //! sleeping), CORS, size limits before authentication, and no secrets or tokens in the logs of
 //! a real `tektree` process.
 
@@ -16,7 +16,8 @@ use axum::Router;
 use http_body_util::BodyExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tektree_domain::{Rules, Tier};
+use tektree_commands::CommandMeta;
+use tektree_domain::{Actor, QuotaRules, Rules, Subscription, SubscriptionCommand, Tier};
 use tektree_event_store::Head;
 use tektree_outbox::test_support::{RedisServer, REDIS_URL_ENV};
 use tektree_outbox::Delivery;
@@ -199,23 +200,19 @@ impl Harness {
         self.app.store.head().await.unwrap()
     }
 
-    /// Gives `user` the subscription tier `tier` in the `quota` read model, as the `quota`
-    /// projection does for `payment.subscription.created` / `.upgraded` (the rate limiter's
-    /// source of the tier since issue #6).
+    /// Moves `user`'s `subscription` aggregate to `tier`, as a Polar webhook does (the rate
+    /// limiter's and the quota's one source of the tier since issue #13).
     async fn set_tier(&self, user: Uuid, tier: Tier) {
-        let key = EventKey {
-            aggregate_type: "subscription".into(),
-            aggregate_id: user,
-            sequence: 1,
-            position: 1_000_000 + (user.as_u128() % 1_000_000) as u64,
-        };
-        let change = Change::Tier {
+        let cmd = SubscriptionCommand::ChangeTier {
             user_id: user,
             tier,
+            polar_subscription_id: None,
+            polar_event_at: None,
         };
+        let meta = CommandMeta::new(Actor::System("polar".into()), chrono::Utc::now());
         self.app
-            .read_models
-            .apply("quota", &[(key, vec![change])])
+            .handler
+            .execute::<Subscription>(user, cmd, &QuotaRules::default(), &meta)
             .await
             .unwrap();
     }
@@ -865,7 +862,7 @@ async fn rate_limit_boundaries_on_redis() {
 }
 
 #[tokio::test]
-async fn the_tier_comes_from_the_read_model_never_from_headers() {
+async fn the_tier_comes_from_the_subscription_never_from_headers() {
     let clock = Arc::new(ManualClock::new(T0));
     let h = Harness::new(security(
         hs256(),
@@ -892,7 +889,27 @@ async fn the_tier_comes_from_the_read_model_never_from_headers() {
         ),
     );
     assert_eq!(passes(&h, &claimed, &spoof, 100).await, 16);
-    // The same user after the read model says Team: a fresh user of Team gets 833.
+    // A `quota` read model that says Enterprise (a second source the limiter used until issue
+    // #13) is not consulted: its user stays on Free's 16.
+    let stale = Uuid::new_v4();
+    let key = EventKey {
+        aggregate_type: "subscription".into(),
+        aggregate_id: stale,
+        sequence: 1,
+        position: 1_000_000,
+    };
+    let change = Change::Tier {
+        user_id: stale,
+        tier: Tier::Enterprise,
+    };
+    h.app
+        .read_models
+        .apply("quota", &[(key, vec![change])])
+        .await
+        .unwrap();
+    let stale = h.token(stale, &[]);
+    assert_eq!(passes(&h, &stale, &[], 100).await, 16);
+    // A user whose subscription moved to Team: a fresh user of Team gets 833.
     let team_user = Uuid::new_v4();
     h.set_tier(team_user, Tier::Team).await;
     let team = h.token(team_user, &[]);

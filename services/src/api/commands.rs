@@ -19,7 +19,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
-use tektree_commands::{CommandError, CommandMeta, Outcome};
+use tektree_commands::{CommandError, CommandMeta, Metering, Outcome};
 use tektree_domain::events::Preferences;
 use tektree_domain::{
     Actor, Content, ContentCommand, DomainError, Event, NoServices, User, UserCommand,
@@ -33,7 +33,6 @@ use super::extract::{ApiJson, ApiPath};
 use super::idempotency::{IdempotencyHeader, REPLAYED_HEADER};
 use super::identity::Caller;
 use super::problem::Problem;
-use super::quota::{self, Metered};
 use crate::app::App;
 
 /// `POST /v1/users` body.
@@ -187,8 +186,11 @@ pub(crate) fn meta(actor: Actor, correlation: Correlation, now: DateTime<Utc>) -
     }
 }
 
-/// Runs `command` on `A`/`id` (idempotently when the request has a `key`), logs and converts
+/// Runs `command` on `A`/`id` through the one command path ([`CommandHandler::submit`]:
+/// idempotent replay with `key`, the quota for a user's post, the command), logs and converts
 /// the result.
+///
+/// [`CommandHandler::submit`]: tektree_commands::CommandHandler::submit
 pub(crate) async fn run<A>(
     app: &App,
     id: Uuid,
@@ -199,23 +201,15 @@ pub(crate) async fn run<A>(
 ) -> Result<CommandResponse, Problem>
 where
     A: Aggregate<Event = Event, Error = DomainError> + Clone + 'static,
-    A::Command: Clone,
+    A::Command: Clone + Metering,
 {
-    let result = match key {
-        None => app
-            .handler
-            .execute::<A>(id, command, services, meta)
-            .await
-            .map(|o| (o, false)),
-        Some(k) => {
-            app.handler
-                .execute_idempotent::<A>(id, command, services, meta, k)
-                .await
-        }
-    };
-    let (outcome, replayed) = result.inspect_err(|e: &CommandError| {
-        tracing::info!(code = %e.code(), error = %e, "command refused");
-    })?;
+    let (outcome, replayed) = app
+        .handler
+        .submit::<A>(id, command, services, meta, key, &app.rules.quota)
+        .await
+        .inspect_err(|e: &CommandError| {
+            tracing::info!(code = %e.code(), error = %e, "command refused");
+        })?;
     tracing::info!(
         aggregate_type = outcome.aggregate_type,
         aggregate_id = %outcome.aggregate_id,
@@ -228,26 +222,6 @@ where
         replayed,
         ..outcome.into()
     })
-}
-
-/// The stored response of `key`, if the key was used before (checked before the quota guard,
-/// so that a retry of a committed post is never refused).
-pub(crate) async fn replayed<A>(
-    app: &App,
-    key: Option<&IdempotencyKey>,
-) -> Result<Option<CommandResponse>, Problem>
-where
-    A: Aggregate<Event = Event> + 'static,
-{
-    let Some(k) = key else { return Ok(None) };
-    Ok(app
-        .handler
-        .replay_idempotent::<A>(k)
-        .await?
-        .map(|o| CommandResponse {
-            replayed: true,
-            ..o.into()
-        }))
 }
 
 /// `POST /v1/users`: registers a user (actor = the registered user).
@@ -293,11 +267,7 @@ pub async fn post_question(
 ) -> Result<CommandResponse, Problem> {
     let now = Utc::now();
     let key = idem.key(Some(caller.0), "post_question", &[], &body, now);
-    if let Some(r) = replayed::<Content>(&app, key.as_ref()).await? {
-        return Ok(r);
-    }
     let question_id = body.question_id.unwrap_or_else(Uuid::new_v4);
-    quota::check(&app, caller.0, now, Metered::Post(question_id)).await?;
     let cmd = ContentCommand::PostQuestion {
         question_id,
         author_id: Some(caller.0),
@@ -325,11 +295,7 @@ pub async fn submit_answer(
 ) -> Result<CommandResponse, Problem> {
     let now = Utc::now();
     let key = idem.key(Some(caller.0), "submit_answer", &[question_id], &body, now);
-    if let Some(r) = replayed::<Content>(&app, key.as_ref()).await? {
-        return Ok(r);
-    }
     let answer_id = body.answer_id.unwrap_or_else(Uuid::new_v4);
-    quota::check(&app, caller.0, now, Metered::Post(answer_id)).await?;
     let cmd = ContentCommand::SubmitAnswer {
         answer_id,
         question_id,
@@ -355,20 +321,7 @@ pub async fn add_comment(
 ) -> Result<CommandResponse, Problem> {
     let now = Utc::now();
     let key = idem.key(Some(caller.0), "add_comment", &[content_id], &body, now);
-    if let Some(r) = replayed::<Content>(&app, key.as_ref()).await? {
-        return Ok(r);
-    }
     let comment_id = body.comment_id.unwrap_or_else(Uuid::new_v4);
-    quota::check(
-        &app,
-        caller.0,
-        now,
-        Metered::Comment {
-            content_id,
-            comment_id,
-        },
-    )
-    .await?;
     let cmd = ContentCommand::AddComment {
         content_id,
         comment_id,

@@ -20,13 +20,12 @@ use serde::{Deserialize, Serialize};
 use tektree_domain::{Area, AreaCommand, Content, ContentCommand, NoServices};
 use uuid::Uuid;
 
-use super::commands::{meta, replayed, run, CommandResponse};
+use super::commands::{meta, run, CommandResponse};
 use super::correlation::Correlation;
 use super::extract::{ApiJson, ApiPath};
 use super::idempotency::IdempotencyHeader;
 use super::identity::{Caller, Moderator};
 use super::problem::Problem;
-use super::quota::{self, Metered};
 use crate::app::App;
 
 /// `POST /v1/areas` body.
@@ -110,9 +109,6 @@ pub async fn create_area(
 ) -> Result<CommandResponse, Problem> {
     let now = Utc::now();
     let key = idem.key(Some(principal.user), "create_area", &[], &body, now);
-    if let Some(r) = replayed::<Area>(&app, key.as_ref()).await? {
-        return Ok(r);
-    }
     let area_id = body.area_id.unwrap_or_else(Uuid::new_v4);
     let cmd = AreaCommand::Create {
         area_id,
@@ -146,11 +142,7 @@ async fn post_text(
         TextPost::Insight => "share_insight",
     };
     let key = idem.key(Some(caller.0), route, &[], &body, now);
-    if let Some(r) = replayed::<Content>(&app, key.as_ref()).await? {
-        return Ok(r);
-    }
     let id = body.id.unwrap_or_else(Uuid::new_v4);
-    quota::check(&app, caller.0, now, Metered::Post(id)).await?;
     let cmd = match what {
         TextPost::Discussion => ContentCommand::StartDiscussion {
             discussion_id: id,
@@ -217,11 +209,7 @@ pub async fn upload_resource(
 ) -> Result<CommandResponse, Problem> {
     let now = Utc::now();
     let key = idem.key(Some(caller.0), "upload_resource", &[], &body, now);
-    if let Some(r) = replayed::<Content>(&app, key.as_ref()).await? {
-        return Ok(r);
-    }
     let id = body.resource_id.unwrap_or_else(Uuid::new_v4);
-    quota::check(&app, caller.0, now, Metered::Post(id)).await?;
     let cmd = ContentCommand::UploadResource {
         resource_id: id,
         author_id: Some(caller.0),

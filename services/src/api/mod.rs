@@ -60,7 +60,6 @@ pub mod knowledge;
 pub mod metrics;
 pub mod problem;
 pub mod queries;
-pub mod quota;
 pub mod ratelimit;
 pub mod security;
 pub mod state;

@@ -194,7 +194,7 @@ impl From<DomainError> for Problem {
 
 impl From<CommandError> for Problem {
     /// Rejections as [`DomainError`]; exhausted retries → 409; a reused idempotency key → 422;
-    /// store failures → 503;
+    /// a post over the quota → 429 `quota_exceeded` with `Retry-After`; store failures → 503;
     /// undecodable or corrupt stored events → 500.
     fn from(e: CommandError) -> Self {
         match e {
@@ -215,6 +215,13 @@ impl From<CommandError> for Problem {
                 "this Idempotency-Key was used for a different request within its lifetime; \
                  use a new key for a new request",
             ),
+            CommandError::QuotaExceeded(q) => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                "Quota exceeded",
+                q.to_string(),
+            )
+            .with_retry_after(q.retry_after_secs),
             CommandError::Store(s) => s.into(),
         }
     }

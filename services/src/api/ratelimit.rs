@@ -33,8 +33,8 @@ use async_trait::async_trait;
 use axum::http::StatusCode;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
+use tektree_commands::CommandHandler;
 use tektree_domain::Tier;
-use tektree_projections::ReadModelStore;
 use uuid::Uuid;
 
 use super::problem::Problem;
@@ -434,7 +434,7 @@ impl RateLimitBackend for RedisBackend {
     }
 }
 
-/// The limiter of the command endpoints: the tier from the read model, the rule from
+/// The limiter of the command endpoints: the tier from the subscription, the rule from
 /// [`RateLimits`], the bucket from the backend, the time from the clock.
 #[derive(Clone)]
 pub struct RateLimiter {
@@ -495,27 +495,24 @@ impl RateLimiter {
     }
 
     /// Counts one command request of `user` and refuses it when over the limit of the user's
-    /// tier. The tier is the user's current subscription tier in the `quota` read model
-    /// ([`ReadModelStore::tier`], written by the `quota` projection from the subscription's
-    /// created / upgraded / downgraded / cancelled events), Free when there is none; nothing the
-    /// client sends is consulted. (Before issue #6 it was the tier of the month's usage row,
-    /// which kept an old tier until the next metered post.)
+    /// tier. The tier is the one the quota uses ([`CommandHandler::tier_of`]: the user's
+    /// `subscription` aggregate, Free when there is none), read only when limits are on;
+    /// nothing the client sends is consulted. (Until issue #13 it came from the `quota` read
+    /// model, a second source trailing the projection.)
     ///
     /// # Errors
-    /// 429 `rate_limited` with `Retry-After`; 503 `read_models` or `rate_limit` when the read
-    /// model or the backend fails.
-    pub async fn check(
-        &self,
-        read_models: &dyn ReadModelStore,
-        user: Uuid,
-    ) -> Result<Decision, Problem> {
+    /// 429 `rate_limited` with `Retry-After`; 503 `store` or `rate_limit` when the subscription
+    /// cannot be loaded or the backend fails.
+    ///
+    /// [`CommandHandler::tier_of`]: tektree_commands::CommandHandler::tier_of
+    pub async fn check(&self, handler: &CommandHandler, user: Uuid) -> Result<Decision, Problem> {
         let Some(backend) = &self.backend else {
             return Ok(Decision::Allowed {
                 remaining: u64::MAX,
             });
         };
         let now_us = self.clock.now_micros();
-        let tier = read_models.tier(user).await?.unwrap_or(Tier::Free);
+        let tier = handler.tier_of(user).await?;
         let (Some(rule), Some(limit)) = (self.limits.rule(tier), self.limits.per_minute(tier))
         else {
             return Ok(Decision::Allowed {

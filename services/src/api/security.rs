@@ -124,7 +124,7 @@ pub async fn command_guard(State(api): State<ApiState>, req: Request, next: Next
     if let Err(p) = api
         .security
         .rate_limiter
-        .check(api.app.read_models.as_ref(), principal.user)
+        .check(&api.app.handler, principal.user)
         .await
     {
         return p.into_response();
