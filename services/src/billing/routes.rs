@@ -404,7 +404,14 @@ pub async fn webhook(
     let key = dedupe_key(&verified.id, &bytes, now);
     let (outcome, replayed) = match app
         .handler
-        .execute_idempotent::<Subscription>(user_id, cmd, &app.rules.quota, &meta, &key)
+        .submit::<Subscription>(
+            user_id,
+            cmd,
+            &app.rules.quota,
+            &meta,
+            Some(&key),
+            &app.rules.quota,
+        )
         .await
     {
         Ok(r) => r,

@@ -438,21 +438,22 @@ async fn send(ctx: &PhaseCtx<'_>, p: &Planned) -> Result<u64, CommandError> {
         .await;
     let meta = CommandMeta::new(Actor::importer(), p.occurred_at);
     let attempts = ctx.opts.attempts.max(1);
+    let (knowledge, quota) = (&ctx.app.knowledge, &ctx.app.rules.quota);
     let mut attempt = 1;
     loop {
         let result = match &p.target {
-            Target::User { id, command } => {
-                ctx.app
-                    .handler
-                    .execute::<User>(*id, command.clone(), &NoServices, &meta)
-                    .await
-            }
-            Target::Content { id, command } => {
-                ctx.app
-                    .handler
-                    .execute::<Content>(*id, command.clone(), &ctx.app.knowledge, &meta)
-                    .await
-            }
+            Target::User { id, command } => ctx
+                .app
+                .handler
+                .submit::<User>(*id, command.clone(), &NoServices, &meta, None, quota)
+                .await
+                .map(|(o, _)| o),
+            Target::Content { id, command } => ctx
+                .app
+                .handler
+                .submit::<Content>(*id, command.clone(), knowledge, &meta, None, quota)
+                .await
+                .map(|(o, _)| o),
         };
         match result {
             Ok(outcome) => return Ok(outcome.events.len() as u64),
