@@ -230,48 +230,17 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::bus::{DeadLetter, Delivery, Subscription, SubscriptionOptions};
+    use crate::faulty::{BusFault, FaultyBus};
     use crate::MemoryBus;
 
-    /// A bus whose `last_published` lags one event behind its `last_event`, as when a relay
-    /// publishes between the two reads.
-    struct RelayPublishesMeanwhile(MemoryBus);
+    /// `last_published` lags one event behind `last_event`, as when a relay publishes between
+    /// the two reads.
+    struct RelayPublishesMeanwhile;
 
     #[async_trait]
-    impl Bus for RelayPublishesMeanwhile {
-        async fn publish_after(&self, floor: u64, e: &[EventEnvelope]) -> Result<(), BusError> {
-            self.0.publish_after(floor, e).await
-        }
-        async fn subscribe(
-            &self,
-            o: SubscriptionOptions,
-        ) -> Result<Box<dyn Subscription>, BusError> {
-            self.0.subscribe(o).await
-        }
-        async fn last_published(&self) -> Result<u64, BusError> {
-            Ok(self.0.last_published().await?.saturating_sub(1))
-        }
-        async fn bound_store(&self) -> Result<Option<StoreIdentity>, BusError> {
-            self.0.bound_store().await
-        }
-        async fn bind_store(&self, id: &StoreIdentity) -> Result<StoreIdentity, BusError> {
-            self.0.bind_store(id).await
-        }
-        async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
-            self.0.last_event().await
-        }
-        async fn dead_letter(&self, g: &str, d: &Delivery, r: &str) -> Result<(), BusError> {
-            self.0.dead_letter(g, d, r).await
-        }
-        async fn dead_letters(
-            &self,
-            g: Option<&str>,
-            n: usize,
-        ) -> Result<Vec<DeadLetter>, BusError> {
-            self.0.dead_letters(g, n).await
-        }
-        async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
-            self.0.remove_dead_letter(id).await
+    impl BusFault for RelayPublishesMeanwhile {
+        async fn last_published(&self, inner: &dyn Bus) -> Result<u64, BusError> {
+            Ok(inner.last_published().await?.saturating_sub(1))
         }
     }
 
@@ -284,7 +253,7 @@ mod tests {
             .append(SAMPLE_AGGREGATE_TYPE, id, 0, sample_events(id, 1, 3))
             .await
             .unwrap();
-        let bus = RelayPublishesMeanwhile(MemoryBus::new());
+        let bus = FaultyBus::new(std::sync::Arc::new(MemoryBus::new()), RelayPublishesMeanwhile);
         assert_eq!(bind(&store, &bus).await.unwrap().epoch, 1);
         bus.publish(&store.read_all(0, 10).await.unwrap())
             .await

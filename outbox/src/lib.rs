@@ -20,6 +20,7 @@
 pub mod binding;
 mod bus;
 pub mod conformance;
+pub mod faulty;
 mod memory;
 mod nats_bus;
 pub mod recovery;

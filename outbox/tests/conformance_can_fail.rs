@@ -6,10 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tektree_domain::EventEnvelope;
-use tektree_event_store::StoreIdentity;
+use tektree_outbox::faulty::{BusFault, FaultyBus};
 use tektree_outbox::{
-    conformance, Bus, BusError, DeadLetter, Delivery, MemoryBus, Subscription, SubscriptionOptions,
+    conformance, Bus, BusError, Delivery, MemoryBus, Subscription, SubscriptionOptions,
 };
 
 /// How a [`Broken`] bus misbehaves.
@@ -29,9 +28,8 @@ const RETURN_AFTER: Duration = Duration::from_millis(1500);
 /// handed out again).
 type Acked = Arc<Mutex<Vec<(Instant, Delivery, bool)>>>;
 
-/// An in-process bus whose subscriptions have `fault`; everything else is the real bus.
+/// Subscriptions with `fault`; everything else is the real in-process bus.
 struct Broken {
-    inner: MemoryBus,
     fault: Fault,
     acked: Acked,
 }
@@ -92,67 +90,29 @@ impl Subscription for BrokenSubscription {
 }
 
 #[async_trait]
-impl Bus for Broken {
-    async fn publish_after(&self, floor: u64, events: &[EventEnvelope]) -> Result<(), BusError> {
-        self.inner.publish_after(floor, events).await
-    }
-
+impl BusFault for Broken {
     async fn subscribe(
         &self,
+        inner: &dyn Bus,
         options: SubscriptionOptions,
     ) -> Result<Box<dyn Subscription>, BusError> {
         Ok(Box::new(BrokenSubscription {
-            inner: self.inner.subscribe(options).await?,
+            inner: inner.subscribe(options).await?,
             fault: self.fault,
             acked: self.acked.clone(),
             handed_out: HashMap::new(),
         }))
     }
-
-    async fn last_published(&self) -> Result<u64, BusError> {
-        self.inner.last_published().await
-    }
-
-    async fn bound_store(&self) -> Result<Option<StoreIdentity>, BusError> {
-        self.inner.bound_store().await
-    }
-
-    async fn bind_store(&self, identity: &StoreIdentity) -> Result<StoreIdentity, BusError> {
-        self.inner.bind_store(identity).await
-    }
-
-    async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
-        self.inner.last_event().await
-    }
-
-    async fn dead_letter(
-        &self,
-        group: &str,
-        delivery: &Delivery,
-        reason: &str,
-    ) -> Result<(), BusError> {
-        self.inner.dead_letter(group, delivery, reason).await
-    }
-
-    async fn dead_letters(
-        &self,
-        group: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, BusError> {
-        self.inner.dead_letters(group, limit).await
-    }
-
-    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
-        self.inner.remove_dead_letter(id).await
-    }
 }
 
 fn broken(fault: Fault) -> Arc<dyn Bus> {
-    Arc::new(Broken {
-        inner: MemoryBus::new(),
-        fault,
-        acked: Arc::default(),
-    })
+    Arc::new(FaultyBus::new(
+        Arc::new(MemoryBus::new()),
+        Broken {
+            fault,
+            acked: Arc::default(),
+        },
+    ))
 }
 
 #[tokio::test]

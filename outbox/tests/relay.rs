@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use tektree_domain::EventEnvelope;
 use tektree_event_store::conformance::{sample_event, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::{EventStore, SqliteStore};
+use tektree_outbox::faulty::{BusFault, FaultyBus};
 use tektree_outbox::relay::{self, relay_once, RelayConfig};
 use tektree_outbox::test_support::{unique_stream_key, RedisServer};
 use tektree_outbox::{
@@ -182,73 +183,30 @@ async fn relay_run_end_to_end_on_redis() {
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
 
-/// A bus whose first `failures` publishes fail after publishing a prefix of the batch.
-struct FlakyBus {
-    inner: MemoryBus,
+/// The first `failures` publishes fail after publishing a prefix of the batch.
+struct FlakyPublish {
     failures: AtomicUsize,
 }
 
 #[async_trait]
-impl Bus for FlakyBus {
-    async fn publish_after(&self, floor: u64, events: &[EventEnvelope]) -> Result<(), BusError> {
+impl BusFault for FlakyPublish {
+    async fn publish_after(
+        &self,
+        inner: &dyn Bus,
+        floor: u64,
+        events: &[EventEnvelope],
+    ) -> Result<(), BusError> {
         if self
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
-            self.inner
+            inner
                 .publish_after(floor, &events[..events.len() / 2])
                 .await?;
             return Err(BusError::Transport("injected failure".into()));
         }
-        self.inner.publish_after(floor, events).await
-    }
-
-    async fn subscribe(
-        &self,
-        options: SubscriptionOptions,
-    ) -> Result<Box<dyn Subscription>, BusError> {
-        self.inner.subscribe(options).await
-    }
-
-    async fn last_published(&self) -> Result<u64, BusError> {
-        self.inner.last_published().await
-    }
-
-    async fn bound_store(&self) -> Result<Option<tektree_event_store::StoreIdentity>, BusError> {
-        self.inner.bound_store().await
-    }
-
-    async fn bind_store(
-        &self,
-        identity: &tektree_event_store::StoreIdentity,
-    ) -> Result<tektree_event_store::StoreIdentity, BusError> {
-        self.inner.bind_store(identity).await
-    }
-
-    async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
-        self.inner.last_event().await
-    }
-
-    async fn dead_letter(
-        &self,
-        group: &str,
-        delivery: &tektree_outbox::Delivery,
-        reason: &str,
-    ) -> Result<(), BusError> {
-        self.inner.dead_letter(group, delivery, reason).await
-    }
-
-    async fn dead_letters(
-        &self,
-        group: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<tektree_outbox::DeadLetter>, BusError> {
-        self.inner.dead_letters(group, limit).await
-    }
-
-    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
-        self.inner.remove_dead_letter(id).await
+        inner.publish_after(floor, events).await
     }
 }
 
@@ -256,10 +214,12 @@ impl Bus for FlakyBus {
 async fn relay_run_retries_failed_publishes_without_skipping() {
     let (_dir, store) = store();
     let committed = append(store.as_ref(), 2, 5).await;
-    let flaky = Arc::new(FlakyBus {
-        inner: MemoryBus::new(),
-        failures: AtomicUsize::new(3),
-    });
+    let flaky = Arc::new(FaultyBus::new(
+        Arc::new(MemoryBus::new()),
+        FlakyPublish {
+            failures: AtomicUsize::new(3),
+        },
+    ));
 
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let cfg = RelayConfig {
@@ -274,14 +234,14 @@ async fn relay_run_retries_failed_publishes_without_skipping() {
         shutdown,
     ));
 
-    let got = read_all(&flaky.inner, "g", committed.len()).await;
+    let got = read_all(flaky.inner.as_ref(), "g", committed.len()).await;
     let positions: Vec<u64> = got.iter().map(|d| d.envelope.position).collect();
     assert_eq!(
         positions,
         committed.iter().map(|e| e.position).collect::<Vec<_>>()
     );
     assert_eq!(
-        flaky.failures.load(Ordering::SeqCst),
+        flaky.fault.failures.load(Ordering::SeqCst),
         0,
         "the injected failures happened"
     );

@@ -504,30 +504,23 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     use async_trait::async_trait;
-    use tektree_domain::{EventEnvelope, Rules};
-    use tektree_outbox::{Bus, DeadLetter, MemoryBus};
+    use tektree_domain::Rules;
+    use tektree_outbox::faulty::{BusFault, FaultyBus};
+    use tektree_outbox::{Bus, MemoryBus};
 
     use super::*;
 
-    /// The in-process bus, refusing the first `failures` subscriptions as if it were down.
+    /// Refuses the first `failures` subscriptions as if the bus were down.
     struct FlakySubscribe {
-        inner: MemoryBus,
         failures: AtomicU64,
         error: fn() -> BusError,
     }
 
     #[async_trait]
-    impl Bus for FlakySubscribe {
-        async fn publish_after(
-            &self,
-            floor: u64,
-            events: &[EventEnvelope],
-        ) -> Result<(), BusError> {
-            self.inner.publish_after(floor, events).await
-        }
-
+    impl BusFault for FlakySubscribe {
         async fn subscribe(
             &self,
+            inner: &dyn Bus,
             options: SubscriptionOptions,
         ) -> Result<Box<dyn Subscription>, BusError> {
             if self
@@ -537,49 +530,7 @@ mod tests {
             {
                 return Err((self.error)());
             }
-            self.inner.subscribe(options).await
-        }
-
-        async fn last_published(&self) -> Result<u64, BusError> {
-            self.inner.last_published().await
-        }
-
-        async fn bound_store(
-            &self,
-        ) -> Result<Option<tektree_event_store::StoreIdentity>, BusError> {
-            self.inner.bound_store().await
-        }
-
-        async fn bind_store(
-            &self,
-            identity: &tektree_event_store::StoreIdentity,
-        ) -> Result<tektree_event_store::StoreIdentity, BusError> {
-            self.inner.bind_store(identity).await
-        }
-
-        async fn last_event(&self) -> Result<Option<EventEnvelope>, BusError> {
-            self.inner.last_event().await
-        }
-
-        async fn dead_letter(
-            &self,
-            group: &str,
-            delivery: &Delivery,
-            reason: &str,
-        ) -> Result<(), BusError> {
-            self.inner.dead_letter(group, delivery, reason).await
-        }
-
-        async fn dead_letters(
-            &self,
-            group: Option<&str>,
-            limit: usize,
-        ) -> Result<Vec<DeadLetter>, BusError> {
-            self.inner.dead_letters(group, limit).await
-        }
-
-        async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
-            self.inner.remove_dead_letter(id).await
+            inner.subscribe(options).await
         }
     }
 
@@ -587,7 +538,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = format!("sqlite://{}", dir.path().join("t.db").display());
         let mut app = App::open(&store, "memory", Rules::default()).await.unwrap();
-        app.bus = Arc::new(bus);
+        app.bus = Arc::new(FaultyBus::new(Arc::new(MemoryBus::new()), bus));
         (dir, app)
     }
 
@@ -596,7 +547,6 @@ mod tests {
     #[tokio::test]
     async fn joining_the_group_is_retried_while_the_bus_is_unreachable() {
         let (_dir, app) = app_with(FlakySubscribe {
-            inner: MemoryBus::new(),
             failures: AtomicU64::new(3),
             error: || BusError::Transport("connection refused".into()),
         })
@@ -609,7 +559,6 @@ mod tests {
     #[tokio::test]
     async fn a_configuration_error_while_joining_is_not_retried() {
         let (_dir, app) = app_with(FlakySubscribe {
-            inner: MemoryBus::new(),
             failures: AtomicU64::new(1),
             error: || BusError::Config("stream with work-queue retention".into()),
         })
@@ -625,7 +574,6 @@ mod tests {
     #[tokio::test]
     async fn shutdown_while_the_bus_is_unreachable_stops_joining() {
         let (_dir, app) = app_with(FlakySubscribe {
-            inner: MemoryBus::new(),
             failures: AtomicU64::new(u64::MAX),
             error: || BusError::Transport("connection refused".into()),
         })
@@ -646,7 +594,6 @@ mod tests {
     #[tokio::test]
     async fn an_event_is_dead_lettered_once_per_group() {
         let (_dir, app) = app_with(FlakySubscribe {
-            inner: MemoryBus::new(),
             failures: AtomicU64::new(0),
             error: || BusError::Transport(String::new()),
         })
