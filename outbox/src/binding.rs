@@ -253,7 +253,10 @@ mod tests {
             .append(SAMPLE_AGGREGATE_TYPE, id, 0, sample_events(id, 1, 3))
             .await
             .unwrap();
-        let bus = FaultyBus::new(std::sync::Arc::new(MemoryBus::new()), RelayPublishesMeanwhile);
+        let bus = FaultyBus::new(
+            std::sync::Arc::new(MemoryBus::new()),
+            RelayPublishesMeanwhile,
+        );
         assert_eq!(bind(&store, &bus).await.unwrap().epoch, 1);
         bus.publish(&store.read_all(0, 10).await.unwrap())
             .await

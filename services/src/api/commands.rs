@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRef, FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -31,8 +32,9 @@ use uuid::Uuid;
 use super::correlation::Correlation;
 use super::extract::{ApiJson, ApiPath};
 use super::idempotency::{IdempotencyHeader, REPLAYED_HEADER};
-use super::identity::Caller;
+use super::identity::Principal;
 use super::problem::Problem;
+use super::security::Security;
 use crate::app::App;
 
 /// `POST /v1/users` body.
@@ -176,6 +178,87 @@ impl IntoResponse for CommandResponse {
     }
 }
 
+/// What every command request carries besides its path and body: the authenticated caller,
+/// the correlation id, the `Idempotency-Key` header and the time it was received. Extracted in
+/// that order (401, then 400 for a malformed key), so a handler only builds its command.
+pub struct CommandRequest {
+    /// The caller (the command route's guard verified the token).
+    pub principal: Principal,
+    correlation: Correlation,
+    idem: IdempotencyHeader,
+    /// When the request was received (UTC): the command's `occurred_at`.
+    pub now: DateTime<Utc>,
+}
+
+impl<S> FromRequestParts<S> for CommandRequest
+where
+    Arc<Security>: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let principal = Principal::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let Ok(correlation) = Correlation::from_request_parts(parts, state).await;
+        let idem = IdempotencyHeader::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(CommandRequest {
+            principal,
+            correlation,
+            idem,
+            now: Utc::now(),
+        })
+    }
+}
+
+impl CommandRequest {
+    /// The caller's user id.
+    pub fn user(&self) -> Uuid {
+        self.principal.user
+    }
+
+    /// The actor of the caller's commands: `Actor::User(user)`.
+    pub fn actor(&self) -> Actor {
+        self.principal.actor()
+    }
+
+    /// The request's idempotency key, scoped to the caller and fingerprinted by `route`, the
+    /// `path` ids and the decoded `body` ([`IdempotencyHeader::key`]); `None` without one.
+    pub fn key<B: Serialize>(
+        &self,
+        route: &str,
+        path: &[Uuid],
+        body: &B,
+    ) -> Option<IdempotencyKey> {
+        self.idem
+            .key(Some(self.user()), route, path, body, self.now)
+    }
+
+    /// Runs `command` on `A`/`id` as the caller through [`run`] (the one command path), with
+    /// `key` from [`CommandRequest::key`].
+    ///
+    /// # Errors
+    /// The command's refusal as a problem.
+    pub async fn run<A>(
+        &self,
+        app: &App,
+        id: Uuid,
+        command: A::Command,
+        services: &A::Services,
+        key: Option<IdempotencyKey>,
+    ) -> Result<CommandResponse, Problem>
+    where
+        A: Aggregate<Event = Event, Error = DomainError> + Clone + 'static,
+        A::Command: Clone + Metering,
+    {
+        let m = meta(self.actor(), Correlation(self.correlation.0), self.now);
+        run::<A>(app, id, command, services, &m, key.as_ref()).await
+    }
+}
+
 /// Metadata of a request's command: new command id, the request's correlation id, now.
 pub(crate) fn meta(actor: Actor, correlation: Correlation, now: DateTime<Utc>) -> CommandMeta {
     CommandMeta {
@@ -231,26 +314,22 @@ where
 /// existing id with another display name, 422 for an invalid name.
 pub async fn register(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
-    idem: IdempotencyHeader,
+    req: CommandRequest,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(caller.0), "register", &[], &body, now);
-    let user_id = caller.0;
+    let key = req.key("register", &[], &body);
+    let user_id = req.user();
     if let Some(b) = body.user_id.filter(|b| *b != user_id) {
         return Err(Problem::forbidden(format!(
             "the token's subject {user_id} may not register user {b}"
         )));
     }
-    let m = meta(Actor::User(user_id), correlation, now);
     let cmd = UserCommand::Register {
         user_id,
         display_name: body.display_name,
         preferences: body.preferences.unwrap_or_default(),
     };
-    run::<User>(&app, user_id, cmd, &NoServices, &m, key.as_ref()).await
+    req.run::<User>(&app, user_id, cmd, &NoServices, key).await
 }
 
 /// `POST /v1/questions`: posts a question authored by the caller.
@@ -260,25 +339,22 @@ pub async fn register(
 /// other content, 422 for invalid fields, 429 over quota.
 pub async fn post_question(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
-    idem: IdempotencyHeader,
+    req: CommandRequest,
     ApiJson(body): ApiJson<QuestionBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(caller.0), "post_question", &[], &body, now);
+    let key = req.key("post_question", &[], &body);
     let question_id = body.question_id.unwrap_or_else(Uuid::new_v4);
     let cmd = ContentCommand::PostQuestion {
         question_id,
-        author_id: Some(caller.0),
+        author_id: Some(req.user()),
         title: body.title,
         body: body.body,
         tags: body.tags,
         area_id: body.area_id,
-        actor: caller.actor(),
+        actor: req.actor(),
     };
-    let m = meta(caller.actor(), correlation, now);
-    run::<Content>(&app, question_id, cmd, &app.knowledge, &m, key.as_ref()).await
+    req.run::<Content>(&app, question_id, cmd, &app.knowledge, key)
+        .await
 }
 
 /// `POST /v1/questions/{id}/answers`: answers question `id` as the caller.
@@ -287,24 +363,21 @@ pub async fn post_question(
 /// 401, 404 (`not_found.question`, `not_found.user`), 409, 422, 429.
 pub async fn submit_answer(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
+    req: CommandRequest,
     ApiPath(question_id): ApiPath<Uuid>,
-    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<AnswerBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(caller.0), "submit_answer", &[question_id], &body, now);
+    let key = req.key("submit_answer", &[question_id], &body);
     let answer_id = body.answer_id.unwrap_or_else(Uuid::new_v4);
     let cmd = ContentCommand::SubmitAnswer {
         answer_id,
         question_id,
-        author_id: Some(caller.0),
+        author_id: Some(req.user()),
         body: body.body,
-        actor: caller.actor(),
+        actor: req.actor(),
     };
-    let m = meta(caller.actor(), correlation, now);
-    run::<Content>(&app, answer_id, cmd, &app.knowledge, &m, key.as_ref()).await
+    req.run::<Content>(&app, answer_id, cmd, &app.knowledge, key)
+        .await
 }
 
 /// `POST /v1/content/{id}/comments`: comments on question or answer `id` as the caller.
@@ -313,24 +386,21 @@ pub async fn submit_answer(
 /// 401, 404 (`not_found.content`, `not_found.user`), 422, 429.
 pub async fn add_comment(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
+    req: CommandRequest,
     ApiPath(content_id): ApiPath<Uuid>,
-    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<CommentBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(caller.0), "add_comment", &[content_id], &body, now);
+    let key = req.key("add_comment", &[content_id], &body);
     let comment_id = body.comment_id.unwrap_or_else(Uuid::new_v4);
     let cmd = ContentCommand::AddComment {
         content_id,
         comment_id,
-        author_id: Some(caller.0),
+        author_id: Some(req.user()),
         text: body.text,
-        actor: caller.actor(),
+        actor: req.actor(),
     };
-    let m = meta(caller.actor(), correlation, now);
-    run::<Content>(&app, content_id, cmd, &app.knowledge, &m, key.as_ref()).await
+    req.run::<Content>(&app, content_id, cmd, &app.knowledge, key)
+        .await
 }
 
 /// `POST /v1/content/{id}/votes`: the caller votes on question or answer `id`; a vote in the
@@ -340,22 +410,19 @@ pub async fn add_comment(
 /// 401, 404 (`not_found.content`, `not_found.user`), 422.
 pub async fn vote(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
+    req: CommandRequest,
     ApiPath(content_id): ApiPath<Uuid>,
-    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<VoteBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(caller.0), "vote", &[content_id], &body, now);
+    let key = req.key("vote", &[content_id], &body);
     let cmd = ContentCommand::Vote {
         content_id,
-        voter_id: caller.0,
+        voter_id: req.user(),
         direction: body.direction,
-        actor: caller.actor(),
+        actor: req.actor(),
     };
-    let m = meta(caller.actor(), correlation, now);
-    run::<Content>(&app, content_id, cmd, &app.knowledge, &m, key.as_ref()).await
+    req.run::<Content>(&app, content_id, cmd, &app.knowledge, key)
+        .await
 }
 
 /// `POST /v1/questions/{id}/accept`: the question's author accepts an answer.
@@ -366,19 +433,16 @@ pub async fn vote(
 /// question.
 pub async fn accept_answer(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
+    req: CommandRequest,
     ApiPath(question_id): ApiPath<Uuid>,
-    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<AcceptBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(caller.0), "accept_answer", &[question_id], &body, now);
+    let key = req.key("accept_answer", &[question_id], &body);
     let cmd = ContentCommand::AcceptAnswer {
         question_id,
         answer_id: body.answer_id,
-        actor: caller.actor(),
+        actor: req.actor(),
     };
-    let m = meta(caller.actor(), correlation, now);
-    run::<Content>(&app, question_id, cmd, &app.knowledge, &m, key.as_ref()).await
+    req.run::<Content>(&app, question_id, cmd, &app.knowledge, key)
+        .await
 }

@@ -15,16 +15,13 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tektree_domain::{Area, AreaCommand, Content, ContentCommand, NoServices};
 use uuid::Uuid;
 
-use super::commands::{meta, run, CommandResponse};
-use super::correlation::Correlation;
+use super::commands::{CommandRequest, CommandResponse};
 use super::extract::{ApiJson, ApiPath};
-use super::idempotency::IdempotencyHeader;
-use super::identity::{Caller, Moderator};
+use super::identity::Moderator;
 use super::problem::Problem;
 use crate::app::App;
 
@@ -102,23 +99,20 @@ pub struct LikeBody {}
 /// 401, 403 without the moderator role, 409 for an existing id with other data, 422.
 pub async fn create_area(
     State(app): State<Arc<App>>,
-    Moderator(principal): Moderator,
-    correlation: Correlation,
-    idem: IdempotencyHeader,
+    _moderator: Moderator,
+    req: CommandRequest,
     ApiJson(body): ApiJson<AreaBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(principal.user), "create_area", &[], &body, now);
+    let key = req.key("create_area", &[], &body);
     let area_id = body.area_id.unwrap_or_else(Uuid::new_v4);
     let cmd = AreaCommand::Create {
         area_id,
         name: body.name,
         slug: body.slug,
         description: body.description,
-        actor: principal.actor(),
+        actor: req.actor(),
     };
-    let m = meta(principal.actor(), correlation, now);
-    run::<Area>(&app, area_id, cmd, &NoServices, &m, key.as_ref()).await
+    req.run::<Area>(&app, area_id, cmd, &NoServices, key).await
 }
 
 /// Which of the two text posts a [`PostBody`] makes.
@@ -130,41 +124,37 @@ enum TextPost {
 
 async fn post_text(
     app: Arc<App>,
-    caller: Caller,
-    correlation: Correlation,
-    idem: IdempotencyHeader,
+    req: CommandRequest,
     body: PostBody,
     what: TextPost,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
     let route = match what {
         TextPost::Discussion => "start_discussion",
         TextPost::Insight => "share_insight",
     };
-    let key = idem.key(Some(caller.0), route, &[], &body, now);
+    let key = req.key(route, &[], &body);
     let id = body.id.unwrap_or_else(Uuid::new_v4);
     let cmd = match what {
         TextPost::Discussion => ContentCommand::StartDiscussion {
             discussion_id: id,
-            author_id: Some(caller.0),
+            author_id: Some(req.user()),
             title: body.title,
             body: body.body,
             tags: body.tags,
             area_id: body.area_id,
-            actor: caller.actor(),
+            actor: req.actor(),
         },
         TextPost::Insight => ContentCommand::ShareInsight {
             insight_id: id,
-            author_id: Some(caller.0),
+            author_id: Some(req.user()),
             title: body.title,
             body: body.body,
             tags: body.tags,
             area_id: body.area_id,
-            actor: caller.actor(),
+            actor: req.actor(),
         },
     };
-    let m = meta(caller.actor(), correlation, now);
-    run::<Content>(&app, id, cmd, &app.knowledge, &m, key.as_ref()).await
+    req.run::<Content>(&app, id, cmd, &app.knowledge, key).await
 }
 
 /// `POST /v1/discussions`: the caller starts a discussion.
@@ -173,12 +163,10 @@ async fn post_text(
 /// 401, 404 (`not_found.user`, `not_found.area`), 409, 422, 429.
 pub async fn start_discussion(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
-    idem: IdempotencyHeader,
+    req: CommandRequest,
     ApiJson(body): ApiJson<PostBody>,
 ) -> Result<CommandResponse, Problem> {
-    post_text(app, caller, correlation, idem, body, TextPost::Discussion).await
+    post_text(app, req, body, TextPost::Discussion).await
 }
 
 /// `POST /v1/insights`: the caller shares an insight.
@@ -187,12 +175,10 @@ pub async fn start_discussion(
 /// 401, 404 (`not_found.user`, `not_found.area`), 409, 422, 429.
 pub async fn share_insight(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
-    idem: IdempotencyHeader,
+    req: CommandRequest,
     ApiJson(body): ApiJson<PostBody>,
 ) -> Result<CommandResponse, Problem> {
-    post_text(app, caller, correlation, idem, body, TextPost::Insight).await
+    post_text(app, req, body, TextPost::Insight).await
 }
 
 /// `POST /v1/resources`: the caller records an uploaded file's metadata and hash.
@@ -202,17 +188,14 @@ pub async fn share_insight(
 /// 429.
 pub async fn upload_resource(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
-    idem: IdempotencyHeader,
+    req: CommandRequest,
     ApiJson(body): ApiJson<ResourceBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(caller.0), "upload_resource", &[], &body, now);
+    let key = req.key("upload_resource", &[], &body);
     let id = body.resource_id.unwrap_or_else(Uuid::new_v4);
     let cmd = ContentCommand::UploadResource {
         resource_id: id,
-        author_id: Some(caller.0),
+        author_id: Some(req.user()),
         title: body.title,
         file_name: body.file_name,
         media_type: body.media_type,
@@ -221,10 +204,9 @@ pub async fn upload_resource(
         storage_url: body.storage_url,
         tags: body.tags,
         area_id: body.area_id,
-        actor: caller.actor(),
+        actor: req.actor(),
     };
-    let m = meta(caller.actor(), correlation, now);
-    run::<Content>(&app, id, cmd, &app.knowledge, &m, key.as_ref()).await
+    req.run::<Content>(&app, id, cmd, &app.knowledge, key).await
 }
 
 /// `POST /v1/content/{id}/likes`: the caller likes content `id` (once; a repeat answers 200).
@@ -233,19 +215,16 @@ pub async fn upload_resource(
 /// 401, 404 (`not_found.content`, `not_found.user`).
 pub async fn like(
     State(app): State<Arc<App>>,
-    caller: Caller,
-    correlation: Correlation,
+    req: CommandRequest,
     ApiPath(content_id): ApiPath<Uuid>,
-    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<LikeBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(caller.0), "like", &[content_id], &body, now);
+    let key = req.key("like", &[content_id], &body);
     let cmd = ContentCommand::Like {
         content_id,
-        user_id: caller.0,
-        actor: caller.actor(),
+        user_id: req.user(),
+        actor: req.actor(),
     };
-    let m = meta(caller.actor(), correlation, now);
-    run::<Content>(&app, content_id, cmd, &app.knowledge, &m, key.as_ref()).await
+    req.run::<Content>(&app, content_id, cmd, &app.knowledge, key)
+        .await
 }

@@ -13,17 +13,14 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tektree_domain::events::{Preferences, UserProfileUpdated};
 use tektree_domain::{NoServices, User, UserCommand};
 use uuid::Uuid;
 
 use super::auth::Role;
-use super::commands::{meta, run, CommandResponse};
-use super::correlation::Correlation;
+use super::commands::{CommandRequest, CommandResponse};
 use super::extract::{ApiJson, ApiPath};
-use super::idempotency::IdempotencyHeader;
 use super::identity::Principal;
 use super::problem::Problem;
 use super::security::Security;
@@ -77,13 +74,11 @@ fn require_self_or_admin(p: &Principal, user: Uuid) -> Result<(), Problem> {
 /// fields.
 pub async fn update_profile(
     State(app): State<Arc<App>>,
-    principal: Principal,
-    correlation: Correlation,
+    req: CommandRequest,
     ApiPath(user_id): ApiPath<Uuid>,
-    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<ProfileBody>,
 ) -> Result<CommandResponse, Problem> {
-    require_self_or_admin(&principal, user_id)?;
+    require_self_or_admin(&req.principal, user_id)?;
     if body == ProfileBody::default() {
         return Err(Problem::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -92,14 +87,7 @@ pub async fn update_profile(
             "name at least one field to change",
         ));
     }
-    let now = Utc::now();
-    let key = idem.key(
-        Some(principal.user),
-        "update_profile",
-        &[user_id],
-        &body,
-        now,
-    );
+    let key = req.key("update_profile", &[user_id], &body);
     let cmd = UserCommand::UpdateProfile(UserProfileUpdated {
         user_id,
         display_name: body.display_name,
@@ -109,8 +97,7 @@ pub async fn update_profile(
         email: body.email,
         preferences: body.preferences,
     });
-    let m = meta(principal.actor(), correlation, now);
-    run::<User>(&app, user_id, cmd, &NoServices, &m, key.as_ref()).await
+    req.run::<User>(&app, user_id, cmd, &NoServices, key).await
 }
 
 /// `POST /v1/sessions`: records that the caller opened a session with this token
@@ -121,21 +108,18 @@ pub async fn update_profile(
 pub async fn open_session(
     State(app): State<Arc<App>>,
     State(security): State<Arc<Security>>,
-    principal: Principal,
-    correlation: Correlation,
-    idem: IdempotencyHeader,
+    req: CommandRequest,
     ApiJson(body): ApiJson<EmptyBody>,
 ) -> Result<CommandResponse, Problem> {
-    let now = Utc::now();
-    let key = idem.key(Some(principal.user), "open_session", &[], &body, now);
+    let key = req.key("open_session", &[], &body);
     let auth = &security.auth;
     let cmd = UserCommand::Authenticate {
-        user_id: principal.user,
+        user_id: req.user(),
         method: format!("jwt_{:?}", auth.algorithm()).to_lowercase(),
         issuer: auth.issuer().to_string(),
     };
-    let m = meta(principal.actor(), correlation, now);
-    run::<User>(&app, principal.user, cmd, &NoServices, &m, key.as_ref()).await
+    req.run::<User>(&app, req.user(), cmd, &NoServices, key)
+        .await
 }
 
 /// `POST /v1/users/{id}/email/verify`: the caller (user `id`) proves their current address with
@@ -147,26 +131,22 @@ pub async fn open_session(
 /// `not_found.user`; 409 when the claimed address is not the profile's current one.
 pub async fn verify_email(
     State(app): State<Arc<App>>,
-    principal: Principal,
-    correlation: Correlation,
+    req: CommandRequest,
     ApiPath(user_id): ApiPath<Uuid>,
-    idem: IdempotencyHeader,
     ApiJson(body): ApiJson<EmptyBody>,
 ) -> Result<CommandResponse, Problem> {
-    if principal.user != user_id {
+    if req.user() != user_id {
         return Err(Problem::forbidden(format!(
             "user {} may not verify the address of user {user_id}",
-            principal.user
+            req.user()
         )));
     }
-    let Some(email) = principal.verified_email.clone() else {
+    let Some(email) = req.principal.verified_email.clone() else {
         return Err(Problem::forbidden(
             "the token carries no verified `email` claim (`email` with `email_verified: true`)",
         ));
     };
-    let now = Utc::now();
-    let key = idem.key(Some(principal.user), "verify_email", &[user_id], &body, now);
+    let key = req.key("verify_email", &[user_id], &body);
     let cmd = UserCommand::VerifyEmail { user_id, email };
-    let m = meta(principal.actor(), correlation, now);
-    run::<User>(&app, user_id, cmd, &NoServices, &m, key.as_ref()).await
+    req.run::<User>(&app, user_id, cmd, &NoServices, key).await
 }
