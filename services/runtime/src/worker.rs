@@ -261,46 +261,12 @@ pub async fn run(
                     held.insert(d.envelope.position, d);
                 }
                 Processed::Poison(reason) => {
-                    let n = failures.entry(d.envelope.position).or_insert(0);
-                    *n += 1;
-                    let attempts = (*n).max(d.delivery_count);
-                    if attempts < cfg.max_deliver {
-                        held.insert(d.envelope.position, d);
-                        continue;
-                    }
-                    // A worker killed between dead-lettering and acknowledging leaves the
-                    // delivery pending; whoever gets it next must not set it aside twice.
-                    match already_dead_lettered(app, &name, &d).await {
-                        Ok(false) => {}
-                        Ok(true) => {
-                            tracing::warn!(consumer = %name, position = d.envelope.position,
-                                event_id = %d.envelope.event_id,
-                                "already dead-lettered by an earlier delivery; acknowledging");
-                            failures.remove(&d.envelope.position);
-                            ack.push(d.id);
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::warn!(consumer = %name, error = %e, "listing dead letters failed; will retry");
-                            transient = true;
+                    match set_aside(app, &name, cfg.max_deliver, &mut failures, d, &reason).await {
+                        Next::Ack(id) => ack.push(id),
+                        Next::Hold(d) => {
                             held.insert(d.envelope.position, d);
-                            continue;
                         }
-                    }
-                    let mut dead = d.clone();
-                    dead.delivery_count = attempts;
-                    match app.bus.dead_letter(&name, &dead, &reason).await {
-                        Ok(()) => {
-                            tracing::error!(consumer = %name, position = d.envelope.position,
-                                event_id = %d.envelope.event_id, %reason, attempts,
-                                "dead-lettered; later events of its aggregate wait for a re-drive");
-                            metrics::counter!("tektree_dead_letters_total", "consumer" => name.clone())
-                                .increment(1);
-                            failures.remove(&d.envelope.position);
-                            ack.push(d.id);
-                        }
-                        Err(e) => {
-                            tracing::warn!(consumer = %name, error = %e, "dead-lettering failed; will retry");
+                        Next::Retry(d) => {
                             transient = true;
                             held.insert(d.envelope.position, d);
                         }
@@ -330,6 +296,67 @@ pub async fn run(
     }
     tracing::info!(consumer = %name, "consumer stopped");
     Ok(())
+}
+
+/// What the worker does next with a delivery.
+enum Next {
+    /// Acknowledge it (by delivery id).
+    Ack(String),
+    /// Hold it for the next round.
+    Hold(Delivery),
+    /// Hold it and back off (the bus failed).
+    Retry(Delivery),
+}
+
+/// A delivery that failed for good (`reason`): held for another attempt until it has failed
+/// `max_deliver` times (counted in `failures` by position, or by the bus's delivery count),
+/// then set aside as a dead letter of `group` and acknowledged — unless an earlier delivery
+/// of the same event was set aside already (a worker killed between the dead letter and the
+/// acknowledgement), which is only acknowledged.
+async fn set_aside(
+    app: &App,
+    group: &str,
+    max_deliver: u64,
+    failures: &mut HashMap<u64, u64>,
+    d: Delivery,
+    reason: &str,
+) -> Next {
+    let position = d.envelope.position;
+    let n = failures.entry(position).or_insert(0);
+    *n += 1;
+    let attempts = (*n).max(d.delivery_count);
+    if attempts < max_deliver {
+        return Next::Hold(d);
+    }
+    match already_dead_lettered(app, group, &d).await {
+        Ok(false) => {}
+        Ok(true) => {
+            tracing::warn!(consumer = %group, position, event_id = %d.envelope.event_id,
+                "already dead-lettered by an earlier delivery; acknowledging");
+            failures.remove(&position);
+            return Next::Ack(d.id);
+        }
+        Err(e) => {
+            tracing::warn!(consumer = %group, error = %e, "listing dead letters failed; will retry");
+            return Next::Retry(d);
+        }
+    }
+    let mut dead = d.clone();
+    dead.delivery_count = attempts;
+    match app.bus.dead_letter(group, &dead, reason).await {
+        Ok(()) => {
+            tracing::error!(consumer = %group, position, event_id = %d.envelope.event_id,
+                %reason, attempts, "dead-lettered; later events of its aggregate wait for a re-drive");
+            metrics::counter!("tektree_dead_letters_total", "consumer" => group.to_string())
+                .increment(1);
+            failures.remove(&position);
+            Next::Ack(d.id)
+        }
+        Err(e) => {
+            tracing::warn!(consumer = %group, error = %e, "dead-lettering failed; will retry");
+            Next::Retry(d)
+        }
+    }
 }
 
 /// `true` when `group` already holds a dead letter of `delivery`'s event.
