@@ -274,6 +274,206 @@ impl Content {
         }
         Ok(())
     }
+
+    /// `ContentCommand::Like`: one like per user; the user must exist.
+    async fn like(
+        &self,
+        services: &dyn KnowledgeServices,
+        content_id: Uuid,
+        user_id: Uuid,
+        actor: Actor,
+    ) -> Result<Option<Event>, DomainError> {
+        self.require_exists(content_id)?;
+        if let Actor::User(u) = actor {
+            if u != user_id {
+                return Err(DomainError::Forbidden(format!(
+                    "user {u} may not like as {user_id}"
+                )));
+            }
+        }
+        if self.likes.contains(&user_id) {
+            return Ok(None);
+        }
+        if !lookup(services.user_exists(user_id).await)? {
+            return Err(DomainError::NotFound {
+                what: "user",
+                id: user_id,
+            });
+        }
+        let e = ContentLiked {
+            content_id,
+            user_id,
+            content_author_id: self.author_id,
+            tags: self.tags.clone(),
+            area_id: self.area_id,
+        };
+        Ok(Some(Event::ContentLiked(e)))
+    }
+
+    /// `ContentCommand::SubmitAnswer`: the question must exist; an identical repeat is a no-op.
+    async fn submit_answer(
+        &self,
+        services: &dyn KnowledgeServices,
+        answer_id: Uuid,
+        question_id: Uuid,
+        author_id: Option<Uuid>,
+        body: String,
+        actor: Actor,
+    ) -> Result<Option<Event>, DomainError> {
+        check_text("body", &body, 1, 65_536)?;
+        if let Some(ContentKind::Answer { question_id: q }) = self.kind {
+            if q == question_id && self.author_id == author_id {
+                return Ok(None);
+            }
+        }
+        self.require_new(answer_id)?;
+        let question =
+            lookup(services.question(question_id).await)?.ok_or(DomainError::NotFound {
+                what: "question",
+                id: question_id,
+            })?;
+        check_author(services, &actor, author_id).await?;
+        let e = AnswerSubmitted {
+            answer_id,
+            question_id,
+            author_id,
+            body,
+            tags: question.tags,
+            area_id: question.area_id,
+        };
+        Ok(Some(Event::AnswerSubmitted(e)))
+    }
+
+    /// `ContentCommand::AddComment` on this question or answer.
+    async fn add_comment(
+        &self,
+        services: &dyn KnowledgeServices,
+        content_id: Uuid,
+        comment_id: Uuid,
+        author_id: Option<Uuid>,
+        text: String,
+        actor: Actor,
+    ) -> Result<Option<Event>, DomainError> {
+        check_text("text", &text, 1, 600)?;
+        self.require_exists(content_id)?;
+        if self.comments.contains(&comment_id) {
+            return Ok(None);
+        }
+        check_author(services, &actor, author_id).await?;
+        let e = CommentAdded {
+            comment_id,
+            content_id,
+            author_id,
+            text,
+            tags: self.tags.clone(),
+            area_id: self.area_id,
+        };
+        Ok(Some(Event::CommentAdded(e)))
+    }
+
+    /// `ContentCommand::Vote`: a vote replaces the voter's earlier one; the same vote again is a no-op.
+    async fn vote(
+        &self,
+        services: &dyn KnowledgeServices,
+        content_id: Uuid,
+        voter_id: Uuid,
+        direction: VoteDirection,
+        actor: Actor,
+    ) -> Result<Option<Event>, DomainError> {
+        self.require_exists(content_id)?;
+        if let Actor::User(u) = actor {
+            if u != voter_id {
+                return Err(DomainError::Forbidden(format!(
+                    "user {u} may not vote as {voter_id}"
+                )));
+            }
+            if !lookup(services.user_exists(u).await)? {
+                return Err(DomainError::NotFound {
+                    what: "user",
+                    id: u,
+                });
+            }
+        }
+        let previous = self.votes.get(&voter_id).copied();
+        if previous == Some(direction) {
+            return Ok(None);
+        }
+        let e = ContentVoted {
+            content_id,
+            voter_id,
+            previous,
+            content_author_id: self.author_id,
+            tags: self.tags.clone(),
+            area_id: self.area_id,
+            on_answer: matches!(self.kind, Some(ContentKind::Answer { .. })),
+            score: Some(self.score + direction.score() - previous.map_or(0, VoteDirection::score)),
+        };
+        let e = match direction {
+            VoteDirection::Up => Event::ContentUpvoted(e),
+            VoteDirection::Down => Event::ContentDownvoted(e),
+        };
+        Ok(Some(e))
+    }
+
+    /// `ContentCommand::AcceptAnswer`: by the question's author, one answer of this question, once.
+    async fn accept_answer(
+        &self,
+        services: &dyn KnowledgeServices,
+        question_id: Uuid,
+        answer_id: Uuid,
+        actor: Actor,
+    ) -> Result<Option<Event>, DomainError> {
+        let accepted = match &self.kind {
+            None => {
+                return Err(DomainError::NotFound {
+                    what: "question",
+                    id: question_id,
+                })
+            }
+            Some(ContentKind::Question { accepted_answer }) => *accepted_answer,
+            Some(_) => {
+                return Err(DomainError::NotFound {
+                    what: "question",
+                    id: question_id,
+                })
+            }
+        };
+        if let Actor::User(u) = actor {
+            if self.author_id != Some(u) {
+                return Err(DomainError::Forbidden(
+                    "only the question's author may accept an answer".into(),
+                ));
+            }
+        }
+        match accepted {
+            Some(a) if a == answer_id => return Ok(None),
+            Some(a) => {
+                return Err(DomainError::Conflict(format!(
+                    "question {question_id} already has accepted answer {a}"
+                )))
+            }
+            None => {}
+        }
+        let answer = lookup(services.answer(answer_id).await)?.ok_or(DomainError::NotFound {
+            what: "answer",
+            id: answer_id,
+        })?;
+        if answer.question_id != question_id {
+            return Err(DomainError::Conflict(format!(
+                "answer {answer_id} belongs to question {}, not {question_id}",
+                answer.question_id
+            )));
+        }
+        let e = AnswerAccepted {
+            question_id,
+            answer_id,
+            question_author_id: self.author_id,
+            answer_author_id: answer.author_id,
+            tags: self.tags.clone(),
+            area_id: self.area_id,
+        };
+        Ok(Some(Event::AnswerAccepted(e)))
+    }
 }
 
 async fn check_author(
@@ -399,7 +599,7 @@ impl Aggregate for Content {
         sink: &EventSink<Self>,
     ) -> Result<(), DomainError> {
         let services = services.as_ref();
-        match command {
+        let decided = match command {
             ContentCommand::PostQuestion {
                 question_id,
                 author_id,
@@ -436,7 +636,7 @@ impl Aggregate for Content {
                     tags,
                     area_id,
                 };
-                sink.write(Event::QuestionPosted(e), self).await;
+                Some(Event::QuestionPosted(e))
             }
             ContentCommand::StartDiscussion {
                 discussion_id,
@@ -472,7 +672,7 @@ impl Aggregate for Content {
                     tags,
                     area_id,
                 };
-                sink.write(Event::DiscussionStarted(e), self).await;
+                Some(Event::DiscussionStarted(e))
             }
             ContentCommand::ShareInsight {
                 insight_id,
@@ -502,7 +702,7 @@ impl Aggregate for Content {
                     tags,
                     area_id,
                 };
-                sink.write(Event::InsightShared(e), self).await;
+                Some(Event::InsightShared(e))
             }
             ContentCommand::UploadResource {
                 resource_id,
@@ -552,39 +752,13 @@ impl Aggregate for Content {
                     tags,
                     area_id,
                 };
-                sink.write(Event::ResourceUploaded(e), self).await;
+                Some(Event::ResourceUploaded(e))
             }
             ContentCommand::Like {
                 content_id,
                 user_id,
                 actor,
-            } => {
-                self.require_exists(content_id)?;
-                if let Actor::User(u) = actor {
-                    if u != user_id {
-                        return Err(DomainError::Forbidden(format!(
-                            "user {u} may not like as {user_id}"
-                        )));
-                    }
-                }
-                if self.likes.contains(&user_id) {
-                    return Ok(());
-                }
-                if !lookup(services.user_exists(user_id).await)? {
-                    return Err(DomainError::NotFound {
-                        what: "user",
-                        id: user_id,
-                    });
-                }
-                let e = ContentLiked {
-                    content_id,
-                    user_id,
-                    content_author_id: self.author_id,
-                    tags: self.tags.clone(),
-                    area_id: self.area_id,
-                };
-                sink.write(Event::ContentLiked(e), self).await;
-            }
+            } => self.like(services, content_id, user_id, actor).await?,
             ContentCommand::SubmitAnswer {
                 answer_id,
                 question_id,
@@ -592,28 +766,8 @@ impl Aggregate for Content {
                 body,
                 actor,
             } => {
-                check_text("body", &body, 1, 65_536)?;
-                if let Some(ContentKind::Answer { question_id: q }) = self.kind {
-                    if q == question_id && self.author_id == author_id {
-                        return Ok(());
-                    }
-                }
-                self.require_new(answer_id)?;
-                let question =
-                    lookup(services.question(question_id).await)?.ok_or(DomainError::NotFound {
-                        what: "question",
-                        id: question_id,
-                    })?;
-                check_author(services, &actor, author_id).await?;
-                let e = AnswerSubmitted {
-                    answer_id,
-                    question_id,
-                    author_id,
-                    body,
-                    tags: question.tags,
-                    area_id: question.area_id,
-                };
-                sink.write(Event::AnswerSubmitted(e), self).await;
+                self.submit_answer(services, answer_id, question_id, author_id, body, actor)
+                    .await?
             }
             ContentCommand::AddComment {
                 content_id,
@@ -622,21 +776,8 @@ impl Aggregate for Content {
                 text,
                 actor,
             } => {
-                check_text("text", &text, 1, 600)?;
-                self.require_exists(content_id)?;
-                if self.comments.contains(&comment_id) {
-                    return Ok(());
-                }
-                check_author(services, &actor, author_id).await?;
-                let e = CommentAdded {
-                    comment_id,
-                    content_id,
-                    author_id,
-                    text,
-                    tags: self.tags.clone(),
-                    area_id: self.area_id,
-                };
-                sink.write(Event::CommentAdded(e), self).await;
+                self.add_comment(services, content_id, comment_id, author_id, text, actor)
+                    .await?
             }
             ContentCommand::Vote {
                 content_id,
@@ -644,99 +785,20 @@ impl Aggregate for Content {
                 direction,
                 actor,
             } => {
-                self.require_exists(content_id)?;
-                if let Actor::User(u) = actor {
-                    if u != voter_id {
-                        return Err(DomainError::Forbidden(format!(
-                            "user {u} may not vote as {voter_id}"
-                        )));
-                    }
-                    if !lookup(services.user_exists(u).await)? {
-                        return Err(DomainError::NotFound {
-                            what: "user",
-                            id: u,
-                        });
-                    }
-                }
-                let previous = self.votes.get(&voter_id).copied();
-                if previous == Some(direction) {
-                    return Ok(());
-                }
-                let e = ContentVoted {
-                    content_id,
-                    voter_id,
-                    previous,
-                    content_author_id: self.author_id,
-                    tags: self.tags.clone(),
-                    area_id: self.area_id,
-                    on_answer: matches!(self.kind, Some(ContentKind::Answer { .. })),
-                    score: Some(
-                        self.score + direction.score() - previous.map_or(0, VoteDirection::score),
-                    ),
-                };
-                let e = match direction {
-                    VoteDirection::Up => Event::ContentUpvoted(e),
-                    VoteDirection::Down => Event::ContentDownvoted(e),
-                };
-                sink.write(e, self).await;
+                self.vote(services, content_id, voter_id, direction, actor)
+                    .await?
             }
             ContentCommand::AcceptAnswer {
                 question_id,
                 answer_id,
                 actor,
             } => {
-                let accepted = match &self.kind {
-                    None => {
-                        return Err(DomainError::NotFound {
-                            what: "question",
-                            id: question_id,
-                        })
-                    }
-                    Some(ContentKind::Question { accepted_answer }) => *accepted_answer,
-                    Some(_) => {
-                        return Err(DomainError::NotFound {
-                            what: "question",
-                            id: question_id,
-                        })
-                    }
-                };
-                if let Actor::User(u) = actor {
-                    if self.author_id != Some(u) {
-                        return Err(DomainError::Forbidden(
-                            "only the question's author may accept an answer".into(),
-                        ));
-                    }
-                }
-                match accepted {
-                    Some(a) if a == answer_id => return Ok(()),
-                    Some(a) => {
-                        return Err(DomainError::Conflict(format!(
-                            "question {question_id} already has accepted answer {a}"
-                        )))
-                    }
-                    None => {}
-                }
-                let answer =
-                    lookup(services.answer(answer_id).await)?.ok_or(DomainError::NotFound {
-                        what: "answer",
-                        id: answer_id,
-                    })?;
-                if answer.question_id != question_id {
-                    return Err(DomainError::Conflict(format!(
-                        "answer {answer_id} belongs to question {}, not {question_id}",
-                        answer.question_id
-                    )));
-                }
-                let e = AnswerAccepted {
-                    question_id,
-                    answer_id,
-                    question_author_id: self.author_id,
-                    answer_author_id: answer.author_id,
-                    tags: self.tags.clone(),
-                    area_id: self.area_id,
-                };
-                sink.write(Event::AnswerAccepted(e), self).await;
+                self.accept_answer(services, question_id, answer_id, actor)
+                    .await?
             }
+        };
+        if let Some(event) = decided {
+            sink.write(event, self).await;
         }
         Ok(())
     }
