@@ -585,6 +585,73 @@ impl CommandHandler {
 
     /// Load → handle → append with retries; with a `key`, the append carries the idempotency
     /// record, and a lost race for the key replays the winner's outcome.
+    /// The outcome of a command that decided nothing (an identical repeat) at `version`. With
+    /// a `key`, its record (no events) is stored so that a retry replays it; when another
+    /// request stored the key first, that request's outcome is replayed (`true`).
+    async fn unchanged<A>(
+        &self,
+        id: Uuid,
+        version: u64,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<(Outcome, bool), CommandError>
+    where
+        A: Aggregate<Event = Event> + 'static,
+    {
+        let outcome = Outcome {
+            aggregate_type: A::TYPE,
+            aggregate_id: id,
+            events: vec![],
+            version,
+        };
+        let Some(key) = key else {
+            return Ok((outcome, false));
+        };
+        let mine = IdempotencyRecord::for_append(key.clone(), A::TYPE, id, version, 0);
+        let stored = self
+            .store
+            .put_idempotency_record(mine.clone())
+            .await
+            .map_err(CommandError::Store)?;
+        // Backends may round timestamps: compare what the response is made of.
+        let same = stored.key.fingerprint == mine.key.fingerprint
+            && stored.aggregate_id == mine.aggregate_id
+            && stored.event_count == 0
+            && stored.version == version;
+        if same {
+            return Ok((outcome, false));
+        }
+        Ok((self.replay_record::<A>(key, stored).await?, true))
+    }
+
+    /// After the append of `committed` on `A`/`id` (loaded at `version`): caches `state` (which
+    /// has applied the new events), counts the command, saves a snapshot when one is due (a
+    /// failure is only logged and counted), and returns the outcome.
+    async fn committed<A>(
+        &self,
+        id: Uuid,
+        version: u64,
+        state: A,
+        committed: Vec<EventEnvelope>,
+    ) -> Outcome
+    where
+        A: Aggregate<Event = Event> + Clone + 'static,
+    {
+        let new_version = committed.last().map(|e| e.sequence).unwrap_or(version);
+        let snapshot = self.due_snapshot(id, version, new_version, &state);
+        self.cache.put(A::TYPE, id, state, new_version);
+        metrics::counter!("tektree_commands_total", "aggregate" => A::TYPE, "result" => "committed")
+            .increment(1);
+        if let Some(snapshot) = snapshot {
+            self.save_snapshot::<A>(snapshot).await;
+        }
+        Outcome {
+            aggregate_type: A::TYPE,
+            aggregate_id: id,
+            events: committed,
+            version: new_version,
+        }
+    }
+
     async fn run<A>(
         &self,
         id: Uuid,
@@ -612,30 +679,7 @@ impl CommandHandler {
                 state.handle(command.clone(), services, &sink).await?;
                 let events = sink.collect().await;
                 if events.is_empty() {
-                    let outcome = Outcome {
-                        aggregate_type: A::TYPE,
-                        aggregate_id: id,
-                        events: vec![],
-                        version,
-                    };
-                    let Some(key) = key else {
-                        return Ok((outcome, false));
-                    };
-                    let mine = IdempotencyRecord::for_append(key.clone(), A::TYPE, id, version, 0);
-                    let stored = self
-                        .store
-                        .put_idempotency_record(mine.clone())
-                        .await
-                        .map_err(CommandError::Store)?;
-                    // Backends may round timestamps: compare what the response is made of.
-                    let same = stored.key.fingerprint == mine.key.fingerprint
-                        && stored.aggregate_id == mine.aggregate_id
-                        && stored.event_count == 0
-                        && stored.version == version;
-                    if same {
-                        return Ok((outcome, false));
-                    }
-                    return Ok((self.replay_record::<A>(key, stored).await?, true));
+                    return self.unchanged::<A>(id, version, key).await;
                 }
                 let new: Vec<NewEvent> = events
                     .into_iter()
@@ -659,24 +703,8 @@ impl CommandHandler {
                 };
                 match appended {
                     Ok(committed) => {
-                        let new_version = committed.last().map(|e| e.sequence).unwrap_or(version);
-                        // `state` has applied the new events (EventSink::write applies them).
-                        let snapshot = self.due_snapshot(id, version, new_version, &state);
-                        self.cache.put(A::TYPE, id, state, new_version);
-                        metrics::counter!("tektree_commands_total", "aggregate" => A::TYPE, "result" => "committed").increment(1);
-                        if let Some(snapshot) = snapshot {
-                            // After the commit; a failure is only logged and counted.
-                            self.save_snapshot::<A>(snapshot).await;
-                        }
-                        return Ok((
-                            Outcome {
-                                aggregate_type: A::TYPE,
-                                aggregate_id: id,
-                                events: committed,
-                                version: new_version,
-                            },
-                            false,
-                        ));
+                        let outcome = self.committed::<A>(id, version, state, committed).await;
+                        return Ok((outcome, false));
                     }
                     Err(e @ StoreError::IdempotencyKeyExists { .. }) => {
                         let Some(key) = key else {
