@@ -34,7 +34,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use tektree_domain::{
     Actor, Area, Content, DomainError, Event, EventEnvelope, EventMetadata, NewEvent, Profile,
-    SnapshotVersion, Subscription, User,
+    QuotaRules, SnapshotVersion, Subscription, User,
 };
 use tektree_event_store::{
     EventStore, IdempotencyKey, IdempotencyRecord, StoreError, StoredSnapshot,
@@ -189,6 +189,8 @@ fn snapshot_version_of<A: 'static>() -> Option<u32> {
 #[derive(Clone)]
 pub struct CommandHandler {
     store: Arc<dyn EventStore>,
+    /// The monthly quota [`CommandHandler::submit`] enforces on users' metered posts.
+    quota: Arc<QuotaRules>,
     max_attempts: u32,
     cache: Arc<StateCache>,
     snapshot_interval: u64,
@@ -202,6 +204,7 @@ impl CommandHandler {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         CommandHandler {
             store,
+            quota: Arc::new(QuotaRules::default()),
             max_attempts: 5,
             cache: Arc::new(StateCache::new(50_000)),
             snapshot_interval: DEFAULT_SNAPSHOT_INTERVAL,
@@ -249,6 +252,18 @@ impl CommandHandler {
     /// Attempts per command before [`CommandError::Conflict`].
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
+    }
+
+    /// This handler (and its clones) enforcing `quota` in [`CommandHandler::submit`] (default
+    /// [`QuotaRules::default`], issue #2's limits). `App::open` sets the deployment's rules.
+    pub fn with_quota_rules(mut self, quota: QuotaRules) -> Self {
+        self.quota = Arc::new(quota);
+        self
+    }
+
+    /// The quota rules [`CommandHandler::submit`] enforces.
+    pub fn quota_rules(&self) -> &QuotaRules {
+        &self.quota
     }
 
     /// The underlying store.

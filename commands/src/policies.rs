@@ -71,7 +71,7 @@ impl Policy for Gamification {
                 activity: award.activity,
             };
             self.handler
-                .execute::<Profile>(award.user_id, cmd, &self.goals, &meta)
+                .submit::<Profile>(award.user_id, cmd, &self.goals, &meta, None)
                 .await?;
         }
         Ok(())
@@ -106,7 +106,7 @@ impl Policy for Metering {
                 tier: Tier::Free,
             };
             self.handler
-                .execute::<Subscription>(e.user_id, cmd, &self.rules, &meta)
+                .submit::<Subscription>(e.user_id, cmd, &self.rules, &meta, None)
                 .await?;
         }
         if let Some(user_id) = metered_user(event) {
@@ -117,7 +117,7 @@ impl Policy for Metering {
                 occurred_at: envelope.occurred_at,
             };
             self.handler
-                .execute::<Subscription>(user_id, cmd, &self.rules, &meta)
+                .submit::<Subscription>(user_id, cmd, &self.rules, &meta, None)
                 .await?;
         }
         Ok(())

@@ -1,4 +1,4 @@
-//! The one path of every command from outside the engine (HTTP, importer, webhooks): replay an
+//! The one path of every command (HTTP, importer, Polar webhooks, policies): replay an
 //! idempotent request, refuse a post over its author's monthly quota, run the command.
 //!
 //! [`CommandHandler::submit`] does, in order:
@@ -150,8 +150,9 @@ pub fn seconds_until_next_month(now: DateTime<Utc>) -> u64 {
 
 impl CommandHandler {
     /// Runs `command` on `A`/`id` the way every entry point must (module docs): replay with
-    /// `key`, quota check for a user's metered post under `quota`, then the command. The
-    /// `bool` is `true` for a replayed outcome.
+    /// `key`, quota check for a user's metered post under the handler's
+    /// [quota rules](CommandHandler::with_quota_rules), then the command. The `bool` is `true`
+    /// for a replayed outcome.
     ///
     /// # Errors
     /// As [`CommandHandler::execute_idempotent`]; [`CommandError::QuotaExceeded`] for a
@@ -163,7 +164,6 @@ impl CommandHandler {
         services: &A::Services,
         meta: &CommandMeta,
         key: Option<&IdempotencyKey>,
-        quota: &QuotaRules,
     ) -> Result<(Outcome, bool), CommandError>
     where
         A: Aggregate<Event = Event, Error = DomainError> + Clone + 'static,
@@ -175,7 +175,7 @@ impl CommandHandler {
             }
         }
         if let (Actor::User(_), Some((author, what))) = (&meta.actor, command.metered()) {
-            self.check_quota(quota, author, meta.occurred_at, what)
+            self.check_quota(self.quota_rules(), author, meta.occurred_at, what)
                 .await?;
         }
         match key {

@@ -137,7 +137,7 @@ impl App {
                 BindError::Store(e) => AppError::Store(e),
                 refused => AppError::Binding(refused),
             })?;
-        let handler = CommandHandler::new(store.clone());
+        let handler = CommandHandler::new(store.clone()).with_quota_rules(rules.quota.clone());
         let knowledge: Arc<dyn KnowledgeServices> = Arc::new(StoreServices::new(handler.clone()));
         Ok(App {
             store,

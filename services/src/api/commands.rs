@@ -288,7 +288,7 @@ where
 {
     let (outcome, replayed) = app
         .handler
-        .submit::<A>(id, command, services, meta, key, &app.rules.quota)
+        .submit::<A>(id, command, services, meta, key)
         .await
         .inspect_err(|e: &CommandError| {
             tracing::info!(code = %e.code(), error = %e, "command refused");

@@ -404,14 +404,7 @@ pub async fn webhook(
     let key = dedupe_key(&verified.id, &bytes, now);
     let (outcome, replayed) = match app
         .handler
-        .submit::<Subscription>(
-            user_id,
-            cmd,
-            &app.rules.quota,
-            &meta,
-            Some(&key),
-            &app.rules.quota,
-        )
+        .submit::<Subscription>(user_id, cmd, &app.rules.quota, &meta, Some(&key))
         .await
     {
         Ok(r) => r,

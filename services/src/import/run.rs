@@ -438,20 +438,20 @@ async fn send(ctx: &PhaseCtx<'_>, p: &Planned) -> Result<u64, CommandError> {
         .await;
     let meta = CommandMeta::new(Actor::importer(), p.occurred_at);
     let attempts = ctx.opts.attempts.max(1);
-    let (knowledge, quota) = (&ctx.app.knowledge, &ctx.app.rules.quota);
+    let knowledge = &ctx.app.knowledge;
     let mut attempt = 1;
     loop {
         let result = match &p.target {
             Target::User { id, command } => ctx
                 .app
                 .handler
-                .submit::<User>(*id, command.clone(), &NoServices, &meta, None, quota)
+                .submit::<User>(*id, command.clone(), &NoServices, &meta, None)
                 .await
                 .map(|(o, _)| o),
             Target::Content { id, command } => ctx
                 .app
                 .handler
-                .submit::<Content>(*id, command.clone(), knowledge, &meta, None, quota)
+                .submit::<Content>(*id, command.clone(), knowledge, &meta, None)
                 .await
                 .map(|(o, _)| o),
         };
