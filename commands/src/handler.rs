@@ -667,7 +667,7 @@ impl CommandHandler {
         }
     }
 
-    async fn run<A>(
+    pub(crate) async fn run<A>(
         &self,
         id: Uuid,
         command: A::Command,

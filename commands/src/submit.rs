@@ -178,16 +178,9 @@ impl CommandHandler {
             self.check_quota(self.quota_rules(), author, meta.occurred_at, what)
                 .await?;
         }
-        match key {
-            None => self
-                .execute::<A>(id, command, services, meta)
-                .await
-                .map(|o| (o, false)),
-            Some(k) => {
-                self.execute_idempotent::<A>(id, command, services, meta, k)
-                    .await
-            }
-        }
+        // The key was replayed above: run the command directly (execute_idempotent would look
+        // the key up a second time).
+        self.run::<A>(id, command, services, meta, key).await
     }
 
     /// `user`'s current tier: their `subscription` aggregate's, Free when they have none. The
