@@ -63,7 +63,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mongodb_conformance() {
     let server = server();
-    let uri = server.uri.clone();
+    let uri = server.url.clone();
     with_database(&uri, "tektree_es", |uri, db| async move {
         let store = MongoStore::connect(&uri, &db).await.expect("connect");
         assert_eq!(store.head().await.unwrap().position, 0, "fresh database");
@@ -392,7 +392,7 @@ async fn crashed_appenders_are_sequenced_late_but_never_skipped(store: &MongoSto
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_position_counter_is_adopted() {
     let server = server();
-    let uri = server.uri.clone();
+    let uri = server.url.clone();
     with_database(&uri, "tektree_es_old", |uri, db| async move {
         let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
         let d = client.database(&db);
@@ -436,7 +436,7 @@ async fn an_old_position_counter_is_adopted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn append_throughput() {
     let server = server();
-    let uri = server.uri.clone();
+    let uri = server.url.clone();
     let env_or = |k: &str, d: usize| {
         std::env::var(k)
             .ok()

@@ -150,11 +150,11 @@ async fn case(store: &MongoStore, probe: &mongodb::Client, name: &str, times: i3
 async fn every_transaction_error_path_ends_with_each_event_stored_once() {
     let server = MongoServer::start();
     let db = format!("tektree_fp_{}", std::process::id());
-    let store = MongoStore::connect(&server.uri, &db).await.unwrap();
-    let sep = if server.uri.contains('?') { '&' } else { '?' };
+    let store = MongoStore::connect(&server.url, &db).await.unwrap();
+    let sep = if server.url.contains('?') { '&' } else { '?' };
     let probe = mongodb::Client::with_uri_str(format!(
         "{}{sep}retryWrites=false&retryReads=false",
-        server.uri
+        server.url
     ))
     .await
     .unwrap();

@@ -98,7 +98,7 @@ fn signal(child: &Child, sig: &str) {
 async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() {
     let server = MongoServer::start();
     let db = format!("tektree_procs_{}", std::process::id());
-    let store = MongoStore::connect(&server.uri, &db).await.unwrap();
+    let store = MongoStore::connect(&server.url, &db).await.unwrap();
     let shared = Uuid::new_v4();
     // Block the first materializing update of "blocked".
     let admin = store.database().client().database("admin");
@@ -116,7 +116,7 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
     // first materializing update, right after it inserted batch 1, for 8 s. The others start
     // once batch 1 is in the log, find it unmaterialized, and must finish it themselves.
     let names = ["steady", "paused", "killed", "blocked"];
-    let blocked = writer(&server.uri, &db, names[3], shared, 40);
+    let blocked = writer(&server.url, &db, names[3], shared, 40);
     let log = store.database().collection::<Document>(POSITION_LOG);
     let deadline = Instant::now() + Duration::from_secs(30);
     while log.count_documents(doc! {}).await.unwrap() == 0 {
@@ -128,7 +128,7 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
     }
     let mut children: Vec<Child> = names[..3]
         .iter()
-        .map(|app| writer(&server.uri, &db, app, shared, 40))
+        .map(|app| writer(&server.url, &db, app, shared, 40))
         .collect();
     children.push(blocked);
     let readers: Vec<_> = children.iter_mut().map(reader).collect();
@@ -227,7 +227,7 @@ async fn writer_processes_stay_live_while_others_are_killed_paused_or_blocked() 
     }
     let shared_events = store.load(SAMPLE_AGGREGATE_TYPE, shared).await.unwrap();
     assert!(shared_events.len() >= 3 * 40, "the shared aggregate");
-    let client = mongodb::Client::with_uri_str(mongo_uri_with_database(&server.uri, &db))
+    let client = mongodb::Client::with_uri_str(mongo_uri_with_database(&server.url, &db))
         .await
         .unwrap();
     let _ = client.database(&db).drop().await;

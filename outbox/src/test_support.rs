@@ -6,27 +6,25 @@
 //! [`unique_nats_names`] keep tests that share a server apart.
 //!
 //! Fault drills (the `tektree-faults` harness) need servers that keep their data across a
-//! crash: [`RedisServer::start_persistent`] and [`NatsServer::start_persistent`] start one with
-//! persistence on in a given directory, and [`RedisServer::stop`] / [`RedisServer::restart`]
-//! (same on [`NatsServer`]) stop it (SIGKILL or SIGTERM, see [`Stop`]) and start it again on the
-//! same port with the same data.
+//! crash: [`TestServer::start_persistent`] starts one with persistence on in a given directory,
+//! and [`TestServer::stop`] / [`TestServer::restart`] stop it (SIGKILL or SIGTERM, see [`Stop`])
+//! and start it again on the same port with the same data.
 //!
-//! The process plumbing (and the MongoDB server, [`MongoServer`]) is in the
-//! `tektree-test-servers` crate; its public items are re-exported here.
+//! The server handle ([`TestServer`]) and the MongoDB server ([`MongoServer`]) are in the
+//! `tektree-test-servers` crate; this module adds the Redis and NATS [`ServerKind`]s.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tektree_test_servers::process::{
-    free_port, is_executable, kill, retry_launch, running, stop_owned, DataDir, PROBE_EVERY,
-    RESTART_TIMEOUT, STARTUP_TIMEOUT, START_ATTEMPTS,
-};
+use tektree_test_servers::process::{find_program, STARTUP_TIMEOUT};
+use tektree_test_servers::server::{poll_ready, Launch};
 pub use tektree_test_servers::{
-    mongo_uri_with_database, restartable_port, MongoServer, ServerError, Stop,
+    mongo_uri_with_database, restartable_port, MongoServer, ServerError, ServerKind, Stop,
+    TestServer,
 };
 
 /// Environment variable naming an already running Redis (`redis://host:port`) to use instead
@@ -37,211 +35,61 @@ pub const REDIS_URL_ENV: &str = "TEKTREE_TEST_REDIS_URL";
 /// (`nats://host:port`) to use instead of starting one.
 pub const NATS_URL_ENV: &str = "TEKTREE_TEST_NATS_URL";
 
-/// A Redis server for one test: started on a free loopback port, without persistence, in a
-/// temporary directory, and killed when dropped — or, when `TEKTREE_TEST_REDIS_URL` is set,
-/// that server (left running). [`RedisServer::start_persistent`] starts one with an
-/// append-only file in a given directory instead.
-#[derive(Debug)]
-pub struct RedisServer {
-    /// URL to connect to, e.g. `redis://127.0.0.1:41234`.
-    pub url: String,
-    child: Option<Child>,
-    /// Held so a temporary working directory lives as long as the server.
-    dir: DataDir,
-    /// The port, `None` for a server named by `TEKTREE_TEST_REDIS_URL` (not ours to stop).
-    port: Option<u16>,
-    persistent: bool,
-}
+/// A Redis server for one test: `redis-server --port <free port> --bind 127.0.0.1 --save ""
+/// --appendonly no --dir <temp dir>`, ready once it answers `PING` (up to 10 s), killed when
+/// dropped — or, when `TEKTREE_TEST_REDIS_URL` is set, that server (left running).
+/// [`TestServer::start_persistent`] runs it with `--appendonly yes --appendfsync always
+/// --logfile <dir>/redis.log` instead, so that every write it acknowledged survives a SIGKILL.
+pub type RedisServer = TestServer<Redis>;
 
-impl RedisServer {
-    /// Starts a server: `redis-server --port <free port> --bind 127.0.0.1 --save ""
-    /// --appendonly no --dir <temp dir>`, returning once it answers `PING` (up to 10 s). When
-    /// `TEKTREE_TEST_REDIS_URL` is set, returns that URL without starting anything.
-    ///
-    /// # Panics
-    /// When `redis-server` is not on `PATH`, or the server does not come up: a test cannot
-    /// proceed without it.
-    pub fn start() -> RedisServer {
-        let dir = tempfile::tempdir().expect("creating a temporary directory for redis-server");
-        if let Ok(url) = std::env::var(REDIS_URL_ENV) {
-            if !url.is_empty() {
-                return RedisServer {
-                    url,
-                    child: None,
-                    dir: DataDir::Temp(dir),
-                    port: None,
-                    persistent: false,
-                };
-            }
-        }
-        let mut server = RedisServer {
-            url: String::new(),
-            child: None,
-            dir: DataDir::Temp(dir),
-            port: None,
-            persistent: false,
-        };
-        if let Err(e) = server.launch_on_free_port() {
-            panic!("{e}");
-        }
-        server
-    }
+/// The [`ServerKind`] of [`RedisServer`].
+#[derive(Debug, Default)]
+pub struct Redis;
 
-    /// Starts a server that keeps its data: `redis-server --port <port> --bind 127.0.0.1
-    /// --save "" --appendonly yes --appendfsync always --dir <dir> --logfile <dir>/redis.log`,
-    /// so that every write it acknowledged survives a SIGKILL, on a free port outside the
-    /// ephemeral range ([`restartable_port`]). Returns once it answers `PING`.
-    /// Ignores `TEKTREE_TEST_REDIS_URL`.
-    ///
-    /// # Errors
-    /// [`ServerError`] when `dir` cannot be created, `redis-server` is not on `PATH`, or the
-    /// server does not come up.
-    pub fn start_persistent(dir: impl Into<PathBuf>) -> Result<RedisServer, ServerError> {
-        let mut server = RedisServer::persistent(dir.into())?;
-        server.launch_on_free_port()?;
-        Ok(server)
-    }
+impl ServerKind for Redis {
+    const NAME: &'static str = "redis-server";
+    const REUSE_ENV: &'static str = REDIS_URL_ENV;
+    const STARTUP_TIMEOUT: Duration = STARTUP_TIMEOUT;
 
-    /// Like [`RedisServer::start_persistent`], on `port`; the data already in `dir` (of an
-    /// earlier server) is loaded.
-    ///
-    /// # Errors
-    /// As [`RedisServer::start_persistent`], also when `port` is taken.
-    pub fn start_persistent_on(
-        port: u16,
-        dir: impl Into<PathBuf>,
-    ) -> Result<RedisServer, ServerError> {
-        let mut server = RedisServer::persistent(dir.into())?;
-        server.port = Some(port);
-        server.restart()?;
-        Ok(server)
-    }
-
-    /// A handle of a persistent server in `dir`, not started.
-    fn persistent(dir: PathBuf) -> Result<RedisServer, ServerError> {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ServerError(format!("creating {}: {e}", dir.display())))?;
-        Ok(RedisServer {
-            url: String::new(),
-            child: None,
-            dir: DataDir::Given(dir),
-            port: None,
-            persistent: true,
-        })
-    }
-
-    /// The port it listens on (`None` for a server named by `TEKTREE_TEST_REDIS_URL`).
-    pub fn port(&self) -> Option<u16> {
-        self.port
-    }
-
-    /// Its working directory (with the append-only file of a persistent server).
-    pub fn data_dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// `true` while the server process runs.
-    pub fn is_running(&mut self) -> bool {
-        running(&mut self.child)
-    }
-
-    /// Stops the server (see [`Stop`]) and waits for the process to exit. Stopping a stopped
-    /// server does nothing.
-    ///
-    /// # Errors
-    /// [`ServerError`] for a server this handle did not start, or when signalling fails.
-    pub fn stop(&mut self, how: Stop) -> Result<(), ServerError> {
-        stop_owned(self.port, &self.url, &mut self.child, how)
-    }
-
-    /// Starts the server again on the same port with the same directory (stopping it first
-    /// with SIGKILL if it runs), returning once it answers `PING` — for a persistent server,
-    /// after it loaded its append-only file.
-    ///
-    /// # Errors
-    /// [`ServerError`] for a server this handle did not start, or when it does not come up
-    /// (e.g. another process took the port meanwhile).
-    pub fn restart(&mut self) -> Result<(), ServerError> {
-        let Some(port) = self.port else {
-            return Err(ServerError(format!(
-                "the server at {} was not started here",
-                self.url
-            )));
-        };
-        self.stop(Stop::Kill)?;
-        retry_launch("redis-server", port, || self.launch(port, RESTART_TIMEOUT))
-    }
-
-    fn launch_on_free_port(&mut self) -> Result<(), ServerError> {
-        let mut last_failure = String::new();
-        for _ in 0..START_ATTEMPTS {
-            let port = if self.persistent {
-                restartable_port()
-            } else {
-                free_port()
-            };
-            match self.launch(port, STARTUP_TIMEOUT) {
-                Ok(()) => return Ok(()),
-                Err(e) => last_failure = e.to_string(),
-            }
-        }
-        Err(ServerError(format!(
-            "redis-server did not start after {START_ATTEMPTS} attempts: {last_failure}"
-        )))
-    }
-
-    /// Starts `redis-server` on `port` and waits up to `timeout` until it answers.
-    fn launch(&mut self, port: u16, timeout: Duration) -> Result<(), ServerError> {
-        let dir = self.dir.path().to_path_buf();
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string()])
+    fn command(&mut self, at: &Launch<'_>) -> Result<Command, ServerError> {
+        let binary = find_program("redis-server", []).ok_or_else(|| {
+            ServerError(format!(
+                "redis-server is not on PATH: install redis-server (scripts/test does it with \
+                 apt-get), or set {REDIS_URL_ENV} to a running server"
+            ))
+        })?;
+        let mut cmd = Command::new(binary);
+        cmd.args(["--port", &at.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""]);
-        if self.persistent {
+        if at.persistent {
             cmd.args(["--appendonly", "yes"])
                 .args(["--appendfsync", "always"])
                 .arg("--logfile")
-                .arg(dir.join("redis.log"));
+                .arg(at.dir.join("redis.log"));
         } else {
             cmd.args(["--appendonly", "no"]);
         }
-        let mut child = match cmd
-            .arg("--dir")
-            .arg(&dir)
-            .stdin(Stdio::null())
+        cmd.arg("--dir")
+            .arg(at.dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-        {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ServerError(format!(
-                    "redis-server is not on PATH: install redis-server \
-                     (.ci/run does it with apt-get), or set {REDIS_URL_ENV} to a running server"
-                )))
-            }
-            Err(e) => return Err(ServerError(format!("starting redis-server: {e}"))),
-        };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        match wait_ready(&mut child, addr, timeout) {
-            Ok(()) => {
-                self.url = format!("redis://127.0.0.1:{port}");
-                self.port = Some(port);
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(why) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(ServerError(why))
-            }
-        }
+            .stderr(Stdio::null());
+        Ok(cmd)
     }
-}
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        kill(&mut self.child);
+    fn url(port: u16) -> String {
+        format!("redis://127.0.0.1:{port}")
+    }
+
+    /// Ready once it answers `PING` with `+PONG`.
+    fn wait_ready(
+        child: &mut Child,
+        port: u16,
+        _url: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        poll_ready(child, Self::NAME, port, timeout, || ping(addr))
     }
 }
 
@@ -254,26 +102,6 @@ pub fn unique_stream_key() -> String {
         NEXT.fetch_add(1, Ordering::Relaxed),
         uuid::Uuid::new_v4().simple()
     )
-}
-
-/// Waits until the server at `addr` answers `PING`, or `child` exits, or `timeout`.
-fn wait_ready(child: &mut Child, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            return Err(format!(
-                "redis-server exited with {status} (port {})",
-                addr.port()
-            ));
-        }
-        if ping(addr) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("no PONG on {addr} within {timeout:?}"));
-        }
-        std::thread::sleep(PROBE_EVERY);
-    }
 }
 
 /// `true` when `addr` answers `PING` with `+PONG`.
@@ -289,231 +117,82 @@ fn ping(addr: SocketAddr) -> bool {
     probe().unwrap_or(false)
 }
 
-/// A NATS server with JetStream for one test: `nats-server` started on a free loopback port
-/// with its JetStream store in a temporary directory, and killed when dropped — or, when
-/// `TEKTREE_TEST_NATS_URL` is set, that server (left running). [`NatsServer::start_persistent`]
-/// keeps the JetStream store in a given directory instead.
-#[derive(Debug)]
-pub struct NatsServer {
-    /// URL to connect to, e.g. `nats://127.0.0.1:41234`.
-    pub url: String,
-    child: Option<Child>,
-    /// Held so a temporary JetStream store lives as long as the server.
-    dir: DataDir,
-    /// The JetStream store directory (`-sd`) of the running or last started server.
-    store: PathBuf,
-    /// The port, `None` for a server named by `TEKTREE_TEST_NATS_URL` (not ours to stop).
-    port: Option<u16>,
-    /// Log file (`-l`), for a persistent server.
-    log: Option<PathBuf>,
+/// A NATS server with JetStream for one test: `nats-server -js -a 127.0.0.1 -p <free port> -sd
+/// <temp dir>/js-<attempt>` (the binary from `PATH`, then `/usr/sbin`), ready once it greets a
+/// TCP connection announcing JetStream and an `async_nats` client gets its JetStream account
+/// (up to 10 s), killed when dropped — or, when `TEKTREE_TEST_NATS_URL` is set, that server
+/// (left running). [`TestServer::start_persistent`] keeps the store in `<dir>/jetstream` and
+/// logs to `<dir>/nats.log`; the streams the bus creates are file-backed.
+pub type NatsServer = TestServer<Nats>;
+
+/// The [`ServerKind`] of [`NatsServer`]: remembers the JetStream store (`-sd`) of the last
+/// start, which a restart reopens.
+#[derive(Debug, Default)]
+pub struct Nats {
+    store: Option<PathBuf>,
 }
 
-impl NatsServer {
-    /// Starts a server: `nats-server -js -a 127.0.0.1 -p <free port> -sd <temp dir>` (the
-    /// binary is looked up on `PATH`, then in `/usr/sbin`), returning once it accepts a TCP
-    /// connection announcing JetStream and an `async_nats` client can connect and query its
-    /// JetStream account (up to 10 s). When `TEKTREE_TEST_NATS_URL` is set, returns that URL
-    /// without starting anything.
-    ///
-    /// # Panics
-    /// When `nats-server` is not found, or the server does not come up: a test cannot
-    /// proceed without it.
-    pub fn start() -> NatsServer {
-        let dir = tempfile::tempdir().expect("creating a temporary directory for nats-server");
-        let store = dir.path().to_path_buf();
-        let mut server = NatsServer {
-            url: String::new(),
-            child: None,
-            dir: DataDir::Temp(dir),
-            store,
-            port: None,
-            log: None,
-        };
-        if let Ok(url) = std::env::var(NATS_URL_ENV) {
-            if !url.is_empty() {
-                server.url = url;
-                return server;
-            }
+impl Nats {
+    /// The store a start uses: a persistent server's `jetstream`, a restart's last one, or a
+    /// fresh `js-<attempt>` per attempt (a failed attempt may leave a half-initialised one).
+    fn store_for(&self, at: &Launch<'_>) -> PathBuf {
+        match (at.persistent, at.attempt, &self.store) {
+            (true, _, _) => at.dir.join("jetstream"),
+            (false, None, Some(last)) => last.clone(),
+            (false, attempt, _) => at.dir.join(format!("js-{}", attempt.unwrap_or(0))),
         }
-        if let Err(e) = server.launch_on_free_port(true) {
-            panic!("{e}");
-        }
-        server
     }
+}
 
-    /// Starts a server that keeps its JetStream store in `dir`: `nats-server -js -a 127.0.0.1
-    /// -p <port> -sd <dir>/jetstream -l <dir>/nats.log` on a free port outside the ephemeral
-    /// range ([`restartable_port`]), returning once it is ready (as
-    /// [`NatsServer::start`]). Streams created by the bus are file-backed. Ignores
-    /// `TEKTREE_TEST_NATS_URL`.
-    ///
-    /// # Errors
-    /// [`ServerError`] when `dir` cannot be created, `nats-server` is not found, or the server
-    /// does not come up.
-    pub fn start_persistent(dir: impl Into<PathBuf>) -> Result<NatsServer, ServerError> {
-        let mut server = NatsServer::persistent(dir.into())?;
-        server.launch_on_free_port(false)?;
-        Ok(server)
-    }
+impl ServerKind for Nats {
+    const NAME: &'static str = "nats-server";
+    const REUSE_ENV: &'static str = NATS_URL_ENV;
+    const STARTUP_TIMEOUT: Duration = STARTUP_TIMEOUT;
 
-    /// Like [`NatsServer::start_persistent`], on `port`; the streams already in `dir` (of an
-    /// earlier server) are recovered.
-    ///
-    /// # Errors
-    /// As [`NatsServer::start_persistent`], also when `port` is taken.
-    pub fn start_persistent_on(
-        port: u16,
-        dir: impl Into<PathBuf>,
-    ) -> Result<NatsServer, ServerError> {
-        let mut server = NatsServer::persistent(dir.into())?;
-        server.port = Some(port);
-        server.restart()?;
-        Ok(server)
-    }
-
-    /// A handle of a persistent server in `dir`, not started.
-    fn persistent(dir: PathBuf) -> Result<NatsServer, ServerError> {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ServerError(format!("creating {}: {e}", dir.display())))?;
-        Ok(NatsServer {
-            url: String::new(),
-            child: None,
-            store: dir.join("jetstream"),
-            log: Some(dir.join("nats.log")),
-            dir: DataDir::Given(dir),
-            port: None,
-        })
-    }
-
-    /// The port it listens on (`None` for a server named by `TEKTREE_TEST_NATS_URL`).
-    pub fn port(&self) -> Option<u16> {
-        self.port
-    }
-
-    /// The directory it was given (a temporary one for [`NatsServer::start`]).
-    pub fn data_dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// `true` while the server process runs.
-    pub fn is_running(&mut self) -> bool {
-        running(&mut self.child)
-    }
-
-    /// Stops the server (see [`Stop`]) and waits for the process to exit. Stopping a stopped
-    /// server does nothing.
-    ///
-    /// # Errors
-    /// [`ServerError`] for a server this handle did not start, or when signalling fails.
-    pub fn stop(&mut self, how: Stop) -> Result<(), ServerError> {
-        stop_owned(self.port, &self.url, &mut self.child, how)
-    }
-
-    /// Starts the server again on the same port with the same JetStream store (stopping it
-    /// first with SIGKILL if it runs), returning once it is ready — after it recovered its
-    /// streams.
-    ///
-    /// # Errors
-    /// [`ServerError`] for a server this handle did not start, or when it does not come up.
-    pub fn restart(&mut self) -> Result<(), ServerError> {
-        let Some(port) = self.port else {
-            return Err(ServerError(format!(
-                "the server at {} was not started here",
-                self.url
-            )));
-        };
-        self.stop(Stop::Kill)?;
-        let binary = nats_binary()?;
-        let store = self.store.clone();
-        retry_launch("nats-server", port, || {
-            self.launch(&binary, port, store.clone(), RESTART_TIMEOUT)
-        })
-    }
-
-    /// Starts on a free port; `fresh_store_per_attempt`: a new store directory per attempt
-    /// (a failed attempt may leave a half-initialised one), as [`NatsServer::start`] always did.
-    fn launch_on_free_port(&mut self, fresh_store_per_attempt: bool) -> Result<(), ServerError> {
-        let binary = nats_binary()?;
-        let mut last_failure = String::new();
-        for attempt in 0..START_ATTEMPTS {
-            let store = if fresh_store_per_attempt {
-                self.dir.path().join(format!("js-{attempt}"))
-            } else {
-                self.store.clone()
-            };
-            let port = if fresh_store_per_attempt {
-                free_port()
-            } else {
-                restartable_port()
-            };
-            match self.launch(&binary, port, store, STARTUP_TIMEOUT) {
-                Ok(()) => return Ok(()),
-                Err(e) => last_failure = e.to_string(),
-            }
-        }
-        Err(ServerError(format!(
-            "nats-server did not start after {START_ATTEMPTS} attempts: {last_failure}"
-        )))
-    }
-
-    /// Starts `nats-server` on `port` with the JetStream store `store` and waits up to
-    /// `timeout` until it is ready.
-    fn launch(
-        &mut self,
-        binary: &Path,
-        port: u16,
-        store: PathBuf,
-        timeout: Duration,
-    ) -> Result<(), ServerError> {
+    fn command(&mut self, at: &Launch<'_>) -> Result<Command, ServerError> {
+        // Debian installs it in /usr/sbin, outside a normal user's PATH.
+        let binary =
+            find_program("nats-server", [PathBuf::from("/usr/sbin")]).ok_or_else(|| {
+                ServerError(format!(
+                    "nats-server is neither on PATH nor in /usr/sbin: install nats-server \
+                 (scripts/test does it with apt-get), or set {NATS_URL_ENV} to a running \
+                 server with JetStream enabled"
+                ))
+            })?;
         let mut cmd = Command::new(binary);
         cmd.arg("-js")
             .args(["-a", "127.0.0.1"])
-            .args(["-p", &port.to_string()])
+            .args(["-p", &at.port.to_string()])
             .arg("-sd")
-            .arg(&store);
-        if let Some(log) = &self.log {
-            cmd.arg("-l").arg(log);
+            .arg(self.store_for(at));
+        if at.persistent {
+            cmd.arg("-l").arg(at.dir.join("nats.log"));
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| ServerError(format!("starting {}: {e}", binary.display())))?;
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        Ok(cmd)
+    }
+
+    fn url(port: u16) -> String {
+        format!("nats://127.0.0.1:{port}")
+    }
+
+    /// Ready once a TCP connection is greeted with an `INFO` announcing JetStream and an
+    /// `async_nats` client gets its JetStream account info.
+    fn wait_ready(
+        child: &mut Child,
+        port: u16,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let url = format!("nats://127.0.0.1:{port}");
-        match wait_ready_nats(&mut child, addr, &url, timeout) {
-            Ok(()) => {
-                self.url = url;
-                self.port = Some(port);
-                self.store = store;
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(why) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(ServerError(why))
-            }
-        }
+        poll_ready(child, Self::NAME, port, timeout, || {
+            nats_info_has_jetstream(addr) && nats_client_ready(url)
+        })
     }
-}
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        kill(&mut self.child);
+    fn started(&mut self, at: &Launch<'_>) {
+        self.store = Some(self.store_for(at));
     }
-}
-
-/// The `nats-server` binary, or why there is none.
-fn nats_binary() -> Result<PathBuf, ServerError> {
-    find_nats_server().ok_or_else(|| {
-        ServerError(format!(
-            "nats-server is neither on PATH nor in /usr/sbin: install nats-server \
-             (scripts/test does it with apt-get), or set {NATS_URL_ENV} to a running \
-             server with JetStream enabled"
-        ))
-    })
 }
 
 /// Names that keep one test's [`crate::NatsBus`] apart from every other's on a shared server
@@ -537,48 +216,6 @@ pub fn unique_nats_names() -> NatsNames {
     NatsNames {
         stream: format!("TEKTREE_TEST_{pid}_{n}_{uuid}_EVENTS"),
         subject_prefix: format!("tektree.test.{pid}.{n}.{uuid}.events"),
-    }
-}
-
-/// `nats-server` on `PATH`, else `/usr/sbin/nats-server` (Debian installs it there, outside a
-/// normal user's `PATH`).
-fn find_nats_server() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join("nats-server"))
-        .find(|candidate| is_executable(candidate))
-}
-
-/// Waits until the NATS server at `addr` greets a TCP connection with an `INFO` announcing
-/// JetStream and an `async_nats` client gets its JetStream account info, or `child` exits, or
-/// `timeout`.
-fn wait_ready_nats(
-    child: &mut Child,
-    addr: SocketAddr,
-    url: &str,
-    timeout: Duration,
-) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            return Err(format!(
-                "nats-server exited with {status} (port {})",
-                addr.port()
-            ));
-        }
-        if nats_info_has_jetstream(addr) && nats_client_ready(url) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "no JetStream-enabled NATS on {addr} within {timeout:?}"
-            ));
-        }
-        std::thread::sleep(PROBE_EVERY);
     }
 }
 
@@ -707,13 +344,7 @@ mod tests {
 
     #[test]
     fn a_server_named_by_the_environment_is_not_ours_to_stop() {
-        let mut server = RedisServer {
-            url: "redis://127.0.0.1:1".into(),
-            child: None,
-            dir: DataDir::Temp(tempfile::tempdir().unwrap()),
-            port: None,
-            persistent: false,
-        };
+        let mut server = RedisServer::named("redis://127.0.0.1:1");
         assert!(server.stop(Stop::Kill).is_err());
         assert!(server.restart().is_err());
     }

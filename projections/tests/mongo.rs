@@ -336,7 +336,7 @@ async fn deliver(pair: &Pair, rng: &mut Rng, consumer: &str, items: &[(EventKey,
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mongodb_read_models_match_sqlite() {
     let server = server();
-    let uri = server.uri.clone();
+    let uri = server.url.clone();
     with_database(&uri, |uri, db| async move {
         let dir = tempfile::tempdir().unwrap();
         let pair = Pair {

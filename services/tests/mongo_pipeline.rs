@@ -187,7 +187,7 @@ async fn the_import_on_mongodb_gives_the_read_models_of_sqlite_on_redis_and_nats
             "{bus}: import report"
         );
         assert_same(&reference, &live, &format!("{bus}: MongoDB vs SQLite"));
-        let client = mongodb::Client::with_uri_str(&mongo.uri).await.unwrap();
+        let client = mongodb::Client::with_uri_str(&mongo.url).await.unwrap();
         let _ = client.database(&database).drop().await;
     }
 }

@@ -4,13 +4,11 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use crate::process::{
-    free_port, is_executable, kill, restartable_port, retry_launch, running, stop_owned, DataDir,
-    ServerError, Stop, PROBE_EVERY, RESTART_TIMEOUT, START_ATTEMPTS,
-};
+use crate::process::{find_program, ServerError};
+use crate::server::{poll_ready, Launch, ServerKind, TestServer};
 
 /// Environment variable naming a running replica set to use instead of starting a server, e.g.
 /// `mongodb://localhost:27017/?replicaSet=rs0&directConnection=true` (a real `mongod`, see
@@ -24,216 +22,74 @@ pub const SECANTUSD_ENV: &str = "TEKTREE_TEST_SECANTUSD";
 /// The replica-set name SecantusDB advertises.
 pub const SECANTUS_REPLICA_SET: &str = "secantus";
 
-/// How long a fresh SecantusDB gets to listen (it is a Python program: about 1.5 s here).
-const MONGO_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// A MongoDB server for one test: `secantusd-py --host 127.0.0.1 --port <free port>
+/// --storage-path <dir>/data --enable-test-commands` (log in `<dir>/secantusd.log`), killed when
+/// dropped — or, when `MONGODB_URI` is set, that deployment (left running; tests keep apart by
+/// database name). [`TestServer::start_persistent`] adds `--sync-on-commit`, for fault drills
+/// that SIGKILL it. The URL has the form `mongodb://127.0.0.1:41234/?replicaSet=secantus`.
+pub type MongoServer = TestServer<Secantus>;
 
-/// A MongoDB server for one test: `secantusd-py` on a free loopback port with its data in a
-/// temporary directory, killed when dropped — or, when `MONGODB_URI` is set, that deployment
-/// (left running; tests keep apart by database name). [`MongoServer::start_persistent`] keeps
-/// the data in a given directory and syncs every commit, for fault drills that SIGKILL it.
-#[derive(Debug)]
-pub struct MongoServer {
-    /// The connection string, e.g. `mongodb://127.0.0.1:41234/?replicaSet=secantus`.
-    pub uri: String,
-    child: Option<Child>,
-    dir: DataDir,
-    /// The port, `None` for a deployment named by `MONGODB_URI` (not ours to stop).
-    port: Option<u16>,
-    persistent: bool,
-}
+/// The SecantusDB [`ServerKind`] of [`MongoServer`].
+#[derive(Debug, Default)]
+pub struct Secantus;
 
-impl MongoServer {
-    /// Starts a server (`secantusd-py --host 127.0.0.1 --port <free port> --storage-path
-    /// <temp dir> --enable-test-commands`), returning once it accepts connections. When
-    /// `MONGODB_URI` is set, returns that URI without starting anything.
-    ///
-    /// # Panics
-    /// When `secantusd-py` cannot be found (the message says how to install it) or the server
-    /// does not come up: a MongoDB suite never passes by skipping.
-    pub fn start() -> MongoServer {
-        let dir = tempfile::tempdir().expect("creating a temporary directory for secantusd-py");
-        if let Ok(uri) = std::env::var(MONGODB_URI_ENV) {
-            if !uri.trim().is_empty() {
-                return MongoServer {
-                    uri,
-                    child: None,
-                    dir: DataDir::Temp(dir),
-                    port: None,
-                    persistent: false,
-                };
-            }
-        }
-        let mut server = MongoServer {
-            uri: String::new(),
-            child: None,
-            dir: DataDir::Temp(dir),
-            port: None,
-            persistent: false,
-        };
-        if let Err(e) = server.launch_on_free_port() {
-            panic!("{e}");
-        }
-        server
-    }
+impl ServerKind for Secantus {
+    const NAME: &'static str = "secantusd-py";
+    const REUSE_ENV: &'static str = MONGODB_URI_ENV;
+    /// It is a Python program: about 1.5 s here, far more on a loaded machine.
+    const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
-    /// Starts a server whose data lives in `dir` and survives a SIGKILL (`--sync-on-commit`),
-    /// on a free port outside the ephemeral range ([`restartable_port`]). Ignores
-    /// `MONGODB_URI`.
-    ///
-    /// # Errors
-    /// [`ServerError`] when `dir` cannot be created, `secantusd-py` is missing, or the server
-    /// does not come up.
-    pub fn start_persistent(dir: impl Into<PathBuf>) -> Result<MongoServer, ServerError> {
-        let mut server = MongoServer::persistent(dir.into())?;
-        server.launch_on_free_port()?;
-        Ok(server)
-    }
-
-    /// Like [`MongoServer::start_persistent`], on `port`, opening the data already in `dir`.
-    ///
-    /// # Errors
-    /// As [`MongoServer::start_persistent`], also when `port` is taken.
-    pub fn start_persistent_on(
-        port: u16,
-        dir: impl Into<PathBuf>,
-    ) -> Result<MongoServer, ServerError> {
-        let mut server = MongoServer::persistent(dir.into())?;
-        server.port = Some(port);
-        server.restart()?;
-        Ok(server)
-    }
-
-    fn persistent(dir: PathBuf) -> Result<MongoServer, ServerError> {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ServerError(format!("creating {}: {e}", dir.display())))?;
-        Ok(MongoServer {
-            uri: String::new(),
-            child: None,
-            dir: DataDir::Given(dir),
-            port: None,
-            persistent: true,
-        })
-    }
-
-    /// The connection string with `database` as its path, e.g.
-    /// `mongodb://127.0.0.1:41234/tektree_1?replicaSet=secantus` (the form `--store` takes).
-    pub fn uri_with_database(&self, database: &str) -> String {
-        with_database(&self.uri, database)
-    }
-
-    /// The port (`None` for a deployment named by `MONGODB_URI`).
-    pub fn port(&self) -> Option<u16> {
-        self.port
-    }
-
-    /// The data directory (`--storage-path` is `data` below it) and the server's log file.
-    pub fn data_dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// `true` while the server process runs.
-    pub fn is_running(&mut self) -> bool {
-        running(&mut self.child)
-    }
-
-    /// The process id of the running server (to pause it with SIGSTOP, for example).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Stops the server (see [`Stop`]) and waits for it to exit; stopping a stopped server does
-    /// nothing.
-    ///
-    /// # Errors
-    /// [`ServerError`] for a deployment this handle did not start, or when signalling fails.
-    pub fn stop(&mut self, how: Stop) -> Result<(), ServerError> {
-        stop_owned(self.port, &self.uri, &mut self.child, how)
-    }
-
-    /// Starts the server again on the same port with the same data directory (SIGKILLing it
-    /// first if it runs), returning once it accepts connections (after WiredTiger's recovery).
-    ///
-    /// # Errors
-    /// [`ServerError`] for a deployment this handle did not start, or when it does not come up.
-    pub fn restart(&mut self) -> Result<(), ServerError> {
-        let Some(port) = self.port else {
-            return Err(ServerError(format!(
-                "the server at {} was not started here",
-                self.uri
-            )));
-        };
-        self.stop(Stop::Kill)?;
-        let binary = secantusd_binary()?;
-        retry_launch("secantusd-py", port, || {
-            self.launch(&binary, port, RESTART_TIMEOUT)
-        })
-    }
-
-    fn launch_on_free_port(&mut self) -> Result<(), ServerError> {
-        let binary = secantusd_binary()?;
-        let mut last_failure = String::new();
-        for _ in 0..START_ATTEMPTS {
-            let port = if self.persistent {
-                restartable_port()
-            } else {
-                free_port()
-            };
-            match self.launch(&binary, port, MONGO_STARTUP_TIMEOUT) {
-                Ok(()) => return Ok(()),
-                Err(e) => last_failure = e.to_string(),
-            }
-        }
-        Err(ServerError(format!(
-            "secantusd-py did not start after {START_ATTEMPTS} attempts: {last_failure}"
-        )))
-    }
-
-    fn launch(&mut self, binary: &Path, port: u16, timeout: Duration) -> Result<(), ServerError> {
-        let dir = self.dir.path().to_path_buf();
+    fn command(&mut self, at: &Launch<'_>) -> Result<Command, ServerError> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("secantusd.log"))
+            .open(at.dir.join("secantusd.log"))
             .map_err(|e| ServerError(format!("opening the secantusd log: {e}")))?;
         let log2 = log
             .try_clone()
             .map_err(|e| ServerError(format!("opening the secantusd log: {e}")))?;
-        let mut cmd = Command::new(binary);
-        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        let mut cmd = Command::new(secantusd_binary()?);
+        cmd.args(["--host", "127.0.0.1", "--port", &at.port.to_string()])
             .arg("--storage-path")
-            .arg(dir.join("data"))
+            .arg(at.dir.join("data"))
             .args(["--enable-test-commands", "--log-level", "WARNING"]);
-        if self.persistent {
+        if at.persistent {
             cmd.arg("--sync-on-commit");
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| ServerError(format!("starting {}: {e}", binary.display())))?;
+        cmd.stdout(log).stderr(log2);
+        Ok(cmd)
+    }
+
+    fn url(port: u16) -> String {
+        format!("mongodb://127.0.0.1:{port}/?replicaSet={SECANTUS_REPLICA_SET}")
+    }
+
+    /// Ready once the port accepts a TCP connection.
+    fn wait_ready(
+        child: &mut Child,
+        port: u16,
+        _url: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        match wait_listening(&mut child, addr, timeout) {
-            Ok(()) => {
-                self.uri = format!("mongodb://127.0.0.1:{port}/?replicaSet={SECANTUS_REPLICA_SET}");
-                self.port = Some(port);
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(why) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let tail = std::fs::read_to_string(dir.join("secantusd.log")).unwrap_or_default();
-                let tail: String = tail.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-                Err(ServerError(format!("{why}; log: {tail}")))
-            }
-        }
+        poll_ready(child, Self::NAME, port, timeout, || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
+    }
+
+    /// The last five lines of `secantusd.log`.
+    fn failure_detail(dir: &Path) -> String {
+        let log = std::fs::read_to_string(dir.join("secantusd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        format!("; log: {}", tail.join(" | "))
     }
 }
 
-impl Drop for MongoServer {
-    fn drop(&mut self) {
-        kill(&mut self.child);
+impl TestServer<Secantus> {
+    /// The connection string with `database` as its path, e.g.
+    /// `mongodb://127.0.0.1:41234/tektree_1?replicaSet=secantus` (the form `--store` takes).
+    pub fn uri_with_database(&self, database: &str) -> String {
+        with_database(&self.url, database)
     }
 }
 
@@ -262,49 +118,19 @@ pub fn with_database(uri: &str, database: &str) -> String {
     out
 }
 
-/// Waits until `addr` accepts a TCP connection, or `child` exits, or `timeout`.
-fn wait_listening(child: &mut Child, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            return Err(format!(
-                "secantusd-py exited with {status} (port {})",
-                addr.port()
-            ));
-        }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "secantusd-py not listening on {addr} within {timeout:?}"
-            ));
-        }
-        std::thread::sleep(PROBE_EVERY);
-    }
-}
-
 /// The `secantusd-py` executable: `TEKTREE_TEST_SECANTUSD`, else `PATH`, else the workspace's
 /// `.venv/bin`.
 fn secantusd_binary() -> Result<PathBuf, ServerError> {
     if let Some(p) = std::env::var_os(SECANTUSD_ENV).filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default();
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin");
-    on_path
-        .into_iter()
-        .chain([venv])
-        .map(|dir| dir.join("secantusd-py"))
-        .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| {
-            ServerError(format!(
-                "secantusd-py is neither on PATH nor in the project's .venv: run scripts/test \
-                 (it installs SecantusDB==0.7.0b3 into .venv with pip), or pip install \
-                 SecantusDB==0.7.0b3, or set {SECANTUSD_ENV} to the executable or \
-                 {MONGODB_URI_ENV} to a running replica set"
-            ))
-        })
+    find_program("secantusd-py", [venv]).ok_or_else(|| {
+        ServerError(format!(
+            "secantusd-py is neither on PATH nor in the project's .venv: run scripts/test \
+             (it installs SecantusDB==0.7.0b3 into .venv with pip), or pip install \
+             SecantusDB==0.7.0b3, or set {SECANTUSD_ENV} to the executable or \
+             {MONGODB_URI_ENV} to a running replica set"
+        ))
+    })
 }

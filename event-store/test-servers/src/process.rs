@@ -109,25 +109,6 @@ pub fn stop_owned(
     Ok(())
 }
 
-/// The `restart` loop of every server: up to [`START_ATTEMPTS`] calls of `launch` 200 ms apart.
-pub fn retry_launch(
-    name: &str,
-    port: u16,
-    mut launch: impl FnMut() -> Result<(), ServerError>,
-) -> Result<(), ServerError> {
-    let mut last_failure = String::new();
-    for _ in 0..START_ATTEMPTS {
-        match launch() {
-            Ok(()) => return Ok(()),
-            Err(e) => last_failure = e.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(ServerError(format!(
-        "{name} did not restart on port {port} after {START_ATTEMPTS} attempts: {last_failure}"
-    )))
-}
-
 /// The `Drop` of every server: SIGKILL and reap.
 pub fn kill(child: &mut Option<Child>) {
     if let Some(c) = child {
@@ -181,4 +162,16 @@ pub fn restartable_port() -> u16 {
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `name` in the first directory of `PATH`, then of `extra`, that holds it as an executable.
+pub fn find_program(name: &str, extra: impl IntoIterator<Item = PathBuf>) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(extra)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
 }

@@ -32,7 +32,7 @@ impl Server {
         match self {
             Server::Redis(s) => s.url.clone(),
             Server::Nats(s) => s.url.clone(),
-            Server::Mongo(s) => s.uri.clone(),
+            Server::Mongo(s) => s.url.clone(),
         }
     }
 

@@ -149,7 +149,7 @@ fn tektree_binary(given: Option<PathBuf>) -> Result<PathBuf> {
     };
     if !path.is_file() {
         bail!(
-            "the tektree binary is not at {} (build it with `cargo build -p tektree-services --bins`, or pass --tektree PATH)",
+            "the tektree binary is not at {} (build it with `cargo build -p tektree-services -p tektree-tools`, or pass --tektree PATH)",
             path.display()
         );
     }

@@ -11,6 +11,10 @@
 //!   `tektree relay` processes beside the nine workers (issue #11's scale-out on one replica
 //!   set).
 //!
+//! The harness runs the `tektree` binary beside its own in the target directory (crate
+//! `tektree-services`): `cargo test --workspace` builds both; alone, run `cargo build -p
+//! tektree-services` first (the harness says so when it is missing).
+//!
 //! The seed is random per run (printed by the harness); set `TEKTREE_FAULTS_SEED` to repeat a
 //! run. On failure the harness keeps its directory (stores, server data, every process's log)
 //! and prints where.
@@ -27,9 +31,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 fn harness(args: &[&str]) -> Value {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tektree-faults"));
-    cmd.args(args)
-        .args(["--settle-timeout", "5m", "--keep"])
-        .args(["--tektree", env!("CARGO_BIN_EXE_tektree")]);
+    cmd.args(args).args(["--settle-timeout", "5m", "--keep"]);
     if let Ok(seed) = std::env::var("TEKTREE_FAULTS_SEED") {
         cmd.args(["--seed", seed.trim()]);
     }

@@ -1,5 +1,5 @@
 //! Scenario **peers**: the append workload through cqrs-es with `sqlite-es` and `postgres-es`,
-//! run by the separate crate `services/bench-peers` (binary `tektree-bench-peers`).
+//! run by the separate crate `services/tools/bench-peers` (binary `tektree-bench-peers`).
 //!
 //! That crate is its own workspace with its own `Cargo.lock`: `sqlite-es` / `postgres-es` 0.5
 //! pull sqlx 0.8, whose `libsqlite3-sys` cannot be linked beside rusqlite 0.37's (both declare
@@ -26,7 +26,7 @@ const PEERS: [(&str, &str); 2] = [
     ("cqrs-es+postgres-es", "postgres"),
 ];
 
-/// `services/bench-peers/Cargo.toml`.
+/// `services/tools/bench-peers/Cargo.toml`.
 fn manifest() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-peers/Cargo.toml")
 }
@@ -35,7 +35,7 @@ fn manifest() -> PathBuf {
 fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(t) => PathBuf::from(t).join("peers"),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/peers"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/peers"),
     }
 }
 
@@ -134,7 +134,7 @@ pub fn run(
 ) -> Vec<Value> {
     if quick {
         return skipped_all(
-            "not run with --quick (it would compile sqlx in CI); the full run builds services/bench-peers itself: cargo build --release -p tektree-services --bins && target/release/tektree-bench --scenario peers",
+            "not run with --quick (it would compile sqlx in CI); the full run builds services/tools/bench-peers itself: cargo build --release -p tektree-services -p tektree-tools && target/release/tektree-bench --scenario peers",
         );
     }
     let bin = match binary() {

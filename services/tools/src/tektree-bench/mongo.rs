@@ -109,7 +109,7 @@ fn is_executable(p: &Path) -> bool {
 pub async fn deployment() -> Result<Option<Deployment>> {
     let given = std::env::var("MONGODB_URI").is_ok_and(|u| !u.trim().is_empty());
     if !given {
-        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin");
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin");
         let found = find_secantusd(
             std::env::var_os(SECANTUSD_ENV),
             std::env::var_os("PATH"),
@@ -132,12 +132,12 @@ pub async fn deployment() -> Result<Option<Deployment>> {
             .unwrap_or_else(|| "the MongoDB server did not start".into());
         anyhow::anyhow!("{why}; {INSTALL_HINT}")
     })?;
-    let (client, _) = connect_client(&server.uri)
+    let (client, _) = connect_client(&server.url)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("connecting to {}", server.uri))?;
+        .with_context(|| format!("connecting to {}", server.url))?;
     let build = ServerBuild::of(&client).await.context("buildInfo")?;
-    eprintln!("tektree-bench: mongodb: {build} at {}", server.uri);
+    eprintln!("tektree-bench: mongodb: {build} at {}", server.url);
     Ok(Some(Deployment { server, build }))
 }
 
@@ -145,7 +145,7 @@ pub async fn deployment() -> Result<Option<Deployment>> {
 /// `MONGODB_URI` deployment a failure leaves it behind, which stderr says).
 async fn drop_database(dep: &Deployment, database: &str) {
     let dropped = async {
-        let (client, _) = connect_client(&dep.server.uri)
+        let (client, _) = connect_client(&dep.server.url)
             .await
             .map_err(|e| e.to_string())?;
         client
@@ -293,7 +293,7 @@ pub async fn projections(
         let mut rates = Vec::new();
         for run in 0..runs {
             let db = database(&format!("p{run}_{name}"));
-            let read_models = Arc::new(MongoReadModels::connect(&dep.server.uri, &db).await?);
+            let read_models = Arc::new(MongoReadModels::connect(&dep.server.url, &db).await?);
             let applied = projection::run_into(&c.app, &stored, name, read_models).await;
             drop_database(dep, &db).await;
             let (count, secs) = applied?;

@@ -46,24 +46,7 @@ const RESUME_LAG: u64 = 500;
 /// (10 s); it must be reclaimed (and found already dead-lettered) before the re-drive.
 const QUIET_BEFORE_REDRIVE: Duration = Duration::from_secs(15);
 
-/// Which bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BusKind {
-    /// Redis Streams.
-    Redis,
-    /// NATS JetStream.
-    Nats,
-}
-
-impl BusKind {
-    /// Its name in the summary.
-    pub fn name(self) -> &'static str {
-        match self {
-            BusKind::Redis => "redis",
-            BusKind::Nats => "nats",
-        }
-    }
-}
+pub use tektree_tools::BusKind;
 
 /// Settings of one run.
 #[derive(Debug, Clone)]

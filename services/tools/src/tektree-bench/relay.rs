@@ -16,24 +16,7 @@ use tektree_outbox::{Bus, NatsBus, RedisBus, RelayConfig};
 
 use crate::corpus::{copy_db, remove_db};
 
-/// Which bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BusKind {
-    /// Redis Streams.
-    Redis,
-    /// NATS JetStream.
-    Nats,
-}
-
-impl BusKind {
-    /// `redis` or `nats`.
-    pub fn name(self) -> &'static str {
-        match self {
-            BusKind::Redis => "redis",
-            BusKind::Nats => "nats",
-        }
-    }
-}
+pub use tektree_tools::BusKind;
 
 /// Relays a fresh copy of `corpus`'s outbox to a fresh stream on the bus at `url`;
 /// `(events, seconds, split)`. With `breakdown`, the rounds are `relay_once`'s steps timed

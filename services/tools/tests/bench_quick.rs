@@ -1,6 +1,7 @@
 //! `tektree-bench --quick` (issue #5) runs in CI so that it never rots: it must exit 0 and
 //! print only JSON lines of the documented shape, covering every scenario. No timing is
-//! asserted.
+//! asserted. Its `http` scenario runs the `tektree` binary beside its own in the target
+//! directory (crate `tektree-services`; `cargo test --workspace` builds both).
 
 use std::collections::BTreeSet;
 use std::process::Command;

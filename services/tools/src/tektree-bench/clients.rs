@@ -1,5 +1,5 @@
 //! The closed-loop client pool of the `append` and `http` scenarios and of the cqrs-es peers
-//! (`services/bench-peers` includes this file): `clients` tasks share each phase's commands, a
+//! (`services/tools/bench-peers` includes this file): `clients` tasks share each phase's commands, a
 //! client sends its next command once the previous one was answered, and the phases run one
 //! after the other (the importer's order: every referenced entity exists first).
 

@@ -79,7 +79,7 @@ impl RunStore {
             StoreSpec::MongoManaged => {
                 let server = MongoServer::start_persistent(dir.join("mongodb-data"))?;
                 let store = RunStore::Mongo {
-                    uri: server.uri.clone(),
+                    uri: server.url.clone(),
                     db: format!("faults_{tag}"),
                 };
                 (store, Some(server))

@@ -2,7 +2,7 @@
 //! docs/performance.md, "Peers").
 //!
 //! Runs the append scenario's workload — the same generator, included from
-//! `services/src/bin/tektree-bench/workload.rs`, so one seed gives the identical command sequence
+//! `services/tools/src/tektree-bench/workload.rs`, so one seed gives the identical command sequence
 //! — through cqrs-es's `CqrsFramework` on our own domain aggregates (`User`, `Content`), stored by
 //! a peer event repository: `sqlite-es` (SQLite, like our embedded default) or `postgres-es`.
 //! The peers write events only; we also write an outbox row per event in the same transaction.
@@ -17,16 +17,16 @@
 
 // The bench's generator and statistics, shared rather than copied (this crate is its own
 // workspace, so they are included by path).
-#[path = "../../src/bin/tektree-bench/clients.rs"]
+#[path = "../../src/tektree-bench/clients.rs"]
 mod clients;
 #[allow(dead_code)]
-#[path = "../../src/bin/tektree-faults/rng.rs"]
+#[path = "../../src/tektree-faults/rng.rs"]
 mod rng;
 #[allow(dead_code)]
-#[path = "../../src/bin/tektree-bench/stats.rs"]
+#[path = "../../src/tektree-bench/stats.rs"]
 mod stats;
 #[allow(dead_code)]
-#[path = "../../src/bin/tektree-bench/workload.rs"]
+#[path = "../../src/tektree-bench/workload.rs"]
 mod workload;
 
 use std::collections::HashMap;

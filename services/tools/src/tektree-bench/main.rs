@@ -16,7 +16,7 @@
 //! against a `tektree serve` child, with its RSS), `lag` (commit → visible in each read model at a fixed offered rate, in-process with the
 //! whole pipeline running), `growth` (append on an empty store and on a large one), `peers`
 //! (the append workload through cqrs-es with sqlite-es and postgres-es, a separate crate in
-//! `services/bench-peers` run as a child process; skipped with `--quick`); `mongodb`
+//! `services/tools/bench-peers` run as a child process; skipped with `--quick`); `mongodb`
 //! (`append_mongodb`, `relay_mongodb` to Redis Streams and `projection_mongodb`, module
 //! `mongo`, on the replica set named by `MONGODB_URI` or else on a throwaway SecantusDB).
 //!
