@@ -2,7 +2,7 @@
 //!
 //! Events are immutable and sequences contiguous, so a state folded up to version `v` stays a
 //! correct prefix forever: a cached entry is never invalid, only possibly behind. A load takes the
-//! cached state and folds just the events after `v` ([`tektree_event_store::EventStore::load_after`]).
+//! cached state and folds just the events after `v` ([`tektree_event_store::EventLog::load_after`]).
 //! Without it, each command on an aggregate with `n` events decodes all `n`; the hottest
 //! gamification profile of the bundled dump has 2,262 events, i.e. ~2.5 M decodes over its life.
 //! On a miss (first load in this process, eviction, capacity 0) the handler starts from the

@@ -5,7 +5,7 @@
 //! A load starts from the newest state it can trust, then folds only the events after it:
 //! 1. the in-memory [`StateCache`] (this process's folded states);
 //! 2. on a cache miss, the aggregate's stored snapshot
-//!    ([`EventStore::load_snapshot`](tektree_event_store::EventStore::load_snapshot)), used only
+//!    ([`SnapshotStore::load_snapshot`](tektree_event_store::SnapshotStore::load_snapshot)), used only
 //!    when its `snapshot_version` equals the aggregate's
 //!    [`SnapshotVersion::SNAPSHOT_VERSION`], its state deserialises, and the event at its
 //!    version is stored; anything else is ignored (logged at debug) — snapshots are a cache;

@@ -122,7 +122,7 @@ pub async fn run_all(store: &dyn EventStore) {
 
 /// Two handles of one store report the same [`crate::StoreIdentity`], at epoch 1 for a store
 /// never restored; a store created apart (`other`) has another `store_id`;
-/// [`EventStore::raise_epoch`] through either handle raises the epoch above the stored one and
+/// [`EventLog::raise_epoch`] through either handle raises the epoch above the stored one and
 /// the one named (so the store is left at epoch 7).
 ///
 /// # Panics
@@ -775,14 +775,14 @@ fn sample_key(created_at: DateTime<Utc>) -> IdempotencyKey {
     }
 }
 
-/// Idempotency records ([`EventStore::append_idempotent`] and friends):
+/// Idempotency records ([`IdempotencyStore::append_idempotent`] and friends):
 /// - an idempotent append stores the events and a record describing them, atomically;
 /// - a second append with the same live key fails with [`StoreError::IdempotencyKeyExists`]
 ///   and writes nothing (not even when it targets another aggregate);
 /// - a version conflict writes neither events nor the record;
 /// - a record is invisible once expired, and an expired key can be used again;
-/// - [`EventStore::put_idempotency_record`] keeps an earlier live record and returns it;
-/// - [`EventStore::purge_idempotency_records`] deletes expired records only.
+/// - [`IdempotencyStore::put_idempotency_record`] keeps an earlier live record and returns it;
+/// - [`IdempotencyStore::purge_idempotency_records`] deletes expired records only.
 ///
 /// # Panics
 /// On any violation or unexpected store error.
@@ -959,7 +959,7 @@ pub fn sample_snapshot(aggregate_id: Uuid, version: u64, snapshot_version: u32) 
     }
 }
 
-/// Snapshots ([`EventStore::save_snapshot`] / [`EventStore::load_snapshot`]):
+/// Snapshots ([`SnapshotStore::save_snapshot`] / [`SnapshotStore::load_snapshot`]):
 /// - no snapshot loads as `None`; a saved one loads back exactly (every field);
 /// - one snapshot per aggregate: a save of a higher (or the same) `version` replaces it, a save
 ///   of a lower `version` with the same `snapshot_version` is refused (`false`) and changes

@@ -2,10 +2,10 @@
 //! retry of the same request returns the first response and appends nothing.
 //!
 //! A record is written **in the same transaction** as the events it describes
-//! ([`EventStore::append_idempotent`](crate::EventStore::append_idempotent)), so a crash can
+//! ([`IdempotencyStore::append_idempotent`](crate::IdempotencyStore::append_idempotent)), so a crash can
 //! never leave events without their record or a record without its events. A command that
 //! committed nothing (an idempotent repeat) is recorded on its own with
-//! [`EventStore::put_idempotency_record`](crate::EventStore::put_idempotency_record).
+//! [`IdempotencyStore::put_idempotency_record`](crate::IdempotencyStore::put_idempotency_record).
 //!
 //! Keys expire: a record whose `expires_at` has passed is ignored and replaced by the next
 //! request with its key (the HTTP layer sets 24 hours, see `docs/api.md`; the header follows

@@ -4,7 +4,7 @@
 //! default feature `mongodb`, its MongoDB adapter (`MongoStore`, module `mongo`).
 //!
 //! Guarantees every adapter gives (checked by the conformance suite in [`conformance`]):
-//! - [`EventStore::append`] writes one aggregate's new events **and their outbox records in one
+//! - [`EventLog::append`] writes one aggregate's new events **and their outbox records in one
 //!   transaction**: after a crash either all are visible or none.
 //! - Per-aggregate `sequence` is contiguous from 1; an append whose `expected_version` is not the
 //!   aggregate's current version fails with [`StoreError::Conflict`] and writes nothing.
@@ -13,12 +13,13 @@
 //!   One append's events get consecutive positions (SQLite: one transaction under the write
 //!   lock; MongoDB: a sequencer pass keeps each append together, checked across processes by
 //!   `tests/mongo_processes.rs`).
-//! - [`EventStore::outbox_pending`] returns unpublished outbox records in position order.
-//! - [`EventStore::save_snapshot`] keeps one [`StoredSnapshot`] per aggregate and never moves it
+//! - [`OutboxStore::outbox_pending`] returns unpublished outbox records in position order.
+//! - [`SnapshotStore::save_snapshot`] keeps one [`StoredSnapshot`] per aggregate and never moves it
 //!   back to a lower `version` of the same `snapshot_version`.
 
 #![deny(missing_docs)]
 
+#[cfg(any(test, feature = "testkit"))]
 pub mod conformance;
 mod error;
 mod idempotency;
@@ -99,9 +100,11 @@ impl StoredSnapshot {
     }
 }
 
-/// Append-only storage of domain events with a transactional outbox.
+/// The log of domain events: appends with an expected version (events and their outbox records
+/// in one transaction), reads by aggregate and by global position, the head, and the store's
+/// identity. One of the four parts of an [`EventStore`].
 #[async_trait]
-pub trait EventStore: Send + Sync + 'static {
+pub trait EventLog: Send + Sync + 'static {
     /// Appends `events` (all of aggregate `aggregate_type`/`aggregate_id`, sequences
     /// `expected_version + 1 ..`) and one outbox record per event, atomically.
     ///
@@ -120,13 +123,71 @@ pub trait EventStore: Send + Sync + 'static {
         events: Vec<NewEvent>,
     ) -> Result<Vec<EventEnvelope>, StoreError>;
 
-    /// [`EventStore::append`] plus the [`IdempotencyRecord`] of `key`, in the same
+    /// All events of one aggregate in sequence order (empty when it has none).
+    async fn load(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// Events of one aggregate with `sequence > after_sequence`, in sequence order (used to
+    /// bring a cached aggregate state up to date). The default filters [`EventLog::load`];
+    /// adapters override it with an indexed range read.
+    async fn load_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: u64,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let mut all = self.load(aggregate_type, aggregate_id).await?;
+        all.retain(|e| e.sequence > after_sequence);
+        Ok(all)
+    }
+
+    /// Up to `limit` events with `position > after`, in position order.
+    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// The current [`Head`].
+    async fn head(&self) -> Result<Head, StoreError>;
+
+    /// The highest committed position ([`Head::position`]) without counting the events, for
+    /// checks made often (the relay's check for a bus that lost events). The default reads
+    /// [`EventLog::head`]; adapters whose count is not free override it.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        Ok(self.head().await?.position)
+    }
+
+    /// This store's [`StoreIdentity`] (created with the store, read at open).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when it cannot be read.
+    async fn identity(&self) -> Result<StoreIdentity, StoreError>;
+
+    /// Marks this store as restored (issue #12, `tektree restore`): sets its epoch to one more
+    /// than the greater of its own and `above` (pass the epoch a bus was bound to, so that the
+    /// new epoch is above every epoch that bus has seen); returns the new identity. The
+    /// `store_id` never changes.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`].
+    async fn raise_epoch(&self, above: u64) -> Result<StoreIdentity, StoreError>;
+}
+
+/// Idempotency records of command requests (`Idempotency-Key`): an append with its record in
+/// one transaction, the live record of a key, records of requests that appended nothing, and
+/// their purge. One of the four parts of an [`EventStore`].
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// [`EventLog::append`] plus the [`IdempotencyRecord`] of `key`, in the same
     /// transaction: either the events, their outbox records and the idempotency record are all
     /// stored, or none is. A record of `key` whose `expires_at` is not after `key.created_at`
     /// is replaced.
     ///
     /// # Errors
-    /// As [`EventStore::append`], and [`StoreError::IdempotencyKeyExists`] (nothing written)
+    /// As [`EventLog::append`], and [`StoreError::IdempotencyKeyExists`] (nothing written)
     /// when a live record with the same key is stored: another request with the key won.
     async fn append_idempotent(
         &self,
@@ -154,59 +215,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Deletes the records that expired at or before `now`; returns how many.
     async fn purge_idempotency_records(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
+}
 
-    /// All events of one aggregate in sequence order (empty when it has none).
-    async fn load(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-    ) -> Result<Vec<EventEnvelope>, StoreError>;
-
-    /// Events of one aggregate with `sequence > after_sequence`, in sequence order (used to
-    /// bring a cached aggregate state up to date). The default filters [`EventStore::load`];
-    /// adapters override it with an indexed range read.
-    async fn load_after(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        after_sequence: u64,
-    ) -> Result<Vec<EventEnvelope>, StoreError> {
-        let mut all = self.load(aggregate_type, aggregate_id).await?;
-        all.retain(|e| e.sequence > after_sequence);
-        Ok(all)
-    }
-
-    /// Up to `limit` events with `position > after`, in position order.
-    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError>;
-
-    /// The current [`Head`].
-    async fn head(&self) -> Result<Head, StoreError>;
-
-    /// The highest committed position ([`Head::position`]) without counting the events, for
-    /// checks made often (the relay's check for a bus that lost events). The default reads
-    /// [`EventStore::head`]; adapters whose count is not free override it.
-    ///
-    /// # Errors
-    /// [`StoreError::Backend`].
-    async fn last_position(&self) -> Result<u64, StoreError> {
-        Ok(self.head().await?.position)
-    }
-
-    /// This store's [`StoreIdentity`] (created with the store, read at open).
-    ///
-    /// # Errors
-    /// [`StoreError::Backend`] when it cannot be read.
-    async fn identity(&self) -> Result<StoreIdentity, StoreError>;
-
-    /// Marks this store as restored (issue #12, `tektree restore`): sets its epoch to one more
-    /// than the greater of its own and `above` (pass the epoch a bus was bound to, so that the
-    /// new epoch is above every epoch that bus has seen); returns the new identity. The
-    /// `store_id` never changes.
-    ///
-    /// # Errors
-    /// [`StoreError::Backend`].
-    async fn raise_epoch(&self, above: u64) -> Result<StoreIdentity, StoreError>;
-
+/// The transactional outbox as the relay sees it: records not yet published, in position order,
+/// and marking them published. One of the four parts of an [`EventStore`].
+#[async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
     /// Up to `limit` outbox records not yet marked published, in position order.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError>;
 
@@ -216,7 +230,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Number of outbox records not yet published.
     async fn outbox_backlog(&self) -> Result<u64, StoreError>;
+}
 
+/// Aggregate snapshots, a cache beside the events: load one, save one under the replacement
+/// rule of [`StoredSnapshot::replaces`]. One of the four parts of an [`EventStore`].
+#[async_trait]
+pub trait SnapshotStore: Send + Sync + 'static {
     /// The stored snapshot of `aggregate_type`/`aggregate_id`, if any (whatever its
     /// `snapshot_version`: the caller decides whether it can use it).
     ///
@@ -243,6 +262,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// (`version` above `i64::MAX`); nothing is written then.
     async fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<bool, StoreError>;
 }
+
+/// Append-only storage of domain events with a transactional outbox: the four parts by concern
+/// ([`EventLog`], [`IdempotencyStore`], [`OutboxStore`], [`SnapshotStore`]) in one type, as
+/// every adapter (SQLite, MongoDB) provides them and every caller holds them
+/// (`Arc<dyn EventStore>`). Implemented for every type that implements the four; a caller that
+/// needs one part only can ask for that part.
+pub trait EventStore: EventLog + IdempotencyStore + OutboxStore + SnapshotStore {}
+
+impl<T: EventLog + IdempotencyStore + OutboxStore + SnapshotStore> EventStore for T {}
 
 /// The batch check every adapter makes before writing: `events` all belong to the aggregate
 /// and are numbered `expected_version + 1 ..` (a violation is a programming error, reported as

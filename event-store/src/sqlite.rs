@@ -84,8 +84,8 @@ use tektree_domain::{Actor, EventEnvelope, NewEvent};
 use uuid::Uuid;
 
 use crate::{
-    validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError, StoreIdentity,
-    StoredSnapshot,
+    validate_batch, EventLog, Head, IdempotencyKey, IdempotencyRecord, IdempotencyStore,
+    OutboxStore, SnapshotStore, StoreError, StoreIdentity, StoredSnapshot,
 };
 use writer::{AppendBody, PreparedEvent, Writer};
 
@@ -173,7 +173,7 @@ struct Inner {
     /// The group-commit writer thread owning the write connection.
     writer: Writer,
     readers: Mutex<Vec<Connection>>,
-    /// Read at open; changed only by [`EventStore::raise_epoch`].
+    /// Read at open; changed only by [`EventLog::raise_epoch`].
     identity: Mutex<StoreIdentity>,
 }
 
@@ -333,7 +333,7 @@ impl SqliteStore {
         self.inner.writer.stats.batches.load(Ordering::Relaxed)
     }
 
-    /// Number of appends (calls of [`EventStore::append`] / [`EventStore::append_idempotent`]
+    /// Number of appends (calls of [`EventLog::append`] / [`IdempotencyStore::append_idempotent`]
     /// with at least one event) that the batches counted by [`SqliteStore::write_batches`]
     /// carried, each committed or answered with its own error. `batched_appends() /
     /// write_batches()` is the mean batch size; the distribution is the histogram
@@ -342,7 +342,7 @@ impl SqliteStore {
         self.inner.writer.stats.appends.load(Ordering::Relaxed)
     }
 
-    /// The append of [`EventStore::append`] and [`EventStore::append_idempotent`]: checks and
+    /// The append of [`EventLog::append`] and [`IdempotencyStore::append_idempotent`]: checks and
     /// encodes the batch on the caller's thread, then queues it for the group-commit writer.
     async fn append_with(
         &self,
@@ -576,8 +576,8 @@ fn query_events(
 }
 
 #[async_trait]
-impl EventStore for SqliteStore {
-    /// See [`EventStore::append`]. Runs in its own savepoint of a group-commit transaction
+impl EventLog for SqliteStore {
+    /// See [`EventLog::append`]. Runs in its own savepoint of a group-commit transaction
     /// (module docs): version check, event rows, outbox rows; answered after the batch's
     /// `COMMIT`. `recorded_at` is the store clock when this append's savepoint started (the
     /// write lock is held), the same for every event of the append; appends of one batch get
@@ -596,66 +596,6 @@ impl EventStore for SqliteStore {
     ) -> Result<Vec<EventEnvelope>, StoreError> {
         self.append_with(aggregate_type, aggregate_id, expected_version, events, None)
             .await
-    }
-
-    /// See [`EventStore::append_idempotent`]: the record is inserted in the append's savepoint
-    /// of the group-commit transaction, after the version check; a key that is already
-    /// recorded (also by an earlier append of the same batch) fails this append alone.
-    async fn append_idempotent(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        expected_version: u64,
-        events: Vec<NewEvent>,
-        key: IdempotencyKey,
-    ) -> Result<Vec<EventEnvelope>, StoreError> {
-        self.append_with(
-            aggregate_type,
-            aggregate_id,
-            expected_version,
-            events,
-            Some(key),
-        )
-        .await
-    }
-
-    async fn idempotency_record(
-        &self,
-        key: &str,
-        now: DateTime<Utc>,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let key = key.to_string();
-        self.with_reader(move |conn| select_record(conn, &key, now))
-            .await
-    }
-
-    async fn put_idempotency_record(
-        &self,
-        record: IdempotencyRecord,
-    ) -> Result<IdempotencyRecord, StoreError> {
-        self.with_writer(move |conn| {
-            if insert_record(conn, &record)? {
-                return Ok(record);
-            }
-            select_record(conn, &record.key.key, record.key.created_at)?.ok_or_else(|| {
-                StoreError::Backend(format!(
-                    "idempotency record {:?} vanished during its insert",
-                    record.key.key
-                ))
-            })
-        })
-        .await
-    }
-
-    async fn purge_idempotency_records(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        self.with_writer(move |conn| {
-            let n = conn
-                .prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")
-                .and_then(|mut st| st.execute([now.timestamp_micros()]))
-                .map_err(backend)?;
-            Ok(n as u64)
-        })
-        .await
     }
 
     async fn load(
@@ -767,7 +707,73 @@ impl EventStore for SqliteStore {
         *lock(&self.inner.identity) = raised;
         Ok(raised)
     }
+}
 
+#[async_trait]
+impl IdempotencyStore for SqliteStore {
+    /// See [`IdempotencyStore::append_idempotent`]: the record is inserted in the append's savepoint
+    /// of the group-commit transaction, after the version check; a key that is already
+    /// recorded (also by an earlier append of the same batch) fails this append alone.
+    async fn append_idempotent(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        key: IdempotencyKey,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.append_with(
+            aggregate_type,
+            aggregate_id,
+            expected_version,
+            events,
+            Some(key),
+        )
+        .await
+    }
+
+    async fn idempotency_record(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let key = key.to_string();
+        self.with_reader(move |conn| select_record(conn, &key, now))
+            .await
+    }
+
+    async fn put_idempotency_record(
+        &self,
+        record: IdempotencyRecord,
+    ) -> Result<IdempotencyRecord, StoreError> {
+        self.with_writer(move |conn| {
+            if insert_record(conn, &record)? {
+                return Ok(record);
+            }
+            select_record(conn, &record.key.key, record.key.created_at)?.ok_or_else(|| {
+                StoreError::Backend(format!(
+                    "idempotency record {:?} vanished during its insert",
+                    record.key.key
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn purge_idempotency_records(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.with_writer(move |conn| {
+            let n = conn
+                .prepare_cached("DELETE FROM idempotency WHERE expires_at <= ?1")
+                .and_then(|mut st| st.execute([now.timestamp_micros()]))
+                .map_err(backend)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl OutboxStore for SqliteStore {
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -823,6 +829,10 @@ impl EventStore for SqliteStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl SnapshotStore for SqliteStore {
     async fn load_snapshot(
         &self,
         aggregate_type: &str,
@@ -833,7 +843,7 @@ impl EventStore for SqliteStore {
             .await
     }
 
-    /// See [`EventStore::save_snapshot`]: the state is encoded on the caller's thread, then one
+    /// See [`SnapshotStore::save_snapshot`]: the state is encoded on the caller's thread, then one
     /// upsert runs in its own savepoint of a group-commit batch on the writer thread.
     async fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<bool, StoreError> {
         let state = serde_json::to_string(&snapshot.state).map_err(backend)?;

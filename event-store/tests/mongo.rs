@@ -20,7 +20,8 @@ use tektree_event_store::mongo::{
     METRIC_UNSEQUENCED, OUTBOX, OUTBOX_INDEX, PENDING_INDEX, POSITION_INDEX, POSITION_LOG,
     SEQUENCE_INDEX, SNAPSHOTS, SNAPSHOT_KEY_INDEX,
 };
-use tektree_event_store::{EventStore, StoreError};
+use tektree_event_store::StoreError;
+use tektree_event_store::{EventLog, OutboxStore};
 use tektree_test_servers::MongoServer;
 use uuid::Uuid;
 

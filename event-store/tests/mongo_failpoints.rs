@@ -10,7 +10,7 @@
 use mongodb::bson::{doc, Bson, Document};
 use tektree_event_store::conformance::{self, sample_event, sample_events, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::mongo::{envelope_to_document, uuid_to_bson, MongoStore, EVENTS, OUTBOX};
-use tektree_event_store::EventStore;
+use tektree_event_store::EventLog;
 use tektree_test_servers::MongoServer;
 use uuid::Uuid;
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use mongodb::bson::{doc, Document};
 use tektree_event_store::conformance::{self, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::mongo::{MongoStore, EVENTS, POSITION_LOG};
-use tektree_event_store::EventStore;
+use tektree_event_store::EventLog;
 use tektree_test_servers::{mongo_uri_with_database, MongoServer};
 use uuid::Uuid;
 

@@ -11,7 +11,10 @@ use proptest::prelude::*;
 use rusqlite::Connection;
 use tektree_domain::EventEnvelope;
 use tektree_event_store::conformance::{self, sample_event, sample_events, SAMPLE_AGGREGATE_TYPE};
-use tektree_event_store::{EventStore, Head, IdempotencyKey, SqliteStore, StoreError};
+use tektree_event_store::{
+    EventLog, EventStore, Head, IdempotencyKey, IdempotencyStore, OutboxStore, SnapshotStore,
+    SqliteStore, StoreError,
+};
 use uuid::Uuid;
 
 const USER: &str = SAMPLE_AGGREGATE_TYPE;

@@ -13,7 +13,7 @@
 //! once; when it already holds events (published by a build before store identities), only if
 //! its last event is this store's event at that position (same event id), else it is refused.
 //!
-//! A restore ([`EventStore::raise_epoch`], `tektree restore`) raises the store's epoch. A bus
+//! A restore ([`EventLog::raise_epoch`], `tektree restore`) raises the store's epoch. A bus
 //! bound to an **earlier epoch** of the same store holds events the restored store may not
 //! have, at positions it will give to other events: the first process that opens the pair
 //! empties the bus and binds it to the new epoch ([`Bus::empty_and_rebind`], logged and counted
@@ -226,6 +226,7 @@ mod tests {
     use async_trait::async_trait;
     use tektree_domain::EventEnvelope;
     use tektree_event_store::conformance::{sample_events, SAMPLE_AGGREGATE_TYPE};
+    use tektree_event_store::EventLog;
     use tektree_event_store::SqliteStore;
     use uuid::Uuid;
 

@@ -19,13 +19,16 @@
 
 pub mod binding;
 mod bus;
+#[cfg(any(test, feature = "testkit"))]
 pub mod conformance;
+#[cfg(any(test, feature = "testkit"))]
 pub mod faulty;
 mod memory;
 mod nats_bus;
 pub mod recovery;
 mod redis_bus;
 pub mod relay;
+#[cfg(any(test, feature = "testkit"))]
 pub mod test_support;
 
 pub use bus::{open_bus, Bus, BusError, DeadLetter, Delivery, Subscription, SubscriptionOptions};

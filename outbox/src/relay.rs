@@ -244,7 +244,7 @@ pub async fn relay_once(
 /// doubling to 5 s, reset by a successful round) when a round failed. Failures are logged
 /// (`tracing` warn) and retried; no record is ever skipped. A round in progress is finished
 /// before shutting down. Updates the gauge [`METRIC_BACKLOG`] (from
-/// [`EventStore::outbox_backlog`], at most once a second while busy; 0 when a round finds the
+/// [`OutboxStore::outbox_backlog`], at most once a second while busy; 0 when a round finds the
 /// outbox empty) and the counter [`METRIC_ERRORS`].
 ///
 /// A bus that lost events ([`RelayError::BusBehind`], from a round or from the check made once

@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tektree_domain::EventEnvelope;
 use tektree_event_store::conformance::{sample_event, SAMPLE_AGGREGATE_TYPE};
+use tektree_event_store::OutboxStore;
 use tektree_event_store::{EventStore, SqliteStore};
 use tektree_outbox::conformance::{self, envelope, envelopes};
 use tektree_outbox::relay::{self, relay_once, RelayConfig};

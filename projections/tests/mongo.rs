@@ -21,7 +21,7 @@ use mongodb::bson::{doc, Bson, Document};
 use paging::export_in_pages;
 use serde_json::Value;
 use tektree_domain::Tier;
-use tektree_event_store::mongo::ServerBuild;
+use tektree_mongo::ServerBuild;
 use tektree_projections::mongo::{
     ahead_pipelines, export_queries, page_query, uuid_bson, EXPORT_INDEX, LEADERBOARD, RANK_INDEX,
 };

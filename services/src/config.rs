@@ -5,13 +5,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::api::auth::{
+use tektree_http::auth::{
     generate_secret, AuthConfig, Authenticator, JwtKey, DEFAULT_AUDIENCE, DEFAULT_ISSUER,
     DEFAULT_LEEWAY_SECS,
 };
-use crate::api::cors::{CorsError, CorsOrigins};
-use crate::api::ratelimit::{RateLimitError, RateLimiter, RateLimits, RedisBackend, SystemClock};
-use crate::api::security::Security;
+use tektree_http::cors::{CorsError, CorsOrigins};
+use tektree_http::ratelimit::{RateLimitError, RateLimiter, RateLimits, RedisBackend, SystemClock};
+use tektree_http::security::Security;
 
 pub use tektree_runtime::config::{load_rules, redact_url, StoreUrl, DEFAULT_BUS, DEFAULT_STORE};
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tektree_domain::Rules;
 use tektree_event_store::sqlite_backup::BackupError;
-use tektree_event_store::{EventStore, SqliteStore};
+use tektree_event_store::SqliteStore;
 use tektree_outbox::binding::BindError;
 use tektree_outbox::test_support::{NatsServer, RedisServer};
 use tektree_projections::Projection;
@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 mod common;
 use common::exports;
 use common::history::{drive, register, user};
+use tektree_event_store::EventLog;
 
 const SETTLE: Duration = Duration::from_secs(120);
 

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tektree_event_store::conformance::{sample_events, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::mongo::MongoStore;
-use tektree_event_store::{EventStore, StoreError};
+use tektree_event_store::{EventLog, StoreError};
 use uuid::Uuid;
 
 fn var(name: &str) -> Option<String> {

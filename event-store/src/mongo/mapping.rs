@@ -55,13 +55,7 @@ impl MappingError {
     }
 }
 
-/// A UUID as BSON binary subtype 4 (standard UUID representation).
-pub fn uuid_to_bson(id: Uuid) -> Bson {
-    Bson::Binary(Binary {
-        subtype: BinarySubtype::Uuid,
-        bytes: id.as_bytes().to_vec(),
-    })
-}
+pub use tektree_mongo::uuid_to_bson;
 
 /// A UUID from BSON binary subtype 4 (or 3, the legacy subtype, with the same byte order).
 ///

@@ -54,14 +54,11 @@
 //! transaction runner [`run_transaction`] (generic over the body's abort error) and
 //! [`index_model`], [`uuid_to_bson`].
 
-mod client;
-mod errors;
 mod idempotency;
 mod indexes;
 mod mapping;
 mod sequencer;
 mod snapshots;
-mod txn;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,18 +74,20 @@ use mongodb::{Client, ClientSession, Collection, Database};
 use tektree_domain::{EventEnvelope, NewEvent};
 use uuid::Uuid;
 
-pub use client::{connect_client, CausalClock, ServerBuild};
-pub use errors::{
-    backoff, classify, classify_parts, code, code_and_message, should_retry, ErrorClass, Phase,
-    Retry, DUPLICATE_KEY, MAX_RETRY_TIME, MAX_TIME_MS_EXPIRED,
-};
+// The plumbing shared with the read models (crate `tektree-mongo`), re-exported.
 pub use indexes::{
-    check_deployment, check_unsharded, event_indexes, index_model, outbox_indexes, Deployment,
-    OUTBOX_INDEX, PENDING_INDEX, POSITION_INDEX, SEQUENCE_INDEX, UNSHARDED,
+    check_unsharded, event_indexes, outbox_indexes, OUTBOX_INDEX, PENDING_INDEX, POSITION_INDEX,
+    SEQUENCE_INDEX, UNSHARDED,
 };
 pub use mapping::{
     bson_to_json, envelope_from_document, envelope_to_document, json_to_bson, timestamp_from_bson,
-    timestamp_to_bson, uuid_from_bson, uuid_to_bson, MappingError,
+    timestamp_to_bson, uuid_from_bson, MappingError,
+};
+pub use tektree_mongo::{
+    backoff, check_deployment, classify, classify_parts, code, code_and_message, connect_client,
+    index_model, run_transaction, should_retry, transaction_options, uuid_to_bson, CausalClock,
+    Deployment, ErrorClass, Phase, Retry, RunError, ServerBuild, TxError, COMMIT_TIME_LIMIT,
+    DUPLICATE_KEY, MAX_RETRY_TIME, MAX_TIME_MS_EXPIRED,
 };
 
 pub use snapshots::{
@@ -104,11 +103,10 @@ pub use sequencer::{
     appends_together, batch_ids, Tip, MAX_APPEND_EVENTS, METRIC_PASS_LOST, METRIC_UNSEQUENCED,
     POSITION_LOG, SEQUENCE_BATCH,
 };
-pub use txn::{run_transaction, transaction_options, RunError, TxError, COMMIT_TIME_LIMIT};
 
 use crate::{
-    validate_batch, EventStore, Head, IdempotencyKey, IdempotencyRecord, StoreError, StoreIdentity,
-    StoredSnapshot,
+    validate_batch, EventLog, Head, IdempotencyKey, IdempotencyRecord, IdempotencyStore,
+    OutboxStore, SnapshotStore, StoreError, StoreIdentity, StoredSnapshot,
 };
 
 /// The store's identity: one document `{_id: "identity", store_id, epoch, created_at}`.
@@ -168,7 +166,7 @@ struct Inner {
     /// The highest position-log batch number this handle has seen (where tip searches start).
     tip_seen: std::sync::atomic::AtomicI64,
     clock: CausalClock,
-    /// Read at connect; changed only by [`EventStore::raise_epoch`].
+    /// Read at connect; changed only by [`EventLog::raise_epoch`].
     identity: std::sync::Mutex<StoreIdentity>,
 }
 
@@ -586,7 +584,7 @@ impl MongoStore {
         Ok(Ok(events))
     }
 
-    /// The append of [`EventStore::append`] and [`EventStore::append_idempotent`].
+    /// The append of [`EventLog::append`] and [`IdempotencyStore::append_idempotent`].
     async fn append_with(
         &self,
         aggregate_type: &str,
@@ -804,8 +802,8 @@ fn find_limit(limit: usize) -> Option<i64> {
 }
 
 #[async_trait]
-impl EventStore for MongoStore {
-    /// See [`EventStore::append`] and the [module docs](self): one transaction (version check,
+impl EventLog for MongoStore {
+    /// See [`EventLog::append`] and the [module docs](self): one transaction (version check,
     /// events, outbox records), then sequencer passes until the events have positions.
     /// `recorded_at` is this process's clock when the append started, the same for every event
     /// of the batch.
@@ -826,7 +824,98 @@ impl EventStore for MongoStore {
             .await
     }
 
-    /// See [`EventStore::append_idempotent`]: the record is inserted in the append's
+    /// See [`EventLog::load`]. Events of the aggregate that are committed but not sequenced
+    /// yet (a concurrent or crashed appender) are sequenced first.
+    async fn load(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.load_range(aggregate_type, aggregate_id, 0).await
+    }
+
+    /// See [`EventLog::load_after`]: a range read of the aggregate's sequence index, with the
+    /// same sequencing of not yet sequenced events as [`EventLog::load`].
+    async fn load_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        after_sequence: u64,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        self.load_range(aggregate_type, aggregate_id, after_sequence)
+            .await
+    }
+
+    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        let watermark = self.settled_watermark(false).await? as i64;
+        if watermark <= after {
+            return Ok(Vec::new());
+        }
+        self.find_events(
+            doc! { "position": { "$gt": after, "$lte": watermark } },
+            doc! { "position": 1 },
+            find_limit(limit),
+        )
+        .await
+    }
+
+    /// See [`EventLog::head`]: the watermark of the position log (positions are gap-free
+    /// and events are never deleted, so the number of events equals the last position; events
+    /// set aside as unsequenceable have no position and are not counted). One read of the
+    /// log's tip.
+    async fn identity(&self) -> Result<StoreIdentity, StoreError> {
+        Ok(*self
+            .inner
+            .identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// See [`EventLog::raise_epoch`]: a compare-and-set on the identity document's epoch,
+    /// retried while another process raises it at the same time.
+    async fn raise_epoch(&self, above: u64) -> Result<StoreIdentity, StoreError> {
+        let coll = self.inner.db.collection::<Document>(STORE_IDENTITY);
+        loop {
+            let current = identity_of(&self.inner.db).await?;
+            let epoch = current.epoch.max(above) + 1;
+            let (old, new) = (to_bson_i64(current.epoch)?, to_bson_i64(epoch)?);
+            let updated = coll
+                .update_one(
+                    doc! { "_id": "identity", "epoch": old },
+                    doc! { "$set": { "epoch": new } },
+                )
+                .await
+                .map_err(|e| backend("raise the store's epoch", e))?;
+            if updated.matched_count == 1 {
+                let raised = StoreIdentity { epoch, ..current };
+                *self
+                    .inner
+                    .identity
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = raised;
+                return Ok(raised);
+            }
+        }
+    }
+
+    async fn head(&self) -> Result<Head, StoreError> {
+        let last = self.tip().await?.watermark();
+        Ok(Head {
+            position: last,
+            events: last,
+        })
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MongoStore {
+    /// See [`IdempotencyStore::append_idempotent`]: the record is inserted in the append's
     /// transaction after the version check (an expired record of the key is deleted first).
     async fn append_idempotent(
         &self,
@@ -906,96 +995,11 @@ impl EventStore for MongoStore {
             .map_err(|e| backend("purge idempotency records", e))?;
         Ok(r.deleted_count)
     }
+}
 
-    /// See [`EventStore::load`]. Events of the aggregate that are committed but not sequenced
-    /// yet (a concurrent or crashed appender) are sequenced first.
-    async fn load(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-    ) -> Result<Vec<EventEnvelope>, StoreError> {
-        self.load_range(aggregate_type, aggregate_id, 0).await
-    }
-
-    /// See [`EventStore::load_after`]: a range read of the aggregate's sequence index, with the
-    /// same sequencing of not yet sequenced events as [`EventStore::load`].
-    async fn load_after(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: Uuid,
-        after_sequence: u64,
-    ) -> Result<Vec<EventEnvelope>, StoreError> {
-        self.load_range(aggregate_type, aggregate_id, after_sequence)
-            .await
-    }
-
-    async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let Ok(after) = i64::try_from(after) else {
-            return Ok(Vec::new());
-        };
-        let watermark = self.settled_watermark(false).await? as i64;
-        if watermark <= after {
-            return Ok(Vec::new());
-        }
-        self.find_events(
-            doc! { "position": { "$gt": after, "$lte": watermark } },
-            doc! { "position": 1 },
-            find_limit(limit),
-        )
-        .await
-    }
-
-    /// See [`EventStore::head`]: the watermark of the position log (positions are gap-free
-    /// and events are never deleted, so the number of events equals the last position; events
-    /// set aside as unsequenceable have no position and are not counted). One read of the
-    /// log's tip.
-    async fn identity(&self) -> Result<StoreIdentity, StoreError> {
-        Ok(*self
-            .inner
-            .identity
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
-    }
-
-    /// See [`EventStore::raise_epoch`]: a compare-and-set on the identity document's epoch,
-    /// retried while another process raises it at the same time.
-    async fn raise_epoch(&self, above: u64) -> Result<StoreIdentity, StoreError> {
-        let coll = self.inner.db.collection::<Document>(STORE_IDENTITY);
-        loop {
-            let current = identity_of(&self.inner.db).await?;
-            let epoch = current.epoch.max(above) + 1;
-            let (old, new) = (to_bson_i64(current.epoch)?, to_bson_i64(epoch)?);
-            let updated = coll
-                .update_one(
-                    doc! { "_id": "identity", "epoch": old },
-                    doc! { "$set": { "epoch": new } },
-                )
-                .await
-                .map_err(|e| backend("raise the store's epoch", e))?;
-            if updated.matched_count == 1 {
-                let raised = StoreIdentity { epoch, ..current };
-                *self
-                    .inner
-                    .identity
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = raised;
-                return Ok(raised);
-            }
-        }
-    }
-
-    async fn head(&self) -> Result<Head, StoreError> {
-        let last = self.tip().await?.watermark();
-        Ok(Head {
-            position: last,
-            events: last,
-        })
-    }
-
-    /// See [`EventStore::outbox_pending`]. First sequences committed events that have no
+#[async_trait]
+impl OutboxStore for MongoStore {
+    /// See [`OutboxStore::outbox_pending`]. First sequences committed events that have no
     /// position yet (recovering appenders that died after their commit), so the relay never
     /// waits for them longer than one poll.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<EventEnvelope>, StoreError> {
@@ -1087,8 +1091,11 @@ impl EventStore for MongoStore {
             .map_err(|e| backend("count outbox backlog", e))?;
         Ok(n)
     }
+}
 
-    /// See [`EventStore::load_snapshot`]: one find on the unique key index (causally consistent,
+#[async_trait]
+impl SnapshotStore for MongoStore {
+    /// See [`SnapshotStore::load_snapshot`]: one find on the unique key index (causally consistent,
     /// so a handle reads its own saves).
     async fn load_snapshot(
         &self,
@@ -1114,7 +1121,7 @@ impl EventStore for MongoStore {
             .transpose()
     }
 
-    /// See [`EventStore::save_snapshot`] and the module `snapshots`: one upsert whose filter
+    /// See [`SnapshotStore::save_snapshot`] and the module `snapshots`: one upsert whose filter
     /// enforces [`StoredSnapshot::replaces`]; a duplicate key on the unique index means the
     /// stored snapshot was kept (after one retry, for a concurrent first save).
     async fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<bool, StoreError> {

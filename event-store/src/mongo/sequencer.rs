@@ -37,11 +37,11 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::{ClientSession, Collection};
 use uuid::Uuid;
 
-use super::errors::{code, jitter, DUPLICATE_KEY};
 use super::mapping::{envelope_from_document, uuid_from_bson};
 use super::{backend, Inner};
 use crate::StoreError;
 use tektree_domain::EventEnvelope;
+use tektree_mongo::{backoff, code, jitter, DUPLICATE_KEY};
 
 /// The position-log collection: one document per sequencer batch.
 pub const POSITION_LOG: &str = "position_log";
@@ -514,13 +514,13 @@ impl Inner {
                 Ok(Some(assigned)) => return Ok(assigned),
                 Ok(None) => {
                     metrics::counter!(METRIC_PASS_LOST).increment(1);
-                    tokio::time::sleep(super::errors::backoff(attempt.min(4), jitter())).await;
+                    tokio::time::sleep(backoff(attempt.min(4), jitter())).await;
                 }
                 Err(e @ StoreError::Corrupt { .. }) => return Err(e),
                 Err(e) if started.elapsed() >= PASS_RETRY_TIME => return Err(e),
                 Err(e) => {
                     tracing::debug!(attempt, error = %e, "retrying sequencer pass");
-                    tokio::time::sleep(super::errors::backoff(attempt.min(8), jitter())).await;
+                    tokio::time::sleep(backoff(attempt.min(8), jitter())).await;
                 }
             }
         }

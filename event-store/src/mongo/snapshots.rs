@@ -20,11 +20,11 @@
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::IndexModel;
 
-use super::indexes::index_model;
 use super::mapping::{
     get_u64, timestamp_from_bson, timestamp_to_bson, uuid_from_bson, uuid_to_bson, MappingError,
 };
 use crate::StoredSnapshot;
+use tektree_mongo::index_model;
 
 /// The snapshots collection.
 pub const SNAPSHOTS: &str = "snapshots";

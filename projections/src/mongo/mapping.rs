@@ -18,7 +18,7 @@ use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{doc, Binary, Bson, Document};
 use mongodb::IndexModel;
 use tektree_domain::{level_for_xp, Tier};
-use tektree_event_store::mongo::index_model;
+use tektree_mongo::index_model;
 use uuid::Uuid;
 
 use crate::{
@@ -130,7 +130,7 @@ pub fn read_model_indexes() -> Vec<(&'static str, Vec<IndexModel>)> {
 
 /// A UUID as BSON binary subtype 4 (the event store's mapping, so ids compare equal across
 /// the two adapters' collections).
-pub use tektree_event_store::mongo::uuid_to_bson as uuid_bson;
+pub use tektree_mongo::uuid_to_bson as uuid_bson;
 
 fn opt_uuid_bson(id: Option<Uuid>) -> Bson {
     id.map_or(Bson::Null, uuid_bson)

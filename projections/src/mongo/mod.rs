@@ -12,8 +12,8 @@
 //! rows, guards and checkpoint together or not at all. Transient transaction errors (for
 //! example two workers of one consumer writing its checkpoint document at once) retry the whole
 //! batch, as the driver documents; see
-//! [`should_retry`](tektree_event_store::mongo::should_retry). The error classification, the
-//! transaction runner and the client setup are the event store's ([`tektree_event_store::mongo`]),
+//! [`should_retry`](tektree_mongo::should_retry). The error classification, the
+//! transaction runner and the client setup are the plumbing shared with the event store ([`tektree_mongo`]),
 //! shared by both adapters.
 //!
 //! Queries read with read concern `majority` in a causally consistent session advanced to this
@@ -53,7 +53,7 @@ use futures::FutureExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::{FindOptions, Hint};
 use mongodb::{Client, ClientSession, Collection, Database};
-use tektree_event_store::mongo::{code, connect_client, CausalClock};
+use tektree_mongo::{code, connect_client, CausalClock};
 use uuid::Uuid;
 
 pub use mapping::{

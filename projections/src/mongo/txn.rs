@@ -1,16 +1,16 @@
-//! Read-model transactions: the shared runner of `tektree_event_store::mongo`
+//! Read-model transactions: the shared runner of `tektree_mongo`
 //! ([`run_transaction`], the driver's documented retry loop) with its failures reported as
 //! [`ReadModelError`]s that name the operation.
 
 use futures::future::BoxFuture;
 use mongodb::ClientSession;
-use tektree_event_store::mongo::{run_transaction, ErrorClass, RunError};
+use tektree_mongo::{run_transaction, ErrorClass, RunError};
 use tracing::Instrument;
 
 use crate::ReadModelError;
 
 /// Why a read-model transaction body stopped.
-pub(crate) type TxError = tektree_event_store::mongo::TxError<ReadModelError>;
+pub(crate) type TxError = tektree_mongo::TxError<ReadModelError>;
 
 /// The error for a driver error of class `class` that ended the transaction `what`.
 fn failed(what: &str, class: ErrorClass, e: &mongodb::error::Error) -> ReadModelError {

@@ -4,7 +4,7 @@
 //! A restore sets the store back to an older point. Afterwards the bus, the relay and every
 //! consumer checkpoint must agree again without an operator editing anything:
 //! 1. the store's epoch is raised above its own, the backup's and the bus's
-//!    ([`EventStore::raise_epoch`]);
+//!    ([`EventLog::raise_epoch`]);
 //! 2. the store and the bus are opened ([`App::open`]): the bus, bound to an earlier epoch, is
 //!    emptied and bound to the new one (`tektree_outbox::binding`), so no position is ever on
 //!    the bus for two different events; the relay of the next process finds the bus behind the
@@ -24,13 +24,14 @@ use std::path::{Path, PathBuf};
 use tektree_domain::Rules;
 use tektree_event_store::mongo::MongoStore;
 use tektree_event_store::sqlite_backup::{self, BackupError, BackupReport};
-use tektree_event_store::{EventStore, SqliteStore, StoreError, StoreIdentity};
+use tektree_event_store::{SqliteStore, StoreError, StoreIdentity};
 use tektree_outbox::{open_bus, BusError};
 use tektree_projections::Projection;
 
 use crate::app::{App, AppError};
 use crate::config::{ConfigError, StoreUrl};
 use crate::replay::{rebuild, ReplayError};
+use tektree_event_store::EventLog;
 
 /// Why a backup or a restore failed.
 #[derive(Debug, thiserror::Error)]

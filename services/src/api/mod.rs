@@ -48,23 +48,19 @@
 
 pub mod achievements;
 pub mod admin;
-pub mod auth;
-pub mod board;
 pub mod commands;
-pub mod correlation;
-pub mod cors;
-pub mod extract;
-pub mod idempotency;
-pub mod identity;
 pub mod knowledge;
 pub mod metrics;
-pub mod problem;
 pub mod queries;
-pub mod ratelimit;
-pub mod security;
 pub mod state;
 pub mod status;
 pub mod users;
+
+// The building blocks (crate `tektree-http`), under their old paths.
+pub use tektree_http::{
+    auth, board, correlation, cors, extract, idempotency, identity, problem, ratelimit, security,
+    BODY_LIMIT,
+};
 
 use std::future::Future;
 
@@ -77,9 +73,6 @@ use tokio::net::TcpListener;
 pub use self::state::ApiState;
 use crate::billing;
 use crate::live;
-
-/// Largest accepted request body: 64 KiB. Larger bodies are refused with 413.
-pub const BODY_LIMIT: usize = 64 * 1024;
 
 /// The API's router over `state`, secured by `state.security` (see [`security`]).
 ///

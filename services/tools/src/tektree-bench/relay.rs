@@ -94,11 +94,11 @@ pub async fn relay_all(
 /// `relay_once`, timed one by one).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Split {
-    /// `EventStore::outbox_pending`.
+    /// `OutboxStore::outbox_pending`.
     pub read_s: f64,
     /// `Bus::publish`.
     pub publish_s: f64,
-    /// `EventStore::outbox_mark_published` (one durable transaction).
+    /// `OutboxStore::outbox_mark_published` (one durable transaction).
     pub mark_s: f64,
 }
 

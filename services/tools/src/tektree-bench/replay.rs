@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use tektree_event_store::{EventStore, SqliteStore};
+use tektree_event_store::SqliteStore;
 use tektree_projections::{ReadModelStore, SqliteReadModels};
 use tektree_services::replay::rebuild;
 
 use crate::machine::peak_rss_kib;
+use tektree_event_store::EventLog;
 
 /// The child's work: rebuilds `projection` in the SQLite file `store` and returns
 /// `{"events", "secs", "peak_rss_kib"}`. Checks that every event was applied (the

@@ -2,7 +2,7 @@
 //!
 //! It is a [`Consumer`] run by the worker runtime like the projections and policies:
 //! its own consumer group and checkpoint `live` on the bus, the same retries, and
-//! [`App::settle`](crate::app::App::settle) waits for it. For each event it
+//! [`App::settle`](tektree_runtime::app::App::settle) waits for it. For each event it
 //! 1. skips events recorded more than [`LiveConfig::max_age`](super::LiveConfig::max_age) ago
 //!    (a consumer catching up after a long stop, or a new group reading the log from the start,
 //!    pushes no stale news; clients re-read the REST queries when they connect);
@@ -31,7 +31,7 @@ use tektree_domain::{Event, EventEnvelope};
 use tektree_projections::{project, Change, Projection, ReadModelStore};
 use tokio::time::Instant;
 
-use crate::consumer::{Consumer, Failure};
+use tektree_runtime::consumer::{Consumer, Failure};
 
 use super::message::{notifications, Notification, RANK_CHANGED};
 use super::Live;
@@ -39,7 +39,7 @@ use super::Live;
 /// Consumer group and checkpoint name of the live notifier.
 pub const CONSUMER: &str = "live";
 
-/// The `live` consumer (module docs). Built by [`App::consumers`](crate::app::App::consumers)
+/// The `live` consumer (module docs). Built by [`App::consumers`](tektree_runtime::app::App::consumers)
 /// when the app has [`Live`] updates.
 pub struct Notifier {
     live: Arc<Live>,

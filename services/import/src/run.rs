@@ -18,7 +18,7 @@ use super::plan::{Phase, Planned, PostIndex, Step, Target};
 use super::reader::{Fingerprint, Row, RowReader};
 use super::report::{CommandKind, ImportReport};
 use super::ImportError;
-use crate::app::App;
+use tektree_runtime::app::App;
 
 /// How long [`run_import_cli`] waits for the in-process pipeline to catch up after the last
 /// command. A bound against a stuck consumer, not an expectation: the pipeline normally settles

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tektree_event_store::{EventStore, IdempotencyKey};
 use uuid::Uuid;
 
-use super::problem::Problem;
+use crate::problem::Problem;
 
 /// Name of the request header.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";

@@ -31,16 +31,16 @@ use super::client::{CheckoutCreate, PolarError};
 use super::events::{self, BillingAction, TIER_METADATA_KEY, USER_METADATA_KEY};
 use super::webhook::{self, WebhookError};
 use super::{Billing, BillingService};
-use crate::api::auth::Role;
-use crate::api::commands::CommittedEvent;
-use crate::api::correlation::Correlation;
-use crate::api::extract::{ApiJson, ApiPath};
-use crate::api::idempotency::REPLAYED_HEADER;
-use crate::api::identity::Principal;
-use crate::api::problem::Problem;
-use crate::api::security::{payload_too_large, read_body_limited};
-use crate::api::BODY_LIMIT;
-use crate::app::App;
+use tektree_http::auth::Role;
+use tektree_http::command::CommittedEvent;
+use tektree_http::correlation::Correlation;
+use tektree_http::extract::{ApiJson, ApiPath};
+use tektree_http::idempotency::REPLAYED_HEADER;
+use tektree_http::identity::Principal;
+use tektree_http::problem::Problem;
+use tektree_http::security::{payload_too_large, read_body_limited};
+use tektree_http::BODY_LIMIT;
+use tektree_runtime::app::App;
 
 /// How long a `webhook-id` is remembered: 30 days. Polar retries a failed delivery up to 10
 /// times with exponential backoff and lets operators redeliver from its dashboard; a month
@@ -436,12 +436,7 @@ pub async fn webhook(
         events: outcome
             .events
             .into_iter()
-            .map(|e| CommittedEvent {
-                event_id: e.event_id,
-                event_type: e.event_type,
-                sequence: e.sequence,
-                position: e.position,
-            })
+            .map(CommittedEvent::from)
             .collect(),
     };
     let mut response = (StatusCode::OK, Json(resp)).into_response();

@@ -49,12 +49,11 @@ use tokio::time::{sleep_until, Instant, MissedTickBehavior};
 
 use super::hub::{Endpoint, Registration};
 use super::Live;
-use crate::api::auth::AuthError;
-use crate::api::board::parse_board;
-use crate::api::identity::Principal;
-use crate::api::problem::Problem;
-use crate::api::security::Security;
-use crate::api::ApiState;
+use tektree_http::auth::AuthError;
+use tektree_http::board::parse_board;
+use tektree_http::identity::Principal;
+use tektree_http::problem::Problem;
+use tektree_http::security::Security;
 
 /// Close code for a slow consumer and for an expired token (RFC 6455 "policy violation").
 pub const CLOSE_POLICY: u16 = 1008;
@@ -86,23 +85,41 @@ struct ClientFrame {
 /// `achievement.unlocked`, `quest.completed`, `streak.milestone`, `quota.warning` and
 /// `quota.exceeded` messages (module docs for the handshake and the socket's life).
 pub async fn notifications(
-    State(api): State<ApiState>,
+    State(security): State<Arc<Security>>,
+    State(live): State<Option<Arc<Live>>>,
     headers: HeaderMap,
     query: Result<Query<WsParams>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    open(api, Endpoint::Notifications, headers, query, upgrade).await
+    open(
+        security,
+        live,
+        Endpoint::Notifications,
+        headers,
+        query,
+        upgrade,
+    )
+    .await
 }
 
 /// `GET /ws/leaderboard?board=NAME`: `rank.changed` of the followed boards (module docs; the
 /// `board` parameter is optional, boards can also be followed with `subscribe` frames).
 pub async fn leaderboard(
-    State(api): State<ApiState>,
+    State(security): State<Arc<Security>>,
+    State(live): State<Option<Arc<Live>>>,
     headers: HeaderMap,
     query: Result<Query<WsParams>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    open(api, Endpoint::Leaderboard, headers, query, upgrade).await
+    open(
+        security,
+        live,
+        Endpoint::Leaderboard,
+        headers,
+        query,
+        upgrade,
+    )
+    .await
 }
 
 /// 503 `live_unavailable` with `Retry-After: 5`.
@@ -157,7 +174,8 @@ fn token(
 
 /// The handshake checks of the module docs, then the upgrade.
 async fn open(
-    api: ApiState,
+    security: Arc<Security>,
+    live: Option<Arc<Live>>,
     endpoint: Endpoint,
     headers: HeaderMap,
     query: Result<Query<WsParams>, QueryRejection>,
@@ -165,14 +183,14 @@ async fn open(
 ) -> Response {
     let params = query.as_ref().ok().map(|Query(p)| p);
     let (token, principal) = match token(
-        &api.security,
+        &security,
         &headers,
         params.and_then(|p| p.access_token.as_deref()),
     ) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    let Some(live) = api.live.clone() else {
+    let Some(live) = live else {
         return unavailable("live updates are not enabled on this instance");
     };
     let params = match query {
@@ -220,7 +238,7 @@ async fn open(
             .subscribe(registration.id, b, cfg.max_boards.max(1));
     }
     let socket = Socket {
-        security: api.security.clone(),
+        security: security.clone(),
         live,
         endpoint,
         token,

@@ -18,9 +18,9 @@
 //!   timeout, board subscriptions).
 //!
 //! [`Live`] ties them together; the API gets it with
-//! [`ApiState::with_live`](crate::api::ApiState::with_live), which also adds the `live`
+//! `ApiState::with_live` (crate `tektree-services`), which also adds the `live`
 //! consumer ([`Notifier`]) to the app's consumers; `tektree worker` adds the consumer alone
-//! ([`App::with_consumer`](crate::app::App::with_consumer)).
+//! ([`App::with_consumer`](tektree_runtime::app::App::with_consumer)).
 
 pub mod fanout;
 pub mod hub;

@@ -1,8 +1,8 @@
 //! Classification of driver errors and the transaction retry policy, as plain functions.
 //!
-//! Shared by every MongoDB adapter of the workspace: the event store ([`super::MongoStore`])
-//! and the read-model store of `tektree-projections` use these functions and the runner
-//! [`run_transaction`](super::run_transaction) built on them.
+//! Shared by every MongoDB adapter of the workspace: the event store
+//! (`tektree_event_store::mongo::MongoStore`) and the read-model store of `tektree-projections`
+//! use these functions and the runner [`run_transaction`](crate::run_transaction) built on them.
 //!
 //! The decision is a pure function of what the server reported — the error **code**, the error
 //! **labels** and, for duplicate keys, the **message** naming the index — so it is unit-tested
@@ -21,6 +21,12 @@ use mongodb::error::{
     Error, ErrorKind, WriteFailure, TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT,
 };
 
+/// The name of the one unique index whose duplicate key is an optimistic-concurrency conflict
+/// ([`ErrorClass::Conflict`]): the event store's per-aggregate sequence index
+/// (`tektree_event_store::mongo::SEQUENCE_INDEX` is this constant). No read-model collection
+/// has an index of this name.
+pub const CONFLICT_INDEX: &str = "aggregate_sequence";
+
 /// Server error code of a duplicate key on a unique index.
 pub const DUPLICATE_KEY: i32 = 11000;
 
@@ -33,7 +39,7 @@ pub const MAX_RETRY_TIME: Duration = Duration::from_secs(120);
 
 /// What a driver error means for a transaction.
 ///
-/// [`ErrorClass::Conflict`] is specific to the event store's [`super::SEQUENCE_INDEX`]; other
+/// [`ErrorClass::Conflict`] is specific to the event store's [`CONFLICT_INDEX`]; other
 /// stores (the read models) have no index of that name, so for them a duplicate key is
 /// [`ErrorClass::Backend`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +81,7 @@ pub enum Retry {
 /// tell which unique index a duplicate key hit).
 ///
 /// Order: `UnknownTransactionCommitResult` (except with code [`MAX_TIME_MS_EXPIRED`]) before
-/// `TransientTransactionError` before a duplicate key on [`super::SEQUENCE_INDEX`].
+/// `TransientTransactionError` before a duplicate key on [`CONFLICT_INDEX`].
 pub fn classify_parts(code: Option<i32>, labels: &[&str], message: &str) -> ErrorClass {
     if labels.contains(&UNKNOWN_TRANSACTION_COMMIT_RESULT) && code != Some(MAX_TIME_MS_EXPIRED) {
         return ErrorClass::UnknownCommitResult;
@@ -83,7 +89,7 @@ pub fn classify_parts(code: Option<i32>, labels: &[&str], message: &str) -> Erro
     if labels.contains(&TRANSIENT_TRANSACTION_ERROR) {
         return ErrorClass::TransientTransaction;
     }
-    if code == Some(DUPLICATE_KEY) && names_index(message, super::SEQUENCE_INDEX) {
+    if code == Some(DUPLICATE_KEY) && names_index(message, CONFLICT_INDEX) {
         return ErrorClass::Conflict;
     }
     ErrorClass::Backend
@@ -176,7 +182,7 @@ pub fn backoff(attempt: u32, jitter: f64) -> Duration {
 }
 
 /// A jitter value in `[0, 1)` (from a random UUID's bits; no extra dependency).
-pub(crate) fn jitter() -> f64 {
+pub fn jitter() -> f64 {
     let bits = uuid::Uuid::new_v4().as_u128() as u64 >> 11;
     bits as f64 / (1u64 << 53) as f64
 }

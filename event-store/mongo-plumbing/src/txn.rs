@@ -1,6 +1,6 @@
 //! The transaction runner: the driver's documented retry loop, with the decisions taken by the
-//! pure functions of [`super::errors`]. Generic over the error a transaction body aborts with, so
-//! the event store ([`StoreError`](crate::StoreError)) and the read-model store of
+//! pure functions of the errors module. Generic over the error a transaction body aborts with, so
+//! the event store (`tektree_event_store::StoreError`) and the read-model store of
 //! `tektree-projections` share it.
 
 use std::time::Instant;
@@ -9,8 +9,8 @@ use futures::future::BoxFuture;
 use mongodb::options::{ReadConcern, TransactionOptions};
 use mongodb::ClientSession;
 
-use super::client::majority;
-use super::errors::{backoff, classify, jitter, should_retry, ErrorClass, Phase, Retry};
+use crate::client::majority;
+use crate::errors::{backoff, classify, jitter, should_retry, ErrorClass, Phase, Retry};
 
 /// Why a transaction body stopped; `E` is the store's own error type.
 ///
@@ -41,7 +41,7 @@ pub enum RunError<E> {
 /// How long the server may take to commit one transaction (`maxCommitTimeMS`); the majority
 /// write concern has the same `wtimeout` (see `client::majority`). Without a majority the
 /// commit then fails with a retryable "unknown commit result" instead of hanging, and the
-/// runner gives up after [`MAX_RETRY_TIME`](super::errors::MAX_RETRY_TIME).
+/// runner gives up after [`MAX_RETRY_TIME`](crate::errors::MAX_RETRY_TIME).
 pub const COMMIT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The options of every transaction: snapshot reads, majority-acknowledged journaled commits
@@ -57,14 +57,14 @@ pub fn transaction_options() -> TransactionOptions {
 /// Runs `body` in a transaction on `session` and commits it, retrying as the driver documents:
 /// the whole transaction on `TransientTransactionError` (after a jittered backoff), the commit
 /// alone on `UnknownTransactionCommitResult`, for at most
-/// [`MAX_RETRY_TIME`](super::errors::MAX_RETRY_TIME).
+/// [`MAX_RETRY_TIME`](crate::errors::MAX_RETRY_TIME).
 ///
 /// `ctx` is handed to every attempt (the driver's `and_run` pattern: borrowing captured values
 /// through the context keeps the future's lifetime tied to the session's).
 ///
 /// The body returns [`TxError::Abort`] to stop without retrying; that error comes back as
 /// [`RunError::Abort`]. A driver error that is not retried (or still fails after
-/// [`MAX_RETRY_TIME`](super::errors::MAX_RETRY_TIME)) comes back as [`RunError::Failed`] with
+/// [`MAX_RETRY_TIME`](crate::errors::MAX_RETRY_TIME)) comes back as [`RunError::Failed`] with
 /// its class, so the caller can tell, for example, a conflict or an unknown commit result.
 ///
 /// # Errors

@@ -107,11 +107,11 @@ impl CorsOrigins {
                 .allow_headers([
                     header::AUTHORIZATION,
                     header::CONTENT_TYPE,
-                    HeaderName::from_static(super::correlation::CORRELATION_HEADER),
+                    HeaderName::from_static(crate::correlation::CORRELATION_HEADER),
                     HeaderName::from_static("idempotency-key"),
                 ])
                 .expose_headers([
-                    HeaderName::from_static(super::correlation::CORRELATION_HEADER),
+                    HeaderName::from_static(crate::correlation::CORRELATION_HEADER),
                     header::RETRY_AFTER,
                     header::WWW_AUTHENTICATE,
                 ])

@@ -13,7 +13,7 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use super::problem::Problem;
+use crate::problem::Problem;
 
 /// A JSON request body: one JSON object. Rejections: wrong or missing `Content-Type` → 415
 /// `unsupported_media_type`; body over the limit → 413 `payload_too_large`; bytes that are not

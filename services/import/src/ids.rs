@@ -32,7 +32,7 @@ impl EntityKind {
 /// The UUIDv5 (URL namespace) of `stackexchange:{site}:{kind}:{id}`.
 ///
 /// ```
-/// use tektree_services::import::ids::{entity_id, EntityKind};
+/// use tektree_import::ids::{entity_id, EntityKind};
 /// let id = entity_id("history.meta", EntityKind::User, 12);
 /// assert_eq!(
 ///     id,

@@ -7,29 +7,34 @@
 //!    `Content-Length` over it, or a longer (chunked) body, is refused with 413
 //!    `payload_too_large` before the token is looked at;
 //! 2. **authentication**: the bearer token is verified (401 `unauthenticated`);
-//! 3. **rate limit**: the caller's tier comes from the `quota` read model (`rm_tier`) and one request is
-//!    counted against the tier's bucket (429 `rate_limited` with `Retry-After`; issue #4).
+//! 3. **rate limit**: the caller's tier comes from their subscription aggregate
+//!    ([`CommandHandler::tier_of`](tektree_commands::CommandHandler::tier_of), the same source
+//!    as the quota's) and one request is counted against the tier's bucket (429 `rate_limited`
+//!    with `Retry-After`; issue #4).
 //!
 //! The handler then reads the already verified [`Principal`] from the request's extensions.
 
 use std::fmt;
 
 use axum::body::{Body, Bytes};
+use std::sync::Arc;
+
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
+use tektree_runtime::app::App;
 
-use super::auth::Authenticator;
-use super::cors::CorsOrigins;
-use super::identity::Principal;
-use super::problem::Problem;
-use super::ratelimit::{RateLimiter, RateLimits};
-use super::ApiState;
-use super::BODY_LIMIT;
+use crate::auth::Authenticator;
+use crate::cors::CorsOrigins;
+use crate::identity::Principal;
+use crate::problem::Problem;
+use crate::ratelimit::{RateLimiter, RateLimits};
+use crate::BODY_LIMIT;
 
-/// Authentication, rate limits and CORS of one API (held by [`ApiState::security`](super::ApiState)).
+/// Authentication, rate limits and CORS of one API (held by the API's state, `ApiState::security`
+/// of `tektree-services`).
 #[derive(Clone)]
 pub struct Security {
     /// Verifies bearer tokens.
@@ -52,7 +57,7 @@ impl fmt::Debug for Security {
 }
 
 impl Security {
-    /// The library default of [`ApiState::new`]: HS256 with a random secret known only to this
+    /// The library default of `ApiState::new`: HS256 with a random secret known only to this
     /// value ([`Authenticator::ephemeral`]; mint tokens with `state.security.auth.mint(…)`),
     /// issue #4's rate limits in memory, no CORS. The `tektree` binary replaces it from its
     /// options (docs/config.md).
@@ -103,7 +108,12 @@ pub async fn read_body_limited(body: Body, limit: usize) -> Result<Bytes, Proble
 /// Middleware of the command routes: size, then authentication, then rate limit (module
 /// docs). Passes the request on with its body buffered and the [`Principal`] in its
 /// extensions.
-pub async fn command_guard(State(api): State<ApiState>, req: Request, next: Next) -> Response {
+pub async fn command_guard(
+    State(app): State<Arc<App>>,
+    State(security): State<Arc<Security>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let (mut parts, body) = req.into_parts();
     let declared = parts
         .headers
@@ -117,14 +127,13 @@ pub async fn command_guard(State(api): State<ApiState>, req: Request, next: Next
         Ok(b) => b,
         Err(p) => return p.into_response(),
     };
-    let principal = match api.security.auth.authenticate(&parts.headers) {
+    let principal = match security.auth.authenticate(&parts.headers) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    if let Err(p) = api
-        .security
+    if let Err(p) = security
         .rate_limiter
-        .check(&api.app.handler, principal.user)
+        .check(&app.handler, principal.user)
         .await
     {
         return p.into_response();

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::problem::Problem;
+use crate::problem::Problem;
 
 /// Name of the correlation header.
 pub const CORRELATION_HEADER: &str = "x-correlation-id";

@@ -37,7 +37,7 @@ use tektree_commands::CommandHandler;
 use tektree_domain::Tier;
 use uuid::Uuid;
 
-use super::problem::Problem;
+use crate::problem::Problem;
 
 /// Microseconds per minute.
 const MINUTE_US: u64 = 60_000_000;
@@ -349,10 +349,12 @@ impl RedisBackend {
     /// As [`connect`](Self::connect).
     pub async fn with_prefix(url: &str, prefix: &str) -> Result<RedisBackend, RateLimitError> {
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err(RateLimitError::InvalidUrl(crate::config::redact_url(url)));
+            return Err(RateLimitError::InvalidUrl(
+                tektree_runtime::config::redact_url(url),
+            ));
         }
         let client = Client::open(url)
-            .map_err(|_| RateLimitError::InvalidUrl(crate::config::redact_url(url)))?;
+            .map_err(|_| RateLimitError::InvalidUrl(tektree_runtime::config::redact_url(url)))?;
         let backend = RedisBackend {
             client,
             prefix: prefix.to_string(),

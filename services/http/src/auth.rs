@@ -32,8 +32,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::identity::Principal;
-use super::problem::Problem;
+use crate::identity::Principal;
+use crate::problem::Problem;
 
 /// Default `iss` accepted and minted (issue #4 claims contract).
 pub const DEFAULT_ISSUER: &str = "tektree";
@@ -364,7 +364,7 @@ impl Authenticator {
     }
 
     /// HS256 with a fresh [random secret](generate_secret) known only to this process (the
-    /// library default of [`App`](crate::app::App)): tokens can be minted only through this
+    /// library default of [`App`](tektree_runtime::app::App)): tokens can be minted only through this
     /// value, so nobody outside the process can authenticate.
     pub fn ephemeral() -> Self {
         Authenticator::new(AuthConfig::new(JwtKey::Hs256(

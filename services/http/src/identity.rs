@@ -1,7 +1,7 @@
 //! Caller identity, from the verified JWT (issue #4).
 //!
 //! Every extractor here reads `Authorization: Bearer <JWT>` and verifies it with the
-//! application's [`Authenticator`](super::auth::Authenticator) (`ApiState::security`); the
+//! application's [`Authenticator`](crate::auth::Authenticator) (`ApiState::security`); the
 //! result is cached in the request's extensions, so several extractors (and the command guard
 //! of [`security`](super::security)) verify a token once per request. The `X-User-Id` header of
 //! the pre-JWT API is no longer read.
@@ -20,8 +20,8 @@ use axum::http::request::Parts;
 use tektree_domain::Actor;
 use uuid::Uuid;
 
-use super::auth::{AuthError, Role};
-use super::security::Security;
+use crate::auth::{AuthError, Role};
+use crate::security::Security;
 
 /// The authenticated caller: the token's `sub` and its roles (sorted, without duplicates;
 /// `[User]` when the token carries none).

@@ -7,19 +7,19 @@ use mongodb::bson::{doc, Timestamp};
 use mongodb::options::{Acknowledgment, ClientOptions, ReadConcern, WriteConcern};
 use mongodb::{Client, ClientSession, ClusterTime};
 
-use super::errors::code;
-use super::indexes::{check_deployment, Deployment};
+use crate::deployment::{check_deployment, Deployment};
+use crate::errors::code;
 
 /// Server error code `CommandNotFound` (a server before 4.4.2 answering `hello`).
 const COMMAND_NOT_FOUND: i32 = 59;
 
 /// Majority-acknowledged, journaled writes, waiting at most
-/// [`COMMIT_TIME_LIMIT`](super::txn::COMMIT_TIME_LIMIT) for the majority (`wtimeout`).
-pub(crate) fn majority() -> WriteConcern {
+/// [`COMMIT_TIME_LIMIT`](crate::txn::COMMIT_TIME_LIMIT) for the majority (`wtimeout`).
+pub fn majority() -> WriteConcern {
     WriteConcern::builder()
         .w(Acknowledgment::Majority)
         .journal(true)
-        .w_timeout(super::txn::COMMIT_TIME_LIMIT)
+        .w_timeout(crate::txn::COMMIT_TIME_LIMIT)
         .build()
 }
 
