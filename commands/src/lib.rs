@@ -15,6 +15,8 @@
 //! [`DEFAULT_SNAPSHOT_INTERVAL`]) saves a new snapshot after its commit, best effort. See
 //! [`LoadSource`] and the `Snapshots` section of `docs/architecture.md`.
 
+#![deny(missing_docs)]
+
 mod cache;
 mod error;
 mod handler;

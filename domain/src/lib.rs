@@ -15,6 +15,8 @@
 //! - [`Profile`]: one per user id; the gamification profile (XP, level, achievements).
 //! - [`Subscription`]: one per user id; tier, billing and usage metering.
 
+#![deny(missing_docs)]
+
 pub mod actor;
 pub mod aggregates;
 pub mod envelope;
@@ -31,7 +33,7 @@ pub use aggregates::snapshot::SnapshotVersion;
 pub use aggregates::subscription::period_of;
 pub use aggregates::{
     area::{Area, AreaCommand},
-    content::{Content, ContentCommand},
+    content::{normalise_tag, Content, ContentCommand},
     profile::{Profile, ProfileCommand},
     subscription::{Subscription, SubscriptionCommand},
     user::{User, UserCommand},

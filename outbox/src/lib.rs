@@ -17,6 +17,8 @@
 //!   Several consumers of one group may see an aggregate's events interleaved with each other;
 //!   consumers restore per-aggregate order with the sequence guard of the read-model store.
 
+#![deny(missing_docs)]
+
 pub mod binding;
 mod bus;
 #[cfg(any(test, feature = "testkit"))]

@@ -21,24 +21,28 @@ pub enum Projection {
     Quota,
     /// `content`: per question / answer votes, score, answers, comments, accepted answer.
     Content,
+    /// `tags`: questions and answers per tag.
+    Tags,
 }
 
 impl Projection {
     /// Every projection, in the order they are listed, run and reported.
-    pub const ALL: [Projection; 4] = [
+    pub const ALL: [Projection; 5] = [
         Projection::Xp,
         Projection::Leaderboard,
         Projection::Quota,
         Projection::Content,
+        Projection::Tags,
     ];
 
-    /// The name: `xp`, `leaderboard`, `quota` or `content`.
+    /// The name: `xp`, `leaderboard`, `quota`, `content` or `tags`.
     pub const fn name(self) -> &'static str {
         match self {
             Projection::Xp => "xp",
             Projection::Leaderboard => "leaderboard",
             Projection::Quota => "quota",
             Projection::Content => "content",
+            Projection::Tags => "tags",
         }
     }
 
@@ -56,7 +60,7 @@ impl std::fmt::Display for Projection {
 
 /// A name that is not a [`Projection`]'s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown projection {0:?}: expected xp, leaderboard, quota or content")]
+#[error("unknown projection {0:?}: expected xp, leaderboard, quota, content or tags")]
 pub struct UnknownProjection(pub String);
 
 impl std::str::FromStr for Projection {
@@ -137,6 +141,15 @@ pub enum Change {
         /// `YYYY-MM`.
         period: String,
     },
+    /// `tags` read model: add to a tag's counts.
+    Tag {
+        /// The tag (as the content carries it: lower case).
+        tag: String,
+        /// Δ questions.
+        questions: i64,
+        /// Δ answers.
+        answers: i64,
+    },
     /// `quota` read model: the user's current tier.
     Tier {
         /// The user.
@@ -160,6 +173,7 @@ pub fn project(projection: Projection, envelope: &EventEnvelope, event: &Event) 
         Projection::Leaderboard => leaderboard(event),
         Projection::Quota => quota(event),
         Projection::Content => content(event),
+        Projection::Tags => tags(event),
     }
 }
 
@@ -269,6 +283,25 @@ fn quota(event: &Event) -> Vec<Change> {
         }],
         _ => vec![],
     }
+}
+
+/// One [`Change::Tag`] per distinct tag of a posted question (`questions` +1) or a submitted
+/// answer (`answers` +1; an answer carries its question's tags).
+fn tags(event: &Event) -> Vec<Change> {
+    let (tags, questions, answers) = match event {
+        Event::QuestionPosted(e) => (&e.tags, 1, 0),
+        Event::AnswerSubmitted(e) => (&e.tags, 0, 1),
+        _ => return vec![],
+    };
+    let distinct: std::collections::BTreeSet<&String> = tags.iter().collect();
+    distinct
+        .into_iter()
+        .map(|tag| Change::Tag {
+            tag: tag.clone(),
+            questions,
+            answers,
+        })
+        .collect()
 }
 
 fn content(event: &Event) -> Vec<Change> {
@@ -459,6 +492,48 @@ mod tests {
         );
         assert!(project(Projection::Leaderboard, &env, &e).is_empty());
         assert!(project(Projection::Quota, &env, &e).is_empty());
+    }
+
+    #[test]
+    fn tags_count_questions_and_answers_once_per_distinct_tag() {
+        let (q, a) = (Uuid::new_v4(), Uuid::new_v4());
+        let posted = Event::QuestionPosted(QuestionPosted {
+            question_id: q,
+            author_id: None,
+            title: "t".into(),
+            body: String::new(),
+            // Imported or upcast events may repeat a tag: it counts once.
+            tags: vec!["rust".into(), "sqlite".into(), "rust".into()],
+            area_id: None,
+        });
+        let answered = Event::AnswerSubmitted(AnswerSubmitted {
+            answer_id: a,
+            question_id: q,
+            author_id: None,
+            body: "b".into(),
+            tags: vec!["rust".into()],
+            area_id: None,
+        });
+        let tag = |t: &str, questions, answers| Change::Tag {
+            tag: t.into(),
+            questions,
+            answers,
+        };
+        assert_eq!(
+            project(Projection::Tags, &envelope(&posted, q), &posted),
+            vec![tag("rust", 1, 0), tag("sqlite", 1, 0)]
+        );
+        assert_eq!(
+            project(Projection::Tags, &envelope(&answered, a), &answered),
+            vec![tag("rust", 0, 1)]
+        );
+        // Votes, comments and likes do not change a tag's counts.
+        assert!(project(
+            Projection::Tags,
+            &envelope(&posted, q),
+            &vote(true, None, q)
+        )
+        .is_empty());
     }
 
     #[test]
@@ -697,7 +772,8 @@ mod tests {
     #[test]
     fn projections_are_named_and_parsed_by_their_checkpoint_names() {
         let names: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
-        assert_eq!(names, ["xp", "leaderboard", "quota", "content"]);
+        assert_eq!(names, ["xp", "leaderboard", "quota", "content", "tags"]);
+        assert_eq!("tags".parse::<Projection>(), Ok(Projection::Tags));
         assert_eq!("quota".parse::<Projection>(), Ok(Projection::Quota));
         assert_eq!(Projection::Leaderboard.to_string(), "leaderboard");
         for bad in ["policy.gamification", "XP", "", "content "] {

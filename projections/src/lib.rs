@@ -23,6 +23,8 @@
 //! position `≤ p` has been applied (a low-water mark, exact even when workers apply out of
 //! order); `lag = head position − checkpoint`.
 
+#![deny(missing_docs)]
+
 mod changes;
 mod model;
 #[cfg(feature = "mongodb")]
@@ -33,7 +35,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use changes::{project, Change, ContentDelta, Projection, UnknownProjection};
-pub use model::{Checkpoint, ContentRow, LeaderboardRow, QuotaRow, ReadModel, XpRow};
+pub use model::{Checkpoint, ContentRow, LeaderboardRow, QuotaRow, ReadModel, TagRow, XpRow};
 #[cfg(feature = "mongodb")]
 pub use mongo::MongoReadModels;
 pub use sqlite::SqliteReadModels;
@@ -141,6 +143,10 @@ pub trait ReadModelStore: Send + Sync + 'static {
     /// Content row of one question or answer.
     async fn content(&self, content_id: Uuid) -> Result<Option<ContentRow>, ReadModelError>;
 
+    /// The counts of `tag` (exact, as stored: lower case); `None` when no question or answer
+    /// carried it.
+    async fn tag(&self, tag: &str) -> Result<Option<TagRow>, ReadModelError>;
+
     /// Up to `limit` rows of `model` that follow `after` in the model's export order (from the
     /// first row when `after` is `None`), as JSON objects with the HTTP field names (for
     /// `tektree export`).
@@ -157,6 +163,7 @@ pub trait ReadModelStore: Send + Sync + 'static {
     /// | [`ReadModel::Leaderboard`] | `board`, then rank: `xp` descending, `user_id` ascending |
     /// | [`ReadModel::Quota`] | `user_id`, `period` |
     /// | [`ReadModel::Content`] | `content_id` |
+    /// | [`ReadModel::Tags`] | `tag` (bytewise) |
     ///
     /// Ids order as their lower-case hyphenated text (equivalently their bytes, [`Uuid`]'s
     /// `Ord`). Leaderboard ranks start at 1 on each board and continue from the cursor's rank
@@ -182,7 +189,7 @@ pub trait ReadModelStore: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExportPage {
     /// The page's rows in export order, as JSON objects with the HTTP field names (the
-    /// [`XpRow`], [`LeaderboardRow`], [`QuotaRow`] or [`ContentRow`] serialisation); at most
+    /// [`XpRow`], [`LeaderboardRow`], [`QuotaRow`], [`ContentRow`] or [`TagRow`] serialisation); at most
     /// the requested `limit`.
     pub rows: Vec<serde_json::Value>,
     /// The cursor of the last row, to pass as `after` for the next page; `None` when this is
@@ -214,6 +221,8 @@ pub(crate) enum ExportKey {
     Quota { user_id: Uuid, period: String },
     /// `rm_content`: the content.
     Content { content_id: Uuid },
+    /// `rm_tags`: the tag.
+    Tags { tag: String },
 }
 
 impl ExportCursor {
@@ -224,6 +233,7 @@ impl ExportCursor {
             ExportKey::Leaderboard { .. } => ReadModel::Leaderboard,
             ExportKey::Quota { .. } => ReadModel::Quota,
             ExportKey::Content { .. } => ReadModel::Content,
+            ExportKey::Tags { .. } => ReadModel::Tags,
         }
     }
 }
@@ -300,6 +310,11 @@ impl ExportKey {
         ExportKey::Content {
             content_id: r.content_id,
         }
+    }
+
+    /// The key of a tag row.
+    pub(crate) fn tags(r: &TagRow) -> Self {
+        ExportKey::Tags { tag: r.tag.clone() }
     }
 }
 

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tektree_domain::Tier;
 use uuid::Uuid;
 
-/// The four read models.
+/// The read models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadModel {
@@ -17,6 +17,41 @@ pub enum ReadModel {
     Quota,
     /// `content`: [`ContentRow`].
     Content,
+    /// `tags`: [`TagRow`].
+    Tags,
+}
+
+impl ReadModel {
+    /// The fields of the model's rows in output order (the HTTP field names): the columns of
+    /// `tektree export --format csv`. Kept beside the row types, so a new read model is
+    /// described in this one file.
+    pub fn columns(self) -> &'static [&'static str] {
+        match self {
+            ReadModel::Xp => &[
+                "user_id",
+                "xp",
+                "level",
+                "questions",
+                "answers",
+                "accepted_answers",
+            ],
+            ReadModel::Leaderboard => &["board", "rank", "user_id", "xp"],
+            ReadModel::Quota => &["user_id", "period", "tier", "used", "limit", "exceeded"],
+            ReadModel::Content => &[
+                "content_id",
+                "kind",
+                "question_id",
+                "author_id",
+                "score",
+                "upvotes",
+                "downvotes",
+                "answer_count",
+                "comment_count",
+                "accepted_answer_id",
+            ],
+            ReadModel::Tags => &["tag", "questions", "answers"],
+        }
+    }
 }
 
 impl std::str::FromStr for ReadModel {
@@ -27,8 +62,9 @@ impl std::str::FromStr for ReadModel {
             "leaderboard" => Ok(ReadModel::Leaderboard),
             "quota" => Ok(ReadModel::Quota),
             "content" => Ok(ReadModel::Content),
+            "tags" => Ok(ReadModel::Tags),
             _ => Err(format!(
-                "unknown read model {s:?}: expected xp, leaderboard, quota or content"
+                "unknown read model {s:?}: expected xp, leaderboard, quota, content or tags"
             )),
         }
     }
@@ -106,6 +142,17 @@ pub struct ContentRow {
     pub accepted_answer_id: Option<Uuid>,
 }
 
+/// `GET /v1/tags/{tag}`: how much a tag is used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRow {
+    /// The tag, lower case (as questions carry it).
+    pub tag: String,
+    /// Questions posted with the tag.
+    pub questions: u64,
+    /// Answers submitted to questions with the tag.
+    pub answers: u64,
+}
+
 /// A consumer's progress: `GET /v1/projections`, `tektree-replay status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -115,4 +162,84 @@ pub struct Checkpoint {
     pub checkpoint: u64,
     /// Number of events applied.
     pub applied: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CSV columns are the fields of the rows the queries and the JSON export return.
+    #[test]
+    fn columns_are_the_fields_of_each_row() {
+        let id = Uuid::from_u128(1);
+        let rows = [
+            (
+                ReadModel::Xp,
+                serde_json::to_value(XpRow {
+                    user_id: id,
+                    xp: 1,
+                    level: 1,
+                    questions: 0,
+                    answers: 0,
+                    accepted_answers: 0,
+                }),
+            ),
+            (
+                ReadModel::Leaderboard,
+                serde_json::to_value(LeaderboardRow {
+                    board: "all-time".into(),
+                    rank: 1,
+                    user_id: id,
+                    xp: 1,
+                }),
+            ),
+            (
+                ReadModel::Quota,
+                serde_json::to_value(QuotaRow {
+                    user_id: id,
+                    period: "2026-12".into(),
+                    tier: Tier::Free,
+                    used: 0,
+                    limit: None,
+                    exceeded: false,
+                }),
+            ),
+            (
+                ReadModel::Content,
+                serde_json::to_value(ContentRow {
+                    content_id: id,
+                    kind: None,
+                    question_id: None,
+                    author_id: None,
+                    score: 0,
+                    upvotes: 0,
+                    downvotes: 0,
+                    answer_count: 0,
+                    comment_count: 0,
+                    accepted_answer_id: None,
+                }),
+            ),
+            (
+                ReadModel::Tags,
+                serde_json::to_value(TagRow {
+                    tag: "rust".into(),
+                    questions: 0,
+                    answers: 0,
+                }),
+            ),
+        ];
+        for (model, row) in rows {
+            let row = row.unwrap();
+            let mut fields: Vec<&str> = row
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let mut columns = model.columns().to_vec();
+            fields.sort_unstable();
+            columns.sort_unstable();
+            assert_eq!(columns, fields, "{model:?}");
+        }
+    }
 }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::{
     check_consumer, check_export, check_key, export_page, int, ApplyOutcome, Change, Checkpoint,
     ContentDelta, ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow,
-    Projection, QuotaRow, ReadModel, ReadModelError, ReadModelStore, XpRow,
+    Projection, QuotaRow, ReadModel, ReadModelError, ReadModelStore, TagRow, XpRow,
 };
 
 /// How long a statement waits for another connection's lock before failing with
@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS rm_quota (
     limit_units INTEGER NULL,
     exceeded    INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, period)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS rm_tags (
+    tag       TEXT    NOT NULL PRIMARY KEY,
+    questions INTEGER NOT NULL DEFAULT 0,
+    answers   INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS rm_tier (
@@ -140,6 +146,16 @@ const SQL_AHEAD: &str = "SELECT
   + (SELECT COUNT(*) FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
         WHERE board = ?1 AND xp = ?2 AND user_id < ?3)";
 
+/// Tag counts: additive.
+const SQL_TAG: &str = "INSERT INTO rm_tags (tag, questions, answers) VALUES (?1, ?2, ?3)
+    ON CONFLICT (tag) DO UPDATE SET
+        questions = questions + excluded.questions,
+        answers = answers + excluded.answers";
+
+/// Export of `rm_tags` after tag `?1` (`''` from the start), a range of the primary key.
+const SQL_EXPORT_TAGS: &str = "SELECT tag, questions, answers
+    FROM rm_tags WHERE tag > ?1 ORDER BY tag LIMIT ?2";
+
 /// Usage record upsert: `used` is a maximum; tier and limit come from the record that is
 /// greatest in `(used, tier, limit)` order (NULL limit lowest), which makes the upsert
 /// commutative and idempotent.
@@ -209,6 +225,7 @@ const SQL_CONTENT_COLUMNS: &str = "content_id, kind, question_id, author_id, upv
 /// | `rm_content` | `content_id` | `kind`, `question_id`, `author_id`, vote/answer/comment counters, `accepted_answer_id` |
 /// | `rm_quota` | `(user_id, period)` | `tier`, `used`, `limit_units` (`NULL` = unlimited or not known yet), `exceeded` |
 /// | `rm_tier` | `user_id` | current `tier` |
+/// | `rm_tags` | `tag` | `questions`, `answers` |
 /// | `consumer_guard` | `(consumer, aggregate_type, aggregate_id)` | `last_sequence` |
 /// | `consumer_checkpoint` | `consumer` | `checkpoint` (low-water mark), `applied` (count) |
 /// | `consumer_applied` | `(consumer, position)` | positions applied above the checkpoint |
@@ -335,6 +352,14 @@ fn xp_row(row: &Row<'_>) -> rusqlite::Result<XpRow> {
         questions: row.get(2)?,
         answers: row.get(3)?,
         accepted_answers: row.get(4)?,
+    })
+}
+
+fn tag_row(row: &Row<'_>) -> rusqlite::Result<TagRow> {
+    Ok(TagRow {
+        tag: row.get(0)?,
+        questions: row.get(1)?,
+        answers: row.get(2)?,
     })
 }
 
@@ -608,6 +633,13 @@ fn apply_change(tx: &Transaction<'_>, change: &Change) -> Result<(), ReadModelEr
         Change::QuotaExceeded { user_id, period } => tx
             .prepare_cached(SQL_EXCEEDED)
             .and_then(|mut s| s.execute(params![user_id.to_string(), period])),
+        Change::Tag {
+            tag,
+            questions,
+            answers,
+        } => tx
+            .prepare_cached(SQL_TAG)
+            .and_then(|mut s| s.execute(params![tag, questions, answers])),
         Change::Tier { user_id, tier } => tx
             .prepare_cached(SQL_TIER)
             .and_then(|mut s| s.execute(params![user_id.to_string(), tier.as_str()])),
@@ -846,6 +878,17 @@ fn export_page_of(
                 .map_err(backend)?;
             export_page(rows, limit, ExportKey::content)?
         }
+        (ReadModel::Tags, after) => {
+            let tag = match after {
+                Some(ExportKey::Tags { tag }) => tag,
+                _ => String::new(),
+            };
+            let rows = tx
+                .prepare_cached(SQL_EXPORT_TAGS)
+                .and_then(|mut s| s.query_map(params![tag, n], tag_row)?.collect())
+                .map_err(backend)?;
+            export_page(rows, limit, ExportKey::tags)?
+        }
         (ReadModel::Leaderboard, after) => {
             let rows = export_leaderboard(&tx, after, n).map_err(backend)?;
             export_page(rows, limit, ExportKey::leaderboard)?
@@ -936,6 +979,7 @@ impl ReadModelStore for SqliteReadModels {
             Projection::Leaderboard => &["rm_leaderboard"],
             Projection::Quota => &["rm_quota", "rm_tier"],
             Projection::Content => &["rm_content"],
+            Projection::Tags => &["rm_tags"],
         };
         let consumer = projection.to_string();
         self.run(true, move |conn| {
@@ -1095,6 +1139,16 @@ impl ReadModelStore for SqliteReadModels {
         .await
     }
 
+    async fn tag(&self, tag: &str) -> Result<Option<TagRow>, ReadModelError> {
+        let tag = tag.to_string();
+        self.run(false, move |conn| {
+            conn.prepare_cached("SELECT tag, questions, answers FROM rm_tags WHERE tag = ?1")
+                .and_then(|mut s| s.query_row([tag], tag_row).optional())
+                .map_err(backend)
+        })
+        .await
+    }
+
     async fn export(
         &self,
         model: ReadModel,
@@ -1231,7 +1285,9 @@ mod tests {
                 "{t}"
             );
         }
-        assert_eq!(tables.len(), 9);
+        // events, rm_xp, rm_leaderboard, rm_content, rm_quota, rm_tags, rm_tier and the three
+        // consumer_ tables.
+        assert_eq!(tables.len(), 10, "{tables:?}");
     }
 
     #[test]

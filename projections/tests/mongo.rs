@@ -32,12 +32,16 @@ use tektree_projections::{
 use tektree_test_servers::MongoServer;
 use uuid::Uuid;
 
-const MODELS: [ReadModel; 4] = [
+const MODELS: [ReadModel; 5] = [
     ReadModel::Xp,
     ReadModel::Leaderboard,
     ReadModel::Quota,
     ReadModel::Content,
+    ReadModel::Tags,
 ];
+
+/// The tags random changes use, and one no change uses.
+const TAGS: [&str; 4] = ["rust", "c++", "node.js", "unused"];
 
 /// A server for this test: SecantusDB started on a free port, or the deployment named by
 /// `MONGODB_URI`; panics (the suite fails) when there is none.
@@ -143,6 +147,13 @@ impl Pair {
                 "{what}: content({id})"
             );
         }
+        for tag in TAGS {
+            assert_eq!(
+                self.mongo.tag(tag).await.unwrap(),
+                self.sqlite.tag(tag).await.unwrap(),
+                "{what}: tag({tag})"
+            );
+        }
         for board in BOARDS {
             for (limit, offset) in [(3, 0), (3, 2), (100, 0), (0, 0), (2, 50)] {
                 assert_eq!(
@@ -230,7 +241,12 @@ fn random_change(rng: &mut Rng, consumer: &str) -> Change {
             comments: rng.below(2) as i64,
             accepted_answer_id: maybe(rng, content_id(1)),
         }),
-        _ => match rng.below(4) {
+        "tags" => Change::Tag {
+            tag: rng.pick(&TAGS[..3]).to_string(),
+            questions: rng.below(2) as i64,
+            answers: rng.below(3) as i64,
+        },
+        "quota" => match rng.below(4) {
             0 => Change::Tier {
                 user_id: u,
                 tier: rng.pick(&TIERS),
@@ -247,6 +263,7 @@ fn random_change(rng: &mut Rng, consumer: &str) -> Change {
                 limit: (rng.below(3) > 0).then(|| rng.below(3)),
             },
         },
+        other => panic!("no random changes for the consumer {other}"),
     }
 }
 
@@ -504,6 +521,7 @@ async fn exports_are_answered_from_indexes(mongo: &MongoReadModels) {
     for (model, allowed) in [
         (ReadModel::Xp, &[EXPORT_INDEX, "_id_"][..]),
         (ReadModel::Content, &[EXPORT_INDEX, "_id_"][..]),
+        (ReadModel::Tags, &[EXPORT_INDEX, "_id_"][..]),
         (ReadModel::Quota, &["user_period"][..]),
         (ReadModel::Leaderboard, &[RANK_INDEX, "board_user"][..]),
     ] {

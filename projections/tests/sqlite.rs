@@ -19,15 +19,16 @@ use tektree_domain::{
 use tektree_projections::{
     project, ApplyOutcome, Change, Checkpoint, ContentDelta, ContentRow, EventKey, ExportPage,
     LeaderboardRow, Projection, QuotaRow, ReadModel, ReadModelError, ReadModelStore,
-    SqliteReadModels, XpRow,
+    SqliteReadModels, TagRow, XpRow,
 };
 use uuid::Uuid;
 
-const MODELS: [ReadModel; 4] = [
+const MODELS: [ReadModel; 5] = [
     ReadModel::Xp,
     ReadModel::Leaderboard,
     ReadModel::Quota,
     ReadModel::Content,
+    ReadModel::Tags,
 ];
 
 fn open() -> (tempfile::TempDir, SqliteReadModels) {
@@ -1074,6 +1075,7 @@ struct Reference {
     content: BTreeMap<Uuid, ContentRow>,
     tiers: HashMap<Uuid, Tier>,
     quota: BTreeMap<(Uuid, String), QuotaRow>,
+    tags: BTreeMap<String, (u64, u64)>,
 }
 
 impl Reference {
@@ -1174,6 +1176,15 @@ impl Reference {
             Change::Tier { user_id, tier } => {
                 self.tiers.insert(*user_id, *tier);
             }
+            Change::Tag {
+                tag,
+                questions,
+                answers,
+            } => {
+                let r = self.tags.entry(tag.clone()).or_default();
+                r.0 = r.0.checked_add_signed(*questions).unwrap();
+                r.1 = r.1.checked_add_signed(*answers).unwrap();
+            }
         }
     }
 
@@ -1215,6 +1226,11 @@ impl Reference {
             json(self.leaderboard_rows()),
             json(self.quota.values()),
             json(self.content.values()),
+            json(self.tags.iter().map(|(t, r)| TagRow {
+                tag: t.clone(),
+                questions: r.0,
+                answers: r.1,
+            })),
         ]
     }
 }

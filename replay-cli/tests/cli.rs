@@ -35,6 +35,7 @@ async fn exports(app: &App) -> Vec<Vec<serde_json::Value>> {
         ReadModel::Leaderboard,
         ReadModel::Quota,
         ReadModel::Content,
+        ReadModel::Tags,
     ] {
         all.push(app.read_models.export(m, None, 10_000).await.unwrap().rows);
     }
@@ -162,7 +163,8 @@ async fn rebuild_status_and_events_over_a_live_store() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 4);
+    // One line per projection: xp, leaderboard, quota, content, tags.
+    assert_eq!(lines.len(), 5);
     assert!(lines.iter().all(|l| l["events"] == head));
     assert_eq!(exports(&app).await, live);
 

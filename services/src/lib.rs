@@ -8,6 +8,8 @@
 //! [`billing`]), live updates (`tektree-live`, [`live`]) and the Stack Exchange importer
 //! (`tektree-import`, [`import`]).
 
+#![deny(missing_docs)]
+
 pub mod api;
 pub mod config;
 

@@ -191,7 +191,7 @@ enum Command {
         #[arg(long)]
         from: Option<PathBuf>,
     },
-    /// Write a read model (`xp`, `leaderboard`, `quota`, `content`) to stdout or a file.
+    /// Write a read model (`xp`, `leaderboard`, `quota`, `content`, `tags`) to stdout or a file.
     Export {
         /// Read model.
         read_model: ReadModel,

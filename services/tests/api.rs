@@ -396,6 +396,24 @@ async fn happy_path_updates_every_read_model() {
                "comment_count": 0, "accepted_answer_id": null})
     );
 
+    // Tag counts: the question's tags as stored (lower case), the answer counted under each.
+    for tag in ["rust", "Rust", "%20RUST"] {
+        let r = h.get(&format!("/v1/tags/{tag}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{tag}: {}", r.text);
+        assert_eq!(r.json, json!({"tag": "rust", "questions": 1, "answers": 1}));
+    }
+    let r = h.get("/v1/tags/async").await;
+    assert_eq!(
+        r.json,
+        json!({"tag": "async", "questions": 1, "answers": 1})
+    );
+    h.get("/v1/tags/never-used")
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    h.get("/v1/tags/no%20spaces")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "invalid_tag");
+
     // Quota: one metered unit each, in the month of the posts.
     let period = period_of(posted_at);
     for user in [asker, answerer, commenter] {
@@ -437,6 +455,7 @@ async fn happy_path_updates_every_read_model() {
             "leaderboard",
             "quota",
             "content",
+            "tags",
             "policy.gamification",
             "policy.subscription"
         ]

@@ -21,6 +21,7 @@ async fn exports(app: &App) -> Vec<Vec<serde_json::Value>> {
         ReadModel::Leaderboard,
         ReadModel::Quota,
         ReadModel::Content,
+        ReadModel::Tags,
     ] {
         all.push(app.read_models.export(m, None, 100_000).await.unwrap().rows);
     }

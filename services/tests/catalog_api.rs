@@ -48,12 +48,13 @@ const ENTERPRISE: &str = "prod_ent_catalog";
 const FREE_QUOTA: u64 = 3;
 /// A bound against a stuck pipeline, not a speed assertion.
 const SETTLE: Duration = Duration::from_secs(120);
-/// The four read models, by projection name.
-const MODELS: [(&str, ReadModel); 4] = [
+/// The read models, by projection name.
+const MODELS: [(&str, ReadModel); 5] = [
     ("xp", ReadModel::Xp),
     ("leaderboard", ReadModel::Leaderboard),
     ("quota", ReadModel::Quota),
     ("content", ReadModel::Content),
+    ("tags", ReadModel::Tags),
 ];
 const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 

@@ -143,6 +143,7 @@ async fn scenario(bus: &str) {
         ReadModel::Leaderboard,
         ReadModel::Quota,
         ReadModel::Content,
+        ReadModel::Tags,
     ] {
         live.push(app.read_models.export(m, None, 10_000).await.unwrap().rows);
     }
@@ -157,6 +158,7 @@ async fn scenario(bus: &str) {
         ReadModel::Leaderboard,
         ReadModel::Quota,
         ReadModel::Content,
+        ReadModel::Tags,
     ] {
         rebuilt.push(app.read_models.export(m, None, 10_000).await.unwrap().rows);
     }

@@ -564,20 +564,30 @@ fn check_resource(
     Ok(())
 }
 
+/// A tag as content stores it: trimmed, lower case, 1..=35 characters of letters, digits and
+/// `- + # .` (issue #2's tag rule).
+///
+/// # Errors
+/// [`DomainError::Invalid`] naming the rule.
+pub fn normalise_tag(tag: &str) -> Result<String, DomainError> {
+    let t = tag.trim().to_lowercase();
+    let ok = (1..=35).contains(&t.chars().count())
+        && t.chars().all(|c| c.is_alphanumeric() || "-+#.".contains(c));
+    if !ok {
+        return Err(DomainError::Invalid(format!(
+            "tag {t:?} must be 1..=35 characters of letters, digits, - + # ."
+        )));
+    }
+    Ok(t)
+}
+
 fn normalise_tags(tags: Vec<String>) -> Result<Vec<String>, DomainError> {
     if tags.len() > MAX_TAGS {
         return Err(DomainError::Invalid(format!("at most {MAX_TAGS} tags")));
     }
     let mut out: Vec<String> = Vec::with_capacity(tags.len());
     for t in tags {
-        let t = t.trim().to_lowercase();
-        let ok = (1..=35).contains(&t.chars().count())
-            && t.chars().all(|c| c.is_alphanumeric() || "-+#.".contains(c));
-        if !ok {
-            return Err(DomainError::Invalid(format!(
-                "tag {t:?} must be 1..=35 characters of letters, digits, - + # ."
-            )));
-        }
+        let t = normalise_tag(&t)?;
         if !out.contains(&t) {
             out.push(t);
         }

@@ -8,6 +8,8 @@
 //! ([`CausalClock`]), and the value builders both write ([`index_model`], [`uuid_to_bson`]).
 //! Knows neither events nor read models.
 
+#![deny(missing_docs)]
+
 mod client;
 mod deployment;
 mod errors;

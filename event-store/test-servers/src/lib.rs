@@ -9,6 +9,8 @@
 //! A suite that finds no server fails with a message saying how to install one; it never
 //! passes by skipping.
 
+#![deny(missing_docs)]
+
 mod mongo;
 pub mod process;
 pub mod server;

@@ -154,6 +154,11 @@ impl<K: ServerKind> TestServer<K> {
         }
     }
 
+    /// The kind's own state (for a kind's methods on its servers).
+    pub fn kind(&self) -> &K {
+        &self.kind
+    }
+
     /// The port it listens on (`None` for a server named by the environment).
     pub fn port(&self) -> Option<u16> {
         self.port

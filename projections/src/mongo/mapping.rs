@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::{
     check_export, int, Change, ContentDelta, ContentRow, ExportCursor, ExportKey, LeaderboardRow,
-    QuotaRow, ReadModel, ReadModelError, XpRow,
+    QuotaRow, ReadModel, ReadModelError, TagRow, XpRow,
 };
 
 /// `rm_xp`.
@@ -36,6 +36,8 @@ pub const CONTENT: &str = "rm_content";
 pub const QUOTA: &str = "rm_quota";
 /// `rm_tier`.
 pub const TIER: &str = "rm_tier";
+/// `rm_tags` (`_id` is the tag).
+pub const TAGS: &str = "rm_tags";
 /// `consumer_guard`.
 pub const GUARD: &str = "consumer_guard";
 /// `consumer_checkpoint`.
@@ -43,12 +45,13 @@ pub const CHECKPOINT: &str = "consumer_checkpoint";
 /// `consumer_applied`.
 pub const APPLIED: &str = "consumer_applied";
 /// Every collection of the adapter.
-pub const COLLECTIONS: [&str; 8] = [
+pub const COLLECTIONS: [&str; 9] = [
     XP,
     LEADERBOARD,
     CONTENT,
     QUOTA,
     TIER,
+    TAGS,
     GUARD,
     CHECKPOINT,
     APPLIED,
@@ -57,7 +60,7 @@ pub const COLLECTIONS: [&str; 8] = [
 /// Name of the leaderboard ranking index `(board 1, xp -1, user_id 1)`.
 pub const RANK_INDEX: &str = "rank";
 
-/// Name of the `(_id -1)` index of `rm_xp` and `rm_content`, which export pages read (see
+/// Name of the `(_id -1)` index of `rm_xp`, `rm_content` and `rm_tags`, which export pages read (see
 /// [`read_model_indexes`]).
 pub const EXPORT_INDEX: &str = "export";
 
@@ -90,6 +93,7 @@ pub fn read_model_indexes() -> Vec<(&'static str, Vec<IndexModel>)> {
             CONTENT,
             vec![index(doc! { "_id": -1 }, EXPORT_INDEX, false)],
         ),
+        (TAGS, vec![index(doc! { "_id": -1 }, EXPORT_INDEX, false)]),
         (
             LEADERBOARD,
             vec![
@@ -253,6 +257,18 @@ pub fn content_row(doc: &Document) -> Result<ContentRow, ReadModelError> {
     })
 }
 
+/// An `rm_tags` document as its row.
+///
+/// # Errors
+/// [`ReadModelError::Backend`] naming a missing or malformed field.
+pub fn tag_row(doc: &Document) -> Result<TagRow, ReadModelError> {
+    Ok(TagRow {
+        tag: str_at(doc, TAGS, "_id")?.to_string(),
+        questions: u64_at(doc, TAGS, "questions")?,
+        answers: u64_at(doc, TAGS, "answers")?,
+    })
+}
+
 /// An `rm_quota` document as its row.
 ///
 /// # Errors
@@ -343,7 +359,7 @@ fn keep(field: &str, value: Bson) -> Document {
 /// is the user's tier from `rm_tier` (a placeholder row takes it, or `free`).
 ///
 /// Rules (the same as the SQLite adapter's):
-/// - xp, leaderboard: `$inc`;
+/// - xp, leaderboard, tags: `$inc`;
 /// - content: counters add, facts are set only while null (`$ifNull`);
 /// - usage: `used` is a maximum; `tier` and `limit_units` come from the record greatest in
 ///   `(used, tier, limit_units ?? -1)` order; a new row takes the record; `exceeded` is kept;
@@ -371,6 +387,17 @@ pub fn change_upsert(
                 "xp": xp, "questions": questions, "answers": answers,
                 "accepted_answers": accepted_answers,
             } }),
+        },
+        Change::Tag {
+            tag,
+            questions,
+            answers,
+        } => Upsert {
+            collection: TAGS,
+            filter: doc! { "_id": tag.as_str() },
+            update: Update::Modifier(
+                doc! { "$inc": { "questions": questions, "answers": answers } },
+            ),
         },
         Change::Leaderboard { board, user_id, xp } => Upsert {
             collection: LEADERBOARD,
@@ -539,6 +566,10 @@ pub fn export_queries(
             )]
         }
         (ReadModel::Content, _) => vec![q(CONTENT, doc! {}, by_id)],
+        (ReadModel::Tags, Some(ExportKey::Tags { tag })) => {
+            vec![q(TAGS, doc! { "_id": { "$gt": tag } }, by_id)]
+        }
+        (ReadModel::Tags, _) => vec![q(TAGS, doc! {}, by_id)],
         (ReadModel::Quota, Some(ExportKey::Quota { user_id, period })) => vec![
             q(
                 QUOTA,

@@ -58,16 +58,16 @@ use uuid::Uuid;
 
 pub use mapping::{
     ahead_pipelines, change_upsert, content_row, export_queries, leaderboard_row, page_query,
-    quota_row, read_model_indexes, tier_from_str, tier_of, uuid_bson, xp_row, ExportQuery, Update,
-    Upsert, APPLIED, CHECKPOINT, COLLECTIONS, CONTENT, EXPORT_INDEX, GUARD, LEADERBOARD, QUOTA,
-    RANK_INDEX, TIER, XP,
+    quota_row, read_model_indexes, tag_row, tier_from_str, tier_of, uuid_bson, xp_row, ExportQuery,
+    Update, Upsert, APPLIED, CHECKPOINT, COLLECTIONS, CONTENT, EXPORT_INDEX, GUARD, LEADERBOARD,
+    QUOTA, RANK_INDEX, TAGS, TIER, XP,
 };
 pub use plan::{plan_guards, GuardKey, Progress};
 
 use crate::{
     check_consumer, check_export, check_key, export_page, int, ApplyOutcome, Change, Checkpoint,
     ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow, Projection,
-    QuotaRow, ReadModel, ReadModelError, ReadModelStore, XpRow,
+    QuotaRow, ReadModel, ReadModelError, ReadModelStore, TagRow, XpRow,
 };
 use txn::TxError;
 
@@ -496,6 +496,7 @@ impl ReadModelStore for MongoReadModels {
             Projection::Leaderboard => &[LEADERBOARD],
             Projection::Quota => &[QUOTA, TIER],
             Projection::Content => &[CONTENT],
+            Projection::Tags => &[TAGS],
         };
         let consumer = projection.to_string();
         let mut s = self.session().await?;
@@ -656,6 +657,14 @@ impl ReadModelStore for MongoReadModels {
             .transpose()
     }
 
+    async fn tag(&self, tag: &str) -> Result<Option<TagRow>, ReadModelError> {
+        self.find_one(TAGS, doc! { "_id": tag })
+            .await?
+            .as_ref()
+            .map(tag_row)
+            .transpose()
+    }
+
     async fn export(
         &self,
         model: ReadModel,
@@ -672,6 +681,7 @@ impl ReadModelStore for MongoReadModels {
             ReadModel::Content => {
                 export_page(decode(&docs, content_row)?, limit, ExportKey::content)
             }
+            ReadModel::Tags => export_page(decode(&docs, tag_row)?, limit, ExportKey::tags),
             ReadModel::Leaderboard => {
                 export_page(ranked_entries(&docs, key)?, limit, ExportKey::leaderboard)
             }

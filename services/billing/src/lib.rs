@@ -13,6 +13,8 @@
 //! The application holds a [`Billing`] (`App::billing`): disabled by default, when its handlers
 //! answer 503 `billing_unconfigured`. Operator documentation: `docs/billing.md`.
 
+#![deny(missing_docs)]
+
 pub mod breaker;
 pub mod client;
 pub mod config;

@@ -8,6 +8,8 @@
 //! problems ([`extract`]), leaderboard names ([`board`]) and the one way a request runs a
 //! command ([`command`]). The router that assembles them is `tektree_services::api`.
 
+#![deny(missing_docs)]
+
 pub mod auth;
 pub mod board;
 pub mod command;

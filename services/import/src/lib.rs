@@ -15,6 +15,8 @@
 //!
 //! See `docs/import.md` for the mapping, what is skipped or rejected and why, and idempotency.
 
+#![deny(missing_docs)]
+
 use std::path::PathBuf;
 
 pub mod ids;

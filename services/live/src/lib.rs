@@ -22,6 +22,8 @@
 //! consumer ([`Notifier`]) to the app's consumers; `tektree worker` adds the consumer alone
 //! ([`App::with_consumer`](tektree_runtime::app::App::with_consumer)).
 
+#![deny(missing_docs)]
+
 pub mod fanout;
 pub mod hub;
 pub mod message;

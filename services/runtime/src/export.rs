@@ -41,34 +41,6 @@ pub enum ExportError {
     Stuck(String),
 }
 
-/// CSV columns of each read model, in output order (the HTTP field names).
-pub fn columns(model: ReadModel) -> &'static [&'static str] {
-    match model {
-        ReadModel::Xp => &[
-            "user_id",
-            "xp",
-            "level",
-            "questions",
-            "answers",
-            "accepted_answers",
-        ],
-        ReadModel::Leaderboard => &["board", "rank", "user_id", "xp"],
-        ReadModel::Quota => &["user_id", "period", "tier", "used", "limit", "exceeded"],
-        ReadModel::Content => &[
-            "content_id",
-            "kind",
-            "question_id",
-            "author_id",
-            "score",
-            "upvotes",
-            "downvotes",
-            "answer_count",
-            "comment_count",
-            "accepted_answer_id",
-        ],
-    }
-}
-
 fn csv_field(v: Option<&serde_json::Value>) -> String {
     let s = match v {
         None | Some(serde_json::Value::Null) => return String::new(),
@@ -94,7 +66,7 @@ pub async fn export(
     format: Format,
     out: &mut dyn Write,
 ) -> Result<u64, ExportError> {
-    let cols = columns(model);
+    let cols = model.columns();
     if format == Format::Csv {
         writeln!(out, "{}", cols.join(","))?;
     }

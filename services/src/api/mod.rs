@@ -35,6 +35,7 @@
 //! | GET | `/v1/leaderboards/{board}` | [`queries::leaderboard`] |
 //! | GET | `/v1/leaderboards/{board}/users/{id}` | [`queries::rank`] |
 //! | GET | `/v1/content/{id}` | [`queries::content`] |
+//! | GET | `/v1/tags/{tag}` | [`queries::tag`] |
 //! | GET | `/v1/projections` | [`status::projections`] |
 //! | GET | `/healthz` | [`status::healthz`] |
 //! | GET | `/metrics` | [`metrics::metrics`] |
@@ -118,11 +119,7 @@ pub fn router(state: ApiState) -> Router {
             "/v1/users/{id}/achievements",
             get(achievements::user_achievements),
         )
-        .route("/v1/users/{id}/xp", get(queries::user_xp))
-        .route("/v1/users/{id}/quota", get(queries::user_quota))
-        .route("/v1/leaderboards/{board}", get(queries::leaderboard))
-        .route("/v1/leaderboards/{board}/users/{id}", get(queries::rank))
-        .route("/v1/content/{id}", get(queries::content))
+        .merge(queries::routes())
         .route("/v1/projections", get(status::projections))
         .route("/v1/admin/dead-letters", get(admin::dead_letters))
         .route("/v1/admin/dead-letters/{id}/redrive", post(admin::redrive))

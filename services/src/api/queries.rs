@@ -1,22 +1,42 @@
-//! Read-model query endpoints: XP, leaderboards, ranks, quota, content.
+//! Read-model query endpoints: XP, leaderboards, ranks, quota, content, tags.
 //!
 //! Queries read the projections' read models, which trail the event store by each
 //! projection's lag (`GET /v1/projections`). They need no identity.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRef, State};
+use axum::http::StatusCode;
+use axum::routing::get;
 use axum::Json;
+use axum::Router;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use tektree_domain::period_of;
-use tektree_projections::{ContentRow, LeaderboardRow, QuotaRow, XpRow};
+use tektree_domain::{normalise_tag, period_of};
+use tektree_projections::{ContentRow, LeaderboardRow, QuotaRow, TagRow, XpRow};
 use uuid::Uuid;
 
 use super::board::parse_board;
 use super::extract::{ApiPath, ApiQuery};
 use super::problem::Problem;
 use crate::app::App;
+
+/// The read-model queries (the table in `docs/api.md`, "Queries"), merged into the API's
+/// router: open to anyone, read-only, each from the app's read-model store. A new query is a
+/// handler and a line here.
+pub fn routes<S>() -> Router<S>
+where
+    Arc<App>: FromRef<S>,
+    S: Clone + Send + Sync + 'static,
+{
+    Router::new()
+        .route("/v1/users/{id}/xp", get(user_xp))
+        .route("/v1/users/{id}/quota", get(user_quota))
+        .route("/v1/leaderboards/{board}", get(leaderboard))
+        .route("/v1/leaderboards/{board}/users/{id}", get(rank))
+        .route("/v1/content/{id}", get(content))
+        .route("/v1/tags/{tag}", get(tag))
+}
 
 /// Default leaderboard page size.
 pub const DEFAULT_LIMIT: u32 = 20;
@@ -168,6 +188,31 @@ pub async fn content(
         .await?
         .map(Json)
         .ok_or_else(|| Problem::not_found(format!("content {content_id} not found")))
+}
+
+/// `GET /v1/tags/{tag}`: questions and answers with the tag. The tag is compared as content
+/// stores it (trimmed, lower case), so `Rust` finds `rust`.
+///
+/// # Errors
+/// 400 `invalid_tag` for a tag content could not carry, 404 when no question or answer
+/// carried it.
+pub async fn tag(
+    State(app): State<Arc<App>>,
+    ApiPath(tag): ApiPath<String>,
+) -> Result<Json<TagRow>, Problem> {
+    let tag = normalise_tag(&tag).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_tag",
+            "Invalid tag",
+            e.to_string(),
+        )
+    })?;
+    app.read_models
+        .tag(&tag)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no question or answer has the tag {tag:?}")))
 }
 
 #[cfg(test)]

@@ -662,11 +662,12 @@ pub async fn exports(
     Ok(exports)
 }
 
-pub const MODELS: [(&str, ReadModel); 4] = [
+pub const MODELS: [(&str, ReadModel); 5] = [
     ("xp", ReadModel::Xp),
     ("leaderboard", ReadModel::Leaderboard),
     ("quota", ReadModel::Quota),
     ("content", ReadModel::Content),
+    ("tags", ReadModel::Tags),
 ];
 
 pub async fn collect(

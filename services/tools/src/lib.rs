@@ -5,6 +5,8 @@
 //! `docs/reliability.md`). Neither is part of the production build (`cargo build -p
 //! tektree-services` builds the `tektree` binary alone).
 
+#![deny(missing_docs)]
+
 /// Which bus a run or a scenario uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BusKind {

@@ -146,7 +146,7 @@ fn quick_run_prints_one_json_line_per_scenario() {
             "no peers line for {peer}:\n{stdout}"
         );
     }
-    for p in ["xp", "leaderboard", "quota", "content"] {
+    for p in ["xp", "leaderboard", "quota", "content", "tags"] {
         assert!(
             seen.contains(&format!("projection:projection={p}")),
             "{seen:?}"

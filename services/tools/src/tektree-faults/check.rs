@@ -712,7 +712,7 @@ pub async fn check_read_models(
     }
     drop(copy);
     let mut exports = Exports::new();
-    for model in ["xp", "leaderboard", "quota", "content"] {
+    for model in ["xp", "leaderboard", "quota", "content", "tags"] {
         let live = export(tektree, live_url, model)?;
         let rebuilt = export(tektree, copy_url, model)?;
         compare_rows(model, &live, &rebuilt, mismatches);
@@ -727,6 +727,7 @@ fn row_key(model: &str, row: &Value) -> String {
         "xp" => &["user_id"],
         "leaderboard" => &["board", "user_id"],
         "quota" => &["user_id", "period"],
+        "tags" => &["tag"],
         _ => &["content_id"],
     };
     fields

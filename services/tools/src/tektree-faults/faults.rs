@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use tektree_outbox::relay::KILL_AFTER_PUBLISH_ENV;
-use tektree_outbox::test_support::{MongoServer, NatsServer, RedisServer, ServerError, Stop};
+use tektree_outbox::test_support::{
+    restart_nats_empty, MongoServer, NatsServer, RedisServer, ServerError, Stop,
+};
 use tektree_services::worker::KILL_AFTER_APPLY_ENV;
 
 use crate::procs::{Procs, Role};
@@ -272,45 +274,36 @@ pub async fn inject(
         }
         FaultKind::BusWipe => {
             let url = servers.bus.lock().expect("server").url();
-            let what = wipe(&url).await?;
+            let what = if url.starts_with("redis://") {
+                flush_redis(&url).await?
+            } else {
+                let s = servers.bus.clone();
+                tokio::task::spawn_blocking(move || match &mut *s.lock().expect("server") {
+                    Server::Nats(n) => restart_nats_empty(n),
+                    other => Err(ServerError(format!("no NATS server to wipe: {other:?}"))),
+                })
+                .await
+                .context("the wipe task")??;
+                "restarted with its JetStream store deleted (every stream and bucket)".to_string()
+            };
             counts.lock().expect("counts").bus_wipe += 1;
             Ok(line(format!("bus server lost its data: {what}")))
         }
     }
 }
 
-/// Deletes everything the bus server at `url` holds; says what.
-async fn wipe(url: &str) -> Result<String> {
-    if url.starts_with("redis://") {
-        let client = redis::Client::open(url).context("redis url")?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .context("connecting to redis")?;
-        let () = redis::cmd("FLUSHALL")
-            .query_async(&mut conn)
-            .await
-            .context("FLUSHALL")?;
-        return Ok("FLUSHALL".into());
-    }
-    let client = async_nats::connect(url)
+/// `FLUSHALL` on the Redis server at `url`; says what.
+async fn flush_redis(url: &str) -> Result<String> {
+    let client = redis::Client::open(url).context("redis url")?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
         .await
-        .context("connecting to nats")?;
-    let js = async_nats::jetstream::new(client);
-    let mut names = Vec::new();
-    let mut list = js.stream_names();
-    while let Some(name) = futures::TryStreamExt::try_next(&mut list)
+        .context("connecting to redis")?;
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
         .await
-        .context("listing the streams")?
-    {
-        names.push(name);
-    }
-    for name in &names {
-        js.delete_stream(name)
-            .await
-            .with_context(|| format!("deleting the stream {name}"))?;
-    }
-    Ok(format!("streams {} deleted", names.join(", ")))
+        .context("FLUSHALL")?;
+    Ok("FLUSHALL".into())
 }
 
 /// Stops `server` (the bus's or the store's, as `kind` says) with `how`, and returns the

@@ -484,7 +484,7 @@ pub fn check(records: &[Record], live: &Exports, mismatches: &mut Mismatches) ->
     compare(&Expected::from_records(records), live, mismatches)
 }
 
-/// Compares `x` with the `live` exports (`content`, `xp`, `leaderboard`).
+/// Compares `x` with the `live` exports (`content`, `xp`, `tags`, `leaderboard`).
 pub fn compare(x: &Expected, live: &Exports, mismatches: &mut Mismatches) -> Summary {
     for p in &x.problems {
         mismatches.add(CATEGORY, format!("response: {p}"));
@@ -499,6 +499,7 @@ pub fn compare(x: &Expected, live: &Exports, mismatches: &mut Mismatches) -> Sum
         mismatches,
     );
     compare_rows("xp", &xp_rows(x), rows("xp"), key("user_id"), mismatches);
+    compare_rows("tags", &tag_rows(x), rows("tags"), key("tag"), mismatches);
     // Weekly boards are not stated exactly (see the module documentation).
     let boards: Vec<Value> = rows("leaderboard")
         .iter()
@@ -548,6 +549,28 @@ fn content_rows(x: &Expected) -> BTreeMap<String, Value> {
                 "accepted_answer_id": c.accepted_answer_id,
             });
             (id.to_string(), row)
+        })
+        .collect()
+}
+
+/// Expected `tags` rows by tag: per tag of a question, the questions and their answers.
+fn tag_rows(x: &Expected) -> BTreeMap<String, Value> {
+    let mut counts: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for c in x.content.values() {
+        for t in &c.tags {
+            let n = counts.entry(t.as_str()).or_default();
+            match c.kind {
+                "question" => n.0 += 1,
+                "answer" => n.1 += 1,
+                _ => {}
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(t, (questions, answers))| {
+            let row = json!({"tag": t, "questions": questions, "answers": answers});
+            (t.to_string(), row)
         })
         .collect()
 }
@@ -879,11 +902,15 @@ mod tests {
             leaderboard.push(board_row(board, 2, A, 23));
             leaderboard.push(board_row(board, 3, C, 4));
         }
+        // Q1 (rust, sql; "Rust" and "rust" are one tag) has A1 and A2; Q2 (history) has A3.
+        let tag = |t: &str, q: u64, a: u64| json!({"tag": t, "questions": q, "answers": a});
+        let tags = vec![tag("history", 1, 1), tag("rust", 1, 2), tag("sql", 1, 2)];
         Exports::from([
             ("content", content),
             ("xp", xp),
             ("leaderboard", leaderboard),
             ("quota", vec![]),
+            ("tags", tags),
         ])
     }
 

@@ -22,16 +22,22 @@ use crate::rng::Rng;
 use crate::store::{RunStore, StoreSpec};
 use crate::workload::Workload;
 
-/// Worker processes per consumer group: two for the groups with the most work, so that a
-/// group's deliveries are shared (and reclaimed) between processes.
-const WORKERS: &[(&str, usize)] = &[
-    ("xp", 2),
-    ("leaderboard", 1),
-    ("quota", 1),
-    ("content", 2),
-    ("policy.gamification", 2),
-    ("policy.subscription", 1),
-];
+/// Consumer groups with two worker processes (the most work), so that a group's deliveries
+/// are shared (and reclaimed) between processes; every other group has one.
+const BUSY_GROUPS: [&str; 3] = ["xp", "content", "policy.gamification"];
+/// The policies' consumer groups (the projections' come from `Projection::ALL`).
+const POLICY_GROUPS: [&str; 2] = ["policy.gamification", "policy.subscription"];
+
+/// Every consumer group and its number of worker processes: every projection (a new one gets
+/// its worker without a change here) and both policies.
+fn workers() -> Vec<(&'static str, usize)> {
+    tektree_projections::Projection::ALL
+        .iter()
+        .map(|p| p.name())
+        .chain(POLICY_GROUPS)
+        .map(|g| (g, if BUSY_GROUPS.contains(&g) { 2 } else { 1 }))
+        .collect()
+}
 /// Ordinary users and questions of the warm-up.
 const WARM_UP_USERS: usize = 24;
 /// See [`WARM_UP_USERS`].
@@ -262,13 +268,13 @@ pub async fn run(cfg: &RunConfig) -> Result<RunReport> {
     let start_workers =
         |groups: &dyn Fn(&str) -> bool, fail_on: &BTreeMap<String, Vec<String>>| -> Result<()> {
             let mut p = procs.lock().expect("procs");
-            for (group, n) in WORKERS {
+            for (group, n) in workers() {
                 if !groups(group) {
                     continue;
                 }
-                for k in 1..=*n {
+                for k in 1..=n {
                     let mut args = vec!["worker".into(), "--projection".into(), group.to_string()];
-                    if let Some(ids) = fail_on.get(*group) {
+                    if let Some(ids) = fail_on.get(group) {
                         args.push("--fail-on".into());
                         args.push(ids.join(","));
                     }
