@@ -17,8 +17,7 @@
 use std::time::{Duration, Instant};
 
 use tektree_event_store::conformance::{sample_events, SAMPLE_AGGREGATE_TYPE};
-use tektree_event_store::EventLog;
-use tektree_event_store::SqliteStore;
+use tektree_event_store::{EventLog, SqliteStore};
 use uuid::Uuid;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {

@@ -20,8 +20,7 @@ use tektree_event_store::mongo::{
     METRIC_UNSEQUENCED, OUTBOX, OUTBOX_INDEX, PENDING_INDEX, POSITION_INDEX, POSITION_LOG,
     SEQUENCE_INDEX, SNAPSHOTS, SNAPSHOT_KEY_INDEX,
 };
-use tektree_event_store::StoreError;
-use tektree_event_store::{EventLog, OutboxStore};
+use tektree_event_store::{EventLog, OutboxStore, StoreError};
 use tektree_test_servers::MongoServer;
 use uuid::Uuid;
 

@@ -25,10 +25,9 @@ use tektree_domain::{Actor, EventEnvelope};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use tektree_event_store::{SqliteStore, StoreIdentity};
+use tektree_event_store::{EventLog, SqliteStore, StoreIdentity};
 
 use crate::bus::{Bus, Delivery, Subscription, SubscriptionOptions};
-use tektree_event_store::EventLog;
 
 /// `min_idle` used by the reclaim checks.
 pub const SHORT_MIN_IDLE: Duration = Duration::from_millis(200);

@@ -6,8 +6,7 @@
 use std::path::Path;
 
 use tektree_event_store::conformance::{sample_events, SAMPLE_AGGREGATE_TYPE};
-use tektree_event_store::EventLog;
-use tektree_event_store::SqliteStore;
+use tektree_event_store::{EventLog, SqliteStore};
 use tektree_projections::{Projection, SqliteReadModels};
 use tektree_services::replay::{rebuild, ReplayError};
 use uuid::Uuid;

@@ -17,8 +17,7 @@ use tektree_domain::events::{Preferences, UserProfileUpdated};
 use tektree_domain::{
     Actor, EventEnvelope, NoServices, Rules, Subscription, Tier, User, UserCommand,
 };
-use tektree_event_store::SqliteStore;
-use tektree_event_store::{EventLog, OutboxStore};
+use tektree_event_store::{EventLog, OutboxStore, SqliteStore};
 use tektree_outbox::relay::{self, relay_once, RelayConfig};
 use tektree_outbox::{Bus, Delivery, MemoryBus, SubscriptionOptions};
 use tektree_projections::{Projection, ReadModel};

@@ -15,10 +15,9 @@
 //! The handler then reads the already verified [`Principal`] from the request's extensions.
 
 use std::fmt;
-
-use axum::body::{Body, Bytes};
 use std::sync::Arc;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;

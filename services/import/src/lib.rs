@@ -69,4 +69,8 @@ pub enum ImportError {
     /// An internal task failed (panicked or was cancelled).
     #[error("import task failed: {0}")]
     Internal(String),
+    /// Seeding the in-process bus, or waiting for the in-process pipeline to apply the
+    /// imported events ([`App::settle`](tektree_runtime::app::App::settle)), failed.
+    #[error("in-process pipeline: {0}")]
+    Pipeline(#[from] tektree_runtime::app::AppError),
 }

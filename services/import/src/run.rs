@@ -147,26 +147,26 @@ pub async fn import_stackexchange(
 /// consume them.
 ///
 /// # Errors
-/// Import errors ([`ImportError`]), bus/store errors while seeding, or the pipeline not
-/// settling.
+/// Import errors ([`ImportError`]); [`ImportError::Pipeline`] for bus/store errors while
+/// seeding or the pipeline not settling.
 pub async fn run_import_cli(
     app: &App,
     dir: &Path,
     site: Option<&str>,
-) -> anyhow::Result<ImportReport> {
+) -> Result<ImportReport, ImportError> {
     let site = match site {
         Some(s) => s.to_string(),
         None => default_site(dir)?,
     };
     let opts = ImportOptions::default();
     if !app.in_process_bus {
-        return Ok(import_stackexchange(app, dir, &site, opts).await?);
+        return import_stackexchange(app, dir, &site, opts).await;
     }
     app.seed_in_process_bus().await?;
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
     app.spawn_pipeline(stopped, &mut tasks);
-    let result: anyhow::Result<ImportReport> = async {
+    let result: Result<ImportReport, ImportError> = async {
         let report = import_stackexchange(app, dir, &site, opts).await?;
         tracing::info!("waiting for the in-process pipeline to apply the imported events");
         let waited = Instant::now();
@@ -193,12 +193,12 @@ pub async fn import_with_pipeline_running(
     app: &App,
     dir: &Path,
     site: Option<&str>,
-) -> anyhow::Result<ImportReport> {
+) -> Result<ImportReport, ImportError> {
     let site = match site {
         Some(s) => s.to_string(),
         None => default_site(dir)?,
     };
-    Ok(import_stackexchange(app, dir, &site, ImportOptions::default()).await?)
+    import_stackexchange(app, dir, &site, ImportOptions::default()).await
 }
 
 /// The default site name of a dump directory: its last path component.
@@ -385,7 +385,7 @@ async fn run_phase(
     let done = steps
         .map(|item| async move {
             match item? {
-                Step::Send(p) => Ok(Done::Sent(p.kind, send(ctx, &p).await)),
+                Step::Send(p) => Ok::<_, ImportError>(Done::Sent(p.kind, send(ctx, &p).await)),
                 Step::Skip { kind, reason } => Ok(Done::Skipped(kind, reason)),
                 Step::Reject { kind, reason } => Ok(Done::Rejected(kind, reason)),
                 Step::Pass => unreachable!("the reader task drops passed rows"),

@@ -282,7 +282,8 @@ impl App {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut stable_head = None;
         loop {
-            let head = self.store.head().await?;
+            // The highest position only: `head()` also counts the events, a full scan on SQLite.
+            let head = self.store.last_position().await?;
             let backlog = self.store.outbox_backlog().await?;
             let cps = self.read_models.checkpoints().await?;
             let names: Vec<String> = self.consumers().iter().map(|c| c.name().into()).collect();
@@ -290,14 +291,14 @@ impl App {
                 .iter()
                 .filter_map(|n| {
                     let cp = cps.iter().find(|c| &c.name == n).map(|c| c.checkpoint);
-                    (cp.unwrap_or(0) < head.position).then(|| format!("{n}@{}", cp.unwrap_or(0)))
+                    (cp.unwrap_or(0) < head).then(|| format!("{n}@{}", cp.unwrap_or(0)))
                 })
                 .collect();
             if backlog == 0 && behind.is_empty() {
-                if stable_head == Some(head.position) {
+                if stable_head == Some(head) {
                     return Ok(());
                 }
-                stable_head = Some(head.position);
+                stable_head = Some(head);
             } else {
                 stable_head = None;
             }
@@ -306,7 +307,7 @@ impl App {
                     timeout,
                     format!(
                         "head {}, outbox backlog {backlog}, behind: {}",
-                        head.position,
+                        head,
                         behind.join(", ")
                     ),
                 ));

@@ -24,14 +24,13 @@ use std::path::{Path, PathBuf};
 use tektree_domain::Rules;
 use tektree_event_store::mongo::MongoStore;
 use tektree_event_store::sqlite_backup::{self, BackupError, BackupReport};
-use tektree_event_store::{SqliteStore, StoreError, StoreIdentity};
+use tektree_event_store::{EventLog, SqliteStore, StoreError, StoreIdentity};
 use tektree_outbox::{open_bus, BusError};
 use tektree_projections::Projection;
 
 use crate::app::{App, AppError};
 use crate::config::{ConfigError, StoreUrl};
 use crate::replay::{rebuild, ReplayError};
-use tektree_event_store::EventLog;
 
 /// Why a backup or a restore failed.
 #[derive(Debug, thiserror::Error)]
