@@ -22,6 +22,27 @@ pub enum ReadModel {
 }
 
 impl ReadModel {
+    /// Every read model, in the order of [`Projection::ALL`](crate::Projection::ALL) (each is
+    /// the read model of the projection with the same name).
+    pub const ALL: [ReadModel; 5] = [
+        ReadModel::Xp,
+        ReadModel::Leaderboard,
+        ReadModel::Quota,
+        ReadModel::Content,
+        ReadModel::Tags,
+    ];
+
+    /// The name, as `tektree export` takes it: `xp`, `leaderboard`, `quota`, `content`, `tags`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ReadModel::Xp => "xp",
+            ReadModel::Leaderboard => "leaderboard",
+            ReadModel::Quota => "quota",
+            ReadModel::Content => "content",
+            ReadModel::Tags => "tags",
+        }
+    }
+
     /// The fields of the model's rows in output order (the HTTP field names): the columns of
     /// `tektree export --format csv`. Kept beside the row types, so a new read model is
     /// described in this one file.
@@ -57,16 +78,14 @@ impl ReadModel {
 impl std::str::FromStr for ReadModel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "xp" => Ok(ReadModel::Xp),
-            "leaderboard" => Ok(ReadModel::Leaderboard),
-            "quota" => Ok(ReadModel::Quota),
-            "content" => Ok(ReadModel::Content),
-            "tags" => Ok(ReadModel::Tags),
-            _ => Err(format!(
-                "unknown read model {s:?}: expected xp, leaderboard, quota, content or tags"
-            )),
-        }
+        ReadModel::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown read model {s:?}: expected xp, leaderboard, quota, content or tags"
+                )
+            })
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tektree_projections::Projection;
+use tektree_projections::{Projection, ReadModel};
 use tektree_services::app::App;
 use tektree_services::worker::{self, RedriveError};
 use uuid::Uuid;
@@ -712,23 +712,23 @@ pub async fn check_read_models(
     }
     drop(copy);
     let mut exports = Exports::new();
-    for model in ["xp", "leaderboard", "quota", "content", "tags"] {
-        let live = export(tektree, live_url, model)?;
-        let rebuilt = export(tektree, copy_url, model)?;
+    for model in ReadModel::ALL {
+        let live = export(tektree, live_url, model.name())?;
+        let rebuilt = export(tektree, copy_url, model.name())?;
         compare_rows(model, &live, &rebuilt, mismatches);
-        exports.insert(model, live);
+        exports.insert(model.name(), live);
     }
     Ok(exports)
 }
 
 /// The identity of a row: every field that is a key of the model.
-fn row_key(model: &str, row: &Value) -> String {
+fn row_key(model: ReadModel, row: &Value) -> String {
     let fields: &[&str] = match model {
-        "xp" => &["user_id"],
-        "leaderboard" => &["board", "user_id"],
-        "quota" => &["user_id", "period"],
-        "tags" => &["tag"],
-        _ => &["content_id"],
+        ReadModel::Xp => &["user_id"],
+        ReadModel::Leaderboard => &["board", "user_id"],
+        ReadModel::Quota => &["user_id", "period"],
+        ReadModel::Content => &["content_id"],
+        ReadModel::Tags => &["tag"],
     };
     fields
         .iter()
@@ -737,7 +737,8 @@ fn row_key(model: &str, row: &Value) -> String {
         .join("/")
 }
 
-fn compare_rows(model: &str, live: &[Value], rebuilt: &[Value], mismatches: &mut Mismatches) {
+fn compare_rows(model: ReadModel, live: &[Value], rebuilt: &[Value], mismatches: &mut Mismatches) {
+    let name = model.name();
     let live_by: BTreeMap<String, &Value> = live.iter().map(|r| (row_key(model, r), r)).collect();
     let rebuilt_by: BTreeMap<String, &Value> =
         rebuilt.iter().map(|r| (row_key(model, r), r)).collect();
@@ -745,10 +746,10 @@ fn compare_rows(model: &str, live: &[Value], rebuilt: &[Value], mismatches: &mut
         match rebuilt_by.get(k) {
             None => mismatches.add(
                 "read_model",
-                format!("{model} {k}: live row {l} is not in the rebuild"),
+                format!("{name} {k}: live row {l} is not in the rebuild"),
             ),
             Some(r) if r != l => {
-                mismatches.add("read_model", format!("{model} {k}: live {l} ≠ rebuilt {r}"))
+                mismatches.add("read_model", format!("{name} {k}: live {l} ≠ rebuilt {r}"))
             }
             Some(_) => {}
         }
@@ -757,7 +758,7 @@ fn compare_rows(model: &str, live: &[Value], rebuilt: &[Value], mismatches: &mut
         if !live_by.contains_key(k) {
             mismatches.add(
                 "read_model",
-                format!("{model} {k}: rebuilt row {r} is missing from the live read model"),
+                format!("{name} {k}: rebuilt row {r} is missing from the live read model"),
             );
         }
     }
@@ -765,7 +766,7 @@ fn compare_rows(model: &str, live: &[Value], rebuilt: &[Value], mismatches: &mut
         mismatches.add(
             "read_model",
             format!(
-                "{model}: duplicate keys (live {} rows / {} keys, rebuilt {} / {})",
+                "{name}: duplicate keys (live {} rows / {} keys, rebuilt {} / {})",
                 live.len(),
                 live_by.len(),
                 rebuilt.len(),
