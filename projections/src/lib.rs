@@ -29,6 +29,7 @@ mod changes;
 mod model;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
+mod rank_tree;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -131,6 +132,19 @@ pub trait ReadModelStore: Send + Sync + 'static {
         board: &str,
         user_id: Uuid,
     ) -> Result<Option<LeaderboardRow>, ReadModelError>;
+
+    /// "Around me": the `k` entries ranked just above `user_id` on `board`, the user's own
+    /// entry and the `k` just below, in rank order (fewer at either end of the board), read
+    /// from one snapshot; `None` if the user has no entry on the board.
+    ///
+    /// Like [`leaderboard`](Self::leaderboard) and [`rank`](Self::rank), O(log n) in the
+    /// board's size (see the adapters' count trie) plus the rows returned.
+    async fn around(
+        &self,
+        board: &str,
+        user_id: Uuid,
+        k: u32,
+    ) -> Result<Option<Vec<LeaderboardRow>>, ReadModelError>;
 
     /// Quota row of one user for `period` (`YYYY-MM`).
     async fn quota(&self, user_id: Uuid, period: &str) -> Result<Option<QuotaRow>, ReadModelError>;

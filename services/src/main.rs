@@ -50,6 +50,20 @@ struct Cli {
     snapshot_interval: u64,
     #[command(flatten)]
     security: SecurityArgs,
+    /// How long a query sent with `min_position` / `X-Min-Position` waits for its read models
+    /// before answering 503 `stale_read_model` (milliseconds; read-your-writes).
+    #[arg(
+        long,
+        global = true,
+        env = "TEKTREE_READ_WAIT_MS",
+        default_value_t = 1000
+    )]
+    read_wait_ms: u64,
+    /// A consumer with lag > 0 whose checkpoint has not moved for this long is reported
+    /// stalled (`GET /v1/projections`, `/healthz` degraded, metric `tektree_consumer_stalled`).
+    #[arg(long, global = true, env = "TEKTREE_STALL_AFTER_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    stall_after_secs: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -321,7 +335,8 @@ async fn main() -> Result<()> {
     let app = App::open_waiting(&cli.store, &cli.bus, rules, BUS_PATIENCE)
         .await
         .with_context(|| format!("opening store {store_shown} and bus {bus_shown}"))?
-        .with_snapshot_interval(cli.snapshot_interval);
+        .with_snapshot_interval(cli.snapshot_interval)
+        .with_stall_threshold(Duration::from_secs(cli.stall_after_secs));
     // The HTTP API's state (security, live updates, billing) for the processes that serve it.
     // Live updates (docs/live.md): the API instances push to WebSockets, the workers feed them;
     // the fan-out follows the bus (in-process, Redis pub/sub or NATS core).
@@ -330,7 +345,10 @@ async fn main() -> Result<()> {
             let state = ApiState::new(app)
                 .with_security(secure(&options, &cli.store).await?)
                 .with_live(live(&cli.bus).await?)
-                .with_billing(Billing::from_args(billing).context("configuring Polar billing")?);
+                .with_billing(Billing::from_args(billing).context("configuring Polar billing")?)
+                .with_read_wait(api::fresh::ReadWait(Duration::from_millis(
+                    cli.read_wait_ms,
+                )));
             (state.app.as_ref().clone(), Some(state))
         }
         Command::Worker { .. } => {

@@ -346,6 +346,47 @@ async fn happy_path_updates_every_read_model() {
         .get(&format!("/v1/leaderboards/tag:async/users/{answerer}"))
         .await;
     assert_eq!(r.json["rank"], 1);
+    // Around me: the entries above and below, clipped at the board's ends.
+    let row = |rank: u64, user: Uuid, xp: &Value| json!({"board": "all-time", "rank": rank, "user_id": user, "xp": xp});
+    let (xa, xb, xc) = (json!(answerer_xp), json!(asker_xp), json!(commenter_xp));
+    let r = h
+        .get(&format!("/v1/leaderboards/all-time/users/{asker}?around=1"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.json,
+        json!({"board": "all-time", "rank": 2, "user_id": asker, "xp": asker_xp, "around": [
+            row(1, answerer, &xa), row(2, asker, &xb), row(3, commenter, &xc)]})
+    );
+    let r = h
+        .get(&format!(
+            "/v1/leaderboards/all-time/users/{answerer}?around=0"
+        ))
+        .await;
+    assert_eq!(r.json["around"], json!([row(1, answerer, &xa)]));
+    let r = h
+        .get(&format!(
+            "/v1/leaderboards/all-time/users/{commenter}?around=50"
+        ))
+        .await;
+    assert_eq!(
+        r.json["around"],
+        json!([
+            row(1, answerer, &xa),
+            row(2, asker, &xb),
+            row(3, commenter, &xc)
+        ])
+    );
+    for bad in ["51", "-1", "x"] {
+        h.get(&format!(
+            "/v1/leaderboards/all-time/users/{asker}?around={bad}"
+        ))
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "invalid_query");
+    }
+    h.get(&format!("/v1/leaderboards/tag:nope/users/{asker}?around=2"))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
     let r = h
         .get(&format!("/v1/leaderboards/tag:nope/users/{answerer}"))
         .await;

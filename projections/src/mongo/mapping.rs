@@ -45,9 +45,10 @@ pub const CHECKPOINT: &str = "consumer_checkpoint";
 /// `consumer_applied`.
 pub const APPLIED: &str = "consumer_applied";
 /// Every collection of the adapter.
-pub const COLLECTIONS: [&str; 9] = [
+pub const COLLECTIONS: [&str; 10] = [
     XP,
     LEADERBOARD,
+    crate::mongo::TREE,
     CONTENT,
     QUOTA,
     TIER,
@@ -79,9 +80,11 @@ fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
 ///   changes, so an entry is written once per document (MongoDB skips unchanged index keys
 ///   on update);
 /// - `rm_leaderboard`: unique `board_user` `(board, user_id)` (the upsert key) and
-///   [`RANK_INDEX`] `(board 1, xp -1, user_id 1)`: a page is an index scan from
-///   `(board, offset)`, a rank is a count of index keys ahead (no document is fetched), an
-///   export page is up to three ranges of it ([`export_queries`]);
+///   [`RANK_INDEX`] `(board 1, xp -1, user_id 1)`: the count trie's leaves are ranges of it,
+///   a page reads it from the entry the trie finds, an export page is up to three ranges of
+///   it ([`export_queries`]);
+/// - `rm_leaderboard_tree`: unique [`TREE_INDEX`](crate::mongo::TREE_INDEX)
+///   `(board, depth, prefix)`, the trie's nodes (a node's children are one range);
 /// - `rm_quota`: unique `user_period` `(user_id, period)` (upsert key and export order);
 /// - `consumer_guard`: unique `guard_key` `(consumer, aggregate_id, aggregate_type)` (one
 ///   `$in` query reads a batch's guards);
@@ -104,6 +107,14 @@ pub fn read_model_indexes() -> Vec<(&'static str, Vec<IndexModel>)> {
                     false,
                 ),
             ],
+        ),
+        (
+            crate::mongo::TREE,
+            vec![index(
+                doc! { "board": 1, "depth": 1, "prefix": 1 },
+                crate::mongo::TREE_INDEX,
+                true,
+            )],
         ),
         (
             QUOTA,
@@ -485,32 +496,6 @@ pub fn change_upsert(
     })
 }
 
-/// Find arguments `(filter, sort, projection)` of one leaderboard page: an index-covered scan
-/// of [`RANK_INDEX`] (only indexed fields are filtered, sorted on and returned).
-pub fn page_query(board: &str) -> (Document, Document, Document) {
-    (
-        doc! { "board": board },
-        doc! { "board": 1, "xp": -1, "user_id": 1 },
-        doc! { "_id": 0, "user_id": 1, "xp": 1 },
-    )
-}
-
-/// The two pipelines whose counts add up to the entries of `board` ranked ahead of
-/// `(xp, user_id)`: more XP, or equal XP and a smaller user id. Each matches only on
-/// [`RANK_INDEX`] fields and ends in `$count`, so the server counts index keys.
-pub fn ahead_pipelines(board: &str, xp: i64, user_id: Uuid) -> [Vec<Document>; 2] {
-    [
-        vec![
-            doc! { "$match": { "board": board, "xp": { "$gt": xp } } },
-            doc! { "$count": "n" },
-        ],
-        vec![
-            doc! { "$match": { "board": board, "xp": xp, "user_id": { "$lt": uuid_bson(user_id) } } },
-            doc! { "$count": "n" },
-        ],
-    ]
-}
-
 /// One range read of an export page: the arguments of a `find`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExportQuery {
@@ -667,34 +652,6 @@ mod tests {
     /// Field names a filter, sort or projection mentions (top level and inside `$match`).
     fn fields(d: &Document) -> Vec<String> {
         d.keys().filter(|k| !k.starts_with('$')).cloned().collect()
-    }
-
-    #[test]
-    fn pages_and_ranks_only_touch_ranking_index_fields() {
-        let indexed = ["board", "xp", "user_id"];
-        let (filter, sort, projection) = page_query("tag:rust");
-        assert_eq!(
-            sort,
-            doc! { "board": 1, "xp": -1, "user_id": 1 },
-            "the index order"
-        );
-        assert_eq!(
-            projection.get_i32("_id").unwrap(),
-            0,
-            "_id is not in the index"
-        );
-        for f in fields(&filter).iter().chain(&fields(&projection)) {
-            assert!(f == "_id" || indexed.contains(&f.as_str()), "{f}");
-        }
-        for pipeline in ahead_pipelines("tag:rust", 5, Uuid::nil()) {
-            assert_eq!(pipeline.len(), 2);
-            let m = pipeline[0].get_document("$match").unwrap();
-            assert_eq!(m.get_str("board").unwrap(), "tag:rust");
-            for f in fields(m) {
-                assert!(indexed.contains(&f.as_str()), "{f}");
-            }
-            assert!(pipeline[1].contains_key("$count"));
-        }
     }
 
     /// Operator names anywhere in a filter.

@@ -20,8 +20,10 @@
 //! handle's own latest write, so a handle reads its own writes. Reads that take several queries
 //! (rank, an export page of several ranges) run in one read-only snapshot transaction.
 //!
-//! A leaderboard page is a covered scan of the [`RANK_INDEX`] `(board, xp desc, user_id asc)`;
-//! a rank is `1 +` two counts of index keys ahead of the user ([`ahead_pipelines`]). Exports
+//! Ranks, pages at an offset and "around me" descend the leaderboard's count trie
+//! ([`TREE`], see `crate::rank_tree`), kept in the batch transaction beside the entries: a few
+//! range reads of [`TREE_INDEX`] and of the [`RANK_INDEX`] `(board, xp desc, user_id asc)` per
+//! level, O(log n) in the board's size (never a `skip` or a count of index keys). Exports
 //! page by key (keyset), never by `skip`: `_id` = user id (xp), `(board, xp desc, user_id)`
 //! (leaderboard), `(user_id, period)` (quota), `_id` = content id (content); UUIDs are binary,
 //! which sorts like the SQLite adapter's UUID text. A page runs the index ranges of
@@ -43,6 +45,7 @@
 
 mod mapping;
 mod plan;
+mod ranks;
 mod txn;
 
 use std::collections::{BTreeSet, HashMap};
@@ -51,19 +54,21 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::FutureExt;
 use mongodb::bson::{doc, Bson, Document};
-use mongodb::options::{FindOptions, Hint};
+use mongodb::options::FindOptions;
 use mongodb::{Client, ClientSession, Collection, Database};
 use tektree_mongo::{code, connect_client, CausalClock};
 use uuid::Uuid;
 
 pub use mapping::{
-    ahead_pipelines, change_upsert, content_row, export_queries, leaderboard_row, page_query,
-    quota_row, read_model_indexes, tag_row, tier_from_str, tier_of, uuid_bson, xp_row, ExportQuery,
-    Update, Upsert, APPLIED, CHECKPOINT, COLLECTIONS, CONTENT, EXPORT_INDEX, GUARD, LEADERBOARD,
-    QUOTA, RANK_INDEX, TAGS, TIER, XP,
+    change_upsert, content_row, export_queries, leaderboard_row, quota_row, read_model_indexes,
+    tag_row, tier_from_str, tier_of, uuid_bson, xp_row, ExportQuery, Update, Upsert, APPLIED,
+    CHECKPOINT, COLLECTIONS, CONTENT, EXPORT_INDEX, GUARD, LEADERBOARD, QUOTA, RANK_INDEX, TAGS,
+    TIER, XP,
 };
 pub use plan::{plan_guards, GuardKey, Progress};
+pub use ranks::{planned_finds, TREE, TREE_INDEX};
 
+use crate::rank_tree::UpperCounts;
 use crate::{
     check_consumer, check_export, check_key, export_page, int, ApplyOutcome, Change, Checkpoint,
     ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow, Projection,
@@ -111,7 +116,8 @@ impl Inner {
 struct Item {
     key: EventKey,
     /// Each change's upsert; for [`Change::QuotaExceeded`] also the change, whose upsert is
-    /// rebuilt inside the transaction with the user's current tier.
+    /// rebuilt inside the transaction with the user's current tier, and for
+    /// [`Change::Leaderboard`] the change, which also moves the entry in the count trie.
     upserts: Vec<(Upsert, Option<Change>)>,
 }
 
@@ -208,6 +214,7 @@ impl ApplyCtx<'_> {
         };
         let start = progress.checkpoint;
 
+        let mut upper = UpperCounts::default();
         for (item, outcome) in self.items.iter().zip(&outcomes) {
             if *outcome != ApplyOutcome::Applied {
                 continue;
@@ -225,12 +232,17 @@ impl ApplyCtx<'_> {
                             .and_then(tier_of);
                         change_upsert(change, tier).map_err(TxError::Abort)?
                     }
+                    Some(Change::Leaderboard { board, user_id, xp }) => {
+                        ranks::add_xp(inner, s, &mut upper, board, *user_id, *xp).await?;
+                        continue;
+                    }
                     _ => u.clone(),
                 };
                 upsert(inner, s, u).await?;
             }
             progress.record(item.key.position);
         }
+        ranks::flush(inner, s, upper).await?;
         for ((t, id), last) in &changed {
             inner
                 .coll(GUARD)
@@ -319,7 +331,9 @@ fn check_items(
             let upserts = changes
                 .iter()
                 .map(|c| {
-                    let exceeded = matches!(c, Change::QuotaExceeded { .. }).then(|| c.clone());
+                    let exceeded =
+                        matches!(c, Change::QuotaExceeded { .. } | Change::Leaderboard { .. })
+                            .then(|| c.clone());
                     Ok((change_upsert(c, None)?, exceeded))
                 })
                 .collect::<Result<_, ReadModelError>>()?;
@@ -365,13 +379,29 @@ impl MongoReadModels {
                 .await
                 .map_err(|e| backend(&format!("create indexes of {name}"), e))?;
         }
-        Ok(MongoReadModels {
+        let store = MongoReadModels {
             inner: Arc::new(Inner {
                 client,
                 db,
                 clock: CausalClock::default(),
             }),
+        };
+        store.build_rank_tree_if_missing().await?;
+        Ok(store)
+    }
+
+    /// Builds the count trie of every board from `rm_leaderboard` when the trie is empty and
+    /// the boards are not (a database written before the trie existed), in one transaction.
+    async fn build_rank_tree_if_missing(&self) -> Result<(), ReadModelError> {
+        let mut s = self.session().await?;
+        let inner: &Inner = &self.inner;
+        let out = txn::run(&mut s, "build leaderboard rank tree", inner, |s, inner| {
+            let inner: &Inner = inner;
+            async move { ranks::build_if_missing(inner, s).await }.boxed()
         })
+        .await;
+        self.inner.clock.observe(&s);
+        out
     }
 
     /// The database this store uses.
@@ -436,34 +466,6 @@ impl MongoReadModels {
     }
 }
 
-/// Entries of `board` ahead of `(xp, user_id)`, counted on the ranking index.
-async fn count_ahead(
-    inner: &Inner,
-    s: &mut ClientSession,
-    board: &str,
-    xp: i64,
-    user_id: Uuid,
-) -> Result<u64, TxError> {
-    let mut total = 0u64;
-    for pipeline in ahead_pipelines(board, xp, user_id) {
-        let cursor = inner
-            .coll(LEADERBOARD)
-            .aggregate(pipeline)
-            .hint(Hint::Name(RANK_INDEX.to_string()))
-            .session(&mut *s)
-            .await?;
-        for d in collect(cursor, s).await? {
-            let n = match d.get("n") {
-                Some(Bson::Int32(n)) => i64::from(*n),
-                Some(Bson::Int64(n)) => *n,
-                _ => return Err(corrupt("count", d)),
-            };
-            total += n as u64;
-        }
-    }
-    Ok(total)
-}
-
 #[async_trait]
 impl ReadModelStore for MongoReadModels {
     async fn apply(
@@ -493,7 +495,7 @@ impl ReadModelStore for MongoReadModels {
     async fn reset(&self, projection: Projection) -> Result<(), ReadModelError> {
         let collections: &'static [&'static str] = match projection {
             Projection::Xp => &[XP],
-            Projection::Leaderboard => &[LEADERBOARD],
+            Projection::Leaderboard => &[LEADERBOARD, TREE],
             Projection::Quota => &[QUOTA, TIER],
             Projection::Content => &[CONTENT],
             Projection::Tags => &[TAGS],
@@ -574,28 +576,13 @@ impl ReadModelStore for MongoReadModels {
         offset: u64,
     ) -> Result<Vec<LeaderboardRow>, ReadModelError> {
         int(offset, "offset")?;
-        if limit == 0 {
-            // A find limit of 0 means "no limit".
-            return Ok(vec![]);
-        }
-        let (filter, sort, projection) = page_query(board);
-        let docs = self
-            .find(
-                LEADERBOARD,
-                filter,
-                FindOptions::builder()
-                    .sort(sort)
-                    .projection(projection)
-                    .skip(offset)
-                    .limit(i64::from(limit))
-                    .hint(Hint::Name(RANK_INDEX.to_string()))
-                    .build(),
-            )
-            .await?;
-        docs.iter()
-            .enumerate()
-            .map(|(i, d)| leaderboard_row(board, offset + i as u64 + 1, d))
-            .collect()
+        let board = board.to_string();
+        self.read_transaction("leaderboard page", |s, inner| {
+            let inner: &Inner = inner;
+            let board = board.clone();
+            async move { ranks::page(inner, s, &board, limit, offset).await }.boxed()
+        })
+        .await
     }
 
     async fn rank(
@@ -607,25 +594,22 @@ impl ReadModelStore for MongoReadModels {
         self.read_transaction("rank", |s, inner| {
             let inner: &Inner = inner;
             let board = board.clone();
-            async move {
-                let entry = inner
-                    .coll(LEADERBOARD)
-                    .find_one(doc! { "board": &board, "user_id": uuid_bson(user_id) })
-                    .projection(doc! { "_id": 0, "user_id": 1, "xp": 1 })
-                    .session(&mut *s)
-                    .await?;
-                let Some(entry) = entry else {
-                    return Ok(None);
-                };
-                let xp = entry
-                    .get_i64("xp")
-                    .map_err(|e| corrupt("leaderboard entry", e))?;
-                let rank = count_ahead(inner, s, &board, xp, user_id).await? + 1;
-                leaderboard_row(&board, rank, &entry)
-                    .map(Some)
-                    .map_err(TxError::Abort)
-            }
-            .boxed()
+            async move { ranks::rank(inner, s, &board, user_id).await }.boxed()
+        })
+        .await
+    }
+
+    async fn around(
+        &self,
+        board: &str,
+        user_id: Uuid,
+        k: u32,
+    ) -> Result<Option<Vec<LeaderboardRow>>, ReadModelError> {
+        let board = board.to_string();
+        self.read_transaction("around", |s, inner| {
+            let inner: &Inner = inner;
+            let board = board.clone();
+            async move { ranks::around(inner, s, &board, user_id, k).await }.boxed()
         })
         .await
     }

@@ -61,6 +61,12 @@ pub struct CommandResponse {
     pub version: u64,
     /// Events committed by this request; empty for an idempotent repeat.
     pub events: Vec<CommittedEvent>,
+    /// The global position of the last event of `events`; for a repeat that committed nothing,
+    /// the store's last position when it was answered (at or after the earlier request's
+    /// events). Send it back as `?min_position=` or `X-Min-Position` to read your own write
+    /// ([`crate::fresh`]).
+    #[serde(default)]
+    pub position: u64,
     /// Whether this is the stored response of an earlier request with the same
     /// `Idempotency-Key` (sent as the header `Idempotent-Replayed: true`, not in the body).
     #[serde(skip)]
@@ -73,6 +79,7 @@ impl From<Outcome> for CommandResponse {
             aggregate_type: o.aggregate_type.to_string(),
             aggregate_id: o.aggregate_id,
             version: o.version,
+            position: o.events.last().map_or(0, |e| e.position),
             events: o.events.into_iter().map(CommittedEvent::from).collect(),
             replayed: false,
         }
@@ -221,8 +228,12 @@ where
         replayed,
         "command handled"
     );
-    Ok(CommandResponse {
+    let mut response = CommandResponse {
         replayed,
         ..outcome.into()
-    })
+    };
+    if response.events.is_empty() {
+        response.position = app.store.last_position().await?;
+    }
+    Ok(response)
 }

@@ -4,7 +4,7 @@
 //! updates all stand on, with no routes of their own: errors as `application/problem+json`
 //! ([`problem`]), bearer tokens and roles ([`auth`], [`identity`]), the command guard with body
 //! limit and rate limits ([`security`], [`ratelimit`]), CORS ([`cors`]), correlation ids
-//! ([`correlation`]), `Idempotency-Key` ([`idempotency`]), extractors whose rejections are
+//! ([`correlation`]), `Idempotency-Key` ([`idempotency`]), read-your-writes ([`fresh`]), extractors whose rejections are
 //! problems ([`extract`]), leaderboard names ([`board`]) and the one way a request runs a
 //! command ([`command`]). The router that assembles them is `tektree_services::api`.
 
@@ -16,6 +16,7 @@ pub mod command;
 pub mod correlation;
 pub mod cors;
 pub mod extract;
+pub mod fresh;
 pub mod idempotency;
 pub mod identity;
 pub mod problem;

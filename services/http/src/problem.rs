@@ -33,6 +33,10 @@ pub struct Problem {
     pub detail: String,
     /// `Retry-After` in seconds, if the client should retry later.
     pub retry_after: Option<u64>,
+    /// RFC 9457 extension members, serialised beside the standard ones (for example the
+    /// checkpoints of a `stale_read_model` problem); boxed, so that a `Result<_, Problem>`
+    /// stays small.
+    pub extensions: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// The JSON body of a [`Problem`].
@@ -47,6 +51,9 @@ pub struct ProblemBody {
     pub status: u16,
     /// Explanation specific to this occurrence.
     pub detail: String,
+    /// Extension members ([`Problem::extensions`]), at the top level of the object.
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extensions: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Problem {
@@ -63,7 +70,16 @@ impl Problem {
             title: title.into(),
             detail: detail.into(),
             retry_after: None,
+            extensions: None,
         }
+    }
+
+    /// Adds the extension member `name` (one of RFC 9457 §3.2; never a standard member name).
+    pub fn with_extension(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.extensions
+            .get_or_insert_with(Default::default)
+            .insert(name.to_string(), value);
+        self
     }
 
     /// Adds a `Retry-After` header of `seconds`.
@@ -151,6 +167,7 @@ impl Problem {
             title: self.title.clone(),
             status: self.status.as_u16(),
             detail: self.detail.clone(),
+            extensions: self.extensions.as_deref().cloned().unwrap_or_default(),
         }
     }
 }

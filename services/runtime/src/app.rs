@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, StoreUrl};
 use crate::consumer::{self, Consumer};
+use crate::progress::{self, ConsumerProgress, Progress, StallWatch};
 use crate::worker::{self, WorkerConfig};
 
 /// [`open_bus`], retrying transport failures for up to `patience`.
@@ -80,6 +81,8 @@ pub struct App {
     /// Consumers beyond the projections and policies, added by [`App::with_consumer`] (the
     /// `live` feed of the HTTP API's process, for one).
     pub extra_consumers: Vec<Arc<dyn Consumer>>,
+    /// Stall detection's memory ([`crate::progress`]), shared by clones of the app.
+    pub stalls: Arc<StallWatch>,
 }
 
 impl App {
@@ -148,6 +151,7 @@ impl App {
             knowledge,
             rules,
             extra_consumers: Vec::new(),
+            stalls: Arc::new(StallWatch::default()),
         })
     }
 
@@ -167,6 +171,44 @@ impl App {
         self.handler = self.handler.clone().with_snapshot_interval(interval);
         self.knowledge = Arc::new(StoreServices::new(self.handler.clone()));
         self
+    }
+
+    /// This application reporting a consumer as stalled after `threshold` without progress
+    /// while it lags (default [`DEFAULT_STALL_AFTER`](crate::progress::DEFAULT_STALL_AFTER)).
+    pub fn with_stall_threshold(mut self, threshold: Duration) -> App {
+        self.stalls = Arc::new(StallWatch::new(threshold));
+        self
+    }
+
+    /// The store's head and every consumer's checkpoint, lag and stall (observed now, see
+    /// [`crate::progress`]); also sets the consumer gauges. Checkpoints are read before the
+    /// head, so a lag is never negative.
+    ///
+    /// # Errors
+    /// [`AppError::ReadModels`] or [`AppError::Store`] when either cannot be read.
+    pub async fn progress(&self) -> Result<Progress, AppError> {
+        let checkpoints = self.read_models.checkpoints().await?;
+        let head = self.store.last_position().await?;
+        let now = std::time::Instant::now();
+        let consumers = self
+            .consumers()
+            .iter()
+            .map(|c| {
+                let cp = checkpoints.iter().find(|k| k.name == c.name());
+                let checkpoint = cp.map_or(0, |k| k.checkpoint);
+                let lag = head.saturating_sub(checkpoint);
+                ConsumerProgress {
+                    name: c.name().to_string(),
+                    checkpoint,
+                    applied: cp.map_or(0, |k| k.applied),
+                    lag,
+                    stalled_for: self.stalls.observe(c.name(), checkpoint, lag, now),
+                }
+            })
+            .collect();
+        let p = Progress { head, consumers };
+        progress::record_metrics(&p, &self.stalls, now);
+        Ok(p)
     }
 
     /// The policies, by consumer name.

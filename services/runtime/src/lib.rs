@@ -16,6 +16,7 @@ pub mod app;
 pub mod config;
 pub mod consumer;
 pub mod export;
+pub mod progress;
 pub mod replay;
 pub mod restore;
 pub mod worker;

@@ -1,11 +1,15 @@
 //! `GET /metrics`: Prometheus text exposition of every `metrics` counter and histogram of the
 //! process (HTTP requests, commands, consumers, quota refusals).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
 
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::app::App;
 
 /// Media type of the Prometheus text format.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -37,8 +41,12 @@ pub fn render() -> String {
     }
 }
 
-/// `GET /metrics` handler.
-pub async fn metrics() -> Response {
+/// `GET /metrics` handler; observes the consumers' progress first, so the consumer gauges
+/// (`tektree_consumer_lag`, `…_stalled`, `…_seconds_since_progress`) are current.
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    if let Err(e) = app.progress().await {
+        tracing::warn!(error = %e, "consumer progress unavailable for /metrics");
+    }
     let mut resp = render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -59,8 +59,8 @@ pub mod users;
 
 // The building blocks (crate `tektree-http`), under their old paths.
 pub use tektree_http::{
-    auth, board, correlation, cors, extract, idempotency, identity, problem, ratelimit, security,
-    BODY_LIMIT,
+    auth, board, correlation, cors, extract, fresh, idempotency, identity, problem, ratelimit,
+    security, BODY_LIMIT,
 };
 
 use std::future::Future;

@@ -1,7 +1,9 @@
 //! Read-model query endpoints: XP, leaderboards, ranks, quota, content, tags.
 //!
 //! Queries read the projections' read models, which trail the event store by each
-//! projection's lag (`GET /v1/projections`). They need no identity.
+//! projection's lag (`GET /v1/projections`). They need no identity. Each takes [`Fresh`]:
+//! with `?min_position=N` or `X-Min-Position: N` it answers once the projection it reads has
+//! applied position N (read-your-writes, [`tektree_http::fresh`]).
 
 use std::sync::Arc;
 
@@ -13,7 +15,8 @@ use axum::Router;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tektree_domain::{normalise_tag, period_of};
-use tektree_projections::{ContentRow, LeaderboardRow, QuotaRow, TagRow, XpRow};
+use tektree_http::fresh::{Fresh, ReadWait};
+use tektree_projections::{ContentRow, LeaderboardRow, Projection, QuotaRow, TagRow, XpRow};
 use uuid::Uuid;
 
 use super::board::parse_board;
@@ -27,6 +30,7 @@ use crate::app::App;
 pub fn routes<S>() -> Router<S>
 where
     Arc<App>: FromRef<S>,
+    ReadWait: FromRef<S>,
     S: Clone + Send + Sync + 'static,
 {
     Router::new()
@@ -52,6 +56,30 @@ pub struct PageQuery {
     pub limit: Option<u32>,
     /// 0..=[`MAX_OFFSET`], default 0.
     pub offset: Option<u64>,
+}
+
+/// Largest `around` of a rank query (entries above and below the user).
+pub const MAX_AROUND: u32 = 50;
+
+/// `?around=K` of a rank query.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AroundQuery {
+    /// 0..=[`MAX_AROUND`]: also return the K entries above and below the user.
+    pub around: Option<u32>,
+}
+
+/// `GET /v1/leaderboards/{board}/users/{id}` response: the user's entry and, with
+/// `?around=K`, the entries around it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankResponse {
+    /// The user's entry (`board`, `rank`, `user_id`, `xp` at the top level).
+    #[serde(flatten)]
+    pub entry: LeaderboardRow,
+    /// With `?around=K`: the K entries ranked just above the user, the user's own and the K
+    /// just below, in rank order (fewer at the ends of the board), from the same snapshot as
+    /// `entry`. Absent without `around`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub around: Option<Vec<LeaderboardRow>>,
 }
 
 /// `?period=YYYY-MM` of a quota query.
@@ -81,7 +109,9 @@ pub struct LeaderboardPage {
 pub async fn user_xp(
     State(app): State<Arc<App>>,
     ApiPath(user_id): ApiPath<Uuid>,
+    fresh: Fresh,
 ) -> Result<Json<XpRow>, Problem> {
+    fresh.wait(&[Projection::Xp]).await?;
     app.read_models
         .user_xp(user_id)
         .await?
@@ -97,6 +127,7 @@ pub async fn leaderboard(
     State(app): State<Arc<App>>,
     ApiPath(board): ApiPath<String>,
     ApiQuery(page): ApiQuery<PageQuery>,
+    fresh: Fresh,
 ) -> Result<Json<LeaderboardPage>, Problem> {
     let board = parse_board(&board).map_err(Problem::invalid_path)?;
     let limit = page.limit.unwrap_or(DEFAULT_LIMIT);
@@ -111,6 +142,7 @@ pub async fn leaderboard(
             "offset must be 0..={MAX_OFFSET}, got {offset}"
         )));
     }
+    fresh.wait(&[Projection::Leaderboard]).await?;
     let entries = app.read_models.leaderboard(&board, limit, offset).await?;
     Ok(Json(LeaderboardPage {
         board,
@@ -120,20 +152,47 @@ pub async fn leaderboard(
     }))
 }
 
-/// `GET /v1/leaderboards/{board}/users/{id}`.
+/// `GET /v1/leaderboards/{board}/users/{id}?around=K`: the user's rank, and with `around`
+/// the K entries above and below (O(log n) in the board's size, see
+/// [`ReadModelStore::around`](tektree_projections::ReadModelStore::around)).
 ///
 /// # Errors
-/// 400 for an invalid board or id, 404 when the user is not on the board.
+/// 400 for an invalid board or id, or `around` not 0..=[`MAX_AROUND`]; 404 when the user is
+/// not on the board.
 pub async fn rank(
     State(app): State<Arc<App>>,
     ApiPath((board, user_id)): ApiPath<(String, Uuid)>,
-) -> Result<Json<LeaderboardRow>, Problem> {
+    ApiQuery(q): ApiQuery<AroundQuery>,
+    fresh: Fresh,
+) -> Result<Json<RankResponse>, Problem> {
     let board = parse_board(&board).map_err(Problem::invalid_path)?;
-    app.read_models
-        .rank(&board, user_id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| Problem::not_found(format!("user {user_id} is not on board {board}")))
+    if q.around.is_some_and(|k| k > MAX_AROUND) {
+        return Err(Problem::invalid_query(format!(
+            "around must be 0..={MAX_AROUND}, got {}",
+            q.around.unwrap_or_default()
+        )));
+    }
+    fresh.wait(&[Projection::Leaderboard]).await?;
+    let missing = || Problem::not_found(format!("user {user_id} is not on board {board}"));
+    let Some(k) = q.around else {
+        let entry = app.read_models.rank(&board, user_id).await?;
+        let entry = entry.ok_or_else(missing)?;
+        return Ok(Json(RankResponse {
+            entry,
+            around: None,
+        }));
+    };
+    let rows = app.read_models.around(&board, user_id, k).await?;
+    let rows = rows.ok_or_else(missing)?;
+    let entry = rows
+        .iter()
+        .find(|r| r.user_id == user_id)
+        .cloned()
+        .ok_or_else(missing)?;
+    Ok(Json(RankResponse {
+        entry,
+        around: Some(rows),
+    }))
 }
 
 /// Validates `YYYY-MM` (month 01..=12).
@@ -160,6 +219,7 @@ pub async fn user_quota(
     State(app): State<Arc<App>>,
     ApiPath(user_id): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<PeriodQuery>,
+    fresh: Fresh,
 ) -> Result<Json<QuotaRow>, Problem> {
     let period = match q.period {
         Some(p) => {
@@ -168,6 +228,7 @@ pub async fn user_quota(
         }
         None => period_of(Utc::now()),
     };
+    fresh.wait(&[Projection::Quota]).await?;
     app.read_models
         .quota(user_id, &period)
         .await?
@@ -182,7 +243,9 @@ pub async fn user_quota(
 pub async fn content(
     State(app): State<Arc<App>>,
     ApiPath(content_id): ApiPath<Uuid>,
+    fresh: Fresh,
 ) -> Result<Json<ContentRow>, Problem> {
+    fresh.wait(&[Projection::Content]).await?;
     app.read_models
         .content(content_id)
         .await?
@@ -199,6 +262,7 @@ pub async fn content(
 pub async fn tag(
     State(app): State<Arc<App>>,
     ApiPath(tag): ApiPath<String>,
+    fresh: Fresh,
 ) -> Result<Json<TagRow>, Problem> {
     let tag = normalise_tag(&tag).map_err(|e| {
         Problem::new(
@@ -208,6 +272,7 @@ pub async fn tag(
             e.to_string(),
         )
     })?;
+    fresh.wait(&[Projection::Tags]).await?;
     app.read_models
         .tag(&tag)
         .await?

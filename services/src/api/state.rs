@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRef;
 
+use super::fresh::ReadWait;
 use super::security::Security;
 use crate::app::App;
 use crate::billing::Billing;
@@ -26,6 +27,9 @@ pub struct ApiState {
     /// Polar billing (issue #6, [`crate::billing`]): disabled (its endpoints answer 503
     /// `billing_unconfigured`) until [`ApiState::with_billing`].
     pub billing: Billing,
+    /// How long a query with `min_position` waits for its read models ([`ReadWait`], default
+    /// 1 s).
+    pub read_wait: ReadWait,
 }
 
 impl ApiState {
@@ -36,7 +40,14 @@ impl ApiState {
             security: Arc::new(Security::ephemeral()),
             live: None,
             billing: Billing::disabled(),
+            read_wait: ReadWait::default(),
         }
+    }
+
+    /// With queries waiting up to `wait` for a `min_position` (read-your-writes).
+    pub fn with_read_wait(mut self, wait: ReadWait) -> ApiState {
+        self.read_wait = wait;
+        self
     }
 
     /// With the API secured by `security`.
@@ -66,6 +77,12 @@ impl ApiState {
 impl FromRef<ApiState> for Arc<App> {
     fn from_ref(state: &ApiState) -> Self {
         state.app.clone()
+    }
+}
+
+impl FromRef<ApiState> for ReadWait {
+    fn from_ref(state: &ApiState) -> Self {
+        state.read_wait
     }
 }
 

@@ -101,6 +101,18 @@ fn quick_run_prints_one_json_line_per_scenario() {
             .unwrap_or_default();
         seen.insert(format!("{s}:{what}"));
     }
+    // Around-me and the Redis sorted-set peer of the rank queries are measured.
+    for q in [
+        "around_me",
+        "redis_zrevrank",
+        "redis_zrevrange_deep",
+        "redis_around",
+    ] {
+        assert!(
+            seen.contains(&format!("queries:query={q}")),
+            "no {q} line in:\n{stdout}"
+        );
+    }
     // The MongoDB rows are measured, never skipped, and name their server.
     for s in ["append_mongodb", "relay_mongodb", "projection_mongodb"] {
         let measured: Vec<&Value> = lines

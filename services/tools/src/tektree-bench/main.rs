@@ -271,6 +271,63 @@ impl Out {
     }
 }
 
+/// Scenario `queries`: our read-model queries on a populated file, then the Redis sorted-set
+/// peer on the same board (`--redis` or a throwaway server) and the ratio of each pair.
+async fn scenario_queries(out: &mut Out, cli: &Cli, sizes: &Sizes, dir: &Path) -> Result<()> {
+    let p = queries::populate(&dir.join("queries.db"), sizes.users, cli.seed).await?;
+    let mut rng = rng::Rng::new(cli.seed ^ 0x5EED);
+    for q in queries::QUERIES {
+        let mut runs = Vec::new();
+        for _ in 0..sizes.runs {
+            runs.push(queries::run_once(&p, q, sizes.query_iterations, &mut rng).await?);
+        }
+        let target = !matches!(q, "user_xp" | "content_stats");
+        query_metric(out, q, sizes.users, runs, target);
+    }
+    let mut servers = Vec::new();
+    let url = server_url(cli.redis.as_deref(), BusKind::Redis, &mut servers)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut board = queries::redis_board(&url, &p).await?;
+    for (ours, peer) in queries::PEER_QUERIES {
+        let mut runs = Vec::new();
+        for _ in 0..sizes.runs {
+            runs.push(
+                board
+                    .run_once(peer, sizes.query_iterations, &mut rng)
+                    .await?,
+            );
+        }
+        query_metric(out, peer, sizes.users, runs, false);
+        out.ratio(&format!("query_{ours}"), &format!("query_{peer}"), None);
+    }
+    board.remove().await?;
+    drop(p);
+    corpus::remove_db(&dir.join("queries.db"));
+    Ok(())
+}
+
+/// One `queries` line from the runs `(seconds, latencies)` of query `q`; `target`: the
+/// issue's p99 ≤ 2 ms applies.
+fn query_metric(out: &mut Out, q: &str, users: u64, runs: Vec<(f64, Latencies)>, target: bool) {
+    let mut rates = Vec::new();
+    let mut lat = Latencies::default();
+    let mut n = 0;
+    for (secs, l) in runs {
+        rates.push(rate(l.len() as u64, secs));
+        n = l.len();
+        lat.extend(l);
+    }
+    let mut base = with_latencies(
+        json!({"scenario": "queries", "query": q, "users": users, "unit": "queries/s", "n": n}),
+        &lat,
+    );
+    if target {
+        base["target_p99_us"] = json!(2000);
+    }
+    out.metric(&format!("query_{q}"), base, &rates);
+}
+
 /// Adds the latency percentiles of `lat` to `v`.
 fn with_latencies(mut v: Value, lat: &Latencies) -> Value {
     let (p50, p99) = lat.p50_p99();
@@ -899,36 +956,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
         }
     }
     if want("queries") {
-        let result: Result<()> = async {
-            let p = queries::populate(&dir.join("queries.db"), sizes.users, cli.seed).await?;
-            let mut rng = rng::Rng::new(cli.seed ^ 0x5EED);
-            for q in queries::QUERIES {
-                let mut rates = Vec::new();
-                let mut lat = Latencies::default();
-                let mut n = 0;
-                for _ in 0..sizes.runs {
-                    let (secs, l) =
-                        queries::run_once(&p, q, sizes.query_iterations, &mut rng).await?;
-                    rates.push(rate(l.len() as u64, secs));
-                    n = l.len();
-                    lat.extend(l);
-                }
-                let mut base = with_latencies(
-                    json!({"scenario": "queries", "query": q, "users": sizes.users,
-                        "unit": "queries/s", "n": n}),
-                    &lat,
-                );
-                if q != "user_xp" && q != "content_stats" {
-                    base["target_p99_us"] = json!(2000);
-                }
-                out.metric(&format!("query_{q}"), base, &rates);
-            }
-            drop(p);
-            corpus::remove_db(&dir.join("queries.db"));
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
+        if let Err(e) = scenario_queries(&mut out, &cli, &sizes, &dir).await {
             out.error("queries", &e);
         }
     }

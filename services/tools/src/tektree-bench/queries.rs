@@ -1,8 +1,15 @@
 //! Scenario 5, **queries**: the read-model queries behind `GET /v1/leaderboards/…`,
-//! `GET /v1/users/{id}/rank` and `GET /v1/content/{id}` against a SQLite read-model file
-//! holding `users` users on the `all-time` board (with their XP rows) and `users / 2` content
-//! rows, filled through `ReadModelStore::apply` (the projections' write path) in transactions
-//! of 5,000 changes.
+//! `GET /v1/leaderboards/{board}/users/{id}[?around=K]` and `GET /v1/content/{id}` against a
+//! SQLite read-model file holding `users` users on the `all-time` board (with their XP rows)
+//! and `users / 2` content rows, filled through `ReadModelStore::apply` (the projections' write
+//! path, count trie included) in transactions of 5,000 changes.
+//!
+//! The peer: the same board as a Redis sorted set (score = XP), `ZREVRANK` of a random user
+//! and `ZREVRANGE` of 20 at a random offset and around a random user (its `ZREVRANK`, then
+//! `ZREVRANGE rank−10 rank+10`, two round trips as a client would send them). Redis orders
+//! equal scores by member bytes descending, the board by user id ascending: the work is the
+//! same, the order of ties differs. Each Redis query is a loopback round trip; ours are calls
+//! into the SQLite file in the same process.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,13 +22,24 @@ use crate::rng::Rng;
 use crate::stats::Latencies;
 
 /// The queries measured, by name.
-pub const QUERIES: [&str; 5] = [
+pub const QUERIES: [&str; 6] = [
     "leaderboard_top_page",
     "leaderboard_deep_page",
     "rank_of_user",
+    "around_me",
     "user_xp",
     "content_stats",
 ];
+
+/// The peer's queries (Redis sorted set), by name: `(ours, peer)` pairs for the ratio lines.
+pub const PEER_QUERIES: [(&str, &str); 3] = [
+    ("leaderboard_deep_page", "redis_zrevrange_deep"),
+    ("rank_of_user", "redis_zrevrank"),
+    ("around_me", "redis_around"),
+];
+
+/// "Around me" width of the measured query: 10 above, 10 below.
+const AROUND: u32 = 10;
 
 /// A populated read-model file.
 pub struct Populated {
@@ -29,6 +47,8 @@ pub struct Populated {
     pub rm: SqliteReadModels,
     /// The users on the board.
     pub users: Vec<Uuid>,
+    /// Their XP, in the order of `users`.
+    pub xp: Vec<i64>,
     /// The content rows.
     pub content: Vec<Uuid>,
 }
@@ -51,6 +71,7 @@ pub async fn populate(path: &Path, users: u64, seed: u64) -> Result<Populated> {
     let rm = SqliteReadModels::open(path)?;
     let mut rng = Rng::new(seed);
     let ids: Vec<Uuid> = (0..users).map(|_| rng.uuid()).collect();
+    let mut all_xp = Vec::with_capacity(ids.len());
     let content: Vec<Uuid> = (0..users.div_ceil(2)).map(|_| rng.uuid()).collect();
     for (c, chunk) in ids.chunks(5000).enumerate() {
         let base = (c * 5000) as u64;
@@ -60,6 +81,7 @@ pub async fn populate(path: &Path, users: u64, seed: u64) -> Result<Populated> {
             // Skewed like a real board: most users have little XP, a few very much.
             let r = rng.below(10_000) as i64;
             let points = r * r / 1000;
+            all_xp.push(points);
             let k = key("profile", user_id, base + i as u64 + 1);
             board.push((
                 k.clone(),
@@ -110,6 +132,7 @@ pub async fn populate(path: &Path, users: u64, seed: u64) -> Result<Populated> {
     Ok(Populated {
         rm,
         users: ids,
+        xp: all_xp,
         content,
     })
 }
@@ -149,6 +172,10 @@ pub async fn run_once(
                 let u = p.users[rng.index(p.users.len())];
                 p.rm.rank("all-time", u).await?;
             }
+            "around_me" => {
+                let u = p.users[rng.index(p.users.len())];
+                p.rm.around("all-time", u, AROUND).await?;
+            }
             "user_xp" => {
                 let u = p.users[rng.index(p.users.len())];
                 p.rm.user_xp(u).await?;
@@ -161,4 +188,109 @@ pub async fn run_once(
         lat.push(t.elapsed());
     }
     Ok((started.elapsed().as_secs_f64(), lat))
+}
+
+/// The board of a [`Populated`] file as a Redis sorted set.
+pub struct RedisBoard {
+    conn: redis::aio::MultiplexedConnection,
+    key: String,
+    users: Vec<Uuid>,
+}
+
+/// Loads `p`'s board into a fresh sorted set at `url` (pipelines of 5,000 `ZADD`s).
+///
+/// # Errors
+/// Redis errors.
+pub async fn redis_board(url: &str, p: &Populated) -> Result<RedisBoard> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let key = format!(
+        "tektree-bench:board:{}",
+        tektree_outbox::test_support::unique_stream_key()
+    );
+    for (ids, xp) in p.users.chunks(5000).zip(p.xp.chunks(5000)) {
+        let mut pipe = redis::pipe();
+        for (id, xp) in ids.iter().zip(xp) {
+            pipe.zadd(&key, id.to_string(), *xp).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+    }
+    Ok(RedisBoard {
+        conn,
+        key,
+        users: p.users.clone(),
+    })
+}
+
+impl RedisBoard {
+    /// Runs `iterations` of peer query `name` as [`run_once`] does; `(seconds, latencies)`.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn run_once(
+        &mut self,
+        name: &str,
+        iterations: usize,
+        rng: &mut Rng,
+    ) -> Result<(f64, Latencies)> {
+        let mut lat = Latencies::default();
+        let started = Instant::now();
+        let n = self.users.len();
+        for i in 0..iterations {
+            if i >= MIN_ITERATIONS && started.elapsed() >= TIME_CAP {
+                break;
+            }
+            let user = self.users[rng.index(n)].to_string();
+            let offset = rng.below(n as u64) as isize;
+            let t = Instant::now();
+            match name {
+                "redis_zrevrank" => {
+                    let _: Option<i64> = redis::cmd("ZREVRANK")
+                        .arg(&self.key)
+                        .arg(&user)
+                        .query_async(&mut self.conn)
+                        .await?;
+                }
+                "redis_zrevrange_deep" => {
+                    let _: Vec<(String, i64)> = redis::cmd("ZREVRANGE")
+                        .arg(&self.key)
+                        .arg(offset)
+                        .arg(offset + 19)
+                        .arg("WITHSCORES")
+                        .query_async(&mut self.conn)
+                        .await?;
+                }
+                _ => {
+                    let rank: Option<isize> = redis::cmd("ZREVRANK")
+                        .arg(&self.key)
+                        .arg(&user)
+                        .query_async(&mut self.conn)
+                        .await?;
+                    let r = rank.unwrap_or_default();
+                    let k = AROUND as isize;
+                    let _: Vec<(String, i64)> = redis::cmd("ZREVRANGE")
+                        .arg(&self.key)
+                        .arg((r - k).max(0))
+                        .arg(r + k)
+                        .arg("WITHSCORES")
+                        .query_async(&mut self.conn)
+                        .await?;
+                }
+            }
+            lat.push(t.elapsed());
+        }
+        Ok((started.elapsed().as_secs_f64(), lat))
+    }
+
+    /// Deletes the sorted set.
+    ///
+    /// # Errors
+    /// Redis errors.
+    pub async fn remove(mut self) -> Result<()> {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&self.key)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(())
+    }
 }

@@ -14,6 +14,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use tektree_domain::{level_for_xp, Tier};
 use uuid::Uuid;
 
+mod ranks;
+
+use crate::rank_tree::UpperCounts;
 use crate::{
     check_consumer, check_export, check_key, export_page, int, ApplyOutcome, Change, Checkpoint,
     ContentDelta, ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow,
@@ -98,10 +101,6 @@ CREATE TABLE IF NOT EXISTS consumer_applied (
 ) WITHOUT ROWID;
 ";
 
-/// One page of a board, best first, from the ranking index.
-const SQL_PAGE: &str = "SELECT user_id, xp FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
-    WHERE board = ?1 ORDER BY xp DESC, user_id ASC LIMIT ?2 OFFSET ?3";
-
 /// Export of the leaderboard from its first entry: boards in name order, each in rank order,
 /// from the ranking index.
 const SQL_EXPORT_BOARDS: &str = "SELECT board, user_id, xp
@@ -138,13 +137,6 @@ const SQL_EXPORT_XP: &str = "SELECT user_id, xp, questions, answers, accepted_an
 /// range of the primary key.
 const SQL_EXPORT_QUOTA: &str = "SELECT user_id, period, tier, used, limit_units, exceeded
     FROM rm_quota WHERE (user_id, period) > (?1, ?2) ORDER BY user_id, period LIMIT ?3";
-
-/// Entries of a board ahead of `(xp, user_id)`, counted on the ranking index (two range scans).
-const SQL_AHEAD: &str = "SELECT
-    (SELECT COUNT(*) FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
-        WHERE board = ?1 AND xp > ?2)
-  + (SELECT COUNT(*) FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
-        WHERE board = ?1 AND xp = ?2 AND user_id < ?3)";
 
 /// Tag counts: additive.
 const SQL_TAG: &str = "INSERT INTO rm_tags (tag, questions, answers) VALUES (?1, ?2, ?3)
@@ -200,9 +192,6 @@ const SQL_XP: &str = "INSERT INTO rm_xp (user_id, xp, questions, answers, accept
         answers = answers + excluded.answers,
         accepted_answers = accepted_answers + excluded.accepted_answers";
 
-const SQL_LEADERBOARD: &str = "INSERT INTO rm_leaderboard (board, user_id, xp) VALUES (?1, ?2, ?3)
-    ON CONFLICT (board, user_id) DO UPDATE SET xp = xp + excluded.xp";
-
 const SQL_TIER: &str = "INSERT INTO rm_tier (user_id, tier) VALUES (?1, ?2)
     ON CONFLICT (user_id) DO UPDATE SET tier = excluded.tier";
 
@@ -222,6 +211,7 @@ const SQL_CONTENT_COLUMNS: &str = "content_id, kind, question_id, author_id, upv
 /// |---|---|---|
 /// | `rm_xp` | `user_id` | `xp`, `questions`, `answers`, `accepted_answers` |
 /// | `rm_leaderboard` | `(board, user_id)` | `xp`; index `(board, xp DESC, user_id ASC)` |
+/// | `rm_leaderboard_tree` | `(board, depth, prefix)` | the boards' count trie: `n` entries under the rank-key prefix, `split` |
 /// | `rm_content` | `content_id` | `kind`, `question_id`, `author_id`, vote/answer/comment counters, `accepted_answer_id` |
 /// | `rm_quota` | `(user_id, period)` | `tier`, `used`, `limit_units` (`NULL` = unlimited or not known yet), `exceeded` |
 /// | `rm_tier` | `user_id` | current `tier` |
@@ -261,9 +251,13 @@ const SQL_CONTENT_COLUMNS: &str = "content_id, kind, question_id, author_id, upv
 /// whether the usage or the exceeded event came first.
 ///
 /// ## Queries
-/// - A leaderboard page reads the ranking index from `(board, offset)`; a user's rank is
-///   `1 +` the entries of the board ahead of them (more XP, or equal XP and a smaller user
-///   id), counted with two range scans of the same index, never a scan of other boards.
+/// - A user's rank, a leaderboard page at any offset and "around me" descend the board's
+///   **count trie** (`rm_leaderboard_tree`, written in the same transaction as the entries;
+///   see `rank_tree` in this crate's source): per level one primary-key range of at most 255
+///   sibling counts, then one range of at most 65 entries of the ranking index; a page then
+///   reads the ranking index from the entry found. O(log n) in the board's size: nothing is
+///   counted or skipped entry by entry. A file written before the trie existed gets its trie
+///   built when it is opened.
 /// - [`ReadModelStore::quota`] returns `None` when the user has no row for the period, even if
 ///   `rm_tier` knows their tier (the caller can derive an empty period from its rules).
 /// - [`ReadModelStore::export`] pages by key (keyset), never by offset: a page is
@@ -412,6 +406,13 @@ fn open_connections(path: &Path) -> rusqlite::Result<(Connection, Connection)> {
     let mut writer = connect(path)?;
     let tx = writer.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(SCHEMA)?;
+    tx.execute_batch(ranks::SCHEMA)?;
+    ranks::build_if_missing(&tx).map_err(|e| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(e.to_string()),
+        )
+    })?;
     tx.commit()?;
     let reader = connect(path)?;
     Ok((writer, reader))
@@ -585,9 +586,12 @@ fn apply_change(tx: &Transaction<'_>, change: &Change) -> Result<(), ReadModelEr
                 accepted_answers
             ])
         }),
-        Change::Leaderboard { board, user_id, xp } => tx
-            .prepare_cached(SQL_LEADERBOARD)
-            .and_then(|mut s| s.execute(params![board, user_id.to_string(), xp])),
+        Change::Leaderboard { board, user_id, xp } => {
+            // Summed by `Sums` in a batch; alone, it still moves the entry in the count trie.
+            let mut upper = UpperCounts::default();
+            ranks::add_xp(tx, &mut upper, board, *user_id, *xp)?;
+            return ranks::flush(tx, upper);
+        }
         Change::Content(ContentDelta {
             content_id,
             kind,
@@ -813,17 +817,12 @@ impl Sums {
             };
             apply_change(tx, &change)?;
         }
+        let mut upper = UpperCounts::default();
         for ((board, user_id), xp) in self.leaderboard {
-            apply_change(tx, &Change::Leaderboard { board, user_id, xp })?;
+            ranks::add_xp(tx, &mut upper, &board, user_id, xp)?;
         }
-        Ok(())
+        ranks::flush(tx, upper)
     }
-}
-
-/// Number of entries of `board` ranked ahead of `(xp, user_id)`.
-fn ahead(conn: &Connection, board: &str, xp: i64, user_id: &str) -> rusqlite::Result<u64> {
-    conn.prepare_cached(SQL_AHEAD)?
-        .query_row(params![board, xp, user_id], |r| r.get(0))
 }
 
 /// Export of `rm_content` after content `?1` (`''` from the start), a range of the primary
@@ -976,7 +975,7 @@ impl ReadModelStore for SqliteReadModels {
     async fn reset(&self, projection: Projection) -> Result<(), ReadModelError> {
         let tables: &[&str] = match projection {
             Projection::Xp => &["rm_xp"],
-            Projection::Leaderboard => &["rm_leaderboard"],
+            Projection::Leaderboard => &["rm_leaderboard", "rm_leaderboard_tree"],
             Projection::Quota => &["rm_quota", "rm_tier"],
             Projection::Content => &["rm_content"],
             Projection::Tags => &["rm_tags"],
@@ -1040,30 +1039,10 @@ impl ReadModelStore for SqliteReadModels {
         limit: u32,
         offset: u64,
     ) -> Result<Vec<LeaderboardRow>, ReadModelError> {
-        let sql_offset = int(offset, "offset")?;
+        int(offset, "offset")?;
         let board = board.to_string();
-        self.run(false, move |conn| {
-            let page: Vec<(Uuid, i64)> = conn
-                .prepare_cached(SQL_PAGE)
-                .and_then(|mut s| {
-                    s.query_map(params![board, limit, sql_offset], |r| {
-                        Ok((uuid_at(r, 0)?, r.get(1)?))
-                    })?
-                    .collect()
-                })
-                .map_err(backend)?;
-            Ok(page
-                .into_iter()
-                .enumerate()
-                .map(|(i, (user_id, xp))| LeaderboardRow {
-                    board: board.clone(),
-                    rank: offset + i as u64 + 1,
-                    user_id,
-                    xp,
-                })
-                .collect())
-        })
-        .await
+        self.run(false, move |conn| ranks::page(conn, &board, limit, offset))
+            .await
     }
 
     async fn rank(
@@ -1072,27 +1051,19 @@ impl ReadModelStore for SqliteReadModels {
         user_id: Uuid,
     ) -> Result<Option<LeaderboardRow>, ReadModelError> {
         let board = board.to_string();
-        self.run(false, move |conn| {
-            // One read transaction: the entry and the count see the same snapshot.
-            let tx = conn.transaction().map_err(backend)?;
-            let user = user_id.to_string();
-            let xp: Option<i64> = tx
-                .prepare_cached("SELECT xp FROM rm_leaderboard WHERE board = ?1 AND user_id = ?2")
-                .and_then(|mut s| s.query_row(params![board, user], |r| r.get(0)).optional())
-                .map_err(backend)?;
-            let row = match xp {
-                None => None,
-                Some(xp) => Some(LeaderboardRow {
-                    rank: ahead(&tx, &board, xp, &user).map_err(backend)? + 1,
-                    board,
-                    user_id,
-                    xp,
-                }),
-            };
-            tx.finish().map_err(backend)?;
-            Ok(row)
-        })
-        .await
+        self.run(false, move |conn| ranks::rank(conn, &board, user_id))
+            .await
+    }
+
+    async fn around(
+        &self,
+        board: &str,
+        user_id: Uuid,
+        k: u32,
+    ) -> Result<Option<Vec<LeaderboardRow>>, ReadModelError> {
+        let board = board.to_string();
+        self.run(false, move |conn| ranks::around(conn, &board, user_id, k))
+            .await
     }
 
     async fn quota(&self, user_id: Uuid, period: &str) -> Result<Option<QuotaRow>, ReadModelError> {
@@ -1197,14 +1168,11 @@ mod tests {
     fn pages_and_ranks_are_answered_from_the_ranking_index() {
         let (_dir, store) = store();
         let conn = store.inner.reader.lock().unwrap();
-        for (sql, n) in [(SQL_PAGE, 3), (SQL_AHEAD, 3)] {
-            let p = plan(&conn, sql, n);
+        for (sql, n, range) in ranks::PLANNED {
+            let p = plan(&conn, sql, *n);
             assert!(!p.contains("TEMP B-TREE"), "{p}");
-            assert!(!p.contains("SCAN rm_leaderboard"), "{p}");
-            assert!(
-                p.contains("USING COVERING INDEX rm_leaderboard_rank (board=?"),
-                "{p}"
-            );
+            assert!(!p.contains("SCAN"), "{p}");
+            assert!(p.contains(range), "{p}");
         }
         for (sql, n, range) in [
             (
@@ -1221,6 +1189,64 @@ mod tests {
             assert!(p.contains("COVERING INDEX rm_leaderboard_rank"), "{p}");
             assert!(p.contains(range), "{p}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_missing_count_trie_is_built_when_the_file_is_opened() {
+        let (dir, store) = store();
+        let users: Vec<Uuid> = (1..=200u128).map(|i| Uuid::from_u128(i << 100)).collect();
+        let items: Vec<(EventKey, Vec<Change>)> = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let mut k = key(*u, 1, i as u64 + 1);
+                k.aggregate_type = "profile".into();
+                let xp = (i % 3) as i64; // three ties of about 67 entries: splits
+                (
+                    k,
+                    vec![Change::Leaderboard {
+                        board: "all-time".into(),
+                        user_id: *u,
+                        xp,
+                    }],
+                )
+            })
+            .collect();
+        store.apply("leaderboard", &items).await.unwrap();
+        let before: Vec<LeaderboardRow> = store.leaderboard("all-time", 300, 0).await.unwrap();
+        assert_eq!(before.len(), 200);
+        store
+            .inner
+            .writer
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM rm_leaderboard_tree", [])
+            .unwrap();
+        drop(store);
+        let reopened = SqliteReadModels::open(dir.path().join("tektree.db")).unwrap();
+        assert_eq!(
+            reopened.leaderboard("all-time", 300, 0).await.unwrap(),
+            before
+        );
+        for row in &before {
+            assert_eq!(
+                reopened
+                    .rank("all-time", row.user_id)
+                    .await
+                    .unwrap()
+                    .as_ref(),
+                Some(row)
+            );
+        }
+        // Ranks by the oracle: XP 2 first, then 1, then 0; ids ascending within.
+        let mut want: Vec<(i64, Uuid)> = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| ((i % 3) as i64, *u))
+            .collect();
+        want.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let got: Vec<(i64, Uuid)> = before.iter().map(|r| (r.xp, r.user_id)).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -1285,9 +1311,9 @@ mod tests {
                 "{t}"
             );
         }
-        // events, rm_xp, rm_leaderboard, rm_content, rm_quota, rm_tags, rm_tier and the three
-        // consumer_ tables.
-        assert_eq!(tables.len(), 10, "{tables:?}");
+        // events, rm_xp, rm_leaderboard, rm_leaderboard_tree, rm_content, rm_quota, rm_tags,
+        // rm_tier and the three consumer_ tables.
+        assert_eq!(tables.len(), 11, "{tables:?}");
     }
 
     #[test]
