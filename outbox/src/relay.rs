@@ -154,7 +154,9 @@ pub struct RelayConfig {
     /// Most outbox records published per round (per [`relay_once`]). Default 500; 0 is
     /// treated as 1.
     pub batch: usize,
-    /// How long to sleep when the outbox is empty before looking again. Default 50 ms.
+    /// How long to sleep when the outbox is empty before looking again. Default 5 ms: the
+    /// delay a commit that finds the relay idle adds to its lag (measured by `tektree-bench
+    /// --scenario lag`: at 250 commands/s the p99 lag went from 73 ms with 50 ms to 20 ms).
     pub idle_poll: Duration,
 }
 
@@ -162,7 +164,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             batch: 500,
-            idle_poll: Duration::from_millis(50),
+            idle_poll: Duration::from_millis(5),
         }
     }
 }

@@ -319,5 +319,5 @@ fn relay_publishes_older_versions_upcast_and_what_it_cannot_upcast_unchanged() {
 fn relay_config_defaults() {
     let cfg = RelayConfig::default();
     assert_eq!(cfg.batch, 500);
-    assert_eq!(cfg.idle_poll, Duration::from_millis(50));
+    assert_eq!(cfg.idle_poll, Duration::from_millis(5));
 }

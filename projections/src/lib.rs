@@ -108,6 +108,14 @@ pub trait ReadModelStore: Send + Sync + 'static {
         items: &[(EventKey, Vec<Change>)],
     ) -> Result<Vec<ApplyOutcome>, ReadModelError>;
 
+    /// Events per transaction that suit this backend when a rebuild replays the store into
+    /// it (one [`apply`](Self::apply) per page): large pages sum more changes per row and
+    /// touch each aggregate's guard once per page, bounded by the backend's transaction
+    /// limits. Default 1,000.
+    fn rebuild_page(&self) -> usize {
+        1000
+    }
+
     /// Deletes the rows of read model `projection` together with its guard and checkpoint, so
     /// that it can be rebuilt from position 1.
     async fn reset(&self, projection: Projection) -> Result<(), ReadModelError>;

@@ -190,16 +190,22 @@ pub(crate) trait RankNodes {
 /// Changes of the XP-byte nodes (prefix lengths 0–7) of one batch, summed per node and written
 /// once at its end by [`flush`]: nodes above an entry's exact XP are shared by many entries,
 /// and a move within one of them cancels out.
+///
+/// Keyed per board by `(prefix length, prefix bytes zero-padded)`, so that a move allocates
+/// nothing once its board is known.
 #[derive(Debug, Default)]
-pub(crate) struct UpperCounts(HashMap<(String, Vec<u8>), i64>);
+pub(crate) struct UpperCounts(HashMap<String, HashMap<(u8, [u8; XP_BYTES]), i64>>);
 
 impl UpperCounts {
     fn add(&mut self, board: &str, key: &[u8; KEY_BYTES], delta: i64) {
+        let nodes = match self.0.get_mut(board) {
+            Some(nodes) => nodes,
+            None => self.0.entry(board.to_string()).or_default(),
+        };
         for len in 0..XP_BYTES {
-            *self
-                .0
-                .entry((board.to_string(), key[..len].to_vec()))
-                .or_default() += delta;
+            let mut prefix = [0u8; XP_BYTES];
+            prefix[..len].copy_from_slice(&key[..len]);
+            *nodes.entry((len as u8, prefix)).or_default() += delta;
         }
     }
 }
@@ -233,9 +239,11 @@ pub(crate) async fn move_entry<S: RankNodes>(
 
 /// Writes the summed XP-byte counts of a batch.
 pub(crate) async fn flush<S: RankNodes>(s: &mut S, upper: UpperCounts) -> Result<(), S::Error> {
-    for ((board, prefix), delta) in upper.0 {
-        if delta != 0 {
-            s.add(&board, &prefix, delta).await?;
+    for (board, nodes) in upper.0 {
+        for ((len, prefix), delta) in nodes {
+            if delta != 0 {
+                s.add(&board, &prefix[..usize::from(len)], delta).await?;
+            }
         }
     }
     Ok(())

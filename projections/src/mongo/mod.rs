@@ -492,6 +492,13 @@ impl ReadModelStore for MongoReadModels {
         out
     }
 
+    /// 1,000 (the default, stated): a page is one multi-document transaction of one round
+    /// trip per change, which must end within the server's transaction lifetime (60 s by
+    /// default).
+    fn rebuild_page(&self) -> usize {
+        1000
+    }
+
     async fn reset(&self, projection: Projection) -> Result<(), ReadModelError> {
         let collections: &'static [&'static str] = match projection {
             Projection::Xp => &[XP],

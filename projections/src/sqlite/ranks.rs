@@ -277,17 +277,28 @@ pub(super) fn add_xp(
     delta: i64,
 ) -> Result<(), ReadModelError> {
     let user = user_id.to_string();
-    let old: Option<i64> = conn
-        .prepare_cached("SELECT xp FROM rm_leaderboard WHERE board = ?1 AND user_id = ?2")
-        .and_then(|mut s| s.query_row(params![board, user], |r| r.get(0)).optional())
+    // One statement for an existing entry (the common case), two for a new one.
+    let updated: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE rm_leaderboard SET xp = xp + ?3 WHERE board = ?1 AND user_id = ?2
+             RETURNING xp",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![board, user, delta], |r| r.get(0))
+                .optional()
+        })
         .map_err(backend)?;
-    let new = old.unwrap_or(0) + delta;
-    conn.prepare_cached(
-        "INSERT INTO rm_leaderboard (board, user_id, xp) VALUES (?1, ?2, ?3)
-         ON CONFLICT (board, user_id) DO UPDATE SET xp = excluded.xp",
-    )
-    .and_then(|mut s| s.execute(params![board, user, new]))
-    .map_err(backend)?;
+    let (old, new) = match updated {
+        Some(new) => (Some(new - delta), new),
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO rm_leaderboard (board, user_id, xp) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut s| s.execute(params![board, user, delta]))
+            .map_err(backend)?;
+            (None, delta)
+        }
+    };
     rank_tree::ready(rank_tree::move_entry(
         &mut SqlNodes(conn),
         upper,

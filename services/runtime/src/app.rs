@@ -83,7 +83,14 @@ pub struct App {
     pub extra_consumers: Vec<Arc<dyn Consumer>>,
     /// Stall detection's memory ([`crate::progress`]), shared by clones of the app.
     pub stalls: Arc<StallWatch>,
+    /// The relay's settings: [`RelayConfig::default`] (an idle outbox polled every 5 ms) on
+    /// SQLite; every [`MONGO_RELAY_IDLE_POLL`] on MongoDB, where an idle poll is a query to
+    /// the server (and a sequencing pass).
+    pub relay: RelayConfig,
 }
+
+/// How often the relay polls an idle MongoDB outbox: 50 ms.
+pub const MONGO_RELAY_IDLE_POLL: Duration = Duration::from_millis(50);
 
 impl App {
     /// Opens the store named by `store_url` (`sqlite://PATH` or `mongodb://…`) and the bus named
@@ -111,6 +118,7 @@ impl App {
         rules: Rules,
         bus_patience: Duration,
     ) -> Result<App, AppError> {
+        let mut relay = RelayConfig::default();
         let (store, read_models): (Arc<dyn EventStore>, Arc<dyn ReadModelStore>) =
             match StoreUrl::parse(store_url)? {
                 StoreUrl::Sqlite(path) => {
@@ -127,10 +135,13 @@ impl App {
                         Arc::new(SqliteReadModels::open(&path)?),
                     )
                 }
-                StoreUrl::Mongo { uri, db } => (
-                    Arc::new(MongoStore::connect(&uri, &db).await?),
-                    Arc::new(MongoReadModels::connect(&uri, &db).await?),
-                ),
+                StoreUrl::Mongo { uri, db } => {
+                    relay.idle_poll = MONGO_RELAY_IDLE_POLL;
+                    (
+                        Arc::new(MongoStore::connect(&uri, &db).await?),
+                        Arc::new(MongoReadModels::connect(&uri, &db).await?),
+                    )
+                }
             };
         let bus = open_bus_waiting(bus_url, bus_patience).await?;
         bind(store.as_ref(), bus.as_ref())
@@ -152,6 +163,7 @@ impl App {
             rules,
             extra_consumers: Vec::new(),
             stalls: Arc::new(StallWatch::default()),
+            relay,
         })
     }
 
@@ -289,8 +301,8 @@ impl App {
     pub fn spawn_relay(&self, shutdown: watch::Receiver<bool>, tasks: &mut JoinSet<()>) {
         let (store, bus) = (self.store.clone(), self.bus.clone());
         let checkpoints = Some(self.checkpoints());
+        let cfg = self.relay.clone();
         tasks.spawn(async move {
-            let cfg = RelayConfig::default();
             if let Err(e) = relay::run(store, bus, cfg, checkpoints, shutdown).await {
                 tracing::error!(error = %e, "relay stopped");
             }

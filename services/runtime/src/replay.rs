@@ -18,7 +18,8 @@ use tektree_projections::{
 };
 use uuid::Uuid;
 
-/// Events read and applied per transaction during a rebuild.
+/// Events read and applied per transaction by [`rebuild_paged`]'s callers that do not ask the
+/// store ([`ReadModelStore::rebuild_page`]'s default).
 pub const PAGE: usize = 1000;
 
 /// Errors of [`rebuild`].
@@ -51,8 +52,9 @@ pub enum ReplayError {
     },
 }
 
-/// Resets `projection` and replays every stored event into it. Calls `progress(position)` after
-/// each page. Returns the number of events replayed.
+/// Resets `projection` and replays every stored event into it, in pages of the read-model
+/// store's [`rebuild_page`](ReadModelStore::rebuild_page) events (one transaction each).
+/// Calls `progress(position)` after each page. Returns the number of events replayed.
 ///
 /// After the reset every event must be applied: positions must run `1, 2, 3, …` without a
 /// hole, and every `apply` outcome must be [`ApplyOutcome::Applied`] (a `Gap` or `Duplicate`
@@ -66,14 +68,31 @@ pub async fn rebuild(
     store: &dyn EventStore,
     read_models: &dyn ReadModelStore,
     projection: Projection,
+    progress: impl FnMut(u64),
+) -> Result<u64, ReplayError> {
+    let page = read_models.rebuild_page();
+    rebuild_paged(store, read_models, projection, page, progress).await
+}
+
+/// [`rebuild`] in pages of `page` events (at least 1): one read-model transaction per page,
+/// memory proportional to the page.
+///
+/// # Errors
+/// As [`rebuild`].
+pub async fn rebuild_paged(
+    store: &dyn EventStore,
+    read_models: &dyn ReadModelStore,
+    projection: Projection,
+    page: usize,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, ReplayError> {
+    let page_size = page.max(1);
     let name = projection.name();
     read_models.reset(projection).await?;
     let mut after = 0u64;
     let mut count = 0u64;
     loop {
-        let page = store.read_all(after, PAGE).await?;
+        let page = store.read_all(after, page_size).await?;
         let Some(last) = page.last() else { break };
         let mut items: Vec<(EventKey, Vec<Change>)> = Vec::with_capacity(page.len());
         for (i, env) in page.iter().enumerate() {

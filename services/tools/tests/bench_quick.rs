@@ -146,6 +146,7 @@ fn quick_run_prints_one_json_line_per_scenario() {
         "growth",
         "http",
         "lag",
+        "lag_max_rate",
     ] {
         assert!(scenarios.contains(s), "no {s} line in:\n{stdout}");
     }

@@ -126,7 +126,8 @@ struct Cli {
     /// --quick).
     #[arg(long, value_delimiter = ',')]
     clients: Vec<usize>,
-    /// Offered rate of the lag scenario, commands/s (default 10,000; 200 with --quick).
+    /// Offered rate of the lag scenario, commands/s (default 3,000, issue #14's target; 200
+    /// with --quick). The scenario then also searches the highest rate with p99 ≤ 100 ms.
     #[arg(long)]
     lag_rate: Option<f64>,
     /// Commands of the lag scenario per run (default 20,000; 100 with --quick).
@@ -150,11 +151,16 @@ struct Cli {
     /// Internal: the projection of `--replay-child`.
     #[arg(long, hide = true)]
     projection: Option<String>,
+    /// Events per read-model transaction of the replay scenario's rebuilds (default 10,000,
+    /// what `tektree-replay rebuild` uses on SQLite: `SqliteReadModels::rebuild_page`).
+    #[arg(long, default_value_t = 10_000)]
+    replay_page: usize,
 }
 
 /// Sizes of one invocation.
 #[derive(Debug, Clone)]
 struct Sizes {
+    quick: bool,
     runs: usize,
     commands: u64,
     events: u64,
@@ -175,6 +181,7 @@ impl Sizes {
     fn of(cli: &Cli) -> Sizes {
         let q = cli.quick;
         Sizes {
+            quick: q,
             runs: cli.runs.unwrap_or(if q { 1 } else { 3 }).max(1),
             commands: cli.commands.unwrap_or(if q { 150 } else { 4_000 }),
             events: cli.events.unwrap_or(if q { 500 } else { 40_000 }),
@@ -206,7 +213,7 @@ impl Sizes {
             fsync_samples: if q { 50 } else { 200 },
             lag_rate: cli
                 .lag_rate
-                .unwrap_or(if q { 200.0 } else { 10_000.0 })
+                .unwrap_or(if q { 200.0 } else { 3_000.0 })
                 .max(1.0),
             lag_commands: cli.lag_commands.unwrap_or(if q { 100 } else { 20_000 }),
             mongodb_commands: cli.mongodb_commands.unwrap_or(if q { 40 } else { 2_000 }),
@@ -596,7 +603,7 @@ async fn scenario_lag(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) -> Re
                 "append_p99_us": append_p99,
                 "max_in_flight": PACED_IN_FLIGHT,
                 "target_p99_us": 50000,
-                "target_offered_rate": 10000,
+                "target_offered_rate": 3000,
                 "note": "commit → the projection's checkpoint reaches the command's last position, sampled every ~1 ms; in-process pipeline as in `tektree serve`",
             }),
             &lags[i],
@@ -610,6 +617,52 @@ async fn scenario_lag(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) -> Re
         }
         out.metric(&format!("lag_{name}"), base, &p99s[i]);
     }
+    lag_max_rate(out, sizes, seed, dir).await
+}
+
+/// Offered rates `lag_max_rate` tries, commands/s, in order; `--quick` tries the first two.
+const LAG_LADDER: [f64; 8] = [
+    250.0, 500.0, 1_000.0, 1_500.0, 2_000.0, 3_000.0, 4_000.0, 6_000.0,
+];
+
+/// The highest offered rate (of [`LAG_LADDER`]) sustained with every projection's p99 lag
+/// ≤ 100 ms: one run of `lag_commands / 2` commands per rate, up the ladder until a rate
+/// fails (not sustained, or a p99 over the limit). One line, `lag_max_rate`, with the rate
+/// and the worst p99 at it, and the first failing rate and why.
+async fn lag_max_rate(out: &mut Out, sizes: &Sizes, seed: u64, dir: &Path) -> Result<()> {
+    const LIMIT_US: f64 = 100_000.0;
+    let work = workload::generate(seed ^ 0x1A6, (sizes.lag_commands / 2).max(50));
+    let path = dir.join("lag-ladder.db");
+    let ladder = if sizes.quick {
+        &LAG_LADDER[..2]
+    } else {
+        &LAG_LADDER[..]
+    };
+    let (mut best, mut best_p99, mut failed) = (0.0, 0.0, None);
+    for &offered in ladder {
+        let done = lag::run_once(&path, &work, offered, PACED_IN_FLIGHT).await?;
+        let achieved = rate(done.commands, done.elapsed.as_secs_f64());
+        let worst = done.lags.iter().map(|l| l.p50_p99().1).fold(0.0, f64::max);
+        eprintln!("tektree-bench: lag ladder: offered {offered}/s, achieved {achieved:.0}/s, worst p99 {worst:.0} us");
+        if achieved < 0.95 * offered || worst > LIMIT_US || done.refused > 0 {
+            failed = Some(
+                json!({"offered": offered, "achieved": round1(achieved), "worst_p99_us": round1(worst)}),
+            );
+            break;
+        }
+        (best, best_p99) = (offered, worst);
+    }
+    let v = json!({
+        "scenario": "lag_max_rate",
+        "unit": "commands/s",
+        "n": work.len(),
+        "limit_p99_us": LIMIT_US,
+        "worst_p99_us_at_rate": round1(best_p99),
+        "first_failing": failed,
+        "target": 3000,
+        "note": "highest offered rate of the ladder sustained (≥ 95 %) with every projection's p99 lag ≤ 100 ms; one run per rate",
+    });
+    out.metric("lag_max_rate", v, &[best]);
     Ok(())
 }
 
@@ -750,7 +803,8 @@ async fn scenarios_on_corpus(
                 let mut rss = Vec::new();
                 let mut n = 0;
                 for _ in 0..sizes.runs {
-                    let (count, secs, kib) = replay::run_once(&store, name.name()).await?;
+                    let (count, secs, kib) =
+                        replay::run_once(&store, name.name(), cli.replay_page).await?;
                     n = count;
                     rates.push(rate(count, secs));
                     rss.push(kib as f64 / 1024.0);
@@ -898,7 +952,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             .projection
             .as_deref()
             .context("--projection is required")?;
-        let v = replay::child(store, projection).await?;
+        let v = replay::child(store, projection, cli.replay_page).await?;
         println!("{v}");
         return Ok(true);
     }

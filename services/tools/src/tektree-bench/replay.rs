@@ -1,5 +1,6 @@
 //! Scenario 4, **replay**: `tektree_services::replay::rebuild` of one projection over the
-//! corpus (reset, then pages of 1,000 events, one read-model transaction per page), run in a
+//! corpus (reset, then pages of `--replay-page` events, default `replay::PAGE`, one read-model
+//! transaction per page), run in a
 //! child process (`tektree-bench --replay-child STORE --projection NAME`, exactly what
 //! `tektree-replay rebuild` does) so that its peak RSS (`VmHWM`) is the rebuild's own.
 
@@ -10,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tektree_event_store::SqliteStore;
 use tektree_projections::{ReadModelStore, SqliteReadModels};
-use tektree_services::replay::rebuild;
+use tektree_services::replay::rebuild_paged;
 
 use crate::machine::peak_rss_kib;
 use tektree_event_store::EventLog;
@@ -22,11 +23,11 @@ use tektree_event_store::EventLog;
 ///
 /// # Errors
 /// Store, read-model or decoding failures; an event not applied.
-pub async fn child(store: &Path, projection: &str) -> Result<Value> {
+pub async fn child(store: &Path, projection: &str, page: usize) -> Result<Value> {
     let events = SqliteStore::open(store)?;
     let read_models = SqliteReadModels::open(store)?;
     let started = Instant::now();
-    let n = rebuild(&events, &read_models, projection.parse()?, |_| {}).await?;
+    let n = rebuild_paged(&events, &read_models, projection.parse()?, page, |_| {}).await?;
     let secs = started.elapsed().as_secs_f64();
     let head = events.head().await?.position;
     let checkpoint = read_models
@@ -49,13 +50,15 @@ pub async fn child(store: &Path, projection: &str) -> Result<Value> {
 ///
 /// # Errors
 /// When the child fails or prints no result.
-pub async fn run_once(store: &Path, projection: &str) -> Result<(u64, f64, u64)> {
+pub async fn run_once(store: &Path, projection: &str, page: usize) -> Result<(u64, f64, u64)> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let out = tokio::process::Command::new(exe)
         .arg("--replay-child")
         .arg(store)
         .arg("--projection")
         .arg(projection)
+        .arg("--replay-page")
+        .arg(page.to_string())
         .stdin(std::process::Stdio::null())
         .output()
         .await
