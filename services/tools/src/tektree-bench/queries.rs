@@ -377,12 +377,13 @@ impl RedisBoard {
         Ok((started.elapsed().as_secs_f64(), lat))
     }
 
-    /// Deletes the sorted set.
+    /// Deletes the sorted set (`UNLINK`: a `DEL` of 10M members blocks Redis for seconds and
+    /// timed the client out).
     ///
     /// # Errors
     /// Redis errors.
     pub async fn remove(mut self) -> Result<()> {
-        let _: i64 = redis::cmd("DEL")
+        let _: i64 = redis::cmd("UNLINK")
             .arg(&self.key)
             .query_async(&mut self.conn)
             .await?;
