@@ -70,8 +70,9 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
         let query = Query::<MinQuery>::try_from_uri(&parts.uri)
-            .ok()
-            .and_then(|q| q.0.min_position);
+            .map_err(|_| Problem::invalid_query("the query string is malformed".to_string()))?
+            .0
+            .min_position;
         let from_query = query
             .map(|v| {
                 v.parse::<u64>().map_err(|_| {

@@ -1,7 +1,7 @@
 //! Settling the pipeline and checking the invariants after a run.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -651,16 +651,22 @@ impl PolicyEffects {
     }
 }
 
-/// Copies the SQLite database `from` (with its `-wal` and `-shm` files, if any) to `to`.
+/// Copies the SQLite database `from` to `to` as one consistent snapshot (`VACUUM INTO`).
+///
+/// Copying the files (database, `-wal`, `-shm`) raced with a connection of this process that
+/// was still closing: the last close checkpoints the WAL into the database and deletes it, and
+/// a copy taken in between held half-checkpointed pages and no WAL ("database disk image is
+/// malformed" when the rebuild on the copy reached them; seen once in CI).
 pub fn copy_sqlite(from: &Path, to: &Path) -> Result<()> {
     for suffix in ["", "-wal", "-shm"] {
-        let src = PathBuf::from(format!("{}{suffix}", from.display()));
-        let dst = PathBuf::from(format!("{}{suffix}", to.display()));
-        if src.exists() {
-            std::fs::copy(&src, &dst)
-                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-        }
+        let _ = std::fs::remove_file(format!("{}{suffix}", to.display()));
     }
+    let conn =
+        rusqlite::Connection::open(from).with_context(|| format!("opening {}", from.display()))?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    let target = to.to_str().context("a non-UTF-8 copy path")?;
+    conn.execute("VACUUM INTO ?1", [target])
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     Ok(())
 }
 
