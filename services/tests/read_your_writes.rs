@@ -96,6 +96,22 @@ async fn post(
     (status, r.json().await.unwrap())
 }
 
+/// Posts a new question tagged `rust` as `user`; asserts 201 and returns its id and the
+/// response body.
+async fn ask(base: &str, state: &ApiState, user: Uuid) -> (Uuid, Value) {
+    let q = Uuid::new_v4();
+    let (status, body) = post(
+        base,
+        state,
+        user,
+        "/v1/questions",
+        json!({"question_id": q, "title": "Why?", "body": "Because.", "tags": ["rust"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    (q, body)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queries_wait_for_the_position_of_the_callers_last_write() {
     let redis = RedisServer::start();
@@ -145,16 +161,7 @@ async fn scenario(url: &str, bus: &str) {
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let q = Uuid::new_v4();
-    let (status, body) = post(
-        &fresh.base,
-        &short,
-        ada,
-        "/v1/questions",
-        json!({"question_id": q, "title": "Why?", "body": "Because.", "tags": ["rust"]}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (q, body) = ask(&fresh.base, &short, ada).await;
     let position = body["position"].as_u64().expect("position");
     let events = body["events"].as_array().unwrap();
     assert_eq!(
@@ -214,16 +221,7 @@ async fn scenario(url: &str, bus: &str) {
     // (A policy's effects, such as the XP a post earns, are later events of their own: the
     // position covers the command's events only.)
     for n in 2..=4 {
-        let q = Uuid::new_v4();
-        let (status, body) = post(
-            &fresh.base,
-            &short,
-            ada,
-            "/v1/questions",
-            json!({"question_id": q, "title": "Why?", "body": "Because.", "tags": ["rust"]}),
-        )
-        .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (q, body) = ask(&fresh.base, &short, ada).await;
         let p = body["position"].as_u64().unwrap();
         let (status, _, content) = fresh
             .get(&format!("/v1/content/{q}?min_position={p}"), None)
