@@ -159,6 +159,21 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// The projection whose read model this change writes.
+    pub fn projection(&self) -> Projection {
+        match self {
+            Change::Xp { .. } => Projection::Xp,
+            Change::Leaderboard { .. } => Projection::Leaderboard,
+            Change::Content(_) => Projection::Content,
+            Change::Usage { .. } | Change::QuotaExceeded { .. } | Change::Tier { .. } => {
+                Projection::Quota
+            }
+            Change::Tag { .. } => Projection::Tags,
+        }
+    }
+}
+
 /// ISO-8601 week board of an instant (UTC): `weekly:YYYY-Www`, e.g. `weekly:2024-W01`.
 pub fn weekly_board(t: DateTime<Utc>) -> String {
     let w = t.iso_week();

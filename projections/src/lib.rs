@@ -117,8 +117,61 @@ pub trait ReadModelStore: Send + Sync + 'static {
     }
 
     /// Deletes the rows of read model `projection` together with its guard and checkpoint, so
-    /// that it can be rebuilt from position 1.
+    /// that it can be rebuilt from position 1 (the stopped-world rebuild,
+    /// `tektree-replay rebuild --in-place`).
     async fn reset(&self, projection: Projection) -> Result<(), ReadModelError>;
+
+    /// Starts a **rebuild beside the live read model** of `projection` (blue/green): a new,
+    /// empty version of its rows with its own sequence guard and checkpoint, which queries do
+    /// not read and live workers do not write until [`rebuild_switch`](Self::rebuild_switch).
+    /// When a rebuild of `projection` is already in progress (a process stopped or was
+    /// killed during it), returns that one unchanged, so the caller resumes from its
+    /// checkpoint.
+    ///
+    /// # Errors
+    /// [`ReadModelError::Backend`]; nothing changed.
+    async fn rebuild_begin(&self, projection: Projection) -> Result<RebuildStatus, ReadModelError>;
+
+    /// Applies `items` to the rebuild of `projection` in progress, exactly as
+    /// [`apply`](Self::apply) applies them to the live version (same changes, same sequence
+    /// guard semantics, one transaction), and advances the rebuild's checkpoint.
+    ///
+    /// # Errors
+    /// [`ReadModelError::Invalid`] when no rebuild of `projection` is in progress (never begun,
+    /// switched or cancelled meanwhile); [`ReadModelError::Backend`]; nothing was applied.
+    async fn rebuild_apply(
+        &self,
+        projection: Projection,
+        items: &[(EventKey, Vec<Change>)],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError>;
+
+    /// Switches queries and live workers to the rebuilt version of `projection`, atomically,
+    /// when it has applied every event the live version has (its checkpoint is at or above
+    /// the highest position the live consumer applied); otherwise changes nothing and returns
+    /// [`RebuildSwitch::Behind`] (apply more events, then try again). After the switch the
+    /// live consumer goes on from the rebuild's guard and checkpoint: events the rebuild
+    /// applied and the live worker had not reached are duplicates to it, so nothing is
+    /// applied twice and nothing downstream runs again. The old version's rows are dropped.
+    ///
+    /// # Errors
+    /// [`ReadModelError::Invalid`] when no rebuild of `projection` is in progress;
+    /// [`ReadModelError::Backend`]; nothing was switched.
+    async fn rebuild_switch(&self, projection: Projection)
+        -> Result<RebuildSwitch, ReadModelError>;
+
+    /// Cancels the rebuild of `projection` in progress: drops its rows, guard and checkpoint;
+    /// the live version is untouched. Returns whether one was in progress.
+    ///
+    /// # Errors
+    /// [`ReadModelError::Backend`].
+    async fn rebuild_cancel(&self, projection: Projection) -> Result<bool, ReadModelError>;
+
+    /// The latest rebuild of every projection that had one (in progress, switched or
+    /// cancelled), in [`Projection::ALL`] order.
+    ///
+    /// # Errors
+    /// [`ReadModelError::Backend`].
+    async fn rebuilds(&self) -> Result<Vec<RebuildStatus>, ReadModelError>;
 
     /// Every consumer's checkpoint, sorted by name.
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ReadModelError>;
@@ -205,6 +258,54 @@ pub trait ReadModelStore: Send + Sync + 'static {
         after: Option<&ExportCursor>,
         limit: u32,
     ) -> Result<ExportPage, ReadModelError>;
+}
+
+/// Where a rebuild beside the live read model stands ([`ReadModelStore::rebuild_begin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebuildPhase {
+    /// Rows are being written beside the live version; queries read the live version.
+    Building,
+    /// The rebuilt version became the live one.
+    Switched,
+    /// Cancelled; its rows were dropped.
+    Cancelled,
+}
+
+/// One rebuild of a projection beside its live read model (`tektree-replay status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RebuildStatus {
+    /// The projection rebuilt.
+    pub projection: Projection,
+    /// Version number of the rebuilt read model: 1 for the first rebuild beside the version
+    /// the store started with, then 2, 3, …
+    pub generation: u64,
+    /// Where it stands.
+    pub phase: RebuildPhase,
+    /// When it began, Unix milliseconds (UTC).
+    pub started_at_ms: i64,
+    /// When it switched or was cancelled, Unix milliseconds; `None` while building.
+    pub finished_at_ms: Option<i64>,
+    /// The rebuild's checkpoint: every event at or below this position is applied to it.
+    /// While building, the position it has reached; after the switch, where it was then.
+    pub checkpoint: u64,
+    /// Events applied to it.
+    pub applied: u64,
+}
+
+/// The answer of [`ReadModelStore::rebuild_switch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildSwitch {
+    /// Queries and live workers now use the rebuilt version.
+    Switched,
+    /// Not switched: the live consumer applied events up to `live` and the rebuild only up to
+    /// `rebuild`.
+    Behind {
+        /// The highest position the live consumer applied.
+        live: u64,
+        /// The rebuild's checkpoint.
+        rebuild: u64,
+    },
 }
 
 /// One page of [`ReadModelStore::export`].
@@ -350,7 +451,31 @@ pub(crate) fn check_consumer(consumer: &str) -> Result<(), ReadModelError> {
     if consumer.is_empty() {
         return Err(ReadModelError::Invalid("empty consumer name".into()));
     }
+    if consumer.contains('#') {
+        return Err(ReadModelError::Invalid(format!(
+            "consumer name {consumer:?} contains '#', which names rebuilds"
+        )));
+    }
     Ok(())
+}
+
+/// The check every adapter makes before [`ReadModelStore::rebuild_apply`] writes: every
+/// change belongs to `projection` (a rebuild has the tables of its own projection only).
+pub(crate) fn check_rebuild_items(
+    projection: Projection,
+    items: &[(EventKey, Vec<Change>)],
+) -> Result<(), ReadModelError> {
+    match items
+        .iter()
+        .flat_map(|(_, changes)| changes)
+        .find(|c| c.projection() != projection)
+    {
+        Some(c) => Err(ReadModelError::Invalid(format!(
+            "a rebuild of {projection} cannot apply a change of {}",
+            c.projection()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The key check every adapter makes before writing: sequence and position start at 1 and fit

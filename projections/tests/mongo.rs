@@ -3,7 +3,9 @@
 //! `apply` calls (shuffled, duplicated, gapped, in random batches) must give the same outcomes,
 //! the same exports of every read model, the same checkpoints and the same point queries; then
 //! reset and rebuild, two concurrent handles, invalid arguments, export pages that end inside
-//! runs of equal XP and between boards, and index-backed ranking and export pages.
+//! runs of equal XP and between boards, and index-backed ranking and export pages; rebuilds
+//! beside the live read model (the backend-neutral check of `rebuilds/mod.rs`, the generation
+//! collections they create, keep and drop, and live writers racing a switch).
 //!
 //! Without `MONGODB_URI` each test starts its own SecantusDB (`secantusd-py`, installed by
 //! `scripts/test`); with neither it fails. Each run uses a fresh database
@@ -13,6 +15,7 @@
 
 mod paging;
 mod ranking;
+mod rebuilds;
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -24,11 +27,12 @@ use serde_json::Value;
 use tektree_domain::Tier;
 use tektree_mongo::ServerBuild;
 use tektree_projections::mongo::{
-    export_queries, planned_finds, uuid_bson, EXPORT_INDEX, LEADERBOARD, RANK_INDEX, TREE,
+    collection_name, export_queries, planned_finds, uuid_bson, CHECKPOINT, EXPORT_INDEX, GUARD,
+    LEADERBOARD, RANK_INDEX, TREE, TREE_INDEX,
 };
 use tektree_projections::{
     ApplyOutcome, Change, ContentDelta, EventKey, MongoReadModels, Projection, ReadModel,
-    ReadModelError, ReadModelStore, SqliteReadModels,
+    ReadModelError, ReadModelStore, RebuildPhase, RebuildSwitch, SqliteReadModels,
 };
 use tektree_test_servers::MongoServer;
 use uuid::Uuid;
@@ -729,4 +733,299 @@ async fn two_handles_apply_each_event_exactly_once(first: &MongoReadModels, uri:
         .find(|c| c.name == "xp.concurrent")
         .unwrap();
     assert_eq!((cp.checkpoint, cp.applied), (60, 60));
+}
+
+/// Rebuilds beside the live read model (blue/green), for a one-collection model (`xp`) and one
+/// with its count trie (`leaderboard`); see `rebuilds/mod.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuilds_beside_the_live_version_switch_atomically_resume_and_cancel() {
+    let server = server();
+    for projection in [Projection::Xp, Projection::Leaderboard] {
+        with_database(&server.url, |uri, db| async move {
+            let mongo = MongoReadModels::connect(&uri, &db).await.expect("connect");
+            rebuilds::blue_green(&mongo, projection).await;
+        })
+        .await;
+    }
+}
+
+/// A leaderboard event: user `u` (of 4) gains `xp` on `all-time` at `position`, the
+/// user's `position / 4 + 1`-th event when positions are 1, 2, 3, ….
+fn board_item(position: u64, xp: i64) -> (EventKey, Vec<Change>) {
+    let u = (position - 1) % 4;
+    let user_id = user(u128::from(u));
+    let key = EventKey {
+        aggregate_type: "user".into(),
+        aggregate_id: user_id,
+        sequence: (position - 1) / 4 + 1,
+        position,
+    };
+    let change = Change::Leaderboard {
+        board: "all-time".into(),
+        user_id,
+        xp,
+    };
+    (key, vec![change])
+}
+
+/// The read-model collections of the leaderboard in `mongo`'s database, sorted.
+async fn leaderboard_collections(mongo: &MongoReadModels) -> Vec<String> {
+    let mut names: Vec<String> = mongo
+        .database()
+        .list_collection_names()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with(LEADERBOARD))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The names of both leaderboard collections of generation `g`, sorted.
+fn generation(g: u64) -> Vec<String> {
+    let mut names = vec![
+        collection_name(LEADERBOARD, g).into_owned(),
+        collection_name(TREE, g).into_owned(),
+    ];
+    names.sort();
+    names
+}
+
+/// Index names of collection `name`, sorted.
+async fn index_names(mongo: &MongoReadModels, name: &str) -> Vec<String> {
+    let mut names = mongo
+        .database()
+        .collection::<Document>(name)
+        .list_index_names()
+        .await
+        .unwrap();
+    names.sort();
+    names
+}
+
+/// How many guard documents consumer key `key` has.
+async fn guards_of(mongo: &MongoReadModels, key: &str) -> u64 {
+    mongo
+        .database()
+        .collection::<Document>(GUARD)
+        .count_documents(doc! { "consumer": key })
+        .await
+        .unwrap()
+}
+
+/// The XP of user `u` on `all-time`.
+async fn board_xp(store: &dyn ReadModelStore, u: u128) -> Option<i64> {
+    store.rank("all-time", user(u)).await.unwrap().map(|r| r.xp)
+}
+
+/// What the MongoDB adapter does with collections: a rebuild's generation gets its own
+/// collections with the live indexes; a switch keeps the retired ones (a query may still read
+/// them) and deletes the old guard key's documents; the next rebuild drops them; a cancel
+/// drops its own at once; a reconnect and a reset keep the live generation; changes of
+/// another consumer follow the live generation; a rebuild refuses other models' changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuild_generations_are_collections_created_kept_and_dropped() {
+    let server = server();
+    with_database(&server.url, |uri, db| async move {
+        let mongo = MongoReadModels::connect(&uri, &db).await.expect("connect");
+        let lb = Projection::Leaderboard;
+        let live: Vec<_> = (1..=8).map(|p| board_item(p, 1)).collect();
+        mongo.apply("leaderboard", &live).await.unwrap();
+        assert_eq!(leaderboard_collections(&mongo).await, generation(0));
+        assert!(matches!(
+            mongo.rebuild_apply(lb, &[]).await,
+            Err(ReadModelError::Invalid(_))
+        ));
+
+        let begun = mongo.rebuild_begin(lb).await.unwrap();
+        assert_eq!(begun.generation, 1);
+        let mut both = generation(0);
+        both.extend(generation(1));
+        both.sort();
+        assert_eq!(leaderboard_collections(&mongo).await, both);
+        assert_eq!(
+            index_names(&mongo, &collection_name(LEADERBOARD, 1)).await,
+            vec!["_id_", "board_user", RANK_INDEX]
+        );
+        assert_eq!(
+            index_names(&mongo, &collection_name(TREE, 1)).await,
+            vec!["_id_", TREE_INDEX]
+        );
+        let xp = Change::Xp {
+            user_id: user(0),
+            xp: 1,
+            questions: 0,
+            answers: 0,
+            accepted_answers: 0,
+        };
+        assert!(matches!(
+            mongo
+                .rebuild_apply(lb, &[(board_item(1, 1).0, vec![xp])])
+                .await,
+            Err(ReadModelError::Invalid(_))
+        ));
+        let rebuilt: Vec<_> = (1..=8).map(|p| board_item(p, 5)).collect();
+        mongo.rebuild_apply(lb, &rebuilt).await.unwrap();
+        assert_eq!(board_xp(&mongo, 0).await, Some(2), "live until the switch");
+        assert_eq!(
+            mongo.rebuild_switch(lb).await.unwrap(),
+            RebuildSwitch::Switched
+        );
+        assert_eq!(mongo.live_generation(lb).await.unwrap(), 1);
+        assert_eq!(board_xp(&mongo, 0).await, Some(10));
+        // The retired version is kept (with its rows), its guard key's documents are not.
+        assert_eq!(leaderboard_collections(&mongo).await, both);
+        let retired = mongo.database().collection::<Document>(LEADERBOARD);
+        assert_eq!(retired.count_documents(doc! {}).await.unwrap(), 4);
+        assert_eq!(guards_of(&mongo, "leaderboard").await, 0);
+        assert_eq!(guards_of(&mongo, "leaderboard#g1").await, 4);
+        let checkpoints = mongo.database().collection::<Document>(CHECKPOINT);
+        let head = checkpoints
+            .find_one(doc! { "_id": "leaderboard" })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.get_i64("generation").unwrap(), 1);
+        assert_eq!(head.get_str("state").unwrap(), "leaderboard#g1");
+        assert_eq!(head.get_i64("checkpoint").unwrap(), 8);
+        assert!(checkpoints
+            .find_one(doc! { "_id": "leaderboard#g1" })
+            .await
+            .unwrap()
+            .is_none());
+
+        // Another consumer's leaderboard changes go to the live generation.
+        let extra = [(board_item(1, 100).0, board_item(1, 100).1)];
+        mongo.apply("leaderboard.extra", &extra).await.unwrap();
+        assert_eq!(board_xp(&mongo, 0).await, Some(110));
+        // A new handle (connect recreates nothing of generation 1) reads generation 1.
+        let again = MongoReadModels::connect(&uri, &db).await.expect("connect");
+        assert_eq!(board_xp(&again, 0).await, Some(110));
+
+        // The next rebuild drops the retired generation and leftover documents of rebuild
+        // consumers (an interrupted clean-up), keeping the live key's; its cancel drops its
+        // own.
+        mongo
+            .database()
+            .collection::<Document>(GUARD)
+            .insert_one(doc! {
+                "consumer": "leaderboard#g9", "aggregate_id": uuid_bson(user(0)),
+                "aggregate_type": "user", "last_sequence": 1_i64,
+            })
+            .await
+            .unwrap();
+        let second = mongo.rebuild_begin(lb).await.unwrap();
+        assert_eq!(second.generation, 2);
+        assert_eq!(guards_of(&mongo, "leaderboard#g9").await, 0);
+        assert_eq!(guards_of(&mongo, "leaderboard#g1").await, 4);
+        assert_eq!(guards_of(&mongo, "leaderboard.extra").await, 1);
+        let mut next = generation(1);
+        next.extend(generation(2));
+        next.sort();
+        assert_eq!(leaderboard_collections(&mongo).await, next);
+        mongo.rebuild_apply(lb, &rebuilt).await.unwrap();
+        assert_eq!(guards_of(&mongo, "leaderboard#g2").await, 4);
+        assert!(mongo.rebuild_cancel(lb).await.unwrap());
+        assert_eq!(leaderboard_collections(&mongo).await, generation(1));
+        assert_eq!(guards_of(&mongo, "leaderboard#g2").await, 0);
+        assert_eq!(mongo.live_generation(lb).await.unwrap(), 1);
+        assert_eq!(board_xp(&mongo, 0).await, Some(110));
+
+        // A reset empties the live generation and keeps it live.
+        mongo.reset(lb).await.unwrap();
+        assert_eq!(mongo.live_generation(lb).await.unwrap(), 1);
+        assert_eq!(board_xp(&mongo, 0).await, None);
+        assert_eq!(guards_of(&mongo, "leaderboard#g1").await, 0);
+        let names: Vec<String> = mongo
+            .checkpoints()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, vec!["leaderboard.extra".to_string()]);
+        let out = mongo.apply("leaderboard", &live).await.unwrap();
+        assert!(out.iter().all(|o| *o == ApplyOutcome::Applied), "{out:?}");
+        assert_eq!(board_xp(&mongo, 0).await, Some(2));
+        assert_eq!(
+            collection_name(LEADERBOARD, 1),
+            format!("{LEADERBOARD}_g1"),
+            "the documented names"
+        );
+    })
+    .await;
+}
+
+/// A live worker applies events (in small batches, retrying gaps) while a rebuild of the same
+/// projection code catches up in pages and tries to switch after each page: the switch
+/// happens while the worker writes, and afterwards every event is applied exactly once to the
+/// live version (the sums and the live consumer's `applied` count say so). A batch that
+/// committed to the retired version after the switch, or applied again what the rebuild had
+/// applied, would show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_writers_switch_atomically_with_a_concurrent_rebuild() {
+    const N: u64 = 160;
+    let server = server();
+    with_database(&server.url, |uri, db| async move {
+        let mongo = MongoReadModels::connect(&uri, &db).await.expect("connect");
+        let other = MongoReadModels::connect(&uri, &db).await.expect("connect");
+        let lb = Projection::Leaderboard;
+        let first: Vec<_> = (1..=20).map(|p| board_item(p, 1)).collect();
+        mongo.apply("leaderboard", &first).await.unwrap();
+        mongo.rebuild_begin(lb).await.unwrap();
+        let worker = tokio::spawn(async move {
+            let mut next = 21;
+            let mut applied = 0u64;
+            while next <= N {
+                let batch: Vec<_> = (next..=(next + 2).min(N))
+                    .map(|p| board_item(p, 1))
+                    .collect();
+                let out = other.apply("leaderboard", &batch).await.unwrap();
+                assert!(
+                    out.iter().all(|o| !matches!(o, ApplyOutcome::Gap { .. })),
+                    "in order: {out:?}"
+                );
+                applied += out.iter().filter(|o| **o == ApplyOutcome::Applied).count() as u64;
+                next += batch.len() as u64;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            applied
+        });
+        let mut switched_at = None;
+        for page in 0..N / 10 {
+            let items: Vec<_> = (page * 10 + 1..=page * 10 + 10)
+                .map(|p| board_item(p, 1))
+                .collect();
+            mongo.rebuild_apply(lb, &items).await.unwrap();
+            if mongo.rebuild_switch(lb).await.unwrap() == RebuildSwitch::Switched {
+                switched_at = Some(page * 10 + 10);
+                break;
+            }
+        }
+        let live_applied = worker.await.unwrap();
+        let switched_at = switched_at.expect("the rebuild catches up and switches");
+        // The worker still had events to write after the switch (so its batches raced it and
+        // went on in the rebuilt version).
+        assert!(switched_at < N, "switched at {switched_at}");
+        assert!(live_applied >= N - switched_at, "{live_applied}");
+        let status = &mongo.rebuilds().await.unwrap()[0];
+        assert_eq!(
+            (status.phase, status.checkpoint),
+            (RebuildPhase::Switched, switched_at)
+        );
+        // Every event exactly once: user u's XP is its number of events.
+        for u in 0..4 {
+            assert_eq!(board_xp(&mongo, u).await, Some((N / 4) as i64), "user {u}");
+        }
+        let cp = mongo.checkpoints().await.unwrap();
+        assert_eq!(
+            (cp[0].name.as_str(), cp[0].checkpoint, cp[0].applied),
+            ("leaderboard", N, N)
+        );
+        let page = mongo.leaderboard("all-time", 10, 0).await.unwrap();
+        assert_eq!(page.len(), 4);
+        assert!(page.iter().all(|r| r.xp == (N / 4) as i64));
+    })
+    .await;
 }

@@ -4,6 +4,7 @@
 
 mod paging;
 mod ranking;
+mod rebuilds;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -1426,4 +1427,61 @@ proptest! {
                 ranking::check(&SqliteReadModels::open(&path).unwrap(), &h, 3).await;
             });
     }
+}
+
+/// Rebuilds beside the live read model (blue/green), for a one-table model (`xp`) and one
+/// with its count trie (`leaderboard`); see `rebuilds/mod.rs`.
+#[tokio::test]
+async fn rebuilds_beside_the_live_version_switch_atomically_resume_and_cancel() {
+    for projection in [Projection::Xp, Projection::Leaderboard] {
+        let (_dir, store) = open();
+        rebuilds::blue_green(&store, projection).await;
+    }
+}
+
+/// A file written before rebuilds existed (no `state` column) opens, keeps its checkpoints,
+/// and can then be rebuilt beside the live version.
+#[tokio::test]
+async fn files_from_before_rebuilds_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tektree.db");
+    {
+        let store = SqliteReadModels::open(&path).unwrap();
+        let out = store
+            .apply("xp", &[(key("user", user(1), 1, 1), vec![xp(user(1), 7)])])
+            .await
+            .unwrap();
+        assert_eq!(out, vec![ApplyOutcome::Applied]);
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE old_checkpoint AS SELECT consumer, checkpoint, applied FROM consumer_checkpoint;
+         DROP TABLE consumer_checkpoint;
+         CREATE TABLE consumer_checkpoint (
+             consumer TEXT NOT NULL PRIMARY KEY,
+             checkpoint INTEGER NOT NULL DEFAULT 0,
+             applied INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+         INSERT INTO consumer_checkpoint SELECT * FROM old_checkpoint;
+         DROP TABLE old_checkpoint;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteReadModels::open(&path).unwrap();
+    let cp = store.checkpoints().await.unwrap();
+    assert_eq!((cp[0].name.as_str(), cp[0].checkpoint), ("xp", 1));
+    let out = store
+        .apply("xp", &[(key("user", user(1), 1, 1), vec![xp(user(1), 7)])])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![ApplyOutcome::Duplicate]);
+    store.rebuild_begin(Projection::Xp).await.unwrap();
+    store
+        .rebuild_apply(
+            Projection::Xp,
+            &[(key("user", user(1), 1, 1), vec![xp(user(1), 9)])],
+        )
+        .await
+        .unwrap();
+    store.rebuild_switch(Projection::Xp).await.unwrap();
+    assert_eq!(store.user_xp(user(1)).await.unwrap().unwrap().xp, 9);
 }

@@ -4,6 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use chrono::Utc;
+use serde_json::json;
 use tektree_domain::{
     Actor, Content, ContentCommand, NoServices, Rules, User, UserCommand, VoteDirection,
 };
@@ -163,9 +164,33 @@ async fn rebuild_status_and_events_over_a_live_store() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // One line per projection: xp, leaderboard, quota, content, tags.
+    // One line per projection: xp, leaderboard, quota, content, tags; each rebuilt beside
+    // the live version (generation 1) and switched.
     assert_eq!(lines.len(), 5);
-    assert!(lines.iter().all(|l| l["events"] == head));
+    assert!(lines.iter().all(|l| l["events"] == head
+        && l["switched"] == true
+        && l["generation"] == 1
+        && l["resumed_from"] == 0));
+    assert_eq!(exports(&app).await, live);
+    // status lists the rebuilds, switched, with their speed.
+    let status: serde_json::Value =
+        serde_json::from_str(&replay(&store, &["status", "--json"])).unwrap();
+    let rebuilds = status["rebuilds"].as_array().unwrap();
+    assert_eq!(rebuilds.len(), 5);
+    for r in rebuilds {
+        assert_eq!(
+            (&r["phase"], &r["checkpoint"]),
+            (&json!("switched"), &json!(head))
+        );
+        assert!(r["events_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["eta_secs"].is_null());
+    }
+    // Nothing in progress to cancel; the stopped-world rebuild gives the same read models.
+    let cancel: serde_json::Value =
+        serde_json::from_str(&replay(&store, &["rebuild", "xp", "--cancel"])).unwrap();
+    assert_eq!(cancel, json!({"projection": "xp", "cancelled": false}));
+    let out = replay(&store, &["rebuild", "--all", "--in-place", "--quiet"]);
+    assert_eq!(out.lines().count(), 5);
     assert_eq!(exports(&app).await, live);
 
     // events --aggregate prints the question's history in sequence order.

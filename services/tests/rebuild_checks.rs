@@ -8,7 +8,8 @@ use std::path::Path;
 use tektree_event_store::conformance::{sample_events, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::{EventLog, SqliteStore};
 use tektree_projections::{Projection, SqliteReadModels};
-use tektree_services::replay::{rebuild, ReplayError};
+use tektree_projections::{ReadModelStore, RebuildPhase};
+use tektree_services::replay::{rebuild, rebuild_beside, ReplayError};
 use uuid::Uuid;
 
 /// Two aggregates, three events each, interleaved: positions 1..=6. Returns the ids.
@@ -38,10 +39,28 @@ fn sql(path: &Path, statements: &str) {
         .unwrap();
 }
 
+/// Rebuilds `xp` in place and beside the live version, each into a read-model file of its
+/// own; both must give the same answer. A rebuild beside that fails must stay unswitched (in
+/// progress, queries on the live version).
 async fn rebuild_xp(path: &Path, dir: &Path) -> Result<u64, ReplayError> {
     let store = SqliteStore::open(path).unwrap();
-    let read_models = SqliteReadModels::open(dir.join("rm.db")).unwrap();
-    rebuild(&store, &read_models, Projection::Xp, |_| {}).await
+    let in_place = SqliteReadModels::open(dir.join("in-place.db")).unwrap();
+    let first = rebuild(&store, &in_place, Projection::Xp, |_| {}).await;
+    let beside = SqliteReadModels::open(dir.join("beside.db")).unwrap();
+    let second = rebuild_beside(&store, &beside, Projection::Xp, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .await;
+    match (&first, &second) {
+        (Ok(n), Ok(r)) => assert_eq!((*n, r.switched), (r.events, true)),
+        (Err(a), Err(b)) => {
+            assert_eq!(a.to_string(), b.to_string());
+            let status = beside.rebuilds().await.unwrap();
+            assert_eq!(status[0].phase, RebuildPhase::Building);
+        }
+        other => panic!("in place and beside differ: {other:?}"),
+    }
+    first
 }
 
 #[tokio::test]

@@ -256,9 +256,27 @@ impl Event {
         event_version: u32,
         payload: &serde_json::Value,
     ) -> Result<Event, DecodeError> {
+        let current = catalog_entry(event_type)
+            .ok_or_else(|| DecodeError::UnknownType(event_type.into()))?
+            .version;
+        if event_version == current {
+            return Self::decode_current(event_type, payload);
+        }
         let (_, payload) = crate::upcast::upcast(event_type, event_version, payload.clone())?;
-        let tagged = serde_json::json!({ "event_type": event_type, "payload": payload });
-        serde_json::from_value(tagged).map_err(|source| DecodeError::Payload {
+        Self::decode_current(event_type, &payload)
+    }
+
+    /// Decodes a payload at the current version of `event_type`, borrowing it: the type and
+    /// the payload are fed to the enum's adjacently tagged deserializer as a two-entry map,
+    /// tag first, so the variant's fields are read straight from `payload` (no copy of the
+    /// payload, no buffering).
+    fn decode_current(event_type: &str, payload: &serde_json::Value) -> Result<Event, DecodeError> {
+        use serde::Deserialize;
+        let tag = serde_json::Value::String(event_type.to_owned());
+        let entries = [("event_type", &tag), ("payload", payload)];
+        let map =
+            serde::de::value::MapDeserializer::<_, serde_json::Error>::new(entries.into_iter());
+        Event::deserialize(map).map_err(|source| DecodeError::Payload {
             event_type: event_type.into(),
             source,
         })

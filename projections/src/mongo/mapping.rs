@@ -11,8 +11,13 @@
 //! | `rm_quota` | unique `(user_id, period)` | `tier`, `used`, `limit_units` (null = unlimited or unknown), `exceeded` |
 //! | `rm_tier` | `_id` = user id | `tier` |
 //! | `consumer_guard` | unique `(consumer, aggregate_id, aggregate_type)` | `last_sequence` |
-//! | `consumer_checkpoint` | `_id` = consumer | `checkpoint`, `applied` |
+//! | `consumer_checkpoint` | `_id` = consumer | `checkpoint`, `applied`; for a projection also `generation` (its live generation, absent = 0) and `state` (the key of its guard and applied documents, absent = the consumer's name) |
 //! | `consumer_applied` | unique `(consumer, position)` | positions applied above the checkpoint |
+//! | `consumer_rebuild` | `_id` = projection | the latest rebuild beside the live read model: `generation`, `phase` (`building`, `switched`, `cancelled`), `started_ms`, `finished_ms`, `checkpoint`, `applied` |
+//!
+//! Generation `N` ≥ 1 of a projection's collections (see the [module docs](super)) is named
+//! like generation 0 with the suffix `_gN` (`rm_xp_g2`) and has the same indexes; the
+//! consumer of a rebuild is `{projection}#g{N}` (`xp#g2`) in the `consumer_*` collections.
 
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{doc, Binary, Bson, Document};
@@ -44,8 +49,12 @@ pub const GUARD: &str = "consumer_guard";
 pub const CHECKPOINT: &str = "consumer_checkpoint";
 /// `consumer_applied`.
 pub const APPLIED: &str = "consumer_applied";
-/// Every collection of the adapter.
-pub const COLLECTIONS: [&str; 10] = [
+/// `consumer_rebuild`: the latest rebuild beside the live read model of each projection.
+pub const REBUILD: &str = "consumer_rebuild";
+/// Every collection of the adapter that [`MongoReadModels::connect`](crate::MongoReadModels::connect)
+/// creates (the read models' generation 0; later generations are created by
+/// [`rebuild_begin`](crate::ReadModelStore::rebuild_begin)).
+pub const COLLECTIONS: [&str; 11] = [
     XP,
     LEADERBOARD,
     crate::mongo::TREE,
@@ -56,6 +65,7 @@ pub const COLLECTIONS: [&str; 10] = [
     GUARD,
     CHECKPOINT,
     APPLIED,
+    REBUILD,
 ];
 
 /// Name of the leaderboard ranking index `(board 1, xp -1, user_id 1)`.

@@ -38,16 +38,75 @@
 //! 79 s for `skip` pages without the `export` index; 30,000 leaderboard entries on three boards
 //! 9 s, against 29 s for `skip` pages before any rank is counted).
 //!
+//! # Generations: rebuilds beside the live read model (blue/green)
+//!
+//! Each projection's collections exist in **generations**: generation 0 has the names a
+//! database starts with (`rm_xp`, `rm_leaderboard` + `rm_leaderboard_tree`, `rm_quota` +
+//! `rm_tier`, `rm_content`, `rm_tags`; so databases written before rebuilds need no
+//! migration), generation `N` ≥ 1 the same names with the suffix `_gN` ([`collection_name`])
+//! and the same indexes. The **live** generation of projection `p` is field `generation` of
+//! `p`'s checkpoint document in [`CHECKPOINT`] (absent = 0), and field `state` names the key
+//! of its guard and applied-position documents (absent = `p`). Policies and any consumer that
+//! is not a projection have neither field: their key is their name.
+//!
+//! - [`ReadModelStore::rebuild_begin`] claims generation `N` = the last one recorded in
+//!   [`REBUILD`] (`_id` = projection; `generation`, `phase`, `started_ms`, `finished_ms`,
+//!   `checkpoint`, `applied`) + 1 with a conditional write (generations never repeat; a
+//!   rebuild in phase building is resumed instead), and creates its empty collections. The
+//!   rebuild has its own consumer `p#gN`: checkpoint document, guards and parked positions.
+//! - [`ReadModelStore::rebuild_apply`] is the live apply (same transaction code) on
+//!   generation `N` and consumer `p#gN`; the rebuild document is read in the transaction.
+//! - A **live apply** reads its checkpoint document first, inside its transaction, and takes
+//!   the generation and guard key from it; every apply that applies an event writes that
+//!   document. The changes of other projections' collections (not produced by the services'
+//!   consumers) go to those projections' live generations, read in the transaction too; as
+//!   such a batch does not write those projections' documents, one that commits while they
+//!   switch may land in the retired generation.
+//! - [`ReadModelStore::rebuild_switch`] is one transaction: it reads the rebuild's checkpoint
+//!   and the live one (and the highest position parked under the live key), answers
+//!   [`RebuildSwitch::Behind`] while the rebuild is behind, and otherwise sets the live
+//!   document to the rebuild's checkpoint and count with `generation: N`, `state: "p#gN"`,
+//!   deletes the `p#gN` document and marks the rebuild switched. As every applying live batch
+//!   writes the same live document, a concurrent batch either committed before the switch's
+//!   snapshot (the switch sees it) or fails with a write conflict and is retried by the
+//!   transaction runner on generation `N`: writers switch atomically. After the commit the old
+//!   key's guard and applied documents are deleted (nothing uses them any more) in
+//!   transactions of 1,000 documents: bounded by the transaction limits, and retried on a
+//!   write conflict with a live batch still in flight on the old key (an unbounded
+//!   `deleteMany` outside a transaction deadlocks with such a batch on SecantusDB, the test
+//!   server, which holds the collection's lock while it waits for the conflict to clear).
+//! - Queries read the live generation, then the rows: reads that run in a snapshot
+//!   transaction (a leaderboard page, rank, around me, an export page of several ranges) read
+//!   the generation in the same transaction; a single-document read (user XP, quota, tier,
+//!   content, tag, an export page of one range) reads the generation and then the row in one
+//!   causally consistent session (two round trips), so it may read the retired generation if
+//!   a switch commits in between: the answer is then the one of just before the switch. For
+//!   that reason a switch does **not** drop the retired collections: they are dropped when the
+//!   projection's next rebuild begins (which drops every generation but the live one and the
+//!   new one, and deletes leftover `p#g…` guard and applied documents of interrupted
+//!   clean-ups). Until then the old version costs its storage.
+//! - [`ReadModelStore::rebuild_cancel`] deletes the `p#gN` checkpoint document and marks the
+//!   rebuild cancelled in one transaction, then drops generation `N`'s collections at once (no
+//!   query ever read them) and deletes its guard and applied documents.
+//! - [`ReadModelStore::reset`] (the stopped-world rebuild) empties the **live** generation's
+//!   collections and deletes its key's guard and applied documents and the checkpoint fields;
+//!   `generation` and `state` stay, so the live generation does not change.
+//! - [`ReadModelStore::checkpoints`] lists neither rebuild consumers (`#` in the name) nor
+//!   projections reset since their last apply.
+//!
 //! Costs to know: a batch is one transaction with one round trip per change (the driver's
 //! `Client::bulk_write` needs MongoDB 8.0), so keep batches to a few hundred events; [`ReadModelStore::reset`] deletes a model in one transaction, which is
 //! bounded by the server's transaction limits (60 s lifetime by default): fine for
 //! hundreds of thousands of rows, not for hundreds of millions.
 
+mod generations;
 mod mapping;
 mod plan;
 mod ranks;
+mod rebuild;
 mod txn;
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -55,24 +114,29 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::FindOptions;
-use mongodb::{Client, ClientSession, Collection, Database};
+use mongodb::{Client, ClientSession, Collection, Database, IndexModel};
 use tektree_mongo::{code, connect_client, CausalClock};
 use uuid::Uuid;
 
+pub use generations::{collection_name, owner, projection_collections};
 pub use mapping::{
     change_upsert, content_row, export_queries, leaderboard_row, quota_row, read_model_indexes,
     tag_row, tier_from_str, tier_of, uuid_bson, xp_row, ExportQuery, Update, Upsert, APPLIED,
-    CHECKPOINT, COLLECTIONS, CONTENT, EXPORT_INDEX, GUARD, LEADERBOARD, QUOTA, RANK_INDEX, TAGS,
-    TIER, XP,
+    CHECKPOINT, COLLECTIONS, CONTENT, EXPORT_INDEX, GUARD, LEADERBOARD, QUOTA, RANK_INDEX, REBUILD,
+    TAGS, TIER, XP,
 };
 pub use plan::{plan_guards, GuardKey, Progress};
 pub use ranks::{planned_finds, TREE, TREE_INDEX};
+
+use generations::{live_generation, rebuild_consumer, Generations, Head};
+use ranks::Ranking;
 
 use crate::rank_tree::UpperCounts;
 use crate::{
     check_consumer, check_export, check_key, export_page, int, ApplyOutcome, Change, Checkpoint,
     ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow, Projection,
-    QuotaRow, ReadModel, ReadModelError, ReadModelStore, TagRow, XpRow,
+    QuotaRow, ReadModel, ReadModelError, ReadModelStore, RebuildStatus, RebuildSwitch, TagRow,
+    XpRow,
 };
 use txn::TxError;
 
@@ -121,11 +185,22 @@ struct Item {
     upserts: Vec<(Upsert, Option<Change>)>,
 }
 
+/// Whose batch an apply writes.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// A live consumer (projection or policy): the live generation of every projection.
+    Live(&'a str),
+    /// The rebuild of a projection in progress: its generation, its consumer `p#gN`.
+    Rebuild(Projection),
+}
+
 /// Everything one apply attempt needs.
 struct ApplyCtx<'a> {
     inner: &'a Inner,
-    consumer: &'a str,
+    target: Target<'a>,
     items: &'a [Item],
+    /// The projections whose collections the batch's changes write.
+    owners: BTreeSet<Projection>,
 }
 
 async fn collect(
@@ -144,8 +219,21 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> TxError {
     TxError::Abort(ReadModelError::Backend(format!("corrupt {what}: {e}")))
 }
 
-async fn upsert(inner: &Inner, s: &mut ClientSession, u: Upsert) -> Result<(), TxError> {
-    let coll = inner.coll(u.collection);
+/// A transaction body's error outside a transaction runner.
+fn untx(what: &str, e: TxError) -> ReadModelError {
+    match e {
+        TxError::Abort(e) => e,
+        TxError::Driver(e) => backend(what, e),
+    }
+}
+
+async fn upsert(
+    inner: &Inner,
+    s: &mut ClientSession,
+    gens: &Generations,
+    u: Upsert,
+) -> Result<(), TxError> {
+    let coll = inner.coll(&gens.name(u.collection));
     match u.update {
         Update::Modifier(m) => coll.update_one(u.filter, m),
         Update::Pipeline(p) => coll.update_one(u.filter, p),
@@ -156,66 +244,202 @@ async fn upsert(inner: &Inner, s: &mut ClientSession, u: Upsert) -> Result<(), T
     Ok(())
 }
 
-impl ApplyCtx<'_> {
-    async fn attempt(&self, s: &mut ClientSession) -> Result<Vec<ApplyOutcome>, TxError> {
-        let inner = self.inner;
-        let consumer = self.consumer;
-        // Guards of the batch's aggregates.
-        let ids: Vec<Bson> = self
-            .items
-            .iter()
-            .map(|i| i.key.aggregate_id)
-            .collect::<BTreeSet<Uuid>>()
-            .into_iter()
-            .map(uuid_bson)
-            .collect();
-        let cursor = inner
+/// The stored guards of the aggregates of `items` under guard key `key`.
+async fn read_guards(
+    inner: &Inner,
+    s: &mut ClientSession,
+    key: &str,
+    items: &[Item],
+) -> Result<HashMap<GuardKey, u64>, TxError> {
+    let ids: Vec<Bson> = items
+        .iter()
+        .map(|i| i.key.aggregate_id)
+        .collect::<BTreeSet<Uuid>>()
+        .into_iter()
+        .map(uuid_bson)
+        .collect();
+    let cursor = inner
+        .coll(GUARD)
+        .find(doc! { "consumer": key, "aggregate_id": { "$in": ids } })
+        .session(&mut *s)
+        .await?;
+    let mut stored = HashMap::new();
+    for d in collect(cursor, s).await? {
+        let id = match d.get("aggregate_id") {
+            Some(Bson::Binary(b)) => Uuid::from_slice(&b.bytes).map_err(|e| corrupt("guard", e))?,
+            _ => return Err(corrupt("guard", "aggregate_id is not a UUID")),
+        };
+        let t = d
+            .get_str("aggregate_type")
+            .map_err(|e| corrupt("guard", e))?
+            .to_string();
+        let last = d
+            .get_i64("last_sequence")
+            .map_err(|e| corrupt("guard", e))?;
+        stored.insert(
+            (t, id),
+            u64::try_from(last).map_err(|e| corrupt("guard", e))?,
+        );
+    }
+    Ok(stored)
+}
+
+/// Writes the guards that changed under guard key `key`.
+async fn write_guards(
+    inner: &Inner,
+    s: &mut ClientSession,
+    key: &str,
+    changed: &HashMap<GuardKey, u64>,
+) -> Result<(), TxError> {
+    for ((t, id), last) in changed {
+        inner
             .coll(GUARD)
-            .find(doc! { "consumer": consumer, "aggregate_id": { "$in": ids } })
+            .update_one(
+                doc! { "consumer": key, "aggregate_id": uuid_bson(*id), "aggregate_type": t },
+                doc! { "$set": { "last_sequence": *last as i64 } },
+            )
+            .upsert(true)
             .session(&mut *s)
             .await?;
-        let mut stored = HashMap::new();
-        for d in collect(cursor, s).await? {
-            let id = match d.get("aggregate_id") {
-                Some(Bson::Binary(b)) => {
-                    Uuid::from_slice(&b.bytes).map_err(|e| corrupt("guard", e))?
-                }
-                _ => return Err(corrupt("guard", "aggregate_id is not a UUID")),
-            };
-            let t = d
-                .get_str("aggregate_type")
-                .map_err(|e| corrupt("guard", e))?
-                .to_string();
-            let last = d
-                .get_i64("last_sequence")
-                .map_err(|e| corrupt("guard", e))?;
-            stored.insert(
-                (t, id),
-                u64::try_from(last).map_err(|e| corrupt("guard", e))?,
-            );
+    }
+    Ok(())
+}
+
+/// Folds the positions parked under guard key `key` into `progress` (which started at
+/// checkpoint `start`), parks its new positions above the checkpoint and writes the
+/// checkpoint document of `consumer` (keeping its other fields: `generation`, `state`).
+async fn save_progress(
+    inner: &Inner,
+    s: &mut ClientSession,
+    consumer: &str,
+    key: &str,
+    mut progress: Progress,
+    start: u64,
+) -> Result<(), TxError> {
+    loop {
+        let cursor = inner
+            .coll(APPLIED)
+            .find(doc! { "consumer": key, "position": { "$gt": progress.checkpoint as i64 } })
+            .with_options(
+                FindOptions::builder()
+                    .sort(doc! { "consumer": 1, "position": 1 })
+                    .limit(PARKED_PAGE as i64)
+                    .projection(doc! { "_id": 0, "position": 1 })
+                    .build(),
+            )
+            .session(&mut *s)
+            .await?;
+        let page: Vec<u64> = collect(cursor, s)
+            .await?
+            .iter()
+            .map(|d| d.get_i64("position").map(|p| p as u64))
+            .collect::<Result<_, _>>()
+            .map_err(|e| corrupt("parked position", e))?;
+        if !progress.fold_parked(&page, PARKED_PAGE) {
+            break;
         }
+    }
+    if progress.checkpoint > start {
+        inner
+            .coll(APPLIED)
+            .delete_many(
+                doc! { "consumer": key, "position": { "$lte": progress.checkpoint as i64 } },
+            )
+            .session(&mut *s)
+            .await?;
+    }
+    if !progress.parked_new.is_empty() {
+        let docs = progress
+            .parked_new
+            .iter()
+            .map(|&p| doc! { "consumer": key, "position": p as i64 });
+        inner
+            .coll(APPLIED)
+            .insert_many(docs)
+            .session(&mut *s)
+            .await?;
+    }
+    inner
+        .coll(CHECKPOINT)
+        .update_one(
+            doc! { "_id": consumer },
+            doc! { "$set": {
+                "checkpoint": progress.checkpoint as i64,
+                "applied": progress.applied as i64,
+            } },
+        )
+        .upsert(true)
+        .session(&mut *s)
+        .await?;
+    Ok(())
+}
+
+impl ApplyCtx<'_> {
+    /// The consumer whose checkpoint document the batch advances, its head and the
+    /// generations the batch writes, read inside the transaction.
+    async fn resolve(&self, s: &mut ClientSession) -> Result<(String, Head, Generations), TxError> {
+        let inner = self.inner;
+        let mut gens = Generations::default();
+        match self.target {
+            Target::Live(consumer) => {
+                let head = Head::read(inner, s, consumer).await?;
+                let own = consumer.parse::<Projection>().ok();
+                if let Some(p) = own {
+                    gens.set(p, head.generation);
+                }
+                for &p in &self.owners {
+                    if Some(p) != own {
+                        gens.set(p, live_generation(inner, s, p).await?);
+                    }
+                }
+                Ok((consumer.to_string(), head, gens))
+            }
+            Target::Rebuild(p) => {
+                let generation = rebuild::building(inner, s, p).await?;
+                let consumer = rebuild_consumer(p, generation);
+                let head = Head::read(inner, s, &consumer).await?;
+                gens.set(p, generation);
+                Ok((consumer, head, gens))
+            }
+        }
+    }
+
+    async fn attempt(&self, s: &mut ClientSession) -> Result<Vec<ApplyOutcome>, TxError> {
+        let (consumer, head, gens) = self.resolve(s).await?;
+        let stored = read_guards(self.inner, s, &head.key, self.items).await?;
         let keys: Vec<EventKey> = self.items.iter().map(|i| i.key.clone()).collect();
         let (outcomes, changed) = plan_guards(&keys, &stored);
-
-        let checkpoint = inner
-            .coll(CHECKPOINT)
-            .find_one(doc! { "_id": consumer })
-            .session(&mut *s)
+        let mut progress = Progress::new(head.checkpoint, head.applied);
+        self.write_changes(s, &gens, &outcomes, &mut progress)
             .await?;
-        let mut progress = match checkpoint {
-            None => Progress::new(0, 0),
-            Some(d) => {
-                let cp = d
-                    .get_i64("checkpoint")
-                    .map_err(|e| corrupt("checkpoint", e))?;
-                let applied = d.get_i64("applied").map_err(|e| corrupt("checkpoint", e))?;
-                Progress::new(cp as u64, applied as u64)
-            }
-        };
-        let start = progress.checkpoint;
+        write_guards(self.inner, s, &head.key, &changed).await?;
+        if progress.dirty {
+            save_progress(
+                self.inner,
+                s,
+                &consumer,
+                &head.key,
+                progress,
+                head.checkpoint,
+            )
+            .await?;
+        }
+        Ok(outcomes)
+    }
 
+    /// Applies the changes of the applied items to generations `gens` and records their
+    /// positions in `progress`.
+    async fn write_changes(
+        &self,
+        s: &mut ClientSession,
+        gens: &Generations,
+        outcomes: &[ApplyOutcome],
+        progress: &mut Progress,
+    ) -> Result<(), TxError> {
+        let inner = self.inner;
+        let ranking = Ranking::of(inner, gens.get(Projection::Leaderboard));
         let mut upper = UpperCounts::default();
-        for (item, outcome) in self.items.iter().zip(&outcomes) {
+        for (item, outcome) in self.items.iter().zip(outcomes) {
             if *outcome != ApplyOutcome::Applied {
                 continue;
             }
@@ -224,7 +448,7 @@ impl ApplyCtx<'_> {
                     Some(change @ Change::QuotaExceeded { user_id, .. }) => {
                         // The placeholder row of an exceeded period takes the user's tier.
                         let tier = inner
-                            .coll(TIER)
+                            .coll(&gens.name(TIER))
                             .find_one(doc! { "_id": uuid_bson(*user_id) })
                             .session(&mut *s)
                             .await?
@@ -233,89 +457,26 @@ impl ApplyCtx<'_> {
                         change_upsert(change, tier).map_err(TxError::Abort)?
                     }
                     Some(Change::Leaderboard { board, user_id, xp }) => {
-                        ranks::add_xp(inner, s, &mut upper, board, *user_id, *xp).await?;
+                        ranks::add_xp(&ranking, s, &mut upper, board, *user_id, *xp).await?;
                         continue;
                     }
                     _ => u.clone(),
                 };
-                upsert(inner, s, u).await?;
+                upsert(inner, s, gens, u).await?;
             }
             progress.record(item.key.position);
         }
-        ranks::flush(inner, s, upper).await?;
-        for ((t, id), last) in &changed {
-            inner
-                .coll(GUARD)
-                .update_one(
-                    doc! { "consumer": consumer, "aggregate_id": uuid_bson(*id), "aggregate_type": t },
-                    doc! { "$set": { "last_sequence": *last as i64 } },
-                )
-                .upsert(true)
-                .session(&mut *s)
-                .await?;
-        }
-        if !progress.dirty {
-            return Ok(outcomes);
-        }
-        // Fold positions parked by earlier batches.
-        loop {
-            let cursor = inner
-                .coll(APPLIED)
-                .find(doc! { "consumer": consumer, "position": { "$gt": progress.checkpoint as i64 } })
-                .with_options(
-                    FindOptions::builder()
-                        .sort(doc! { "consumer": 1, "position": 1 })
-                        .limit(PARKED_PAGE as i64)
-                        .projection(doc! { "_id": 0, "position": 1 })
-                        .build(),
-                )
-                .session(&mut *s)
-                .await?;
-            let page: Vec<u64> = collect(cursor, s)
-                .await?
-                .iter()
-                .map(|d| d.get_i64("position").map(|p| p as u64))
-                .collect::<Result<_, _>>()
-                .map_err(|e| corrupt("parked position", e))?;
-            if !progress.fold_parked(&page, PARKED_PAGE) {
-                break;
-            }
-        }
-        if progress.checkpoint > start {
-            inner
-                .coll(APPLIED)
-                .delete_many(doc! {
-                    "consumer": consumer,
-                    "position": { "$lte": progress.checkpoint as i64 },
-                })
-                .session(&mut *s)
-                .await?;
-        }
-        if !progress.parked_new.is_empty() {
-            let docs = progress
-                .parked_new
-                .iter()
-                .map(|&p| doc! { "consumer": consumer, "position": p as i64 });
-            inner
-                .coll(APPLIED)
-                .insert_many(docs)
-                .session(&mut *s)
-                .await?;
-        }
-        inner
-            .coll(CHECKPOINT)
-            .update_one(
-                doc! { "_id": consumer },
-                doc! { "$set": {
-                    "checkpoint": progress.checkpoint as i64,
-                    "applied": progress.applied as i64,
-                } },
-            )
-            .upsert(true)
-            .session(&mut *s)
-            .await?;
-        Ok(outcomes)
+        ranks::flush(&ranking, s, upper).await
     }
+}
+
+/// The projections whose collections the changes of `items` write.
+fn owners(items: &[Item]) -> BTreeSet<Projection> {
+    items
+        .iter()
+        .flat_map(|i| i.upserts.iter())
+        .filter_map(|(u, _)| owner(u.collection))
+        .collect()
 }
 
 /// Validates a batch and converts it before any I/O (so an invalid item changes nothing).
@@ -345,11 +506,46 @@ fn check_items(
         .collect()
 }
 
+/// Creates collection `name` of database `db` unless it is among `existing` (or is created
+/// concurrently by another process), then its `indexes` (idempotent).
+async fn ensure_collection(
+    db: &Database,
+    existing: &[String],
+    name: &str,
+    indexes: Vec<IndexModel>,
+) -> Result<(), ReadModelError> {
+    if !existing.iter().any(|c| c == name) {
+        match db.create_collection(name).await {
+            Ok(()) => {}
+            // Created concurrently by another process.
+            Err(e) if code(&e) == Some(48) => {}
+            Err(e) => return Err(backend(&format!("create collection {name}"), e)),
+        }
+    }
+    if indexes.is_empty() {
+        return Ok(());
+    }
+    db.collection::<Document>(name)
+        .create_indexes(indexes)
+        .await
+        .map(drop)
+        .map_err(|e| backend(&format!("create indexes of {name}"), e))
+}
+
+/// The indexes of read-model collection `base` ([`read_model_indexes`]).
+fn indexes_of(base: &str) -> Vec<IndexModel> {
+    read_model_indexes()
+        .into_iter()
+        .find(|(c, _)| *c == base)
+        .map(|(_, models)| models)
+        .unwrap_or_default()
+}
+
 impl MongoReadModels {
     /// Connects to the replica set at `uri`, refuses a standalone server (transactions need a
-    /// replica set), and creates the adapter's collections and indexes in database `db_name`
-    /// if missing (idempotent; safe from several processes at once). Other collections in the
-    /// database (for example the event store's) are left alone.
+    /// replica set), and creates the adapter's collections ([`COLLECTIONS`]) and indexes in
+    /// database `db_name` if missing (idempotent; safe from several processes at once). Other
+    /// collections in the database (for example the event store's) are left alone.
     ///
     /// # Errors
     /// [`ReadModelError::Backend`] when the URI is invalid, no server is reachable within the
@@ -363,21 +559,7 @@ impl MongoReadModels {
             .await
             .map_err(|e| backend("list collections", e))?;
         for name in COLLECTIONS {
-            if existing.iter().any(|c| c == name) {
-                continue;
-            }
-            match db.create_collection(name).await {
-                Ok(()) => {}
-                // Created concurrently by another process.
-                Err(e) if code(&e) == Some(48) => {}
-                Err(e) => return Err(backend(&format!("create collection {name}"), e)),
-            }
-        }
-        for (name, models) in read_model_indexes() {
-            db.collection::<Document>(name)
-                .create_indexes(models)
-                .await
-                .map_err(|e| backend(&format!("create indexes of {name}"), e))?;
+            ensure_collection(&db, &existing, name, indexes_of(name)).await?;
         }
         let store = MongoReadModels {
             inner: Arc::new(Inner {
@@ -390,14 +572,19 @@ impl MongoReadModels {
         Ok(store)
     }
 
-    /// Builds the count trie of every board from `rm_leaderboard` when the trie is empty and
-    /// the boards are not (a database written before the trie existed), in one transaction.
+    /// Builds the count trie of every board of the live leaderboard generation from its
+    /// entries when the trie is empty and the boards are not (a database written before the
+    /// trie existed), in one transaction.
     async fn build_rank_tree_if_missing(&self) -> Result<(), ReadModelError> {
         let mut s = self.session().await?;
         let inner: &Inner = &self.inner;
         let out = txn::run(&mut s, "build leaderboard rank tree", inner, |s, inner| {
             let inner: &Inner = inner;
-            async move { ranks::build_if_missing(inner, s).await }.boxed()
+            async move {
+                let g = live_generation(inner, s, Projection::Leaderboard).await?;
+                ranks::build_if_missing(&Ranking::of(inner, g), s).await
+            }
+            .boxed()
         })
         .await;
         self.inner.clock.observe(&s);
@@ -417,39 +604,62 @@ impl MongoReadModels {
             .map_err(|e| backend("start session", e))
     }
 
-    /// Documents of `collection` matching `filter`, in a causally consistent session.
+    /// The name of read-model collection `base` in the live generation of its projection,
+    /// read in session `s` (other collections keep their names).
+    async fn live_name(
+        &self,
+        s: &mut ClientSession,
+        base: &'static str,
+    ) -> Result<Cow<'static, str>, ReadModelError> {
+        let mut gens = Generations::default();
+        if let Some(p) = owner(base) {
+            let g = live_generation(&self.inner, s, p)
+                .await
+                .map_err(|e| untx("read the live generation", e))?;
+            gens.set(p, g);
+        }
+        Ok(gens.name(base))
+    }
+
+    /// Documents of `collection` (of its live generation) matching `filter`, in a causally
+    /// consistent session: the generation is read first, then the documents.
     async fn find(
         &self,
-        collection: &str,
+        collection: &'static str,
         filter: Document,
         options: FindOptions,
     ) -> Result<Vec<Document>, ReadModelError> {
         let mut s = self.session().await?;
+        let name = self.live_name(&mut s, collection).await?;
         let cursor = self
             .inner
-            .coll(collection)
+            .coll(&name)
             .find(filter)
             .with_options(options)
             .session(&mut s)
             .await
-            .map_err(|e| backend(&format!("find in {collection}"), e))?;
+            .map_err(|e| backend(&format!("find in {name}"), e))?;
         collect(cursor, &mut s)
             .await
-            .map_err(|e| backend(&format!("find in {collection}"), e))
+            .map_err(|e| backend(&format!("find in {name}"), e))
     }
 
+    /// The document of `collection` (of its live generation) matching `filter`, in a causally
+    /// consistent session: the generation is read first, then the document (two round trips;
+    /// see the [module docs](self)).
     async fn find_one(
         &self,
-        collection: &str,
+        collection: &'static str,
         filter: Document,
     ) -> Result<Option<Document>, ReadModelError> {
         let mut s = self.session().await?;
+        let name = self.live_name(&mut s, collection).await?;
         self.inner
-            .coll(collection)
+            .coll(&name)
             .find_one(filter)
             .session(&mut s)
             .await
-            .map_err(|e| backend(&format!("find in {collection}"), e))
+            .map_err(|e| backend(&format!("find in {name}"), e))
     }
 
     /// Runs a read-only snapshot transaction (one consistent view for several queries).
@@ -464,23 +674,37 @@ impl MongoReadModels {
         let inner: &Inner = &self.inner;
         txn::run(&mut s, what, inner, body).await
     }
-}
 
-#[async_trait]
-impl ReadModelStore for MongoReadModels {
-    async fn apply(
+    /// Applies the checked `items` for `target` in one transaction.
+    async fn apply_to(
         &self,
-        consumer: &str,
-        items: &[(EventKey, Vec<Change>)],
+        target: Target<'_>,
+        items: Vec<Item>,
     ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
-        let items = check_items(consumer, items)?;
+        let owners = owners(&items);
+        if let Target::Rebuild(p) = target {
+            if let Some(other) = owners.iter().find(|o| **o != p) {
+                return Err(ReadModelError::Invalid(format!(
+                    "a rebuild of {p} cannot apply changes of {other}'s read model"
+                )));
+            }
+            if items.is_empty() {
+                // Nothing to apply, but the rebuild must be in progress.
+                self.read_transaction("rebuild apply", |s, inner| {
+                    let inner: &Inner = inner;
+                    async move { rebuild::building(inner, s, p).await.map(drop) }.boxed()
+                })
+                .await?;
+            }
+        }
         if items.is_empty() {
             return Ok(vec![]);
         }
         let ctx = ApplyCtx {
             inner: &self.inner,
-            consumer,
+            target,
             items: &items,
+            owners,
         };
         let mut s = self.session().await?;
         let out = txn::run(&mut s, "apply read-model batch", &ctx, |s, ctx| {
@@ -492,6 +716,107 @@ impl ReadModelStore for MongoReadModels {
         out
     }
 
+    /// Runs `body` (a leaderboard read) in a read-only snapshot transaction on the live
+    /// generation of the leaderboard, read in the same transaction.
+    async fn ranked<T, F>(&self, what: &str, body: F) -> Result<T, ReadModelError>
+    where
+        F: for<'s> Fn(
+                &'s Ranking,
+                &'s mut ClientSession,
+            ) -> futures::future::BoxFuture<'s, Result<T, TxError>>
+            + Send
+            + Sync,
+        T: Send,
+    {
+        let mut s = self.session().await?;
+        let inner: &Inner = &self.inner;
+        txn::run(&mut s, what, (inner, &body), |s, ctx| {
+            let (inner, body): (&Inner, &F) = *ctx;
+            async move {
+                let g = live_generation(inner, s, Projection::Leaderboard).await?;
+                let ranking = Ranking::of(inner, g);
+                body(&ranking, s).await
+            }
+            .boxed()
+        })
+        .await
+    }
+}
+
+/// [`ReadModelStore::reset`] in one transaction: empties the live generation of
+/// `projection`'s collections, deletes the guard and applied documents of its key and its
+/// checkpoint (the document keeps `generation` and `state`, so the live generation stays).
+async fn reset_body(
+    inner: &Inner,
+    s: &mut ClientSession,
+    projection: Projection,
+) -> Result<(), TxError> {
+    let consumer = projection.name();
+    let head = Head::read(inner, s, consumer).await?;
+    for base in projection_collections(projection) {
+        inner
+            .coll(&collection_name(base, head.generation))
+            .delete_many(doc! {})
+            .session(&mut *s)
+            .await?;
+    }
+    for c in [GUARD, APPLIED] {
+        inner
+            .coll(c)
+            .delete_many(doc! { "consumer": &head.key })
+            .session(&mut *s)
+            .await?;
+    }
+    let checkpoint = inner.coll(CHECKPOINT);
+    if head.generation == 0 && head.key == consumer {
+        checkpoint
+            .delete_one(doc! { "_id": consumer })
+            .session(&mut *s)
+            .await?;
+    } else {
+        checkpoint
+            .update_one(
+                doc! { "_id": consumer },
+                doc! { "$unset": { "checkpoint": "", "applied": "" } },
+            )
+            .session(&mut *s)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A consumer's checkpoint document as listed by [`ReadModelStore::checkpoints`]; `None` for
+/// a rebuild's consumer (`p#gN`) and for a projection reset since (no `checkpoint` field).
+fn listed_checkpoint(d: &Document) -> Result<Option<Checkpoint>, ReadModelError> {
+    let name = d
+        .get_str("_id")
+        .map_err(|e| backend("corrupt checkpoint", e))?;
+    if name.contains('#') || !d.contains_key("checkpoint") {
+        return Ok(None);
+    }
+    let get = |f: &str| {
+        d.get_i64(f)
+            .map_err(|e| backend("corrupt checkpoint", e))
+            .and_then(|v| u64::try_from(v).map_err(|e| backend("corrupt checkpoint", e)))
+    };
+    Ok(Some(Checkpoint {
+        name: name.to_string(),
+        checkpoint: get("checkpoint")?,
+        applied: get("applied")?,
+    }))
+}
+
+#[async_trait]
+impl ReadModelStore for MongoReadModels {
+    async fn apply(
+        &self,
+        consumer: &str,
+        items: &[(EventKey, Vec<Change>)],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+        let items = check_items(consumer, items)?;
+        self.apply_to(Target::Live(consumer), items).await
+    }
+
     /// 1,000 (the default, stated): a page is one multi-document transaction of one round
     /// trip per change, which must end within the server's transaction lifetime (60 s by
     /// default).
@@ -499,73 +824,61 @@ impl ReadModelStore for MongoReadModels {
         1000
     }
 
+    async fn rebuild_begin(&self, projection: Projection) -> Result<RebuildStatus, ReadModelError> {
+        self.begin_rebuild(projection).await
+    }
+
+    async fn rebuild_apply(
+        &self,
+        projection: Projection,
+        items: &[(EventKey, Vec<Change>)],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+        let items = check_items(projection.name(), items)?;
+        self.apply_to(Target::Rebuild(projection), items).await
+    }
+
+    async fn rebuild_switch(
+        &self,
+        projection: Projection,
+    ) -> Result<RebuildSwitch, ReadModelError> {
+        self.switch_rebuild(projection).await
+    }
+
+    async fn rebuild_cancel(&self, projection: Projection) -> Result<bool, ReadModelError> {
+        self.cancel_rebuild(projection).await
+    }
+
+    async fn rebuilds(&self) -> Result<Vec<RebuildStatus>, ReadModelError> {
+        self.rebuild_statuses().await
+    }
+
     async fn reset(&self, projection: Projection) -> Result<(), ReadModelError> {
-        let collections: &'static [&'static str] = match projection {
-            Projection::Xp => &[XP],
-            Projection::Leaderboard => &[LEADERBOARD, TREE],
-            Projection::Quota => &[QUOTA, TIER],
-            Projection::Content => &[CONTENT],
-            Projection::Tags => &[TAGS],
-        };
-        let consumer = projection.to_string();
         let mut s = self.session().await?;
         let inner: &Inner = &self.inner;
-        let out = txn::run(
-            &mut s,
-            "reset read model",
-            (inner, collections, consumer.as_str()),
-            |s, ctx| {
-                let (inner, collections, consumer) = *ctx;
-                async move {
-                    for c in collections {
-                        inner.coll(c).delete_many(doc! {}).session(&mut *s).await?;
-                    }
-                    for c in [GUARD, APPLIED] {
-                        inner
-                            .coll(c)
-                            .delete_many(doc! { "consumer": consumer })
-                            .session(&mut *s)
-                            .await?;
-                    }
-                    inner
-                        .coll(CHECKPOINT)
-                        .delete_one(doc! { "_id": consumer })
-                        .session(&mut *s)
-                        .await?;
-                    Ok(())
-                }
-                .boxed()
-            },
-        )
+        let out = txn::run(&mut s, "reset read model", (inner, projection), |s, ctx| {
+            let (inner, projection) = *ctx;
+            async move { reset_body(inner, s, projection).await }.boxed()
+        })
         .await;
         self.inner.clock.observe(&s);
         out
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ReadModelError> {
-        self.find(
-            CHECKPOINT,
-            doc! {},
-            FindOptions::builder().sort(doc! { "_id": 1 }).build(),
-        )
-        .await?
-        .iter()
-        .map(|d| {
-            let get = |f: &str| {
-                d.get_i64(f)
-                    .map_err(|e| backend("corrupt checkpoint", e))
-                    .and_then(|v| u64::try_from(v).map_err(|e| backend("corrupt checkpoint", e)))
-            };
-            Ok(Checkpoint {
-                name: d
-                    .get_str("_id")
-                    .map_err(|e| backend("corrupt checkpoint", e))?
-                    .to_string(),
-                checkpoint: get("checkpoint")?,
-                applied: get("applied")?,
-            })
-        })
-        .collect()
+        let docs = self
+            .find(
+                CHECKPOINT,
+                doc! {},
+                FindOptions::builder().sort(doc! { "_id": 1 }).build(),
+            )
+            .await?;
+        Ok(docs
+            .iter()
+            .map(listed_checkpoint)
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     async fn user_xp(&self, user_id: Uuid) -> Result<Option<XpRow>, ReadModelError> {
@@ -584,10 +897,9 @@ impl ReadModelStore for MongoReadModels {
     ) -> Result<Vec<LeaderboardRow>, ReadModelError> {
         int(offset, "offset")?;
         let board = board.to_string();
-        self.read_transaction("leaderboard page", |s, inner| {
-            let inner: &Inner = inner;
+        self.ranked("leaderboard page", move |r, s| {
             let board = board.clone();
-            async move { ranks::page(inner, s, &board, limit, offset).await }.boxed()
+            async move { ranks::page(r, s, &board, limit, offset).await }.boxed()
         })
         .await
     }
@@ -598,10 +910,9 @@ impl ReadModelStore for MongoReadModels {
         user_id: Uuid,
     ) -> Result<Option<LeaderboardRow>, ReadModelError> {
         let board = board.to_string();
-        self.read_transaction("rank", |s, inner| {
-            let inner: &Inner = inner;
+        self.ranked("rank", move |r, s| {
             let board = board.clone();
-            async move { ranks::rank(inner, s, &board, user_id).await }.boxed()
+            async move { ranks::rank(r, s, &board, user_id).await }.boxed()
         })
         .await
     }
@@ -613,10 +924,9 @@ impl ReadModelStore for MongoReadModels {
         k: u32,
     ) -> Result<Option<Vec<LeaderboardRow>>, ReadModelError> {
         let board = board.to_string();
-        self.read_transaction("around", |s, inner| {
-            let inner: &Inner = inner;
+        self.ranked("around", move |r, s| {
             let board = board.clone();
-            async move { ranks::around(inner, s, &board, user_id, k).await }.boxed()
+            async move { ranks::around(r, s, &board, user_id, k).await }.boxed()
         })
         .await
     }
@@ -715,9 +1025,11 @@ fn ranked_entries(
 }
 
 impl MongoReadModels {
-    /// Runs `queries` in turn, each limited to what the page still lacks, until `limit`
-    /// documents are read: one query alone in a causally consistent session, several in one
-    /// read-only snapshot transaction (so a page is one snapshot).
+    /// Runs `queries` (on generation-0 names) in turn on the live generation of their
+    /// projection, each limited to what the page still lacks, until `limit` documents are
+    /// read: one query alone in a causally consistent session after reading the generation,
+    /// several in one read-only snapshot transaction that also reads the generation (so a page
+    /// is one snapshot).
     async fn export_ranges(
         &self,
         queries: Vec<ExportQuery>,
@@ -740,13 +1052,17 @@ impl MongoReadModels {
             let inner: &Inner = inner;
             let queries = queries.clone();
             async move {
+                let mut gens = Generations::default();
+                for p in queries.iter().filter_map(|q| owner(q.collection)) {
+                    gens.set(p, live_generation(inner, s, p).await?);
+                }
                 let mut docs = Vec::with_capacity(limit);
                 for q in &queries {
                     if docs.len() >= limit {
                         break;
                     }
                     let cursor = inner
-                        .coll(q.collection)
+                        .coll(&gens.name(q.collection))
                         .find(q.filter.clone())
                         .with_options(options(q, limit - docs.len()))
                         .session(&mut *s)

@@ -1,28 +1,49 @@
 //! The count trie of [`crate::rank_tree`] in collection [`TREE`], read and written with the
-//! operations of the caller's session (inside its transaction).
+//! operations of the caller's session (inside its transaction), on one generation of the
+//! leaderboard's collections ([`Ranking`]: [`LEADERBOARD`] and [`TREE`], or their
+//! `_gN` versions, see the [module docs](super)).
 
 use mongodb::bson::{doc, spec::BinarySubtype, Binary, Bson, Document};
 use mongodb::options::{Hint, ReturnDocument};
-use mongodb::ClientSession;
+use mongodb::{ClientSession, Collection};
 use uuid::Uuid;
 
+use super::generations::collection_name;
 use super::{collect, corrupt, Inner, TxError};
 use crate::mongo::mapping::{leaderboard_row, uuid_bson, LEADERBOARD, RANK_INDEX};
 use crate::rank_tree::{self, child, rows, Child, RankNodes, UpperCounts};
 use crate::LeaderboardRow;
 
 /// `rm_leaderboard_tree`: one document per trie node, `{board, depth, prefix (binary), n,
-/// split}`, unique index [`TREE_INDEX`] `(board, depth, prefix)`.
+/// split}`, unique index [`TREE_INDEX`] `(board, depth, prefix)` (generation `N` ≥ 1 of the
+/// leaderboard: `rm_leaderboard_tree_gN`).
 pub const TREE: &str = "rm_leaderboard_tree";
 
 /// Name of the unique `(board 1, depth 1, prefix 1)` index of [`TREE`]: a node's key, and its
 /// children are one range of it (binary values of one length compare bytewise).
 pub const TREE_INDEX: &str = "node";
 
-/// [`RankNodes`] on a MongoDB session.
+/// The collections of one generation of the leaderboard: its entries ([`LEADERBOARD`]) and
+/// its count trie ([`TREE`]).
+pub(super) struct Ranking {
+    entries: Collection<Document>,
+    tree: Collection<Document>,
+}
+
+impl Ranking {
+    /// The collections of generation `generation`.
+    pub(super) fn of(inner: &Inner, generation: u64) -> Self {
+        Ranking {
+            entries: inner.coll(&collection_name(LEADERBOARD, generation)),
+            tree: inner.coll(&collection_name(TREE, generation)),
+        }
+    }
+}
+
+/// [`RankNodes`] on a MongoDB session, on one generation of the leaderboard.
 pub(super) struct MongoNodes<'a> {
-    pub(super) inner: &'a Inner,
-    pub(super) s: &'a mut ClientSession,
+    r: &'a Ranking,
+    s: &'a mut ClientSession,
 }
 
 fn bin(bytes: Vec<u8>) -> Bson {
@@ -108,8 +129,8 @@ impl MongoNodes<'_> {
         limit: Option<i64>,
     ) -> Result<Vec<(Uuid, i64)>, TxError> {
         let cursor = self
-            .inner
-            .coll(LEADERBOARD)
+            .r
+            .entries
             .find(filter)
             .sort(rank_sort())
             .projection(rank_projection())
@@ -142,8 +163,8 @@ impl RankNodes for MongoNodes<'_> {
         delta: i64,
     ) -> Result<(i64, bool), TxError> {
         let d = self
-            .inner
-            .coll(TREE)
+            .r
+            .tree
             .find_one_and_update(
                 node_filter(board, prefix),
                 doc! { "$inc": { "n": delta }, "$setOnInsert": { "split": false } },
@@ -164,7 +185,7 @@ impl RankNodes for MongoNodes<'_> {
         prefix: &[u8],
         children: &[(u8, i64)],
     ) -> Result<(), TxError> {
-        let tree = self.inner.coll(TREE);
+        let tree = &self.r.tree;
         tree.update_one(
             node_filter(board, prefix),
             doc! { "$set": { "split": true } },
@@ -185,8 +206,8 @@ impl RankNodes for MongoNodes<'_> {
     }
 
     async fn node(&mut self, board: &str, prefix: &[u8]) -> Result<Option<(i64, bool)>, TxError> {
-        self.inner
-            .coll(TREE)
+        self.r
+            .tree
             .find_one(node_filter(board, prefix))
             .session(&mut *self.s)
             .await?
@@ -197,8 +218,8 @@ impl RankNodes for MongoNodes<'_> {
 
     async fn children(&mut self, board: &str, prefix: &[u8]) -> Result<Vec<Child>, TxError> {
         let cursor = self
-            .inner
-            .coll(TREE)
+            .r
+            .tree
             .find(children_filter(board, prefix, 0, 0xff))
             .sort(doc! { "board": 1, "depth": 1, "prefix": 1 })
             .hint(Hint::Name(TREE_INDEX.to_string()))
@@ -224,8 +245,8 @@ impl RankNodes for MongoNodes<'_> {
             return Ok(0);
         }
         let cursor = self
-            .inner
-            .coll(TREE)
+            .r
+            .tree
             .find(children_filter(board, prefix, 0, digit - 1))
             .projection(doc! { "_id": 0, "n": 1, "split": 1 })
             .hint(Hint::Name(TREE_INDEX.to_string()))
@@ -289,17 +310,17 @@ impl RankNodes for MongoNodes<'_> {
 }
 
 /// Adds `delta` to `user_id`'s entry on `board` (creating it at `delta`) and moves it in the
-/// count trie; the XP-byte counts go into `upper`.
+/// count trie of `r`; the XP-byte counts go into `upper`.
 pub(super) async fn add_xp(
-    inner: &Inner,
+    r: &Ranking,
     s: &mut ClientSession,
     upper: &mut UpperCounts,
     board: &str,
     user_id: Uuid,
     delta: i64,
 ) -> Result<(), TxError> {
-    let before = inner
-        .coll(LEADERBOARD)
+    let before = r
+        .entries
         .find_one_and_update(
             doc! { "board": board, "user_id": uuid_bson(user_id) },
             doc! { "$inc": { "xp": delta } },
@@ -313,19 +334,19 @@ pub(super) async fn add_xp(
         .map(|d| d.get_i64("xp").map_err(|e| corrupt("leaderboard entry", e)))
         .transpose()?;
     let new = old.unwrap_or(0) + delta;
-    let mut nodes = MongoNodes { inner, s };
+    let mut nodes = MongoNodes { r, s };
     rank_tree::move_entry(&mut nodes, upper, board, user_id, old, Some(new)).await
 }
 
-/// Builds the count trie of every board from the entries when the trie is empty and the
-/// boards are not (a database written before the trie existed).
-pub(super) async fn build_if_missing(inner: &Inner, s: &mut ClientSession) -> Result<(), TxError> {
-    let trie = inner.coll(TREE).find_one(doc! {}).session(&mut *s).await?;
+/// Builds the count trie of every board of `r` from the entries when the trie is empty and
+/// the boards are not (a database written before the trie existed).
+pub(super) async fn build_if_missing(r: &Ranking, s: &mut ClientSession) -> Result<(), TxError> {
+    let trie = r.tree.find_one(doc! {}).session(&mut *s).await?;
     if trie.is_some() {
         return Ok(());
     }
-    let cursor = inner
-        .coll(LEADERBOARD)
+    let cursor = r
+        .entries
         .aggregate([
             doc! { "$group": { "_id": { "board": "$board", "xp": "$xp" }, "n": { "$sum": 1 } } },
         ])
@@ -348,27 +369,26 @@ pub(super) async fn build_if_missing(inner: &Inner, s: &mut ClientSession) -> Re
         };
         groups.push(group(&d).ok_or_else(|| corrupt("leaderboard group", &d))?);
     }
-    rank_tree::build(&mut MongoNodes { inner, s }, &groups).await
+    rank_tree::build(&mut MongoNodes { r, s }, &groups).await
 }
 
-/// Writes a batch's summed XP-byte counts.
+/// Writes a batch's summed XP-byte counts to the trie of `r`.
 pub(super) async fn flush(
-    inner: &Inner,
+    r: &Ranking,
     s: &mut ClientSession,
     upper: UpperCounts,
 ) -> Result<(), TxError> {
-    rank_tree::flush(&mut MongoNodes { inner, s }, upper).await
+    rank_tree::flush(&mut MongoNodes { r, s }, upper).await
 }
 
 /// The XP of `user_id`'s entry on `board`.
 async fn entry_xp(
-    inner: &Inner,
+    r: &Ranking,
     s: &mut ClientSession,
     board: &str,
     user_id: Uuid,
 ) -> Result<Option<i64>, TxError> {
-    inner
-        .coll(LEADERBOARD)
+    r.entries
         .find_one(doc! { "board": board, "user_id": uuid_bson(user_id) })
         .projection(doc! { "_id": 0, "xp": 1 })
         .session(&mut *s)
@@ -379,33 +399,27 @@ async fn entry_xp(
 
 /// A page of `board` from 0-based `offset`.
 pub(super) async fn page(
-    inner: &Inner,
+    r: &Ranking,
     s: &mut ClientSession,
     board: &str,
     limit: u32,
     offset: u64,
 ) -> Result<Vec<LeaderboardRow>, TxError> {
-    let page = rank_tree::page(
-        &mut MongoNodes { inner, s },
-        board,
-        offset,
-        u64::from(limit),
-    )
-    .await?;
+    let page = rank_tree::page(&mut MongoNodes { r, s }, board, offset, u64::from(limit)).await?;
     Ok(rows(board, page))
 }
 
 /// The rank of `user_id` on `board`.
 pub(super) async fn rank(
-    inner: &Inner,
+    r: &Ranking,
     s: &mut ClientSession,
     board: &str,
     user_id: Uuid,
 ) -> Result<Option<LeaderboardRow>, TxError> {
-    let Some(xp) = entry_xp(inner, s, board, user_id).await? else {
+    let Some(xp) = entry_xp(r, s, board, user_id).await? else {
         return Ok(None);
     };
-    let ahead = rank_tree::ahead(&mut MongoNodes { inner, s }, board, xp, user_id).await?;
+    let ahead = rank_tree::ahead(&mut MongoNodes { r, s }, board, xp, user_id).await?;
     Ok(Some(LeaderboardRow {
         board: board.to_string(),
         rank: ahead + 1,
@@ -416,16 +430,16 @@ pub(super) async fn rank(
 
 /// The `k` entries above and below `user_id` on `board` and the user's own.
 pub(super) async fn around(
-    inner: &Inner,
+    r: &Ranking,
     s: &mut ClientSession,
     board: &str,
     user_id: Uuid,
     k: u32,
 ) -> Result<Option<Vec<LeaderboardRow>>, TxError> {
-    let Some(xp) = entry_xp(inner, s, board, user_id).await? else {
+    let Some(xp) = entry_xp(r, s, board, user_id).await? else {
         return Ok(None);
     };
-    let mut nodes = MongoNodes { inner, s };
+    let mut nodes = MongoNodes { r, s };
     let page = rank_tree::around(&mut nodes, board, xp, user_id, u64::from(k)).await?;
     Ok(Some(rows(board, page)))
 }

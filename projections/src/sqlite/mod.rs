@@ -15,39 +15,49 @@ use tektree_domain::{level_for_xp, Tier};
 use uuid::Uuid;
 
 mod ranks;
+mod rebuild;
+
+use rebuild::Side;
 
 use crate::rank_tree::UpperCounts;
 use crate::{
-    check_consumer, check_export, check_key, export_page, int, ApplyOutcome, Change, Checkpoint,
-    ContentDelta, ContentRow, EventKey, ExportCursor, ExportKey, ExportPage, LeaderboardRow,
-    Projection, QuotaRow, ReadModel, ReadModelError, ReadModelStore, TagRow, XpRow,
+    check_consumer, check_export, check_key, check_rebuild_items, export_page, int, ApplyOutcome,
+    Change, Checkpoint, ContentDelta, ContentRow, EventKey, ExportCursor, ExportKey, ExportPage,
+    LeaderboardRow, Projection, QuotaRow, ReadModel, ReadModelError, ReadModelStore, RebuildStatus,
+    RebuildSwitch, TagRow, XpRow,
 };
 
 /// How long a statement waits for another connection's lock before failing with
 /// [`ReadModelError::Backend`].
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Schema of the read models and consumer bookkeeping; idempotent.
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS rm_xp (
+/// The read-model tables and their DDL (idempotent), also used for a rebuild's tables (with
+/// the names rewritten, see `rebuild`). The ranking index of `rm_leaderboard` is created by
+/// [`rebuild::ensure_rank_index`].
+pub(super) const SCHEMA_TABLES: &[(&str, &str)] = &[
+    (
+        "rm_xp",
+        "CREATE TABLE IF NOT EXISTS rm_xp (
     user_id          TEXT    NOT NULL PRIMARY KEY,
     xp               INTEGER NOT NULL DEFAULT 0,
     questions        INTEGER NOT NULL DEFAULT 0,
     answers          INTEGER NOT NULL DEFAULT 0,
     accepted_answers INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS rm_leaderboard (
+) WITHOUT ROWID;",
+    ),
+    (
+        "rm_leaderboard",
+        "CREATE TABLE IF NOT EXISTS rm_leaderboard (
     board   TEXT    NOT NULL,
     user_id TEXT    NOT NULL,
     xp      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (board, user_id)
-) WITHOUT ROWID;
-
-CREATE INDEX IF NOT EXISTS rm_leaderboard_rank
-    ON rm_leaderboard (board, xp DESC, user_id ASC);
-
-CREATE TABLE IF NOT EXISTS rm_content (
+) WITHOUT ROWID;",
+    ),
+    ("rm_leaderboard_tree", ranks::SCHEMA),
+    (
+        "rm_content",
+        "CREATE TABLE IF NOT EXISTS rm_content (
     content_id         TEXT    NOT NULL PRIMARY KEY,
     kind               TEXT,
     question_id        TEXT,
@@ -57,9 +67,11 @@ CREATE TABLE IF NOT EXISTS rm_content (
     answer_count       INTEGER NOT NULL DEFAULT 0,
     comment_count      INTEGER NOT NULL DEFAULT 0,
     accepted_answer_id TEXT
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS rm_quota (
+) WITHOUT ROWID;",
+    ),
+    (
+        "rm_quota",
+        "CREATE TABLE IF NOT EXISTS rm_quota (
     user_id     TEXT    NOT NULL,
     period      TEXT    NOT NULL,
     tier        TEXT    NOT NULL,
@@ -67,19 +79,29 @@ CREATE TABLE IF NOT EXISTS rm_quota (
     limit_units INTEGER NULL,
     exceeded    INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, period)
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS rm_tags (
+) WITHOUT ROWID;",
+    ),
+    (
+        "rm_tags",
+        "CREATE TABLE IF NOT EXISTS rm_tags (
     tag       TEXT    NOT NULL PRIMARY KEY,
     questions INTEGER NOT NULL DEFAULT 0,
     answers   INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS rm_tier (
+) WITHOUT ROWID;",
+    ),
+    (
+        "rm_tier",
+        "CREATE TABLE IF NOT EXISTS rm_tier (
     user_id TEXT NOT NULL PRIMARY KEY,
     tier    TEXT NOT NULL
-) WITHOUT ROWID;
+) WITHOUT ROWID;",
+    ),
+];
 
+/// Consumer bookkeeping: sequence guards, checkpoints, positions applied above a checkpoint,
+/// rebuilds; idempotent. A checkpoint row's `state` names the guard key of its guard and
+/// applied rows (`NULL`: the consumer's own name; after a rebuild's switch, the rebuild's).
+const SCHEMA_CONSUMERS: &str = "
 CREATE TABLE IF NOT EXISTS consumer_guard (
     consumer       TEXT    NOT NULL,
     aggregate_type TEXT    NOT NULL,
@@ -91,7 +113,8 @@ CREATE TABLE IF NOT EXISTS consumer_guard (
 CREATE TABLE IF NOT EXISTS consumer_checkpoint (
     consumer   TEXT    NOT NULL PRIMARY KEY,
     checkpoint INTEGER NOT NULL DEFAULT 0,
-    applied    INTEGER NOT NULL DEFAULT 0
+    applied    INTEGER NOT NULL DEFAULT 0,
+    state      TEXT
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS consumer_applied (
@@ -99,32 +122,42 @@ CREATE TABLE IF NOT EXISTS consumer_applied (
     position INTEGER NOT NULL,
     PRIMARY KEY (consumer, position)
 ) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS consumer_rebuild (
+    projection  TEXT    NOT NULL PRIMARY KEY,
+    generation  INTEGER NOT NULL,
+    phase       TEXT    NOT NULL,
+    started_ms  INTEGER NOT NULL,
+    finished_ms INTEGER,
+    checkpoint  INTEGER NOT NULL DEFAULT 0,
+    applied     INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 ";
 
 /// Export of the leaderboard from its first entry: boards in name order, each in rank order,
 /// from the ranking index.
 const SQL_EXPORT_BOARDS: &str = "SELECT board, user_id, xp
-    FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+    FROM rm_leaderboard
     ORDER BY board, xp DESC, user_id ASC LIMIT ?1";
 
 /// Export after the entry `(board ?1, xp ?2, user_id ?3)`, first part: the board's entries
 /// with the same XP and a greater user id (one range of the ranking index).
 const SQL_EXPORT_TIES_AFTER: &str = "SELECT board, user_id, xp
-    FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+    FROM rm_leaderboard
     WHERE board = ?1 AND xp = ?2 AND user_id > ?3
     ORDER BY board, xp DESC, user_id ASC LIMIT ?4";
 
 /// Export after the entry `(board ?1, xp ?2, …)`, second part: the board's entries with less
 /// XP (one range of the ranking index).
 const SQL_EXPORT_BELOW: &str = "SELECT board, user_id, xp
-    FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+    FROM rm_leaderboard
     WHERE board = ?1 AND xp < ?2
     ORDER BY board, xp DESC, user_id ASC LIMIT ?3";
 
 /// Export after the entry `(board ?1, …)`, third part: the boards after it, from their first
 /// entries (one range of the ranking index).
 const SQL_EXPORT_BOARDS_AFTER: &str = "SELECT board, user_id, xp
-    FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+    FROM rm_leaderboard
     WHERE board > ?1
     ORDER BY board, xp DESC, user_id ASC LIMIT ?2";
 
@@ -217,8 +250,24 @@ const SQL_CONTENT_COLUMNS: &str = "content_id, kind, question_id, author_id, upv
 /// | `rm_tier` | `user_id` | current `tier` |
 /// | `rm_tags` | `tag` | `questions`, `answers` |
 /// | `consumer_guard` | `(consumer, aggregate_type, aggregate_id)` | `last_sequence` |
-/// | `consumer_checkpoint` | `consumer` | `checkpoint` (low-water mark), `applied` (count) |
+/// | `consumer_checkpoint` | `consumer` | `checkpoint` (low-water mark), `applied` (count), `state` (guard key, below) |
 /// | `consumer_applied` | `(consumer, position)` | positions applied above the checkpoint |
+/// | `consumer_rebuild` | `projection` | the latest rebuild: `generation`, `phase`, `started_ms`, `finished_ms`, `checkpoint`, `applied` |
+///
+/// A consumer's guard and applied-position rows are keyed by its checkpoint row's `state`,
+/// or by its name when that is `NULL`.
+///
+/// ## Rebuilds beside the live read model
+/// [`ReadModelStore::rebuild_begin`] creates the projection's tables again with the suffix
+/// `__rebuild` (`rm_xp__rebuild`, …; the ranking index `rm_leaderboard_rank_gN`), and
+/// [`ReadModelStore::rebuild_apply`] writes them with the live statements (table names
+/// rewritten) under consumer `P#gN` (`N` = generation), which
+/// [`ReadModelStore::checkpoints`] does not list. The switch is one write transaction: check
+/// the rebuild's checkpoint against the highest position the live consumer applied, rename
+/// the live tables to `…__retired` and the rebuild's to the live names (schema edits, O(1)),
+/// and set the live checkpoint row to the rebuild's checkpoint with `state = 'P#gN'`. Readers
+/// see either version whole; writers queue on the write lock. The retired tables are dropped,
+/// and the old guard rows deleted 10,000 per transaction, after it.
 ///
 /// Ids are stored as lowercase hyphenated UUID text, which sorts like the UUID bytes (and
 /// like [`Uuid`]'s `Ord`).
@@ -417,8 +466,20 @@ fn wait_for_lock(calls: i32) -> bool {
 fn open_connections(path: &Path) -> rusqlite::Result<(Connection, Connection)> {
     let mut writer = connect(path)?;
     let tx = writer.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute_batch(SCHEMA)?;
-    tx.execute_batch(ranks::SCHEMA)?;
+    for (_, ddl) in SCHEMA_TABLES {
+        tx.execute_batch(ddl)?;
+    }
+    rebuild::ensure_rank_index(&tx, "rm_leaderboard", "rm_leaderboard_rank")?;
+    tx.execute_batch(SCHEMA_CONSUMERS)?;
+    // Files written before rebuilds beside the live read model: add the guard-key column.
+    let has_state: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('consumer_checkpoint') WHERE name = 'state')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_state {
+        tx.execute_batch("ALTER TABLE consumer_checkpoint ADD COLUMN state TEXT")?;
+    }
     ranks::build_if_missing(&tx).map_err(|e| {
         rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
@@ -503,6 +564,25 @@ impl SqliteReadModels {
     }
 }
 
+impl SqliteReadModels {
+    /// Applies checked `keys` with the changes of `items` for `target`.
+    async fn apply_to(
+        &self,
+        target: Target,
+        keys: Vec<Key>,
+        items: &[(EventKey, Vec<Change>)],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+        if keys.is_empty() {
+            return Ok(vec![]);
+        }
+        let changes: Vec<Vec<Change>> = items.iter().map(|(_, c)| c.clone()).collect();
+        self.run(true, move |conn| {
+            apply_batch(conn, &target, &keys, &changes)
+        })
+        .await
+    }
+}
+
 /// The consumer's checkpoint row, kept in memory during one batch.
 struct Progress {
     checkpoint: i64,
@@ -511,35 +591,35 @@ struct Progress {
     /// Whether `consumer_applied` may hold rows of this consumer (positions applied above
     /// the checkpoint). When it holds none, the in-order case needs no statement at all.
     above: bool,
+    /// The key of the consumer's guard and applied-position rows: its own name, or after a
+    /// rebuild's switch the rebuild's (the row's `state`).
+    key: String,
 }
 
 impl Progress {
     fn load(tx: &Transaction<'_>, consumer: &str) -> rusqlite::Result<Self> {
-        let row = tx
+        let row: Option<(i64, i64, Option<String>)> = tx
             .prepare_cached(
-                "SELECT checkpoint, applied FROM consumer_checkpoint WHERE consumer = ?1",
+                "SELECT checkpoint, applied, state FROM consumer_checkpoint WHERE consumer = ?1",
             )?
-            .query_row([consumer], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row([consumer], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        let (checkpoint, applied) = row.unwrap_or((0, 0));
+        let (checkpoint, applied, state) = row.unwrap_or((0, 0, None));
+        let key = state.unwrap_or_else(|| consumer.to_owned());
         let above = tx
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM consumer_applied WHERE consumer = ?1)")?
-            .query_row([consumer], |r| r.get(0))?;
+            .query_row([&key], |r| r.get(0))?;
         Ok(Progress {
             checkpoint,
             applied,
             dirty: false,
             above,
+            key,
         })
     }
 
     /// Records that `position` was applied and advances the low-water mark.
-    fn record(
-        &mut self,
-        tx: &Transaction<'_>,
-        consumer: &str,
-        position: i64,
-    ) -> rusqlite::Result<()> {
+    fn record(&mut self, tx: &Transaction<'_>, position: i64) -> rusqlite::Result<()> {
         self.applied += 1;
         self.dirty = true;
         if position <= self.checkpoint {
@@ -553,7 +633,7 @@ impl Progress {
             tx.prepare_cached(
                 "INSERT OR IGNORE INTO consumer_applied (consumer, position) VALUES (?1, ?2)",
             )?
-            .execute(params![consumer, position])?;
+            .execute(params![self.key, position])?;
             self.above = true;
         }
         if !self.above {
@@ -561,7 +641,7 @@ impl Progress {
         }
         let mut next = tx
             .prepare_cached("DELETE FROM consumer_applied WHERE consumer = ?1 AND position = ?2")?;
-        while next.execute(params![consumer, self.checkpoint + 1])? == 1 {
+        while next.execute(params![self.key, self.checkpoint + 1])? == 1 {
             self.checkpoint += 1;
         }
         Ok(())
@@ -581,7 +661,7 @@ impl Progress {
 }
 
 /// Applies one read-model change inside the batch transaction.
-fn apply_change(tx: &Transaction<'_>, change: &Change) -> Result<(), ReadModelError> {
+fn apply_change(tx: &Transaction<'_>, side: Side, change: &Change) -> Result<(), ReadModelError> {
     let n = match change {
         Change::Xp {
             user_id,
@@ -589,7 +669,7 @@ fn apply_change(tx: &Transaction<'_>, change: &Change) -> Result<(), ReadModelEr
             questions,
             answers,
             accepted_answers,
-        } => tx.prepare_cached(SQL_XP).and_then(|mut s| {
+        } => tx.prepare_cached(&side.sql(SQL_XP)).and_then(|mut s| {
             s.execute(params![
                 user_id.to_string(),
                 xp,
@@ -601,8 +681,8 @@ fn apply_change(tx: &Transaction<'_>, change: &Change) -> Result<(), ReadModelEr
         Change::Leaderboard { board, user_id, xp } => {
             // Summed by `Sums` in a batch; alone, it still moves the entry in the count trie.
             let mut upper = UpperCounts::default();
-            ranks::add_xp(tx, &mut upper, board, *user_id, *xp)?;
-            return ranks::flush(tx, upper);
+            ranks::add_xp(tx, side, &mut upper, board, *user_id, *xp)?;
+            return ranks::flush(tx, side, upper);
         }
         Change::Content(ContentDelta {
             content_id,
@@ -614,7 +694,7 @@ fn apply_change(tx: &Transaction<'_>, change: &Change) -> Result<(), ReadModelEr
             answers,
             comments,
             accepted_answer_id,
-        }) => tx.prepare_cached(SQL_CONTENT).and_then(|mut s| {
+        }) => tx.prepare_cached(&side.sql(SQL_CONTENT)).and_then(|mut s| {
             s.execute(params![
                 content_id.to_string(),
                 kind,
@@ -636,7 +716,7 @@ fn apply_change(tx: &Transaction<'_>, change: &Change) -> Result<(), ReadModelEr
         } => {
             let used = int(*used, "used")?;
             let limit = limit.map(|l| int(l, "limit")).transpose()?;
-            tx.prepare_cached(SQL_USAGE).and_then(|mut s| {
+            tx.prepare_cached(&side.sql(SQL_USAGE)).and_then(|mut s| {
                 s.execute(params![
                     user_id.to_string(),
                     period,
@@ -647,17 +727,17 @@ fn apply_change(tx: &Transaction<'_>, change: &Change) -> Result<(), ReadModelEr
             })
         }
         Change::QuotaExceeded { user_id, period } => tx
-            .prepare_cached(SQL_EXCEEDED)
+            .prepare_cached(&side.sql(SQL_EXCEEDED))
             .and_then(|mut s| s.execute(params![user_id.to_string(), period])),
         Change::Tag {
             tag,
             questions,
             answers,
         } => tx
-            .prepare_cached(SQL_TAG)
+            .prepare_cached(&side.sql(SQL_TAG))
             .and_then(|mut s| s.execute(params![tag, questions, answers])),
         Change::Tier { user_id, tier } => tx
-            .prepare_cached(SQL_TIER)
+            .prepare_cached(&side.sql(SQL_TIER))
             .and_then(|mut s| s.execute(params![user_id.to_string(), tier.as_str()])),
     };
     n.map(drop).map_err(backend)
@@ -690,16 +770,29 @@ fn check_items(
         .collect()
 }
 
+/// Whose batch [`apply_batch`] applies.
+enum Target {
+    /// A live consumer (projection or policy), on the live tables.
+    Live(String),
+    /// The rebuild of a projection in progress, on its tables.
+    Rebuild(Projection),
+}
+
 /// The whole batch in one `BEGIN IMMEDIATE` transaction.
 fn apply_batch(
     conn: &mut Connection,
-    consumer: &str,
+    target: &Target,
     keys: &[Key],
     changes: &[Vec<Change>],
 ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend)?;
+    let (consumer, side) = match target {
+        Target::Live(consumer) => (consumer.clone(), Side::Live),
+        Target::Rebuild(projection) => (rebuild::building(&tx, *projection)?.0, Side::Rebuild),
+    };
+    let consumer = consumer.as_str();
     let mut progress = Progress::load(&tx, consumer).map_err(backend)?;
     // Each aggregate's guard is read once per batch and written once at its end (same
     // transaction, so the same result as a read and a write per event).
@@ -717,7 +810,7 @@ fn apply_batch(
                     )
                     .and_then(|mut s| {
                         s.query_row(
-                            params![consumer, key.aggregate_type, key.aggregate_id],
+                            params![progress.key, key.aggregate_type, key.aggregate_id],
                             |r| r.get(0),
                         )
                         .optional()
@@ -739,17 +832,15 @@ fn apply_batch(
         }
         for change in changes {
             if !sums.add(change) {
-                apply_change(&tx, change)?;
+                apply_change(&tx, side, change)?;
             }
         }
         guard.last = key.sequence;
         guard.dirty = true;
-        progress
-            .record(&tx, consumer, key.position)
-            .map_err(backend)?;
+        progress.record(&tx, key.position).map_err(backend)?;
         outcomes.push(ApplyOutcome::Applied);
     }
-    sums.flush(&tx)?;
+    sums.flush(&tx, side)?;
     for ((aggregate_type, aggregate_id), guard) in guards {
         if !guard.dirty {
             continue;
@@ -760,7 +851,14 @@ fn apply_batch(
              ON CONFLICT (consumer, aggregate_type, aggregate_id)
              DO UPDATE SET last_sequence = excluded.last_sequence",
         )
-        .and_then(|mut s| s.execute(params![consumer, aggregate_type, aggregate_id, guard.last]))
+        .and_then(|mut s| {
+            s.execute(params![
+                progress.key,
+                aggregate_type,
+                aggregate_id,
+                guard.last
+            ])
+        })
         .map_err(backend)?;
     }
     progress.save(&tx, consumer).map_err(backend)?;
@@ -818,7 +916,7 @@ impl Sums {
     }
 
     /// Writes the sums, one upsert per row, through [`apply_change`].
-    fn flush(self, tx: &Transaction<'_>) -> Result<(), ReadModelError> {
+    fn flush(self, tx: &Transaction<'_>, side: Side) -> Result<(), ReadModelError> {
         for (user_id, [xp, questions, answers, accepted_answers]) in self.xp {
             let change = Change::Xp {
                 user_id,
@@ -827,13 +925,13 @@ impl Sums {
                 answers,
                 accepted_answers,
             };
-            apply_change(tx, &change)?;
+            apply_change(tx, side, &change)?;
         }
         let mut upper = UpperCounts::default();
         for ((board, user_id), xp) in self.leaderboard {
-            ranks::add_xp(tx, &mut upper, &board, user_id, xp)?;
+            ranks::add_xp(tx, side, &mut upper, &board, user_id, xp)?;
         }
-        ranks::flush(tx, upper)
+        ranks::flush(tx, side, upper)
     }
 }
 
@@ -973,15 +1071,8 @@ impl ReadModelStore for SqliteReadModels {
         items: &[(EventKey, Vec<Change>)],
     ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
         let keys = check_items(consumer, items)?;
-        if keys.is_empty() {
-            return Ok(vec![]);
-        }
-        let consumer = consumer.to_string();
-        let changes: Vec<Vec<Change>> = items.iter().map(|(_, c)| c.clone()).collect();
-        self.run(true, move |conn| {
-            apply_batch(conn, &consumer, &keys, &changes)
-        })
-        .await
+        self.apply_to(Target::Live(consumer.to_string()), keys, items)
+            .await
     }
 
     /// 10,000: measured by `tektree-bench --scenario replay` at 1M events against 1,000,
@@ -992,38 +1083,76 @@ impl ReadModelStore for SqliteReadModels {
     }
 
     async fn reset(&self, projection: Projection) -> Result<(), ReadModelError> {
-        let tables: &[&str] = match projection {
-            Projection::Xp => &["rm_xp"],
-            Projection::Leaderboard => &["rm_leaderboard", "rm_leaderboard_tree"],
-            Projection::Quota => &["rm_quota", "rm_tier"],
-            Projection::Content => &["rm_content"],
-            Projection::Tags => &["rm_tags"],
-        };
         let consumer = projection.to_string();
         self.run(true, move |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(backend)?;
-            for table in tables {
+            for table in rebuild::tables(projection) {
                 tx.execute(&format!("DELETE FROM {table}"), [])
                     .map_err(backend)?;
             }
-            for table in ["consumer_guard", "consumer_checkpoint", "consumer_applied"] {
-                tx.execute(
-                    &format!("DELETE FROM {table} WHERE consumer = ?1"),
-                    [&consumer],
-                )
-                .map_err(backend)?;
+            let key = Progress::load(&tx, &consumer).map_err(backend)?.key;
+            for (table, name) in [
+                ("consumer_guard", &key),
+                ("consumer_applied", &key),
+                ("consumer_checkpoint", &consumer),
+            ] {
+                tx.execute(&format!("DELETE FROM {table} WHERE consumer = ?1"), [name])
+                    .map_err(backend)?;
             }
             tx.commit().map_err(backend)
         })
         .await
     }
 
+    async fn rebuild_begin(&self, projection: Projection) -> Result<RebuildStatus, ReadModelError> {
+        self.run(true, move |conn| rebuild::begin(conn, projection))
+            .await
+    }
+
+    async fn rebuild_apply(
+        &self,
+        projection: Projection,
+        items: &[(EventKey, Vec<Change>)],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+        check_rebuild_items(projection, items)?;
+        let keys = check_items(projection.name(), items)?;
+        if keys.is_empty() {
+            // Nothing to write, but the same answer as a batch: is a rebuild in progress?
+            return self
+                .run(false, move |conn| {
+                    let tx = conn.transaction().map_err(backend)?;
+                    rebuild::building(&tx, projection).map(|_| vec![])
+                })
+                .await;
+        }
+        self.apply_to(Target::Rebuild(projection), keys, items)
+            .await
+    }
+
+    async fn rebuild_switch(
+        &self,
+        projection: Projection,
+    ) -> Result<RebuildSwitch, ReadModelError> {
+        self.run(true, move |conn| rebuild::switch(conn, projection))
+            .await
+    }
+
+    async fn rebuild_cancel(&self, projection: Projection) -> Result<bool, ReadModelError> {
+        self.run(true, move |conn| rebuild::cancel(conn, projection))
+            .await
+    }
+
+    async fn rebuilds(&self) -> Result<Vec<RebuildStatus>, ReadModelError> {
+        self.run(false, rebuild::statuses).await
+    }
+
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ReadModelError> {
         self.run(false, |conn| {
             conn.prepare_cached(
-                "SELECT consumer, checkpoint, applied FROM consumer_checkpoint ORDER BY consumer",
+                "SELECT consumer, checkpoint, applied FROM consumer_checkpoint
+                 WHERE instr(consumer, '#') = 0 ORDER BY consumer",
             )
             .and_then(|mut s| {
                 s.query_map([], |r| {
@@ -1331,8 +1460,8 @@ mod tests {
             );
         }
         // events, rm_xp, rm_leaderboard, rm_leaderboard_tree, rm_content, rm_quota, rm_tags,
-        // rm_tier and the three consumer_ tables.
-        assert_eq!(tables.len(), 11, "{tables:?}");
+        // rm_tier and the four consumer_ tables.
+        assert_eq!(tables.len(), 12, "{tables:?}");
     }
 
     #[test]
@@ -1363,7 +1492,7 @@ mod tests {
         let mut conn = store.inner.writer.lock().unwrap();
         let tx = conn.transaction().unwrap();
         for c in changes {
-            apply_change(&tx, c).unwrap();
+            apply_change(&tx, Side::Live, c).unwrap();
         }
         tx.commit().unwrap();
         conn.query_row(

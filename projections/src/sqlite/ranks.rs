@@ -4,6 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
+use super::rebuild::Side;
 use super::{backend, uuid_at};
 use crate::rank_tree::{self, child, rows, Child, RankNodes, UpperCounts};
 use crate::{LeaderboardRow, ReadModelError};
@@ -31,18 +32,18 @@ const SQL_CHILDREN: &str = "SELECT prefix, n, split FROM rm_leaderboard_tree
 const SQL_SUM_BEFORE: &str = "SELECT COALESCE(SUM(n), 0) FROM rm_leaderboard_tree
     WHERE board = ?1 AND depth = ?2 AND prefix >= ?3 AND prefix < ?4";
 
-const SQL_BETWEEN: &str = "SELECT user_id FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+const SQL_BETWEEN: &str = "SELECT user_id FROM rm_leaderboard
     WHERE board = ?1 AND xp = ?2 AND user_id >= ?3 AND user_id <= ?4
     ORDER BY xp DESC, user_id ASC";
 
-const SQL_COUNT_BETWEEN: &str = "SELECT COUNT(*) FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+const SQL_COUNT_BETWEEN: &str = "SELECT COUNT(*) FROM rm_leaderboard
     WHERE board = ?1 AND xp = ?2 AND user_id >= ?3 AND user_id < ?4";
 
-const SQL_TIES_FROM: &str = "SELECT user_id, xp FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+const SQL_TIES_FROM: &str = "SELECT user_id, xp FROM rm_leaderboard
     WHERE board = ?1 AND xp = ?2 AND user_id >= ?3
     ORDER BY xp DESC, user_id ASC LIMIT ?4";
 
-const SQL_BELOW: &str = "SELECT user_id, xp FROM rm_leaderboard INDEXED BY rm_leaderboard_rank
+const SQL_BELOW: &str = "SELECT user_id, xp FROM rm_leaderboard
     WHERE board = ?1 AND xp < ?2
     ORDER BY xp DESC, user_id ASC LIMIT ?3";
 
@@ -82,8 +83,9 @@ pub(super) const PLANNED: &[(&str, usize, &str)] = &[
     ),
 ];
 
-/// [`RankNodes`] on a SQLite connection (inside the caller's transaction).
-pub(super) struct SqlNodes<'c>(pub(super) &'c Connection);
+/// [`RankNodes`] on a SQLite connection (inside the caller's transaction), on the live tables
+/// or on a rebuild's.
+pub(super) struct SqlNodes<'c>(pub(super) &'c Connection, pub(super) Side);
 
 fn depth(prefix: &[u8]) -> i64 {
     prefix.len() as i64
@@ -93,11 +95,11 @@ impl SqlNodes<'_> {
     /// Rows `(user_id, xp)` of entry statement `sql`.
     fn entries(
         &self,
-        sql: &str,
+        sql: &'static str,
         p: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<(Uuid, i64)>, ReadModelError> {
         self.0
-            .prepare_cached(sql)
+            .prepare_cached(&self.1.sql(sql))
             .and_then(|mut s| {
                 s.query_map(p, |r| Ok((uuid_at(r, 0)?, r.get(1)?)))?
                     .collect()
@@ -120,7 +122,7 @@ impl RankNodes for SqlNodes<'_> {
         delta: i64,
     ) -> Result<(i64, bool), ReadModelError> {
         self.0
-            .prepare_cached(SQL_ADD)
+            .prepare_cached(&self.1.sql(SQL_ADD))
             .and_then(|mut s| {
                 s.query_row(params![board, depth(prefix), prefix, delta], |r| {
                     Ok((r.get(0)?, r.get(1)?))
@@ -136,18 +138,18 @@ impl RankNodes for SqlNodes<'_> {
         children: &[(u8, i64)],
     ) -> Result<(), ReadModelError> {
         self.0
-            .prepare_cached(
+            .prepare_cached(&self.1.sql(
                 "UPDATE rm_leaderboard_tree SET split = 1
                  WHERE board = ?1 AND depth = ?2 AND prefix = ?3",
-            )
+            ))
             .and_then(|mut s| s.execute(params![board, depth(prefix), prefix]))
             .map_err(backend)?;
         let mut insert = self
             .0
-            .prepare_cached(
+            .prepare_cached(&self.1.sql(
                 "INSERT INTO rm_leaderboard_tree (board, depth, prefix, n, split)
                  VALUES (?1, ?2, ?3, ?4, 0)",
-            )
+            ))
             .map_err(backend)?;
         for (digit, n) in children {
             insert
@@ -163,10 +165,10 @@ impl RankNodes for SqlNodes<'_> {
         prefix: &[u8],
     ) -> Result<Option<(i64, bool)>, ReadModelError> {
         self.0
-            .prepare_cached(
+            .prepare_cached(&self.1.sql(
                 "SELECT n, split FROM rm_leaderboard_tree
                  WHERE board = ?1 AND depth = ?2 AND prefix = ?3",
-            )
+            ))
             .and_then(|mut s| {
                 s.query_row(params![board, depth(prefix), prefix], |r| {
                     Ok((r.get(0)?, r.get(1)?))
@@ -179,7 +181,7 @@ impl RankNodes for SqlNodes<'_> {
     async fn children(&mut self, board: &str, prefix: &[u8]) -> Result<Vec<Child>, ReadModelError> {
         let (lo, hi) = (child(prefix, 0), child(prefix, 0xff));
         self.0
-            .prepare_cached(SQL_CHILDREN)
+            .prepare_cached(&self.1.sql(SQL_CHILDREN))
             .and_then(|mut s| {
                 s.query_map(params![board, depth(prefix) + 1, lo, hi], |r| {
                     let key: Vec<u8> = r.get(0)?;
@@ -205,7 +207,7 @@ impl RankNodes for SqlNodes<'_> {
         }
         let (lo, hi) = (child(prefix, 0), child(prefix, digit));
         self.0
-            .prepare_cached(SQL_SUM_BEFORE)
+            .prepare_cached(&self.1.sql(SQL_SUM_BEFORE))
             .and_then(|mut s| s.query_row(params![board, depth(prefix) + 1, lo, hi], |r| r.get(0)))
             .map_err(backend)
     }
@@ -218,7 +220,7 @@ impl RankNodes for SqlNodes<'_> {
         hi: Uuid,
     ) -> Result<Vec<Uuid>, ReadModelError> {
         self.0
-            .prepare_cached(SQL_BETWEEN)
+            .prepare_cached(&self.1.sql(SQL_BETWEEN))
             .and_then(|mut s| {
                 s.query_map(params![board, xp, lo.to_string(), hi.to_string()], |r| {
                     uuid_at(r, 0)
@@ -236,7 +238,7 @@ impl RankNodes for SqlNodes<'_> {
         user_id: Uuid,
     ) -> Result<i64, ReadModelError> {
         self.0
-            .prepare_cached(SQL_COUNT_BETWEEN)
+            .prepare_cached(&self.1.sql(SQL_COUNT_BETWEEN))
             .and_then(|mut s| {
                 s.query_row(
                     params![board, xp, lo.to_string(), user_id.to_string()],
@@ -271,6 +273,7 @@ impl RankNodes for SqlNodes<'_> {
 /// it in the count trie; the XP-byte counts go into `upper`.
 pub(super) fn add_xp(
     conn: &Connection,
+    side: Side,
     upper: &mut UpperCounts,
     board: &str,
     user_id: Uuid,
@@ -279,10 +282,10 @@ pub(super) fn add_xp(
     let user = user_id.to_string();
     // One statement for an existing entry (the common case), two for a new one.
     let updated: Option<i64> = conn
-        .prepare_cached(
+        .prepare_cached(&side.sql(
             "UPDATE rm_leaderboard SET xp = xp + ?3 WHERE board = ?1 AND user_id = ?2
              RETURNING xp",
-        )
+        ))
         .and_then(|mut s| {
             s.query_row(params![board, user, delta], |r| r.get(0))
                 .optional()
@@ -292,7 +295,7 @@ pub(super) fn add_xp(
         Some(new) => (Some(new - delta), new),
         None => {
             conn.prepare_cached(
-                "INSERT INTO rm_leaderboard (board, user_id, xp) VALUES (?1, ?2, ?3)",
+                &side.sql("INSERT INTO rm_leaderboard (board, user_id, xp) VALUES (?1, ?2, ?3)"),
             )
             .and_then(|mut s| s.execute(params![board, user, delta]))
             .map_err(backend)?;
@@ -300,7 +303,7 @@ pub(super) fn add_xp(
         }
     };
     rank_tree::ready(rank_tree::move_entry(
-        &mut SqlNodes(conn),
+        &mut SqlNodes(conn, side),
         upper,
         board,
         user_id,
@@ -310,8 +313,12 @@ pub(super) fn add_xp(
 }
 
 /// Writes a batch's summed XP-byte counts.
-pub(super) fn flush(conn: &Connection, upper: UpperCounts) -> Result<(), ReadModelError> {
-    rank_tree::ready(rank_tree::flush(&mut SqlNodes(conn), upper))
+pub(super) fn flush(
+    conn: &Connection,
+    side: Side,
+    upper: UpperCounts,
+) -> Result<(), ReadModelError> {
+    rank_tree::ready(rank_tree::flush(&mut SqlNodes(conn, side), upper))
 }
 
 /// Builds the count trie of every board from `rm_leaderboard` when the trie is empty and the
@@ -336,7 +343,7 @@ pub(super) fn build_if_missing(conn: &Connection) -> Result<u64, ReadModelError>
                 .collect()
         })
         .map_err(backend)?;
-    rank_tree::ready(rank_tree::build(&mut SqlNodes(conn), &groups))?;
+    rank_tree::ready(rank_tree::build(&mut SqlNodes(conn, Side::Live), &groups))?;
     Ok(groups.iter().map(|g| g.2 as u64).sum())
 }
 
@@ -349,7 +356,7 @@ pub(super) fn page(
 ) -> Result<Vec<LeaderboardRow>, ReadModelError> {
     let tx = conn.transaction().map_err(backend)?;
     let page = rank_tree::ready(rank_tree::page(
-        &mut SqlNodes(&tx),
+        &mut SqlNodes(&tx, Side::Live),
         board,
         offset,
         u64::from(limit),
@@ -378,7 +385,12 @@ pub(super) fn rank(
     let row = match entry_xp(&tx, board, user_id)? {
         None => None,
         Some(xp) => {
-            let ahead = rank_tree::ready(rank_tree::ahead(&mut SqlNodes(&tx), board, xp, user_id))?;
+            let ahead = rank_tree::ready(rank_tree::ahead(
+                &mut SqlNodes(&tx, Side::Live),
+                board,
+                xp,
+                user_id,
+            ))?;
             Some(LeaderboardRow {
                 board: board.to_string(),
                 rank: ahead + 1,
@@ -403,7 +415,7 @@ pub(super) fn around(
     let page = match entry_xp(&tx, board, user_id)? {
         None => None,
         Some(xp) => Some(rank_tree::ready(rank_tree::around(
-            &mut SqlNodes(&tx),
+            &mut SqlNodes(&tx, Side::Live),
             board,
             xp,
             user_id,

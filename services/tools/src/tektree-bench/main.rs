@@ -155,6 +155,10 @@ struct Cli {
     /// what `tektree-replay rebuild` uses on SQLite: `SqliteReadModels::rebuild_page`).
     #[arg(long, default_value_t = 10_000)]
     replay_page: usize,
+    /// Keep the replay scenario's tiled stores in `--workdir` (`replay-SIZE.db`) to profile a
+    /// rebuild on them (`--replay-child STORE --projection NAME`).
+    #[arg(long)]
+    keep_replay_stores: bool,
 }
 
 /// Sizes of one invocation.
@@ -816,7 +820,9 @@ async fn scenarios_on_corpus(
                     "target_peak_rss_mib": 256});
                 out.metric(&format!("replay_{name}_{size}"), base, &rates);
             }
-            crate::corpus::remove_db(&store);
+            if !cli.keep_replay_stores {
+                crate::corpus::remove_db(&store);
+            }
         }
     }
 

@@ -1,6 +1,6 @@
-//! Scenario 4, **replay**: `tektree_services::replay::rebuild` of one projection over the
-//! corpus (reset, then pages of `--replay-page` events, default `replay::PAGE`, one read-model
-//! transaction per page), run in a
+//! Scenario 4, **replay**: `tektree_services::replay::rebuild_beside` of one projection over
+//! the corpus (a new version beside the live one, pages of `--replay-page` events, one
+//! read-model transaction per page, then the switch), run in a
 //! child process (`tektree-bench --replay-child STORE --projection NAME`, exactly what
 //! `tektree-replay rebuild` does) so that its peak RSS (`VmHWM`) is the rebuild's own.
 
@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tektree_event_store::SqliteStore;
 use tektree_projections::{ReadModelStore, SqliteReadModels};
-use tektree_services::replay::rebuild_paged;
+use tektree_services::replay::rebuild_beside_paged;
 
 use crate::machine::peak_rss_kib;
 use tektree_event_store::EventLog;
@@ -27,7 +27,14 @@ pub async fn child(store: &Path, projection: &str, page: usize) -> Result<Value>
     let events = SqliteStore::open(store)?;
     let read_models = SqliteReadModels::open(store)?;
     let started = Instant::now();
-    let n = rebuild_paged(&events, &read_models, projection.parse()?, page, |_| {}).await?;
+    let report = rebuild_beside_paged(&events, &read_models, projection.parse()?, page, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .await?;
+    if !report.switched {
+        bail!("rebuild of {projection} did not switch");
+    }
+    let n = report.events;
     let secs = started.elapsed().as_secs_f64();
     let head = events.head().await?.position;
     let checkpoint = read_models
