@@ -254,6 +254,10 @@ pub(crate) async fn flush<S: RankNodes>(s: &mut S, upper: UpperCounts) -> Result
 /// Counts the XP-byte levels and each exact XP value first, then splits every exact-XP node
 /// above [`SPLIT_ABOVE`] from the entries (which all exist and are all counted by then; the
 /// incremental walk would count an entry twice when a split meets entries not walked yet).
+///
+/// Additive over disjoint sets of groups (counts are added to the nodes, and an exact-XP node
+/// belongs to one group), so a large board can be built in several calls, one per chunk of
+/// its groups, as long as the entries do not change in between (a rebuild's seal).
 pub(crate) async fn build<S: RankNodes>(
     s: &mut S,
     groups: &[(String, i64, i64)],

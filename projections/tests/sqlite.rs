@@ -1485,3 +1485,74 @@ async fn files_from_before_rebuilds_are_migrated() {
     store.rebuild_switch(Projection::Xp).await.unwrap();
     assert_eq!(store.user_xp(user(1)).await.unwrap().unwrap().xp, 9);
 }
+
+/// `users` users with XP 1, 2, … on the all-time board: as many `(board, xp)` groups.
+fn distinct_xp(users: u64) -> ranking::History {
+    let mut h = ranking::History {
+        batches: vec![vec![]],
+        sums: BTreeMap::new(),
+    };
+    for i in 1..=users {
+        let id = user(0xd15_0000 + u128::from(i));
+        h.sums.insert(("all-time".to_string(), id), i as i64);
+        h.batches[0].push((
+            key("profile", id, 1, i),
+            vec![board("all-time", id, i as i64)],
+        ));
+        if i % 100 == 0 {
+            h.batches.push(vec![]);
+        }
+    }
+    h
+}
+
+/// A leaderboard rebuild writes entries only until it first reaches the head, then builds its
+/// count trie from them in chunks of groups (its seal) and moves entries in it from then on:
+/// the switched board answers every rank, page and around-me like a plain sort, for a mixed
+/// history (over a thousand `(board, xp)` groups: several chunks) and for one big tie (split
+/// nodes).
+#[tokio::test]
+async fn a_leaderboard_rebuild_seals_its_trie_in_chunks_and_ranks_exactly() {
+    for (h, stride) in [
+        (distinct_xp(1_300), 29),
+        (ranking::history(400, 0x5eed_00a1), 7),
+        (ranking::ties(300, 0x5eed_00a2), 7),
+    ] {
+        let (_dir, store) = open();
+        let n: u64 = h.batches.iter().map(|b| b.len() as u64).sum();
+        // The live consumer is one event ahead of the history, so the first switch attempt
+        // only seals.
+        let extra = (key("profile", user(u128::MAX), 1, n + 1), vec![]);
+        store
+            .apply("leaderboard", std::slice::from_ref(&extra))
+            .await
+            .unwrap();
+        store.rebuild_begin(Projection::Leaderboard).await.unwrap();
+        let half = h.batches.len() / 2;
+        for batch in &h.batches[..half] {
+            store
+                .rebuild_apply(Projection::Leaderboard, batch)
+                .await
+                .unwrap();
+        }
+        assert!(matches!(
+            store.rebuild_switch(Projection::Leaderboard).await.unwrap(),
+            tektree_projections::RebuildSwitch::Behind { live, .. } if live == n + 1
+        ));
+        for batch in &h.batches[half..] {
+            store
+                .rebuild_apply(Projection::Leaderboard, batch)
+                .await
+                .unwrap();
+        }
+        store
+            .rebuild_apply(Projection::Leaderboard, &[extra])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.rebuild_switch(Projection::Leaderboard).await.unwrap(),
+            tektree_projections::RebuildSwitch::Switched
+        );
+        ranking::check(&store, &h, stride).await;
+    }
+}

@@ -718,7 +718,7 @@ async fn replaying_the_store_rebuilds_the_same_read_models() {
         );
     }
 
-    // 2. In place, through `POST /v1/admin/projections/{name}/rebuild`.
+    // 2. Beside the live version, through `POST /v1/admin/projections/{name}/rebuild`.
     let admin = h.token(Uuid::new_v4(), &[Role::Admin]);
     for (name, _) in MODELS {
         let r = h
@@ -731,11 +731,20 @@ async fn replaying_the_store_rebuilds_the_same_read_models() {
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         assert_eq!(r.json["events"], stored, "{}", r.text);
+        assert_eq!(
+            (&r.json["generation"], &r.json["resumed_from"]),
+            (&json!(1), &json!(0)),
+            "{}",
+            r.text
+        );
     }
     h.settle().await;
     let again = H::exports(h.app.read_models.as_ref()).await;
     for ((name, a), (_, b)) in live.iter().zip(&again) {
-        assert!(a == b, "{name} differs after an in-place rebuild");
+        assert!(
+            a == b,
+            "{name} differs after a rebuild beside the live version"
+        );
     }
 
     // Ada's achievements: the first question and answer, the weekly quest of the week of her

@@ -735,7 +735,10 @@ async fn admin_endpoints_check_roles_and_reach_in_process_dead_letters() {
     }
     let r = h.post(rebuild, Some(&admin), &[], json!({})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert_eq!(r.json, json!({"projection": "xp", "events": 2}));
+    assert_eq!(
+        r.json,
+        json!({"projection": "xp", "events": 2, "generation": 1, "resumed_from": 0})
+    );
     assert_eq!(
         h.app
             .read_models

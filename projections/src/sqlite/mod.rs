@@ -130,7 +130,8 @@ CREATE TABLE IF NOT EXISTS consumer_rebuild (
     started_ms  INTEGER NOT NULL,
     finished_ms INTEGER,
     checkpoint  INTEGER NOT NULL DEFAULT 0,
-    applied     INTEGER NOT NULL DEFAULT 0
+    applied     INTEGER NOT NULL DEFAULT 0,
+    sealed      INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 ";
 
@@ -268,6 +269,11 @@ const SQL_CONTENT_COLUMNS: &str = "content_id, kind, question_id, author_id, upv
 /// and set the live checkpoint row to the rebuild's checkpoint with `state = 'P#gN'`. Readers
 /// see either version whole; writers queue on the write lock. The retired tables are dropped,
 /// and the old guard rows deleted 10,000 per transaction, after it.
+///
+/// A leaderboard rebuild writes its entries only (one upsert per entry and page, no count
+/// trie) until its first switch attempt, which first **seals** it: builds its trie from the
+/// entries, 500 `(board, xp)` groups per transaction (`consumer_rebuild.sealed`); later pages
+/// move entries in the trie as the live projection does.
 ///
 /// Ids are stored as lowercase hyphenated UUID text, which sorts like the UUID bytes (and
 /// like [`Uuid`]'s `Ord`).
@@ -790,7 +796,7 @@ fn apply_batch(
         .map_err(backend)?;
     let (consumer, side) = match target {
         Target::Live(consumer) => (consumer.clone(), Side::Live),
-        Target::Rebuild(projection) => (rebuild::building(&tx, *projection)?.0, Side::Rebuild),
+        Target::Rebuild(projection) => rebuild::building(&tx, *projection)?,
     };
     let consumer = consumer.as_str();
     let mut progress = Progress::load(&tx, consumer).map_err(backend)?;

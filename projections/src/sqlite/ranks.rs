@@ -280,6 +280,17 @@ pub(super) fn add_xp(
     delta: i64,
 ) -> Result<(), ReadModelError> {
     let user = user_id.to_string();
+    if side == Side::RebuildBulk {
+        // A rebuild before its trie exists: the entry only (see `rebuild::seal`).
+        return conn
+            .prepare_cached(&side.sql(
+                "INSERT INTO rm_leaderboard (board, user_id, xp) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (board, user_id) DO UPDATE SET xp = xp + excluded.xp",
+            ))
+            .and_then(|mut s| s.execute(params![board, user, delta]))
+            .map(drop)
+            .map_err(backend);
+    }
     // One statement for an existing entry (the common case), two for a new one.
     let updated: Option<i64> = conn
         .prepare_cached(&side.sql(
@@ -319,6 +330,48 @@ pub(super) fn flush(
     upper: UpperCounts,
 ) -> Result<(), ReadModelError> {
     rank_tree::ready(rank_tree::flush(&mut SqlNodes(conn, side), upper))
+}
+
+/// Up to `limit` groups `(board, xp, entries)` of `side`'s leaderboard after the group
+/// `after` in `(board, xp descending)` order (from the first when `None`), read from the
+/// ranking index.
+pub(super) fn groups_after(
+    conn: &Connection,
+    side: Side,
+    after: Option<&(String, i64)>,
+    limit: i64,
+) -> Result<Vec<(String, i64, i64)>, ReadModelError> {
+    let read = |sql: &'static str, p: &[&dyn rusqlite::ToSql]| {
+        conn.prepare_cached(&side.sql(sql))
+            .and_then(|mut s| {
+                s.query_map(p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .map_err(backend)
+    };
+    match after {
+        None => read(
+            "SELECT board, xp, COUNT(*) FROM rm_leaderboard
+             GROUP BY board, xp ORDER BY board, xp DESC LIMIT ?1",
+            &[&limit],
+        ),
+        Some((board, xp)) => read(
+            "SELECT board, xp, COUNT(*) FROM rm_leaderboard
+             WHERE board > ?1 OR (board = ?1 AND xp < ?2)
+             GROUP BY board, xp ORDER BY board, xp DESC LIMIT ?3",
+            &[board, xp, &limit],
+        ),
+    }
+}
+
+/// Adds the groups `(board, xp, entries)` of `side`'s leaderboard to its count trie (see
+/// [`rank_tree::build`]: additive over disjoint sets of groups).
+pub(super) fn build_groups(
+    conn: &Connection,
+    side: Side,
+    groups: &[(String, i64, i64)],
+) -> Result<(), ReadModelError> {
+    rank_tree::ready(rank_tree::build(&mut SqlNodes(conn, side), groups))
 }
 
 /// Builds the count trie of every board from `rm_leaderboard` when the trie is empty and the

@@ -36,6 +36,9 @@ pub(super) enum Side {
     Live,
     /// The tables of the rebuild in progress (`…__rebuild`).
     Rebuild,
+    /// The tables of the rebuild in progress, before its leaderboard count trie is built:
+    /// entries only (the trie is built from them in [`seal`], before the first switch).
+    RebuildBulk,
 }
 
 thread_local! {
@@ -48,7 +51,7 @@ impl Side {
     pub(super) fn sql(self, sql: &'static str) -> Cow<'static, str> {
         match self {
             Side::Live => Cow::Borrowed(sql),
-            Side::Rebuild => Cow::Borrowed(REWRITTEN.with(|cache| {
+            Side::Rebuild | Side::RebuildBulk => Cow::Borrowed(REWRITTEN.with(|cache| {
                 *cache
                     .borrow_mut()
                     .entry(sql.as_ptr() as usize)
@@ -203,24 +206,89 @@ fn status(conn: &Connection, projection: Projection) -> rusqlite::Result<Option<
     }))
 }
 
-/// The consumer row and generation of the rebuild of `projection` in progress.
+/// The consumer row of the rebuild of `projection` in progress and the side its writes take
+/// ([`Side::RebuildBulk`] until its count trie is built, then [`Side::Rebuild`]).
 ///
 /// # Errors
 /// [`ReadModelError::Invalid`] when none is in progress.
 pub(super) fn building(
     tx: &Transaction<'_>,
     projection: Projection,
-) -> Result<(String, i64), ReadModelError> {
-    let generation: Option<i64> = tx
+) -> Result<(String, Side), ReadModelError> {
+    let row: Option<(i64, bool)> = tx
         .prepare_cached(
-            "SELECT generation FROM consumer_rebuild WHERE projection = ?1 AND phase = 'building'",
+            "SELECT generation, sealed FROM consumer_rebuild
+             WHERE projection = ?1 AND phase = 'building'",
         )
-        .and_then(|mut s| s.query_row([projection.name()], |r| r.get(0)).optional())
+        .and_then(|mut s| {
+            s.query_row([projection.name()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
         .map_err(backend)?;
-    let generation = generation.ok_or_else(|| {
+    let (generation, sealed) = row.ok_or_else(|| {
         ReadModelError::Invalid(format!("no rebuild of {projection} is in progress"))
     })?;
-    Ok((rebuild_consumer(projection, generation), generation))
+    let side = if sealed {
+        Side::Rebuild
+    } else {
+        Side::RebuildBulk
+    };
+    Ok((rebuild_consumer(projection, generation), side))
+}
+
+/// Groups `(board, xp, entries)` of the rebuild's leaderboard read per transaction by [`seal`].
+const SEAL_GROUPS: i64 = 500;
+
+/// Builds the count trie of the rebuild's leaderboard from its entries, [`SEAL_GROUPS`]
+/// groups per transaction (the rebuild's tables are read by nobody else, and no page is
+/// applied meanwhile: the rebuild runs one step at a time), then marks the rebuild sealed:
+/// later pages move entries in the trie as the live projection does. A no-op for other
+/// projections and once sealed.
+fn seal(conn: &mut Connection, projection: Projection) -> Result<(), ReadModelError> {
+    let sealed = |tx: &Transaction<'_>| -> Result<bool, ReadModelError> {
+        Ok(building(tx, projection)?.1 == Side::Rebuild)
+    };
+    {
+        let tx = conn.transaction().map_err(backend)?;
+        if sealed(&tx)? {
+            return Ok(());
+        }
+    }
+    if projection == Projection::Leaderboard {
+        let tree = format!("rm_leaderboard_tree{REBUILDING}");
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        // A seal cut short by a crash left part of the trie: start again.
+        tx.execute(&format!("DELETE FROM {tree}"), [])
+            .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        let mut after: Option<(String, i64)> = None;
+        loop {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let groups =
+                super::ranks::groups_after(&tx, Side::Rebuild, after.as_ref(), SEAL_GROUPS)?;
+            super::ranks::build_groups(&tx, Side::Rebuild, &groups)?;
+            tx.commit().map_err(backend)?;
+            match groups.last() {
+                Some((board, xp, _)) if groups.len() as i64 == SEAL_GROUPS => {
+                    after = Some((board.clone(), *xp));
+                }
+                _ => break,
+            }
+        }
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    tx.execute(
+        "UPDATE consumer_rebuild SET sealed = 1 WHERE projection = ?1 AND phase = 'building'",
+        [projection.name()],
+    )
+    .map_err(backend)?;
+    tx.commit().map_err(backend)
 }
 
 /// [`crate::ReadModelStore::rebuild_begin`].
@@ -244,11 +312,12 @@ pub(super) fn begin(
         }
         tx.execute(
             "INSERT INTO consumer_rebuild
-                 (projection, generation, phase, started_ms, finished_ms, checkpoint, applied)
-             VALUES (?1, ?2, 'building', ?3, NULL, 0, 0)
+                 (projection, generation, phase, started_ms, finished_ms, checkpoint, applied,
+                  sealed)
+             VALUES (?1, ?2, 'building', ?3, NULL, 0, 0, 0)
              ON CONFLICT (projection) DO UPDATE SET generation = excluded.generation,
                  phase = 'building', started_ms = excluded.started_ms, finished_ms = NULL,
-                 checkpoint = 0, applied = 0",
+                 checkpoint = 0, applied = 0, sealed = 0",
             params![projection.name(), generation, now_ms()],
         )
         .map_err(backend)?;
@@ -278,12 +347,14 @@ fn live_key(tx: &Transaction<'_>, consumer: &str) -> rusqlite::Result<(i64, i64,
     ))
 }
 
-/// [`crate::ReadModelStore::rebuild_switch`]: the switch transaction, then the clean-up of the
-/// retired tables and the old guard rows.
+/// [`crate::ReadModelStore::rebuild_switch`]: the rebuild's count trie if it has none yet
+/// ([`seal`]), the switch transaction, then the clean-up of the retired tables and the old
+/// guard rows.
 pub(super) fn switch(
     conn: &mut Connection,
     projection: Projection,
 ) -> Result<RebuildSwitch, ReadModelError> {
+    seal(conn, projection)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend)?;

@@ -161,10 +161,7 @@ fn changes_of(
 }
 
 /// Every outcome of a replayed page must be [`ApplyOutcome::Applied`].
-fn check_applied(
-    page: &[Item],
-    outcomes: &[ApplyOutcome],
-) -> Result<(), ReplayError> {
+fn check_applied(page: &[Item], outcomes: &[ApplyOutcome]) -> Result<(), ReplayError> {
     match page
         .iter()
         .zip(outcomes)

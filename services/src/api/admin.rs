@@ -77,8 +77,13 @@ pub struct RedriveResponse {
 pub struct RebuildResponse {
     /// The projection.
     pub projection: String,
-    /// Events replayed into it.
+    /// Events replayed into the new version by this call (fewer than stored when it resumed
+    /// a rebuild left in progress).
     pub events: u64,
+    /// The new version's generation (1 for the first rebuild of the projection, then 2, …).
+    pub generation: u64,
+    /// The position it resumed from (0 for a new rebuild).
+    pub resumed_from: u64,
 }
 
 /// `GET /v1/admin/dead-letters?group=&limit=` (moderator or admin).
@@ -160,14 +165,16 @@ pub async fn redrive(
     }))
 }
 
-/// `POST /v1/admin/projections/{name}/rebuild` (admin): resets the projection and replays the
-/// event store into it ([`replay::rebuild`]), answering when done. The rebuild runs in its own
-/// task, so it completes even if the client disconnects. Rebuilding is idempotent: concurrent
-/// rebuilds (or live workers) converge under the read model's sequence guard.
+/// `POST /v1/admin/projections/{name}/rebuild` (admin): rebuilds the projection beside its
+/// live read model and switches to it ([`replay::rebuild_beside`]; queries keep the live
+/// version until then), answering when done. The rebuild runs in its own task, so it
+/// completes even if the client disconnects; a rebuild left in progress (by this endpoint or
+/// `tektree-replay rebuild`) is resumed.
 ///
 /// # Errors
-/// 401/403; 404 `not_found` for a name other than `xp`, `leaderboard`, `quota`, `content`;
-/// 503 `store` / `read_models`; 500 `decode` for an undecodable stored event.
+/// 401/403; 404 `not_found` for a name other than a projection's; 503 `store` /
+/// `read_models`; 500 `decode` for an undecodable stored event, `history` for a broken
+/// stored history (the rebuild stays in progress, unswitched).
 pub async fn rebuild(
     State(app): State<Arc<App>>,
     Admin(admin): Admin,
@@ -178,8 +185,11 @@ pub async fn rebuild(
         .map_err(|e: UnknownProjection| Problem::not_found(e.to_string()))?;
     let (store, read_models) = (app.store.clone(), app.read_models.clone());
     tracing::info!(projection = %name, admin = %admin.user, "rebuild requested");
-    let events = tokio::spawn(async move {
-        replay::rebuild(store.as_ref(), read_models.as_ref(), projection, |_| {}).await
+    let report = tokio::spawn(async move {
+        replay::rebuild_beside(store.as_ref(), read_models.as_ref(), projection, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .await
     })
     .await
     .map_err(|e| Problem::internal("rebuild", &e))?
@@ -189,9 +199,12 @@ pub async fn rebuild(
         e @ ReplayError::Decode { .. } => Problem::internal("decode", &e),
         e @ ReplayError::History { .. } => Problem::internal("history", &e),
     })?;
-    tracing::info!(projection = %name, events, "rebuild done");
+    tracing::info!(projection = %name, events = report.events, generation = report.generation,
+        "rebuild done");
     Ok(Json(RebuildResponse {
         projection: name,
-        events,
+        events: report.events,
+        generation: report.generation,
+        resumed_from: report.resumed_from,
     }))
 }
