@@ -791,7 +791,7 @@ fn apply_batch(
     keys: &[Key],
     changes: &[Vec<Change>],
 ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
-    let tx = conn
+    let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend)?;
     let (consumer, side) = match target {
@@ -800,6 +800,103 @@ fn apply_batch(
     };
     let consumer = consumer.as_str();
     let mut progress = Progress::load(&tx, consumer).map_err(backend)?;
+    let outcomes = if advance_guards(&mut tx, &progress.key, keys)? {
+        apply_all(&tx, side, &mut progress, keys, changes)?
+    } else {
+        apply_exact(&tx, side, &mut progress, keys, changes)?
+    };
+    progress.save(&tx, consumer).map_err(backend)?;
+    tx.commit().map_err(backend)?;
+    Ok(outcomes)
+}
+
+/// The common case first: every item of the batch is its aggregate's next event (a live batch
+/// without redeliveries, every rebuild page). Advances each aggregate's guard from the
+/// batch's first sequence to its last with **one** conditional statement (an insert for a
+/// first sequence of 1, else an update that requires the guard at `first − 1`), inside a
+/// savepoint. Returns `false`, with the savepoint rolled back, as soon as one aggregate is not
+/// in that state (a duplicate, a gap): the caller then decides item by item.
+fn advance_guards(
+    tx: &mut Transaction<'_>,
+    key: &str,
+    keys: &[Key],
+) -> Result<bool, ReadModelError> {
+    // Per aggregate, in first-seen order: first and last sequence; `None` when its items are
+    // not consecutive within the batch.
+    let mut spans: HashMap<(&str, &str), Option<(i64, i64)>> = HashMap::new();
+    for k in keys {
+        match spans.entry((k.aggregate_type.as_str(), k.aggregate_id.as_str())) {
+            Entry::Vacant(e) => {
+                e.insert(Some((k.sequence, k.sequence)));
+            }
+            Entry::Occupied(mut e) => {
+                let span = e.get_mut();
+                *span = match *span {
+                    Some((first, last)) if k.sequence == last + 1 => Some((first, k.sequence)),
+                    _ => None,
+                };
+            }
+        }
+    }
+    let sp = tx.savepoint().map_err(backend)?;
+    for ((aggregate_type, aggregate_id), span) in spans {
+        let Some((first, last)) = span else {
+            return Ok(false);
+        };
+        let changed = if first == 1 {
+            sp.prepare_cached(
+                "INSERT INTO consumer_guard (consumer, aggregate_type, aggregate_id, last_sequence)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![key, aggregate_type, aggregate_id, last]))
+        } else {
+            sp.prepare_cached(
+                "UPDATE consumer_guard SET last_sequence = ?4
+                 WHERE consumer = ?1 AND aggregate_type = ?2 AND aggregate_id = ?3
+                   AND last_sequence = ?5",
+            )
+            .and_then(|mut s| {
+                s.execute(params![key, aggregate_type, aggregate_id, last, first - 1])
+            })
+        }
+        .map_err(backend)?;
+        if changed != 1 {
+            return Ok(false);
+        }
+    }
+    sp.commit().map_err(backend)?;
+    Ok(true)
+}
+
+/// Applies every item of a batch whose guards [`advance_guards`] advanced.
+fn apply_all(
+    tx: &Transaction<'_>,
+    side: Side,
+    progress: &mut Progress,
+    keys: &[Key],
+    changes: &[Vec<Change>],
+) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+    let mut sums = Sums::default();
+    for (key, changes) in keys.iter().zip(changes) {
+        for change in changes {
+            if !sums.add(change) {
+                apply_change(tx, side, change)?;
+            }
+        }
+        progress.record(tx, key.position).map_err(backend)?;
+    }
+    sums.flush(tx, side)?;
+    Ok(vec![ApplyOutcome::Applied; keys.len()])
+}
+
+/// Decides each item of a batch under its aggregate's guard: `Duplicate`, `Gap` or applied.
+fn apply_exact(
+    tx: &Transaction<'_>,
+    side: Side,
+    progress: &mut Progress,
+    keys: &[Key],
+    changes: &[Vec<Change>],
+) -> Result<Vec<ApplyOutcome>, ReadModelError> {
     // Each aggregate's guard is read once per batch and written once at its end (same
     // transaction, so the same result as a read and a write per event).
     let mut guards: HashMap<(&str, &str), Guard> = HashMap::new();
@@ -838,15 +935,15 @@ fn apply_batch(
         }
         for change in changes {
             if !sums.add(change) {
-                apply_change(&tx, side, change)?;
+                apply_change(tx, side, change)?;
             }
         }
         guard.last = key.sequence;
         guard.dirty = true;
-        progress.record(&tx, key.position).map_err(backend)?;
+        progress.record(tx, key.position).map_err(backend)?;
         outcomes.push(ApplyOutcome::Applied);
     }
-    sums.flush(&tx, side)?;
+    sums.flush(tx, side)?;
     for ((aggregate_type, aggregate_id), guard) in guards {
         if !guard.dirty {
             continue;
@@ -867,8 +964,6 @@ fn apply_batch(
         })
         .map_err(backend)?;
     }
-    progress.save(&tx, consumer).map_err(backend)?;
-    tx.commit().map_err(backend)?;
     Ok(outcomes)
 }
 
