@@ -25,7 +25,8 @@
 //! - a page at an offset: the same descent reading each level's children (≤ 256), then the page
 //!   itself, a range of the ranking index from the entry found;
 //! - a change of XP: the XP-byte nodes whose prefix changes (usually the last one or two),
-//!   summed per batch, and one counter update per tie level on the old and the new key.
+//!   and one counter update per tie level on the old and the new key, each node's updates
+//!   summed per batch (ties share their exact-XP node).
 //!
 //! The algorithm is written once here over [`RankNodes`], the few reads and writes each
 //! adapter provides inside its transaction (SQLite: synchronous statements behind ready
@@ -187,34 +188,46 @@ pub(crate) trait RankNodes {
     ) -> impl Future<Output = Result<Vec<(Uuid, i64)>, Self::Error>>;
 }
 
-/// Changes of the XP-byte nodes (prefix lengths 0–7) of one batch, summed per node and written
-/// once at its end by [`flush`]: nodes above an entry's exact XP are shared by many entries,
-/// and a move within one of them cancels out.
+/// The trie changes of one batch, written once at its end by [`flush`]: the XP-byte nodes
+/// (prefix lengths 0–7) summed per node, and the entries' moves below them (one `±1` per
+/// rank key that leaves or joins a board), which [`flush`] sums per node level by level. Nodes
+/// are shared by many entries (every tie shares its exact-XP node), and a move within one of
+/// them cancels out.
 ///
-/// Keyed per board by `(prefix length, prefix bytes zero-padded)`, so that a move allocates
-/// nothing once its board is known.
+/// The XP-byte nodes are keyed per board by `(prefix length, prefix bytes zero-padded)`, so
+/// that a move allocates nothing once its board is known.
 #[derive(Debug, Default)]
-pub(crate) struct UpperCounts(HashMap<String, HashMap<(u8, [u8; XP_BYTES]), i64>>);
+pub(crate) struct UpperCounts {
+    levels: HashMap<String, HashMap<(u8, [u8; XP_BYTES]), i64>>,
+    moves: HashMap<String, Vec<Move>>,
+}
+
+/// One entry leaving (`-1`) or joining (`+1`) the node path of its rank key.
+type Move = ([u8; KEY_BYTES], i64);
 
 impl UpperCounts {
     fn add(&mut self, board: &str, key: &[u8; KEY_BYTES], delta: i64) {
-        let nodes = match self.0.get_mut(board) {
+        let nodes = match self.levels.get_mut(board) {
             Some(nodes) => nodes,
-            None => self.0.entry(board.to_string()).or_default(),
+            None => self.levels.entry(board.to_string()).or_default(),
         };
         for len in 0..XP_BYTES {
             let mut prefix = [0u8; XP_BYTES];
             prefix[..len].copy_from_slice(&key[..len]);
             *nodes.entry((len as u8, prefix)).or_default() += delta;
         }
+        let moves = match self.moves.get_mut(board) {
+            Some(moves) => moves,
+            None => self.moves.entry(board.to_string()).or_default(),
+        };
+        moves.push((*key, delta));
     }
 }
 
-/// Moves `user_id`'s entry on `board` from XP `old` to `new` (`None`: no entry) in the trie,
-/// after the entry itself was written: the tie levels at once (a split counts the entries
-/// as they are now), the XP-byte levels into `upper`.
+/// Records the move of `user_id`'s entry on `board` from XP `old` to `new` (`None`: no entry)
+/// in `upper`, after the entry itself was written; [`flush`] writes it into the trie.
 pub(crate) async fn move_entry<S: RankNodes>(
-    s: &mut S,
+    _s: &mut S,
     upper: &mut UpperCounts,
     board: &str,
     user_id: Uuid,
@@ -225,24 +238,49 @@ pub(crate) async fn move_entry<S: RankNodes>(
         return Ok(());
     }
     if let Some(xp) = old {
-        let k = key(xp, user_id);
-        upper.add(board, &k, -1);
-        walk(s, board, &k, -1).await?;
+        upper.add(board, &key(xp, user_id), -1);
     }
     if let Some(xp) = new {
-        let k = key(xp, user_id);
-        upper.add(board, &k, 1);
-        walk(s, board, &k, 1).await?;
+        upper.add(board, &key(xp, user_id), 1);
     }
     Ok(())
 }
 
-/// Writes the summed XP-byte counts of a batch.
+/// Writes a batch's trie changes, after every entry of the batch was written: the summed
+/// XP-byte counts, then, per board, from the exact-XP level down, each node's summed moves
+/// with one counter update. Under a split node the moves go on to its children by the next
+/// key byte; a leaf that now holds more than [`SPLIT_ABOVE`] entries is split, counted from
+/// the entries (which already include the batch's, so its moves do not go further down).
 pub(crate) async fn flush<S: RankNodes>(s: &mut S, upper: UpperCounts) -> Result<(), S::Error> {
-    for (board, nodes) in upper.0 {
+    for (board, nodes) in upper.levels {
         for ((len, prefix), delta) in nodes {
             if delta != 0 {
                 s.add(&board, &prefix[..usize::from(len)], delta).await?;
+            }
+        }
+    }
+    for (board, moves) in upper.moves {
+        let mut todo = vec![(XP_BYTES, moves)];
+        while let Some((len, moves)) = todo.pop() {
+            // Per node of this level: the summed delta and the moves under it.
+            let mut nodes: HashMap<&[u8], (i64, Vec<Move>)> = HashMap::new();
+            for (k, delta) in &moves {
+                let node = nodes.entry(&k[..len]).or_default();
+                node.0 += delta;
+                node.1.push((*k, *delta));
+            }
+            for (prefix, (delta, under)) in nodes {
+                let (n, split) = s.add(&board, prefix, delta).await?;
+                if n < 0 {
+                    return Err(S::corrupt(format!(
+                        "rank node of {board} went below zero ({n})"
+                    )));
+                }
+                if split && len < KEY_BYTES - 1 {
+                    todo.push((len + 1, under));
+                } else if !split && n > SPLIT_ABOVE && len < KEY_BYTES - 1 {
+                    split_leaf(s, &board, prefix).await?;
+                }
             }
         }
     }
@@ -280,33 +318,6 @@ pub(crate) async fn build<S: RankNodes>(
         }
     }
     Ok(())
-}
-
-/// Adds `delta` along `k`'s tie levels down to its leaf; splits the leaf when it outgrows
-/// [`SPLIT_ABOVE`].
-async fn walk<S: RankNodes>(
-    s: &mut S,
-    board: &str,
-    k: &[u8; KEY_BYTES],
-    delta: i64,
-) -> Result<(), S::Error> {
-    let mut len = XP_BYTES;
-    loop {
-        let (n, split) = s.add(board, &k[..len], delta).await?;
-        if n < 0 {
-            return Err(S::corrupt(format!(
-                "rank node of {board} went below zero ({n})"
-            )));
-        }
-        if split && len < KEY_BYTES - 1 {
-            len += 1;
-            continue;
-        }
-        if delta > 0 && n > SPLIT_ABOVE && len < KEY_BYTES - 1 {
-            split_leaf(s, board, &k[..len]).await?;
-        }
-        return Ok(());
-    }
 }
 
 /// Splits leaf `prefix` into its children, counted from the board's entries, and splits
