@@ -117,6 +117,20 @@ async fn reader(app: App, stop: Arc<AtomicBool>) -> u64 {
     answered
 }
 
+/// Rebuilds `projection` of `app` beside its live read model, to the switch.
+async fn rebuild_to_switch(
+    app: &App,
+    projection: Projection,
+) -> Result<tektree_services::replay::BesideReport, tektree_services::replay::ReplayError> {
+    rebuild_beside(
+        app.store.as_ref(),
+        app.read_models.as_ref(),
+        projection,
+        |_| std::ops::ControlFlow::Continue(()),
+    )
+    .await
+}
+
 /// The whole check on one store and bus.
 async fn scenario(url: &str, bus: &str) {
     let what = format!("{url} on {bus}");
@@ -139,14 +153,9 @@ async fn scenario(url: &str, bus: &str) {
     // Every projection rebuilt beside the live one while commands arrive.
     for projection in Projection::ALL {
         let before = done.load(Ordering::SeqCst);
-        let report = rebuild_beside(
-            app.store.as_ref(),
-            app.read_models.as_ref(),
-            projection,
-            |_| std::ops::ControlFlow::Continue(()),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{what}: rebuild {projection}: {e}"));
+        let report = rebuild_to_switch(&app, projection)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: rebuild {projection}: {e}"));
         assert!(report.switched, "{what}: {projection}");
         assert_eq!(report.resumed_from, 0);
         assert!(report.events > 0);
@@ -173,14 +182,7 @@ async fn scenario(url: &str, bus: &str) {
     // A second rebuild with nothing arriving: the same read models, and no policy fired again
     // (the store's head did not move).
     for projection in Projection::ALL {
-        let report = rebuild_beside(
-            app.store.as_ref(),
-            app.read_models.as_ref(),
-            projection,
-            |_| std::ops::ControlFlow::Continue(()),
-        )
-        .await
-        .unwrap();
+        let report = rebuild_to_switch(&app, projection).await.unwrap();
         assert_eq!(
             (report.generation, report.events),
             (2, head),

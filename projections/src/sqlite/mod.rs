@@ -878,11 +878,7 @@ fn apply_all(
 ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
     let mut sums = Sums::default();
     for (key, changes) in keys.iter().zip(changes) {
-        for change in changes {
-            if !sums.add(change) {
-                apply_change(tx, side, change)?;
-            }
-        }
+        sums.apply(tx, side, changes)?;
         progress.record(tx, key.position).map_err(backend)?;
     }
     sums.flush(tx, side)?;
@@ -933,11 +929,7 @@ fn apply_exact(
             });
             continue;
         }
-        for change in changes {
-            if !sums.add(change) {
-                apply_change(tx, side, change)?;
-            }
-        }
+        sums.apply(tx, side, changes)?;
         guard.last = key.sequence;
         guard.dirty = true;
         progress.record(tx, key.position).map_err(backend)?;
@@ -1014,6 +1006,21 @@ impl Sums {
             }
             _ => false,
         }
+    }
+
+    /// Applies one item's `changes`: the additive ones into the sums, the others at once.
+    fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        side: Side,
+        changes: &[Change],
+    ) -> Result<(), ReadModelError> {
+        for change in changes {
+            if !self.add(change) {
+                apply_change(tx, side, change)?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the sums, one upsert per row, through [`apply_change`].
