@@ -9,7 +9,7 @@ use tektree_event_store::conformance::{sample_events, SAMPLE_AGGREGATE_TYPE};
 use tektree_event_store::{EventLog, SqliteStore};
 use tektree_projections::{Projection, SqliteReadModels};
 use tektree_projections::{ReadModelStore, RebuildPhase};
-use tektree_services::replay::{rebuild, rebuild_beside, ReplayError};
+use tektree_services::replay::{rebuild, rebuild_beside, rebuild_beside_paged, ReplayError};
 use uuid::Uuid;
 
 /// Two aggregates, three events each, interleaved: positions 1..=6. Returns the ids.
@@ -111,4 +111,44 @@ async fn an_aggregate_out_of_order_stops_the_rebuild() {
         }
         other => panic!("expected a broken-history error, got {other:?}"),
     }
+}
+
+/// A rebuild beside the live version stopped by its progress callback stays in progress,
+/// unswitched, and the next call resumes it from its checkpoint (Ctrl-C in `tektree-replay`).
+#[tokio::test]
+async fn a_stopped_rebuild_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("es.db");
+    history(&path).await;
+    let store = SqliteStore::open(&path).unwrap();
+    let read_models = SqliteReadModels::open(dir.path().join("rm.db")).unwrap();
+    let stopped = rebuild_beside_paged(&store, &read_models, Projection::Xp, 2, |_| {
+        std::ops::ControlFlow::Break(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (stopped.events, stopped.resumed_from, stopped.switched),
+        (2, 0, false)
+    );
+    let status = read_models.rebuilds().await.unwrap();
+    assert_eq!(
+        (status[0].phase, status[0].checkpoint),
+        (RebuildPhase::Building, 2)
+    );
+    let resumed = rebuild_beside_paged(&store, &read_models, Projection::Xp, 2, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            resumed.generation,
+            resumed.resumed_from,
+            resumed.events,
+            resumed.switched
+        ),
+        (stopped.generation, 2, 4, true)
+    );
+    assert_eq!(read_models.checkpoints().await.unwrap()[0].checkpoint, 6);
 }
