@@ -7,6 +7,7 @@ mod ranking;
 mod rebuilds;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
 
 use paging::export_in_pages;
 use proptest::prelude::*;
@@ -20,7 +21,7 @@ use tektree_domain::{
 };
 use tektree_projections::{
     project, ApplyOutcome, Change, Checkpoint, ContentDelta, ContentRow, EventKey, ExportPage,
-    LeaderboardRow, Projection, QuotaRow, ReadModel, ReadModelError, ReadModelStore,
+    LeaderboardRow, Projection, QuotaRow, ReadModel, ReadModelError, ReadModelStore, RebuildSwitch,
     SqliteReadModels, TagRow, XpRow,
 };
 use uuid::Uuid;
@@ -1537,7 +1538,7 @@ async fn a_leaderboard_rebuild_seals_its_trie_in_chunks_and_ranks_exactly() {
         }
         assert!(matches!(
             store.rebuild_switch(Projection::Leaderboard).await.unwrap(),
-            tektree_projections::RebuildSwitch::Behind { live, .. } if live == n + 1
+            RebuildSwitch::Behind { live, .. } if live == n + 1
         ));
         for batch in &h.batches[half..] {
             store
@@ -1551,8 +1552,178 @@ async fn a_leaderboard_rebuild_seals_its_trie_in_chunks_and_ranks_exactly() {
             .unwrap();
         assert_eq!(
             store.rebuild_switch(Projection::Leaderboard).await.unwrap(),
-            tektree_projections::RebuildSwitch::Switched
+            RebuildSwitch::Switched
         );
         ranking::check(&store, &h, stride).await;
     }
+}
+
+/// Event `p` of the memo test: user `p % 4`'s next event (two aggregate types, so the memo's
+/// interned types are exercised), worth `p` XP to that user.
+fn memo_event(p: u64) -> (EventKey, Vec<Change>) {
+    let u = u128::from(p % 4);
+    let ty = if u % 2 == 0 { "user" } else { "profile" };
+    let id = user(0x3e30 + u);
+    (key(ty, id, (p - 1) / 4 + 1, p), vec![xp(id, p as i64)])
+}
+
+fn memo_events(range: impl IntoIterator<Item = u64>) -> Vec<(EventKey, Vec<Change>)> {
+    range.into_iter().map(memo_event).collect()
+}
+
+/// Per user, the XP of events `range` (the oracle: a plain sum).
+fn memo_sums(range: impl IntoIterator<Item = u64>) -> BTreeMap<Uuid, i64> {
+    let mut sums = BTreeMap::new();
+    for p in range {
+        *sums.entry(user(0x3e30 + u128::from(p % 4))).or_default() += p as i64;
+    }
+    sums
+}
+
+async fn memo_read(store: &SqliteReadModels) -> BTreeMap<Uuid, i64> {
+    let mut out = BTreeMap::new();
+    for u in 0..4 {
+        if let Some(row) = store.user_xp(user(0x3e30 + u)).await.unwrap() {
+            out.insert(row.user_id, row.xp);
+        }
+    }
+    out
+}
+
+fn table_exists(path: &Path, name: &str) -> bool {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = ?1)",
+            [name],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+fn applied(out: &[ApplyOutcome]) -> bool {
+    out.iter().all(|o| *o == ApplyOutcome::Applied)
+}
+
+/// An unsealed rebuild keeps its sequence guards in memory (written to `consumer_guard` once,
+/// at its seal). The guard semantics must not change: pages applied by another instance on
+/// the same file (another process) and by an instance opened after a restart continue the
+/// same guards, a duplicate and a gap are told as such, and after the switch the live consumer
+/// goes on from exactly the rebuilt guards. A rebuild begun by a version that wrote its guards
+/// to `consumer_guard` resumes from them.
+#[tokio::test]
+async fn an_unsealed_rebuild_keeps_its_guards_in_memory_with_the_same_semantics() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tektree.db");
+    let a = SqliteReadModels::open(&path).unwrap();
+    assert!(applied(&a.apply("xp", &memo_events(1..=40)).await.unwrap()));
+    a.rebuild_begin(Projection::Xp).await.unwrap();
+    assert!(table_exists(&path, "rebuild_guard_log_xp"));
+    assert!(applied(
+        &a.rebuild_apply(Projection::Xp, &memo_events(1..=12))
+            .await
+            .unwrap()
+    ));
+    // Another instance continues the same aggregates.
+    let b = SqliteReadModels::open(&path).unwrap();
+    assert!(applied(
+        &b.rebuild_apply(Projection::Xp, &memo_events(13..=20))
+            .await
+            .unwrap()
+    ));
+    // The first instance sees what the second applied: 13 is a duplicate, 25 (its user's
+    // 7th event while the 6th, 21, is not applied) a gap; 21..=24 apply.
+    let (k25, _) = memo_event(25);
+    assert_eq!(k25.sequence, 7);
+    let out = a
+        .rebuild_apply(
+            Projection::Xp,
+            &[memo_event(13), memo_event(25)]
+                .into_iter()
+                .chain(memo_events(21..=24))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            vec![ApplyOutcome::Duplicate, ApplyOutcome::Gap { expected: 6 }],
+            vec![ApplyOutcome::Applied; 4]
+        ]
+        .concat()
+    );
+    drop((a, b));
+    // After a restart: resumes at 24 and goes on.
+    let c = SqliteReadModels::open(&path).unwrap();
+    let resumed = c.rebuild_begin(Projection::Xp).await.unwrap();
+    assert_eq!((resumed.checkpoint, resumed.applied), (24, 24));
+    assert!(applied(
+        &c.rebuild_apply(Projection::Xp, &memo_events(25..=40))
+            .await
+            .unwrap()
+    ));
+    assert_eq!(
+        c.rebuild_switch(Projection::Xp).await.unwrap(),
+        RebuildSwitch::Switched
+    );
+    assert!(!table_exists(&path, "rebuild_guard_log_xp"));
+    assert_eq!(memo_read(&c).await, memo_sums(1..=40));
+    // The live consumer goes on from the sealed guards.
+    let out = c.apply("xp", &memo_events(37..=44)).await.unwrap();
+    assert_eq!(
+        out,
+        [
+            vec![ApplyOutcome::Duplicate; 4],
+            vec![ApplyOutcome::Applied; 4]
+        ]
+        .concat()
+    );
+    assert_eq!(memo_read(&c).await, memo_sums(1..=44));
+
+    // A rebuild begun before guards were kept in memory: its guards in `consumer_guard`, no
+    // log table.
+    let begun = c.rebuild_begin(Projection::Xp).await.unwrap();
+    assert!(applied(
+        &c.rebuild_apply(Projection::Xp, &memo_events(1..=8))
+            .await
+            .unwrap()
+    ));
+    drop(c);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("DROP TABLE rebuild_guard_log_xp")
+        .unwrap();
+    for u in 0..4u128 {
+        let (k, _) = memo_event(u64::try_from(4 + u).unwrap());
+        conn.execute(
+            "INSERT INTO consumer_guard VALUES (?1, ?2, ?3, 2)",
+            rusqlite::params![
+                format!("xp#g{}", begun.generation),
+                k.aggregate_type,
+                k.aggregate_id.to_string()
+            ],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let d = SqliteReadModels::open(&path).unwrap();
+    d.rebuild_begin(Projection::Xp).await.unwrap();
+    assert_eq!(
+        d.rebuild_apply(Projection::Xp, &memo_events([8]))
+            .await
+            .unwrap(),
+        vec![ApplyOutcome::Duplicate]
+    );
+    assert!(applied(
+        &d.rebuild_apply(Projection::Xp, &memo_events(9..=44))
+            .await
+            .unwrap()
+    ));
+    assert_eq!(
+        d.rebuild_switch(Projection::Xp).await.unwrap(),
+        RebuildSwitch::Switched
+    );
+    assert_eq!(memo_read(&d).await, memo_sums(1..=44));
+    let out = d.apply("xp", &memo_events(44..=45)).await.unwrap();
+    assert_eq!(out, vec![ApplyOutcome::Duplicate, ApplyOutcome::Applied]);
 }

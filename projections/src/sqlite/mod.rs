@@ -2,7 +2,6 @@
 //!
 //! The design is documented on the type.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,9 +13,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use tektree_domain::{level_for_xp, Tier};
 use uuid::Uuid;
 
+mod guards;
 mod ranks;
 mod rebuild;
 
+use guards::{advance_guards, apply_all, apply_exact, GuardMemo, GuardSource};
 use rebuild::Side;
 
 use crate::rank_tree::UpperCounts;
@@ -336,6 +337,9 @@ struct Inner {
     path: PathBuf,
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// The guards of the unsealed rebuilds this process applies pages of
+    /// ([`guards::GuardMemo`]); locked after `writer`.
+    memos: Mutex<HashMap<Projection, GuardMemo>>,
 }
 
 impl std::fmt::Debug for SqliteReadModels {
@@ -540,6 +544,7 @@ impl SqliteReadModels {
                 path,
                 writer: Mutex::new(writer),
                 reader: Mutex::new(reader),
+                memos: Mutex::default(),
             }),
         })
     }
@@ -582,8 +587,9 @@ impl SqliteReadModels {
             return Ok(vec![]);
         }
         let changes: Vec<Vec<Change>> = items.iter().map(|(_, c)| c.clone()).collect();
+        let inner = Arc::clone(&self.inner);
         self.run(true, move |conn| {
-            apply_batch(conn, &target, &keys, &changes)
+            apply_batch(conn, &inner.memos, &target, &keys, &changes)
         })
         .await
     }
@@ -651,6 +657,11 @@ impl Progress {
             self.checkpoint += 1;
         }
         Ok(())
+    }
+
+    /// `(checkpoint, applied)`: changes with every batch that applies something.
+    fn version(&self) -> (i64, i64) {
+        (self.checkpoint, self.applied)
     }
 
     fn save(&self, tx: &Transaction<'_>, consumer: &str) -> rusqlite::Result<()> {
@@ -752,7 +763,10 @@ fn apply_change(tx: &Transaction<'_>, side: Side, change: &Change) -> Result<(),
 /// One key converted for SQLite.
 struct Key {
     aggregate_type: String,
+    /// The aggregate id as stored (text).
     aggregate_id: String,
+    /// The same id.
+    id: Uuid,
     sequence: i64,
     position: i64,
 }
@@ -769,6 +783,7 @@ fn check_items(
             Ok(Key {
                 aggregate_type: k.aggregate_type.clone(),
                 aggregate_id: k.aggregate_id.to_string(),
+                id: k.aggregate_id,
                 sequence,
                 position,
             })
@@ -787,6 +802,7 @@ enum Target {
 /// The whole batch in one `BEGIN IMMEDIATE` transaction.
 fn apply_batch(
     conn: &mut Connection,
+    memos: &Mutex<HashMap<Projection, GuardMemo>>,
     target: &Target,
     keys: &[Key],
     changes: &[Vec<Change>],
@@ -800,170 +816,31 @@ fn apply_batch(
     };
     let consumer = consumer.as_str();
     let mut progress = Progress::load(&tx, consumer).map_err(backend)?;
+    if let (Target::Rebuild(projection), Side::RebuildBulk) = (target, side) {
+        // An unsealed rebuild: guards in memory, appended to its log.
+        let mut memos = memos.lock().unwrap_or_else(PoisonError::into_inner);
+        let memo = memos.entry(*projection).or_default();
+        let log = rebuild::guard_log(*projection);
+        memo.sync(&tx, consumer, &log, progress.version())?;
+        let mut source = memo.source(&log);
+        let outcomes = apply_exact(&tx, side, &mut progress, keys, changes, &mut source)?;
+        progress.save(&tx, consumer).map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        if let GuardSource::Memo(batch) = source {
+            batch.commit(progress.version());
+        }
+        return Ok(outcomes);
+    }
     let outcomes = if advance_guards(&mut tx, &progress.key, keys)? {
         apply_all(&tx, side, &mut progress, keys, changes)?
     } else {
-        apply_exact(&tx, side, &mut progress, keys, changes)?
+        let key = progress.key.clone();
+        let mut source = GuardSource::Table(&key);
+        apply_exact(&tx, side, &mut progress, keys, changes, &mut source)?
     };
     progress.save(&tx, consumer).map_err(backend)?;
     tx.commit().map_err(backend)?;
     Ok(outcomes)
-}
-
-/// The common case first: every item of the batch is its aggregate's next event (a live batch
-/// without redeliveries, every rebuild page). Advances each aggregate's guard from the
-/// batch's first sequence to its last with **one** conditional statement (an insert for a
-/// first sequence of 1, else an update that requires the guard at `first − 1`), inside a
-/// savepoint. Returns `false`, with the savepoint rolled back, as soon as one aggregate is not
-/// in that state (a duplicate, a gap): the caller then decides item by item.
-fn advance_guards(
-    tx: &mut Transaction<'_>,
-    key: &str,
-    keys: &[Key],
-) -> Result<bool, ReadModelError> {
-    // Per aggregate, in first-seen order: first and last sequence; `None` when its items are
-    // not consecutive within the batch.
-    let mut spans: HashMap<(&str, &str), Option<(i64, i64)>> = HashMap::new();
-    for k in keys {
-        match spans.entry((k.aggregate_type.as_str(), k.aggregate_id.as_str())) {
-            Entry::Vacant(e) => {
-                e.insert(Some((k.sequence, k.sequence)));
-            }
-            Entry::Occupied(mut e) => {
-                let span = e.get_mut();
-                *span = match *span {
-                    Some((first, last)) if k.sequence == last + 1 => Some((first, k.sequence)),
-                    _ => None,
-                };
-            }
-        }
-    }
-    let sp = tx.savepoint().map_err(backend)?;
-    for ((aggregate_type, aggregate_id), span) in spans {
-        let Some((first, last)) = span else {
-            return Ok(false);
-        };
-        let changed = if first == 1 {
-            sp.prepare_cached(
-                "INSERT INTO consumer_guard (consumer, aggregate_type, aggregate_id, last_sequence)
-                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-            )
-            .and_then(|mut s| s.execute(params![key, aggregate_type, aggregate_id, last]))
-        } else {
-            sp.prepare_cached(
-                "UPDATE consumer_guard SET last_sequence = ?4
-                 WHERE consumer = ?1 AND aggregate_type = ?2 AND aggregate_id = ?3
-                   AND last_sequence = ?5",
-            )
-            .and_then(|mut s| {
-                s.execute(params![key, aggregate_type, aggregate_id, last, first - 1])
-            })
-        }
-        .map_err(backend)?;
-        if changed != 1 {
-            return Ok(false);
-        }
-    }
-    sp.commit().map_err(backend)?;
-    Ok(true)
-}
-
-/// Applies every item of a batch whose guards [`advance_guards`] advanced.
-fn apply_all(
-    tx: &Transaction<'_>,
-    side: Side,
-    progress: &mut Progress,
-    keys: &[Key],
-    changes: &[Vec<Change>],
-) -> Result<Vec<ApplyOutcome>, ReadModelError> {
-    let mut sums = Sums::default();
-    for (key, changes) in keys.iter().zip(changes) {
-        sums.apply(tx, side, changes)?;
-        progress.record(tx, key.position).map_err(backend)?;
-    }
-    sums.flush(tx, side)?;
-    Ok(vec![ApplyOutcome::Applied; keys.len()])
-}
-
-/// Decides each item of a batch under its aggregate's guard: `Duplicate`, `Gap` or applied.
-fn apply_exact(
-    tx: &Transaction<'_>,
-    side: Side,
-    progress: &mut Progress,
-    keys: &[Key],
-    changes: &[Vec<Change>],
-) -> Result<Vec<ApplyOutcome>, ReadModelError> {
-    // Each aggregate's guard is read once per batch and written once at its end (same
-    // transaction, so the same result as a read and a write per event).
-    let mut guards: HashMap<(&str, &str), Guard> = HashMap::new();
-    let mut sums = Sums::default();
-    let mut outcomes = Vec::with_capacity(keys.len());
-    for (key, changes) in keys.iter().zip(changes) {
-        let guard = match guards.entry((key.aggregate_type.as_str(), key.aggregate_id.as_str())) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                let last = tx
-                    .prepare_cached(
-                        "SELECT last_sequence FROM consumer_guard
-                         WHERE consumer = ?1 AND aggregate_type = ?2 AND aggregate_id = ?3",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(
-                            params![progress.key, key.aggregate_type, key.aggregate_id],
-                            |r| r.get(0),
-                        )
-                        .optional()
-                    })
-                    .map_err(backend)?
-                    .unwrap_or(0);
-                e.insert(Guard { last, dirty: false })
-            }
-        };
-        if key.sequence <= guard.last {
-            outcomes.push(ApplyOutcome::Duplicate);
-            continue;
-        }
-        if key.sequence > guard.last + 1 {
-            outcomes.push(ApplyOutcome::Gap {
-                expected: (guard.last + 1) as u64,
-            });
-            continue;
-        }
-        sums.apply(tx, side, changes)?;
-        guard.last = key.sequence;
-        guard.dirty = true;
-        progress.record(tx, key.position).map_err(backend)?;
-        outcomes.push(ApplyOutcome::Applied);
-    }
-    sums.flush(tx, side)?;
-    for ((aggregate_type, aggregate_id), guard) in guards {
-        if !guard.dirty {
-            continue;
-        }
-        tx.prepare_cached(
-            "INSERT INTO consumer_guard (consumer, aggregate_type, aggregate_id, last_sequence)
-             VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (consumer, aggregate_type, aggregate_id)
-             DO UPDATE SET last_sequence = excluded.last_sequence",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                progress.key,
-                aggregate_type,
-                aggregate_id,
-                guard.last
-            ])
-        })
-        .map_err(backend)?;
-    }
-    Ok(outcomes)
-}
-
-/// An aggregate's sequence guard while a batch is applied.
-struct Guard {
-    last: i64,
-    /// Advanced in this batch: written back at its end.
-    dirty: bool,
 }
 
 /// The purely additive changes of a batch (`xp`, `leaderboard`), summed per row and written
@@ -1243,13 +1120,19 @@ impl ReadModelStore for SqliteReadModels {
         &self,
         projection: Projection,
     ) -> Result<RebuildSwitch, ReadModelError> {
-        self.run(true, move |conn| rebuild::switch(conn, projection))
-            .await
+        let inner = Arc::clone(&self.inner);
+        self.run(true, move |conn| {
+            rebuild::switch(conn, &inner.memos, projection)
+        })
+        .await
     }
 
     async fn rebuild_cancel(&self, projection: Projection) -> Result<bool, ReadModelError> {
-        self.run(true, move |conn| rebuild::cancel(conn, projection))
-            .await
+        let inner = Arc::clone(&self.inner);
+        self.run(true, move |conn| {
+            rebuild::cancel(conn, &inner.memos, projection)
+        })
+        .await
     }
 
     async fn rebuilds(&self) -> Result<Vec<RebuildStatus>, ReadModelError> {

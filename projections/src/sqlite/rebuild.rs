@@ -16,10 +16,12 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::{backend, SCHEMA_TABLES};
+use super::guards::GuardMemo;
+use super::{backend, Progress, SCHEMA_TABLES};
 use crate::{Projection, ReadModelError, RebuildPhase, RebuildStatus, RebuildSwitch};
 
 /// Suffix of a rebuild's tables.
@@ -93,6 +95,47 @@ pub(super) fn tables(projection: Projection) -> &'static [&'static str] {
         Projection::Content => &["rm_content"],
         Projection::Tags => &["rm_tags"],
     }
+}
+
+/// The log table of the guards of `projection`'s unsealed rebuild
+/// ([`super::guards::GuardMemo`]): `(aggregate_type, aggregate_id, last_sequence)` rows
+/// appended by each page, dropped by the seal.
+pub(super) fn guard_log(projection: Projection) -> String {
+    format!("rebuild_guard_log_{}", projection.name())
+}
+
+/// Creates the guard log of `projection`'s rebuild `consumer` unless it exists. A rebuild
+/// begun by a version that kept its guards in `consumer_guard` gets them copied in.
+fn create_guard_log(
+    tx: &Transaction<'_>,
+    projection: Projection,
+    consumer: &str,
+) -> rusqlite::Result<()> {
+    let log = guard_log(projection);
+    let exists: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [&log],
+        |r| r.get(0),
+    )?;
+    if exists {
+        return Ok(());
+    }
+    tx.execute_batch(&format!(
+        "CREATE TABLE {log} (
+             aggregate_type TEXT    NOT NULL,
+             aggregate_id   TEXT    NOT NULL,
+             last_sequence  INTEGER NOT NULL
+         )"
+    ))?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {log} (aggregate_type, aggregate_id, last_sequence)
+             SELECT aggregate_type, aggregate_id, last_sequence FROM consumer_guard
+             WHERE consumer = ?1"
+        ),
+        [consumer],
+    )
+    .map(drop)
 }
 
 /// The consumer row (and guard key) of generation `generation` of `projection`'s rebuild.
@@ -239,56 +282,109 @@ pub(super) fn building(
 /// Groups `(board, xp, entries)` of the rebuild's leaderboard read per transaction by [`seal`].
 const SEAL_GROUPS: i64 = 500;
 
-/// Builds the count trie of the rebuild's leaderboard from its entries, [`SEAL_GROUPS`]
-/// groups per transaction (the rebuild's tables are read by nobody else, and no page is
-/// applied meanwhile: the rebuild runs one step at a time), then marks the rebuild sealed:
-/// later pages move entries in the trie as the live projection does. A no-op for other
-/// projections and once sealed.
-fn seal(conn: &mut Connection, projection: Projection) -> Result<(), ReadModelError> {
-    let sealed = |tx: &Transaction<'_>| -> Result<bool, ReadModelError> {
-        Ok(building(tx, projection)?.1 == Side::Rebuild)
-    };
+/// Guard rows written per transaction by [`seal`].
+const SEAL_GUARDS: usize = 20_000;
+
+/// Ends the rebuild's bulk phase: builds the count trie of the rebuild's leaderboard from its
+/// entries ([`SEAL_GROUPS`] groups per transaction) and writes the guards of its memo into
+/// `consumer_guard` in key order ([`SEAL_GUARDS`] rows per transaction), then marks the rebuild
+/// sealed and drops its guard log: later pages move entries in the trie and advance guards as
+/// the live projection does. The rebuild's rows are read by nobody else; should a page be
+/// applied meanwhile (another process), the guards are written again from the newer memo.
+/// A no-op once sealed.
+fn seal(
+    conn: &mut Connection,
+    memos: &Mutex<HashMap<Projection, GuardMemo>>,
+    projection: Projection,
+) -> Result<(), ReadModelError> {
     {
         let tx = conn.transaction().map_err(backend)?;
-        if sealed(&tx)? {
+        if building(&tx, projection)?.1 == Side::Rebuild {
             return Ok(());
         }
     }
     if projection == Projection::Leaderboard {
-        let tree = format!("rm_leaderboard_tree{REBUILDING}");
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(backend)?;
-        // A seal cut short by a crash left part of the trie: start again.
-        tx.execute(&format!("DELETE FROM {tree}"), [])
-            .map_err(backend)?;
-        tx.commit().map_err(backend)?;
-        let mut after: Option<(String, i64)> = None;
-        loop {
+        build_trie(conn)?;
+    }
+    let log = guard_log(projection);
+    let mut memos = memos.lock().unwrap_or_else(PoisonError::into_inner);
+    let memo = memos.entry(projection).or_default();
+    loop {
+        let version = {
+            let tx = conn.transaction().map_err(backend)?;
+            let (consumer, _) = building(&tx, projection)?;
+            let version = Progress::load(&tx, &consumer).map_err(backend)?.version();
+            memo.sync(&tx, &consumer, &log, version)?;
+            version
+        };
+        memo.write_sorted(SEAL_GUARDS, |consumer, rows| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(backend)?;
-            let groups =
-                super::ranks::groups_after(&tx, Side::Rebuild, after.as_ref(), SEAL_GROUPS)?;
-            super::ranks::build_groups(&tx, Side::Rebuild, &groups)?;
-            tx.commit().map_err(backend)?;
-            match groups.last() {
-                Some((board, xp, _)) if groups.len() as i64 == SEAL_GROUPS => {
-                    after = Some((board.clone(), *xp));
+            {
+                let mut upsert = tx
+                    .prepare_cached(
+                        "INSERT INTO consumer_guard
+                             (consumer, aggregate_type, aggregate_id, last_sequence)
+                         VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (consumer, aggregate_type, aggregate_id)
+                         DO UPDATE SET last_sequence = excluded.last_sequence",
+                    )
+                    .map_err(backend)?;
+                for (ty, id, last) in rows {
+                    upsert
+                        .execute(params![consumer, ty, id.to_string(), last])
+                        .map_err(backend)?;
                 }
-                _ => break,
             }
+            tx.commit().map_err(backend)
+        })?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let (consumer, _) = building(&tx, projection)?;
+        if Progress::load(&tx, &consumer).map_err(backend)?.version() != version {
+            continue;
         }
+        tx.execute(
+            "UPDATE consumer_rebuild SET sealed = 1 WHERE projection = ?1 AND phase = 'building'",
+            [projection.name()],
+        )
+        .map_err(backend)?;
+        tx.execute_batch(&format!("DROP TABLE IF EXISTS {log}"))
+            .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        memos.remove(&projection);
+        return Ok(());
     }
+}
+
+/// Builds the count trie of the rebuild's leaderboard from its entries, [`SEAL_GROUPS`]
+/// groups per transaction, starting again from nothing (a seal cut short by a crash left part
+/// of the trie).
+fn build_trie(conn: &mut Connection) -> Result<(), ReadModelError> {
+    let tree = format!("rm_leaderboard_tree{REBUILDING}");
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend)?;
-    tx.execute(
-        "UPDATE consumer_rebuild SET sealed = 1 WHERE projection = ?1 AND phase = 'building'",
-        [projection.name()],
-    )
-    .map_err(backend)?;
-    tx.commit().map_err(backend)
+    tx.execute(&format!("DELETE FROM {tree}"), [])
+        .map_err(backend)?;
+    tx.commit().map_err(backend)?;
+    let mut after: Option<(String, i64)> = None;
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let groups = super::ranks::groups_after(&tx, Side::Rebuild, after.as_ref(), SEAL_GROUPS)?;
+        super::ranks::build_groups(&tx, Side::Rebuild, &groups)?;
+        tx.commit().map_err(backend)?;
+        match groups.last() {
+            Some((board, xp, _)) if groups.len() as i64 == SEAL_GROUPS => {
+                after = Some((board.clone(), *xp));
+            }
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// [`crate::ReadModelStore::rebuild_begin`].
@@ -310,6 +406,8 @@ pub(super) fn begin(
             tx.execute_batch(&format!("DROP TABLE IF EXISTS {table}{REBUILDING}"))
                 .map_err(backend)?;
         }
+        tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", guard_log(projection)))
+            .map_err(backend)?;
         tx.execute(
             "INSERT INTO consumer_rebuild
                  (projection, generation, phase, started_ms, finished_ms, checkpoint, applied,
@@ -323,6 +421,10 @@ pub(super) fn begin(
         .map_err(backend)?;
     }
     create_tables(&tx, projection, generation).map_err(backend)?;
+    let (consumer, side) = building(&tx, projection)?;
+    if side == Side::RebuildBulk {
+        create_guard_log(&tx, projection, &consumer).map_err(backend)?;
+    }
     let begun = status(&tx, projection)
         .map_err(backend)?
         .ok_or_else(|| ReadModelError::Backend("rebuild row vanished".into()))?;
@@ -352,9 +454,10 @@ fn live_key(tx: &Transaction<'_>, consumer: &str) -> rusqlite::Result<(i64, i64,
 /// guard rows.
 pub(super) fn switch(
     conn: &mut Connection,
+    memos: &Mutex<HashMap<Projection, GuardMemo>>,
     projection: Projection,
 ) -> Result<RebuildSwitch, ReadModelError> {
-    seal(conn, projection)?;
+    seal(conn, memos, projection)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend)?;
@@ -430,8 +533,13 @@ fn finish(
 /// [`crate::ReadModelStore::rebuild_cancel`].
 pub(super) fn cancel(
     conn: &mut Connection,
+    memos: &Mutex<HashMap<Projection, GuardMemo>>,
     projection: Projection,
 ) -> Result<bool, ReadModelError> {
+    memos
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&projection);
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend)?;
@@ -453,6 +561,8 @@ pub(super) fn cancel(
         checkpoint,
         applied,
     )?;
+    tx.execute_batch(&format!("DROP TABLE IF EXISTS {}", guard_log(projection)))
+        .map_err(backend)?;
     tx.commit().map_err(backend)?;
     drop_tables(conn, projection, REBUILDING)?;
     delete_key_rows(conn, &shadow)?;
