@@ -530,13 +530,22 @@ fn decode_row(row: &rusqlite::Row<'_>) -> Result<EventEnvelope, StoreError> {
         row.get::<_, i64>(i)
             .map_err(|e| corrupt(format!("column {name}: {e}")))
     };
+    // Columns only parsed are borrowed from the row, not copied into a `String`.
+    let borrowed = |i: usize, name: &str| -> Result<&str, StoreError> {
+        let value = row
+            .get_ref(i)
+            .map_err(|e| corrupt(format!("column {name}: {e}")))?;
+        value
+            .as_str()
+            .map_err(|e| corrupt(format!("column {name}: {e}")))
+    };
     let uuid = |i: usize, name: &str| -> Result<Uuid, StoreError> {
-        let s = text(i, name)?;
-        Uuid::parse_str(&s).map_err(|e| corrupt(format!("column {name} {s:?}: {e}")))
+        let s = borrowed(i, name)?;
+        Uuid::parse_str(s).map_err(|e| corrupt(format!("column {name} {s:?}: {e}")))
     };
     let time = |i: usize, name: &str| -> Result<DateTime<Utc>, StoreError> {
-        let s = text(i, name)?;
-        DateTime::parse_from_rfc3339(&s)
+        let s = borrowed(i, name)?;
+        DateTime::parse_from_rfc3339(s)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| corrupt(format!("column {name} {s:?}: {e}")))
     };
@@ -544,8 +553,8 @@ fn decode_row(row: &rusqlite::Row<'_>) -> Result<EventEnvelope, StoreError> {
         u64::try_from(position).map_err(|_| corrupt(format!("negative position {position}")))?;
     let event_version = int(3, "event_version")?;
     let sequence = int(6, "sequence")?;
-    let actor_text = text(11, "actor")?;
-    let payload_text = text(12, "payload")?;
+    let actor_text = borrowed(11, "actor")?;
+    let payload_text = borrowed(12, "payload")?;
     Ok(EventEnvelope {
         event_id: uuid(1, "event_id")?,
         event_type: text(2, "event_type")?,
@@ -563,7 +572,7 @@ fn decode_row(row: &rusqlite::Row<'_>) -> Result<EventEnvelope, StoreError> {
         actor: actor_text
             .parse::<Actor>()
             .map_err(|e| corrupt(format!("column actor: {e}")))?,
-        payload: serde_json::from_str(&payload_text)
+        payload: serde_json::from_str(payload_text)
             .map_err(|e| corrupt(format!("column payload: {e}")))?,
     })
 }

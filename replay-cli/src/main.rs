@@ -1,5 +1,11 @@
 //! `tektree-replay`: operator tool. See `tektree-replay --help` and docs/replay.md.
 
+/// The global allocator: mimalloc. A rebuild frees a page of decoded events at a time, and
+/// glibc's malloc spent about a quarter of a rebuild's CPU in `malloc`/`free` and their
+/// free-list consolidation (`perf`, docs/performance.md, issue #14).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;

@@ -1,5 +1,11 @@
 //! `tektree`: the TekTree Core binary. See `tektree --help` and README.md.
 
+/// The global allocator: mimalloc. A rebuild frees a page of decoded events at a time, and
+/// glibc's malloc spent about a quarter of a rebuild's CPU in `malloc`/`free` and their
+/// free-list consolidation (`perf`, docs/performance.md, issue #14).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

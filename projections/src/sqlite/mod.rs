@@ -829,6 +829,9 @@ fn apply_batch(
         if let GuardSource::Memo(batch) = source {
             batch.commit(progress.version());
         }
+        if memo.full() {
+            memo.flush(conn, &log)?;
+        }
         return Ok(outcomes);
     }
     let outcomes = if advance_guards(&mut tx, &progress.key, keys)? {
@@ -901,8 +904,12 @@ impl Sums {
     }
 
     /// Writes the sums, one upsert per row, through [`apply_change`].
+    /// Writes the sums in key order (a UUID sorts as its text), so that a batch walks each
+    /// table's B-tree from left to right instead of jumping between its pages.
     fn flush(self, tx: &Transaction<'_>, side: Side) -> Result<(), ReadModelError> {
-        for (user_id, [xp, questions, answers, accepted_answers]) in self.xp {
+        let mut xp_rows: Vec<_> = self.xp.into_iter().collect();
+        xp_rows.sort_unstable_by_key(|(user_id, _)| *user_id);
+        for (user_id, [xp, questions, answers, accepted_answers]) in xp_rows {
             let change = Change::Xp {
                 user_id,
                 xp,
@@ -913,7 +920,9 @@ impl Sums {
             apply_change(tx, side, &change)?;
         }
         let mut upper = UpperCounts::default();
-        for ((board, user_id), xp) in self.leaderboard {
+        let mut entries: Vec<_> = self.leaderboard.into_iter().collect();
+        entries.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+        for ((board, user_id), xp) in entries {
             ranks::add_xp(tx, side, &mut upper, &board, user_id, xp)?;
         }
         ranks::flush(tx, side, upper)

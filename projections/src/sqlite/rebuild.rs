@@ -282,16 +282,12 @@ pub(super) fn building(
 /// Groups `(board, xp, entries)` of the rebuild's leaderboard read per transaction by [`seal`].
 const SEAL_GROUPS: i64 = 500;
 
-/// Guard rows written per transaction by [`seal`].
-const SEAL_GUARDS: usize = 20_000;
-
 /// Ends the rebuild's bulk phase: builds the count trie of the rebuild's leaderboard from its
 /// entries ([`SEAL_GROUPS`] groups per transaction) and writes the guards of its memo into
-/// `consumer_guard` in key order ([`SEAL_GUARDS`] rows per transaction), then marks the rebuild
-/// sealed and drops its guard log: later pages move entries in the trie and advance guards as
-/// the live projection does. The rebuild's rows are read by nobody else; should a page be
-/// applied meanwhile (another process), the guards are written again from the newer memo.
-/// A no-op once sealed.
+/// `consumer_guard` ([`GuardMemo::flush`]), then marks the rebuild sealed and drops its guard
+/// log: later pages move entries in the trie and advance guards as the live projection does.
+/// The rebuild's rows are read by nobody else; should a page be applied meanwhile (another
+/// process), the guards are flushed again. A no-op once sealed.
 fn seal(
     conn: &mut Connection,
     memos: &Mutex<HashMap<Projection, GuardMemo>>,
@@ -317,28 +313,9 @@ fn seal(
             memo.sync(&tx, &consumer, &log, version)?;
             version
         };
-        memo.write_sorted(SEAL_GUARDS, |consumer, rows| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            {
-                let mut upsert = tx
-                    .prepare_cached(
-                        "INSERT INTO consumer_guard
-                             (consumer, aggregate_type, aggregate_id, last_sequence)
-                         VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (consumer, aggregate_type, aggregate_id)
-                         DO UPDATE SET last_sequence = excluded.last_sequence",
-                    )
-                    .map_err(backend)?;
-                for (ty, id, last) in rows {
-                    upsert
-                        .execute(params![consumer, ty, id.to_string(), last])
-                        .map_err(backend)?;
-                }
-            }
-            tx.commit().map_err(backend)
-        })?;
+        if !memo.flush(conn, &log)? {
+            continue;
+        }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(backend)?;

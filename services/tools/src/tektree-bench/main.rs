@@ -22,6 +22,12 @@
 //!
 //! Progress goes to stderr; stdout holds only the JSON lines.
 
+/// The global allocator: mimalloc. A rebuild frees a page of decoded events at a time, and
+/// glibc's malloc spent about a quarter of a rebuild's CPU in `malloc`/`free` and their
+/// free-list consolidation (`perf`, docs/performance.md, issue #14).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod append;
 mod clients;
 mod corpus;

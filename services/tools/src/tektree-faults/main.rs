@@ -12,6 +12,12 @@
 //! computes from the acknowledged commands alone (`oracle.rs`). It prints one JSON summary line
 //! on stdout and exits 1 when anything mismatched.
 
+/// The global allocator: mimalloc. A rebuild frees a page of decoded events at a time, and
+/// glibc's malloc spent about a quarter of a rebuild's CPU in `malloc`/`free` and their
+/// free-list consolidation (`perf`, docs/performance.md, issue #14).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod check;
 mod faults;
 mod oracle;
