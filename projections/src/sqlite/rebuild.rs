@@ -164,12 +164,9 @@ pub(super) fn ensure_rank_index(
     Ok(())
 }
 
-/// Creates the missing tables of `projection`'s rebuild of generation `generation`.
-fn create_tables(
-    tx: &Transaction<'_>,
-    projection: Projection,
-    generation: i64,
-) -> rusqlite::Result<()> {
+/// Creates the missing tables of `projection`'s rebuild (the leaderboard's ranking index comes at
+/// its seal, [`create_rank_index`]).
+fn create_tables(tx: &Transaction<'_>, projection: Projection) -> rusqlite::Result<()> {
     for table in tables(projection) {
         let ddl = SCHEMA_TABLES
             .iter()
@@ -177,12 +174,24 @@ fn create_tables(
             .map(|(_, ddl)| *ddl)
             .unwrap_or_default();
         tx.execute_batch(&rename(ddl, REBUILDING))?;
-        if *table == "rm_leaderboard" {
-            let index = format!("rm_leaderboard_rank_g{generation}");
-            ensure_rank_index(tx, &format!("{table}{REBUILDING}"), &index)?;
-        }
     }
     Ok(())
+}
+
+/// Creates the ranking index of the rebuild's leaderboard, generation `generation`: at the
+/// seal, from the entries the bulk phase wrote (one sorted build instead of moving an index
+/// entry at a random place for every XP change; nobody ranks the rebuild's board before).
+fn create_rank_index(conn: &mut Connection, generation: u64) -> Result<(), ReadModelError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    ensure_rank_index(
+        &tx,
+        &format!("rm_leaderboard{REBUILDING}"),
+        &format!("rm_leaderboard_rank_g{generation}"),
+    )
+    .map_err(backend)?;
+    tx.commit().map_err(backend)
 }
 
 fn now_ms() -> i64 {
@@ -300,6 +309,13 @@ fn seal(
         }
     }
     if projection == Projection::Leaderboard {
+        let generation = {
+            let tx = conn.transaction().map_err(backend)?;
+            status(&tx, projection)
+                .map_err(backend)?
+                .map_or(0, |s| s.generation)
+        };
+        create_rank_index(conn, generation)?;
         build_trie(conn)?;
     }
     let log = guard_log(projection);
@@ -397,7 +413,7 @@ pub(super) fn begin(
         )
         .map_err(backend)?;
     }
-    create_tables(&tx, projection, generation).map_err(backend)?;
+    create_tables(&tx, projection).map_err(backend)?;
     let (consumer, side) = building(&tx, projection)?;
     if side == Side::RebuildBulk {
         create_guard_log(&tx, projection, &consumer).map_err(backend)?;
