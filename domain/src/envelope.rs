@@ -76,6 +76,52 @@ pub struct EventEnvelope {
     pub payload: serde_json::Value,
 }
 
+/// A committed event as a rebuild reads it: its key, type and version, and its payload as
+/// the JSON text the store holds (not parsed, not upcast), without the envelope's metadata.
+/// [`StoredEvent::decode`] reads it into an [`Event`] without building a
+/// `serde_json::Value` (issue #14: a rebuild decodes every stored event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Global position.
+    pub position: u64,
+    /// `user`, `area`, `content`, `profile` or `subscription`.
+    pub aggregate_type: String,
+    /// The aggregate instance.
+    pub aggregate_id: Uuid,
+    /// Per-aggregate sequence.
+    pub sequence: u64,
+    /// Catalog name.
+    pub event_type: String,
+    /// Payload schema version as stored.
+    pub event_version: u32,
+    /// The payload object's JSON text, as stored.
+    pub payload: String,
+}
+
+impl StoredEvent {
+    /// The domain event, upcast to the current version of its type ([`Event::decode_str`]).
+    ///
+    /// # Errors
+    /// [`DecodeError`] for an unknown type, an unsupported version or an invalid payload.
+    pub fn decode(&self) -> Result<Event, DecodeError> {
+        Event::decode_str(&self.event_type, self.event_version, &self.payload)
+    }
+}
+
+impl From<&EventEnvelope> for StoredEvent {
+    fn from(e: &EventEnvelope) -> Self {
+        StoredEvent {
+            position: e.position,
+            aggregate_type: e.aggregate_type.clone(),
+            aggregate_id: e.aggregate_id,
+            sequence: e.sequence,
+            event_type: e.event_type.clone(),
+            event_version: e.event_version,
+            payload: e.payload.to_string(),
+        }
+    }
+}
+
 impl NewEvent {
     /// The envelope this event gets once committed at `position` at `recorded_at`.
     pub fn into_envelope(self, position: u64, recorded_at: DateTime<Utc>) -> EventEnvelope {

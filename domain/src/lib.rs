@@ -38,7 +38,7 @@ pub use aggregates::{
     subscription::{Subscription, SubscriptionCommand},
     user::{User, UserCommand},
 };
-pub use envelope::{EventEnvelope, EventMetadata, NewEvent};
+pub use envelope::{EventEnvelope, EventMetadata, NewEvent, StoredEvent};
 pub use error::DomainError;
 pub use events::{Event, VoteDirection};
 pub use gamification::GamificationRules;

@@ -115,9 +115,100 @@ pub async fn run_all(store: &dyn EventStore) {
     malformed_batch_writes_nothing(store).await;
     concurrent_writers_on_one_aggregate(store, 8, 3).await;
     positions_strictly_increasing(store).await;
+    stored_reads_match_envelopes(store).await;
     outbox_contract(store).await;
     idempotency_records(store).await;
     snapshots(store).await;
+}
+
+/// [`EventLog::read_all_stored`] returns what [`EventLog::read_all`] returns, in the same
+/// order and pages: the same keys, type and version, a payload text that parses to the
+/// envelope's payload, and the same decoded event.
+///
+/// # Panics
+/// On any violation or store error.
+pub async fn stored_reads_match_envelopes(store: &dyn EventStore) {
+    const C: &str = "stored_reads_match_envelopes";
+    let head0 = ok(C, "head", store.head().await);
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    ok(
+        C,
+        "append",
+        store
+            .append(SAMPLE_AGGREGATE_TYPE, a, 0, sample_events(a, 1, 3))
+            .await,
+    );
+    ok(
+        C,
+        "append",
+        store
+            .append(SAMPLE_AGGREGATE_TYPE, b, 0, sample_events(b, 1, 2))
+            .await,
+    );
+    let envelopes = ok(C, "read_all", store.read_all(head0.position, 10).await);
+    let stored = ok(
+        C,
+        "read_all_stored",
+        store.read_all_stored(head0.position, 10).await,
+    );
+    assert_eq!(
+        envelopes.len(),
+        5,
+        "conformance::{C}: read_all read {envelopes:?}"
+    );
+    assert_eq!(
+        stored.len(),
+        envelopes.len(),
+        "conformance::{C}: read_all_stored read {} events, read_all {}",
+        stored.len(),
+        envelopes.len()
+    );
+    for (s, e) in stored.iter().zip(&envelopes) {
+        let key = |p, t: &str, i, q, ty: &str, v| (p, t.to_owned(), i, q, ty.to_owned(), v);
+        assert_eq!(
+            key(
+                s.position,
+                &s.aggregate_type,
+                s.aggregate_id,
+                s.sequence,
+                &s.event_type,
+                s.event_version
+            ),
+            key(
+                e.position,
+                &e.aggregate_type,
+                e.aggregate_id,
+                e.sequence,
+                &e.event_type,
+                e.event_version
+            ),
+            "conformance::{C}: keys differ"
+        );
+        let payload: serde_json::Value = serde_json::from_str(&s.payload)
+            .unwrap_or_else(|err| panic!("conformance::{C}: payload text {:?}: {err}", s.payload));
+        assert_eq!(payload, e.payload, "conformance::{C}: payloads differ");
+        assert_eq!(
+            s.decode().ok(),
+            e.decode().ok(),
+            "conformance::{C}: decoded events differ at {}",
+            s.position
+        );
+        assert!(
+            s.decode().is_ok(),
+            "conformance::{C}: {s:?} does not decode"
+        );
+    }
+    let page = ok(
+        C,
+        "read_all_stored",
+        store.read_all_stored(stored[1].position, 2).await,
+    );
+    assert_eq!(
+        page,
+        stored[2..4].to_vec(),
+        "conformance::{C}: a page after position {} differs",
+        stored[1].position
+    );
 }
 
 /// Two handles of one store report the same [`crate::StoreIdentity`], at epoch 1 for a store

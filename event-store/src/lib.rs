@@ -29,7 +29,7 @@ mod sqlite;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use tektree_domain::{EventEnvelope, NewEvent};
+use tektree_domain::{EventEnvelope, NewEvent, StoredEvent};
 use uuid::Uuid;
 
 pub use error::StoreError;
@@ -146,6 +146,23 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Up to `limit` events with `position > after`, in position order.
     async fn read_all(&self, after: u64, limit: usize) -> Result<Vec<EventEnvelope>, StoreError>;
+
+    /// [`read_all`](Self::read_all) as a rebuild needs it: each event's key, type, version
+    /// and payload text as stored ([`StoredEvent`]), without parsing the payload or the
+    /// metadata. The default converts [`read_all`](Self::read_all)'s envelopes; SQLite reads
+    /// the columns only.
+    async fn read_all_stored(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(self
+            .read_all(after, limit)
+            .await?
+            .iter()
+            .map(StoredEvent::from)
+            .collect())
+    }
 
     /// The current [`Head`].
     async fn head(&self) -> Result<Head, StoreError>;

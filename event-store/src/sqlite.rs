@@ -80,7 +80,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
-use tektree_domain::{Actor, EventEnvelope, NewEvent};
+use tektree_domain::{Actor, EventEnvelope, NewEvent, StoredEvent};
 use uuid::Uuid;
 
 use crate::{
@@ -577,6 +577,42 @@ fn decode_row(row: &rusqlite::Row<'_>) -> Result<EventEnvelope, StoreError> {
     })
 }
 
+/// Decodes one row of [`EventLog::read_all_stored`]'s query.
+fn decode_stored(row: &rusqlite::Row<'_>) -> Result<StoredEvent, StoreError> {
+    let position: i64 = row.get(0).map_err(backend)?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        position: u64::try_from(position).unwrap_or(0),
+        reason,
+    };
+    let unsigned = |i: usize, name: &str| -> Result<u64, StoreError> {
+        let v: i64 = row
+            .get(i)
+            .map_err(|e| corrupt(format!("column {name}: {e}")))?;
+        u64::try_from(v).map_err(|_| corrupt(format!("column {name} {v} out of range")))
+    };
+    let text = |i: usize, name: &str| -> Result<String, StoreError> {
+        row.get::<_, String>(i)
+            .map_err(|e| corrupt(format!("column {name}: {e}")))
+    };
+    let id = row
+        .get_ref(2)
+        .map_err(|e| corrupt(format!("column aggregate_id: {e}")))?
+        .as_str()
+        .map_err(|e| corrupt(format!("column aggregate_id: {e}")))?;
+    let version = unsigned(5, "event_version")?;
+    Ok(StoredEvent {
+        position: unsigned(0, "position")?,
+        aggregate_type: text(1, "aggregate_type")?,
+        aggregate_id: Uuid::parse_str(id)
+            .map_err(|e| corrupt(format!("column aggregate_id {id:?}: {e}")))?,
+        sequence: unsigned(3, "sequence")?,
+        event_type: text(4, "event_type")?,
+        event_version: u32::try_from(version)
+            .map_err(|_| corrupt(format!("column event_version {version} out of range")))?,
+        payload: text(6, "payload")?,
+    })
+}
+
 /// Runs a query selecting [`EVENT_COLUMNS`] and decodes every row.
 fn query_events(
     conn: &Connection,
@@ -672,6 +708,38 @@ impl EventLog for SqliteStore {
                 ),
                 params![after, limit_i64(limit)],
             )
+        })
+        .await
+    }
+
+    /// See [`EventLog::read_all_stored`]: the key, type, version and payload columns only.
+    async fn read_all_stored(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        self.with_reader(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT position, aggregate_type, aggregate_id, sequence, event_type,
+                            event_version, payload
+                     FROM events WHERE position > ?1 ORDER BY position LIMIT ?2",
+                )
+                .map_err(backend)?;
+            let mut rows = stmt
+                .query(params![after, limit_i64(limit)])
+                .map_err(backend)?;
+            let mut out = Vec::with_capacity(limit.min(100_000));
+            while let Some(row) = rows.next().map_err(backend)? {
+                out.push(decode_stored(row)?);
+            }
+            Ok(out)
         })
         .await
     }

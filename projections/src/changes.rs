@@ -183,6 +183,13 @@ pub fn weekly_board(t: DateTime<Utc>) -> String {
 /// The changes `projection` makes for one event; none for events it ignores.
 pub fn project(projection: Projection, envelope: &EventEnvelope, event: &Event) -> Vec<Change> {
     let _ = envelope;
+    project_event(projection, event)
+}
+
+/// [`project`] of the event alone: no projection reads the envelope's metadata (time boards
+/// come from the payload's timestamps), so a rebuild that reads [`tektree_domain::StoredEvent`]s
+/// needs no envelope.
+pub fn project_event(projection: Projection, event: &Event) -> Vec<Change> {
     match projection {
         Projection::Xp => xp(event),
         Projection::Leaderboard => leaderboard(event),

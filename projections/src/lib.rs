@@ -35,7 +35,7 @@ mod sqlite;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-pub use changes::{project, Change, ContentDelta, Projection, UnknownProjection};
+pub use changes::{project, project_event, Change, ContentDelta, Projection, UnknownProjection};
 pub use model::{Checkpoint, ContentRow, LeaderboardRow, QuotaRow, ReadModel, TagRow, XpRow};
 #[cfg(feature = "mongodb")]
 pub use mongo::MongoReadModels;

@@ -266,6 +266,39 @@ impl Event {
         Self::decode_current(event_type, &payload)
     }
 
+    /// [`Event::decode`] of a payload given as its stored JSON text: at the current version
+    /// the variant's fields are read straight from the text (no `serde_json::Value` is built:
+    /// the text is checked to be one JSON value, then fed with the type to the enum's
+    /// adjacently tagged deserializer, tag first); an older version is parsed and upcast.
+    ///
+    /// # Errors
+    /// As [`Event::decode`]; [`DecodeError::Payload`] when `payload` is not one JSON value.
+    pub fn decode_str(
+        event_type: &str,
+        event_version: u32,
+        payload: &str,
+    ) -> Result<Event, DecodeError> {
+        use serde::Deserialize;
+        use serde_json::value::RawValue;
+        let invalid = |source| DecodeError::Payload {
+            event_type: event_type.into(),
+            source,
+        };
+        let current = catalog_entry(event_type)
+            .ok_or_else(|| DecodeError::UnknownType(event_type.into()))?
+            .version;
+        if event_version != current {
+            let value: serde_json::Value = serde_json::from_str(payload).map_err(invalid)?;
+            return Self::decode(event_type, event_version, &value);
+        }
+        let raw: &RawValue = serde_json::from_str(payload).map_err(invalid)?;
+        let tag = serde_json::value::to_raw_value(event_type).map_err(invalid)?;
+        let entries = [("event_type", &*tag), ("payload", raw)];
+        let map =
+            serde::de::value::MapDeserializer::<_, serde_json::Error>::new(entries.into_iter());
+        Event::deserialize(map).map_err(invalid)
+    }
+
     /// Decodes a payload at the current version of `event_type`, borrowing it: the type and
     /// the payload are fed to the enum's adjacently tagged deserializer as a two-entry map,
     /// tag first, so the variant's fields are read straight from `payload` (no copy of the
@@ -310,6 +343,48 @@ mod tests {
         let p = e.to_payload();
         assert!(p.get("event_type").is_none());
         assert_eq!(Event::decode(e.event_type(), 1, &p).unwrap(), e);
+    }
+
+    /// `decode_str` of the stored text answers as `decode` of the parsed payload: current
+    /// and older versions, unknown types and versions, invalid and trailing text.
+    #[test]
+    fn decode_str_agrees_with_decode() {
+        let e = Event::QuestionPosted(QuestionPosted {
+            question_id: Uuid::from_u128(7),
+            author_id: Some(Uuid::from_u128(8)),
+            title: "t \"quoted\"".into(),
+            body: "b".into(),
+            tags: vec!["a".into(), "b".into()],
+            area_id: None,
+        });
+        let text = e.to_payload().to_string();
+        assert_eq!(
+            Event::decode_str("knowledge.question.posted", 1, &text).unwrap(),
+            e
+        );
+        let v1 = r#"{"user_id":"00000000-0000-0000-0000-000000000000","display_name":"x"}"#;
+        let parsed: serde_json::Value = serde_json::from_str(v1).unwrap();
+        assert_eq!(
+            Event::decode_str("user.registered", 1, v1).unwrap(),
+            Event::decode("user.registered", 1, &parsed).unwrap()
+        );
+        for (ty, version, text) in [
+            ("user.registered", 2, v1),
+            ("user.deleted", 1, v1),
+            ("user.registered", 9, v1),
+            ("knowledge.question.posted", 1, "{"),
+            ("knowledge.question.posted", 1, &*format!("{text}, 1")),
+        ] {
+            let parsed = serde_json::from_str::<serde_json::Value>(text);
+            let by_str = Event::decode_str(ty, version, text);
+            assert!(by_str.is_err(), "{ty} {version} {text}");
+            if let Ok(parsed) = parsed {
+                assert_eq!(
+                    std::mem::discriminant(&by_str.unwrap_err()),
+                    std::mem::discriminant(&Event::decode(ty, version, &parsed).unwrap_err())
+                );
+            }
+        }
     }
 
     #[test]

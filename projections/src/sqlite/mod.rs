@@ -807,6 +807,14 @@ fn apply_batch(
     keys: &[Key],
     changes: &[Vec<Change>],
 ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+    if let Target::Rebuild(projection) = target {
+        // A memo filled by the last page is flushed before this one, so that an error of the
+        // flush is an error of a batch that applied nothing.
+        let mut memos = memos.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(memo) = memos.get_mut(projection).filter(|m| m.full()) {
+            memo.flush(conn, &rebuild::guard_log(*projection))?;
+        }
+    }
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend)?;
@@ -828,9 +836,6 @@ fn apply_batch(
         tx.commit().map_err(backend)?;
         if let GuardSource::Memo(batch) = source {
             batch.commit(progress.version());
-        }
-        if memo.full() {
-            memo.flush(conn, &log)?;
         }
         return Ok(outcomes);
     }

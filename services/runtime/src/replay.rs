@@ -22,10 +22,10 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use tektree_domain::EventEnvelope;
+use tektree_domain::{EventEnvelope, StoredEvent};
 use tektree_event_store::{EventStore, StoreError};
 use tektree_projections::{
-    project, ApplyOutcome, Change, EventKey, Projection, ReadModelError, ReadModelStore,
+    project_event, ApplyOutcome, Change, EventKey, Projection, ReadModelError, ReadModelStore,
     RebuildSwitch,
 };
 use uuid::Uuid;
@@ -109,7 +109,7 @@ pub async fn rebuild_paged(
     let mut after = 0u64;
     let mut count = 0u64;
     loop {
-        let page = store.read_all(after, page_size).await?;
+        let page = store.read_all_stored(after, page_size).await?;
         let Some(items) = changes_of(projection, after, &page)? else {
             break;
         };
@@ -134,7 +134,7 @@ type Item = (EventKey, Vec<Change>);
 fn changes_of(
     projection: Projection,
     after: u64,
-    page: &[EventEnvelope],
+    page: &[StoredEvent],
 ) -> Result<Option<Vec<Item>>, ReplayError> {
     if page.is_empty() {
         return Ok(None);
@@ -155,7 +155,13 @@ fn changes_of(
             position: env.position,
             reason: e.to_string(),
         })?;
-        items.push((EventKey::of(env), project(projection, env, &event)));
+        let key = EventKey {
+            aggregate_type: env.aggregate_type.clone(),
+            aggregate_id: env.aggregate_id,
+            sequence: env.sequence,
+            position: env.position,
+        };
+        items.push((key, project_event(projection, &event)));
     }
     Ok(Some(items))
 }
@@ -309,7 +315,7 @@ async fn fetch(
     after: u64,
     limit: usize,
 ) -> Result<Vec<Item>, ReplayError> {
-    let page = store.read_all(after, limit).await?;
+    let page = store.read_all_stored(after, limit).await?;
     Ok(changes_of(projection, after, &page)?.unwrap_or_default())
 }
 
