@@ -99,6 +99,15 @@ pub(super) fn apply_all(
     Ok(vec![ApplyOutcome::Applied; keys.len()])
 }
 
+/// Raises guard `(?1 consumer, ?2 aggregate type, ?3 aggregate id)` to `?4`, inserting it if
+/// missing. Guards only grow, so a writer holding an older value lowers nothing (a flush from
+/// a memo another process has overtaken), and a batch's advanced guard is simply written.
+const SQL_RAISE_GUARD: &str = "INSERT INTO consumer_guard
+         (consumer, aggregate_type, aggregate_id, last_sequence)
+     VALUES (?1, ?2, ?3, ?4)
+     ON CONFLICT (consumer, aggregate_type, aggregate_id)
+     DO UPDATE SET last_sequence = MAX(last_sequence, excluded.last_sequence)";
+
 /// Where [`apply_exact`] reads an aggregate's guard and writes it back.
 pub(super) enum GuardSource<'m> {
     /// The `consumer_guard` rows of this guard key.
@@ -135,13 +144,7 @@ impl GuardSource<'_> {
     fn write(&mut self, tx: &Transaction<'_>, key: &Key, last: i64) -> Result<(), ReadModelError> {
         match self {
             GuardSource::Table(guard_key) => tx
-                .prepare_cached(
-                    "INSERT INTO consumer_guard
-                         (consumer, aggregate_type, aggregate_id, last_sequence)
-                     VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (consumer, aggregate_type, aggregate_id)
-                     DO UPDATE SET last_sequence = excluded.last_sequence",
-                )
+                .prepare_cached(SQL_RAISE_GUARD)
                 .and_then(|mut s| {
                     s.execute(params![
                         *guard_key,
@@ -402,16 +405,7 @@ impl GuardMemo {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(backend)?;
             {
-                let mut upsert = tx
-                    .prepare_cached(
-                        "INSERT INTO consumer_guard
-                             (consumer, aggregate_type, aggregate_id, last_sequence)
-                         VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (consumer, aggregate_type, aggregate_id)
-                         DO UPDATE SET last_sequence =
-                             MAX(last_sequence, excluded.last_sequence)",
-                    )
-                    .map_err(backend)?;
+                let mut upsert = tx.prepare_cached(SQL_RAISE_GUARD).map_err(backend)?;
                 for (ty, id, last) in rows {
                     let ty = &self.types[usize::from(*ty)];
                     upsert
@@ -428,13 +422,7 @@ impl GuardMemo {
         let current = Progress::load(&tx, &self.consumer)
             .map_err(backend)?
             .version();
-        let log_exists: bool = tx
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
-                [log],
-                |r| r.get(0),
-            )
-            .map_err(backend)?;
+        let log_exists = super::rebuild::table_exists(&tx, log).map_err(backend)?;
         // Not emptied when another process moved the rebuild on, sealed or cancelled it.
         let emptied = current == self.version && log_exists;
         if emptied {

@@ -104,6 +104,15 @@ pub(super) fn guard_log(projection: Projection) -> String {
     format!("rebuild_guard_log_{}", projection.name())
 }
 
+/// Whether table `name` exists, in `tx`.
+pub(super) fn table_exists(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<bool> {
+    tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+}
+
 /// Creates the guard log of `projection`'s rebuild `consumer` unless it exists. A rebuild
 /// begun by a version that kept its guards in `consumer_guard` gets them copied in.
 fn create_guard_log(
@@ -112,12 +121,7 @@ fn create_guard_log(
     consumer: &str,
 ) -> rusqlite::Result<()> {
     let log = guard_log(projection);
-    let exists: bool = tx.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
-        [&log],
-        |r| r.get(0),
-    )?;
-    if exists {
+    if table_exists(tx, &log)? {
         return Ok(());
     }
     tx.execute_batch(&format!(
